@@ -1,0 +1,28 @@
+# loupe developer entry points. `make demo` and `make test` install into .venv/ on first use.
+PY ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+export GLIBC_TUNABLES := glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296
+
+.PHONY: demo test test-fast protos clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/loupe demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+protos: $(STAMP)
+	scripts/gen_protos.sh $(VENV)/bin/python
+
+clean:
+	rm -rf $(VENV) loupe-data

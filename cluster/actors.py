@@ -1,0 +1,87 @@
+"""Ray actors that host loupe's gRPC servers, and the registry that makes them discoverable."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from services.common.grpc_server import ServerOptions
+
+REGISTRY_NAME = "loupe-registry"
+
+
+class Registry:
+    """Named actor mapping roles to addresses: {"shard": {id: addr}, "extractor": {id: addr}}."""
+
+    def __init__(self) -> None:
+        self._addresses: dict[str, dict[int, str]] = {"shard": {}, "extractor": {}}
+
+    def register(self, role: str, member_id: int, address: str) -> None:
+        self._addresses.setdefault(role, {})[member_id] = address
+
+    def lookup(self, role: str, member_id: int) -> str | None:
+        return self._addresses.get(role, {}).get(member_id)
+
+    def snapshot(self) -> dict[str, dict[int, str]]:
+        return {role: dict(members) for role, members in self._addresses.items()}
+
+
+def _advertised(host: str, port: int) -> str:
+    """Address other processes use: the node IP when bound to all interfaces."""
+    if host in ("0.0.0.0", "::", ""):
+        host = ray.util.get_node_ip_address()
+    return f"{host}:{port}"
+
+
+def _reuse_port(role: str, member_id: int, registry_namespace: str) -> int:
+    """A restarted actor rebinds its previous port so clients reconnect transparently."""
+    registry = ray.get_actor(REGISTRY_NAME, namespace=registry_namespace)
+    previous = ray.get(registry.lookup.remote(role, member_id))
+    return int(previous.rsplit(":", 1)[1]) if previous else 0
+
+
+class ShardActor:
+    """Hosts one ``Shard`` gRPC server; replays its WAL when (re)started."""
+
+    def __init__(self, shard_id: int, opts: ServerOptions, factory: str, wal_path: str, namespace: str) -> None:
+        from services.index.servicer import create_server
+
+        port = _reuse_port("shard", shard_id, namespace)
+        try:
+            self.running, self.servicer = create_server(
+                shard_id, ServerOptions(**{**opts.__dict__, "port": port}), factory=factory, wal_path=wal_path or None
+            )
+        except (OSError, RuntimeError):
+            self.running, self.servicer = create_server(shard_id, opts, factory=factory, wal_path=wal_path or None)
+        self.addr = _advertised(opts.host, self.running.port)
+        ray.get(ray.get_actor(REGISTRY_NAME, namespace=namespace).register.remote("shard", shard_id, self.addr))
+
+    def address(self) -> str:
+        return self.addr
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stop(self) -> None:
+        self.running.stop(1.0)
+
+
+class ExtractorActor:
+    """Hosts one ``Extractor`` gRPC server with its own model copy."""
+
+    def __init__(self, replica_id: int, opts: ServerOptions, config: object, threads: int, namespace: str) -> None:
+        import torch
+
+        from services.extractor.servicer import create_server
+
+        torch.set_num_threads(threads)
+        self.running, self.servicer = create_server(config, opts)
+        self.addr = _advertised(opts.host, self.running.port)
+        ray.get(ray.get_actor(REGISTRY_NAME, namespace=namespace).register.remote("extractor", replica_id, self.addr))
+
+    def address(self) -> str:
+        return self.addr
+
+    def stop(self) -> None:
+        self.running.stop(1.0)

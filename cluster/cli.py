@@ -1,0 +1,288 @@
+"""The ``loupe`` command line: up, index, search, stats, eval, demo."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Any, Iterator, Sequence
+
+import grpc
+
+from loupe.rerank_spec import STAGES, parse_rerank
+
+DESCRIPTION = """loupe: instance-level image retrieval on a sharded gRPC cluster (Ray).
+
+Commands talk gRPC to a running broker given by --address; index, search, stats and eval
+without --address start a temporary local cluster for the command and tear it down."""
+
+
+def _add_cluster_flags(p: argparse.ArgumentParser, *, temporary: bool) -> None:
+    g = p.add_argument_group("cluster" + (" (when no --address is given)" if temporary else ""))
+    g.add_argument("--shards", type=int, default=None, help="index shards (default 2)")
+    g.add_argument("--replicas", type=int, default=None, help="extractor replicas (default 1)")
+    g.add_argument("--extractor-threads", type=int, default=None, help="torch threads per replica (default cores/replicas)")
+    g.add_argument("--data-dir", default=None, help="where shards keep write-ahead logs" + ("" if temporary else " (default ./loupe-data)"))
+    g.add_argument("--index-factory", default=None, help="faiss factory string per shard (default Flat)")
+    g.add_argument("--weights", default=None, help="backbone weights file (default: packaged ImageNet EfficientNet-Lite0)")
+    g.add_argument("--pooling", default=None, choices=["gem", "rmac", "mac", "spoc"], help="global pooling (default gem)")
+    g.add_argument("--scales", default=None, help="comma-separated image scales (default 1,0.7071,0.5)")
+    g.add_argument("--max-side", type=int, default=None, help="longest image side in pixels (default 1024)")
+    g.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loupe", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start a cluster and serve until Ctrl-C/SIGTERM")
+    up.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 in a real cluster)")
+    up.add_argument("--port", type=int, default=50051, help="broker gRPC port (0 = any)")
+    up.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 = any)")
+    up.add_argument("--address", dest="ray_address_alias", default=None, help="join an existing Ray cluster (same as --ray-address)")
+    up.add_argument("--json", action="store_true", help="print addresses as JSON")
+    _add_cluster_flags(up, temporary=False)
+
+    ix = sub.add_parser("index", help="index every image under a directory")
+    ix.add_argument("directory")
+    ix.add_argument("--batch", type=int, default=16, help="images per AddImages message")
+    ix.add_argument("--whiten", action="store_true", help="learn and install PCA-whitening on the collection afterwards")
+    _add_common(ix)
+
+    se = sub.add_parser("search", help="search with an image")
+    se.add_argument("image")
+    se.add_argument("--k", type=int, default=10)
+    se.add_argument("--offset", type=int, default=0)
+    se.add_argument("--crop", default=None, help="x1,y1,x2,y2 box of the query in pixels")
+    se.add_argument("--rerank", default="none", help=f"rerank stages, comma-joined: {', '.join(STAGES)}")
+    _add_common(se)
+
+    st = sub.add_parser("stats", help="collection and cluster statistics")
+    _add_common(st)
+
+    ev = sub.add_parser("eval", help="evaluate on a revisitop-format set (mAP Easy/Medium/Hard, mP@k)")
+    ev.add_argument("--images", required=True, help="directory with database and query images")
+    ev.add_argument("--gnd", required=True, help="ground truth: gnd_*.pkl or the same dict as JSON")
+    ev.add_argument("--rerank", action="append", default=None, help="a rerank configuration (repeatable; default none)")
+    ev.add_argument("--skip-index", action="store_true", help="the cluster at --address already holds the database")
+    ev.add_argument("--whiten", action="store_true", help="learn PCA-whitening on the indexed database before searching")
+    ev.add_argument("--batch", type=int, default=16)
+    _add_common(ev)
+
+    de = sub.add_parser("demo", help="self-contained demo on photos bundled with scikit-image")
+    de.add_argument("--json", action="store_true")
+    return parser
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help="broker host:port of a running cluster")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_cluster_flags(p, temporary=True)
+
+
+def _cluster_config(args: argparse.Namespace, **extra: Any):
+    from cluster.config import ClusterConfig
+
+    scales = tuple(float(s) for s in args.scales.split(",")) if getattr(args, "scales", None) else None
+    values = {
+        "shards": args.shards,
+        "replicas": args.replicas,
+        "extractor_threads": args.extractor_threads,
+        "data_dir": args.data_dir,
+        "index_factory": args.index_factory,
+        "weights": args.weights,
+        "pooling": args.pooling,
+        "scales": scales,
+        "max_side": args.max_side,
+        "ray_address": args.ray_address,
+        **extra,
+    }
+    return ClusterConfig.build(values)
+
+
+@contextlib.contextmanager
+def _connect(args: argparse.Namespace) -> Iterator[Any]:
+    """A client to --address, or to a temporary local cluster started for this command."""
+    from loupe.client import RetrievalClient
+
+    if args.address:
+        with RetrievalClient(args.address) as client:
+            client.wait_ready(10)
+            yield client
+        return
+    from cluster.launcher import Cluster
+
+    _log(args, "starting a temporary local cluster ...")
+    with Cluster(_cluster_config(args)) as cluster, RetrievalClient(cluster.broker_address) as client:
+        yield client
+
+
+def _log(args: argparse.Namespace, msg: str) -> None:
+    print(msg, file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from cluster.launcher import Cluster
+
+    if args.ray_address_alias:
+        args.ray_address = args.ray_address_alias
+    if args.data_dir is None:
+        args.data_dir = "loupe-data"
+    cfg = _cluster_config(args, host=args.host, port=args.port, metrics_port=args.metrics_port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with Cluster(cfg) as cluster:
+        info = {"broker": cluster.broker_address, "metrics": f"http://{cluster.metrics_address}/metrics", "shards": cfg.shards, "replicas": cfg.replicas}
+        if args.json:
+            print(json.dumps(info), flush=True)
+        else:
+            print(f"loupe broker listening on {info['broker']}  (metrics {info['metrics']}); Ctrl-C to stop", flush=True)
+        stop.wait()
+        _log(args, "shutting down ...")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from cluster.indexing import image_id_for, index_paths, list_images
+
+    paths = list_images(args.directory)
+    if not paths:
+        raise ValueError(f"directory: no JPEG/PNG/WebP images under {args.directory!r}")
+    items = [(image_id_for(p, args.directory), p) for p in paths]
+    with _connect(args) as client:
+        with tqdm(total=len(items), unit="img", disable=args.json, desc="indexing") as bar:
+            rep = index_paths(client, items, args.batch, on_progress=bar.update)
+        out: dict[str, Any] = {"indexed": rep.images, "seconds": round(rep.seconds, 3), "images_per_s": round(rep.images_per_s, 2)}
+        if args.whiten:
+            w = client.fit_whitening()
+            out["whitening"] = {"sample_size": w.sample_size, "dim": w.dim}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"indexed {rep.images} images in {rep.seconds:.1f} s ({rep.images_per_s:.2f} images/s)")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    with open(args.image, "rb") as f:
+        data = f.read()
+    crop = [float(v) for v in args.crop.split(",")] if args.crop else None
+    if crop is not None and len(crop) != 4:
+        raise ValueError("--crop: expected x1,y1,x2,y2")
+    rerank = parse_rerank(args.rerank)
+    with _connect(args) as client:
+        resp = client.search(image=data, k=args.k, offset=args.offset, crop=crop, rerank=rerank)
+    results = [
+        {
+            "rank": args.offset + i + 1,
+            "id": r.id,
+            "score": round(r.score, 6),
+            "global": round(getattr(r.stages, "global"), 6),
+            "inliers": r.stages.inliers,
+            "verified": r.verified,
+            "confidence": round(r.confidence, 4),
+            "shard": r.shard_id,
+        }
+        for i, r in enumerate(resp.results)
+    ]
+    timings = {t.stage: round(t.seconds * 1000, 2) for t in resp.timings}
+    if args.json:
+        print(json.dumps({"results": results, "partial": resp.partial, "missing_shards": list(resp.missing_shards), "timings_ms": timings, "query_confidence": resp.query_confidence}))
+        return 0
+    print(f"{'rank':>4}  {'score':>8}  {'global':>8}  {'inliers':>7}  {'shard':>5}  id")
+    for r in results:
+        print(f"{r['rank']:>4}  {r['score']:>8.4f}  {r['global']:>8.4f}  {r['inliers']:>7}  {r['shard']:>5}  {r['id']}")
+    if resp.partial:
+        print(f"partial results: shards {list(resp.missing_shards)} did not answer")
+    print("timings (ms): " + ", ".join(f"{k}={v}" for k, v in timings.items()))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        s = client.stats()
+    shards = [
+        {"shard": x.shard_id, "address": x.address, "healthy": x.healthy, "images": x.images, "feature_bytes": x.feature_bytes, "wal_bytes": x.wal_bytes}
+        for x in s.shards
+    ]
+    out = {"images": s.images, "dim": s.dim, "whitened": s.whitened, "model": s.model, "extractors": list(s.extractors), "shards": shards}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"images: {s.images}   dim: {s.dim}   whitened: {s.whitened}\nmodel: {s.model}\nextractors: {', '.join(s.extractors)}")
+    for x in shards:
+        print(f"  shard {x['shard']}  {x['address']:<21}  {'up' if x['healthy'] else 'DOWN':<4}  {x['images']:>8} images  {x['feature_bytes'] / 1e6:8.2f} MB")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from cluster.evaluate import run_eval
+
+    reranks = args.rerank or ["none"]
+    for r in reranks:
+        parse_rerank(r)  # fail fast on a bad name
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if not args.json and (done == total or done % 50 == 0):
+            print(f"  {stage}: {done}/{total}", flush=True)
+
+    with _connect(args) as client:
+        if args.whiten and args.skip_index:
+            client.fit_whitening()
+        result = _run_eval_with_whitening(client, args, reranks, progress, run_eval)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"database {result['settings']['database']} images, {result['settings']['queries']} queries")
+    print(f"{'rerank':<22} {'E mAP':>6} {'M mAP':>6} {'H mAP':>6}  {'M mP@10':>7}  {'p50 ms':>7}")
+    for run in result["runs"]:
+        print(
+            f"{run['rerank']:<22} {run['easy']['map']:>6.2f} {run['medium']['map']:>6.2f} {run['hard']['map']:>6.2f}  "
+            f"{run['medium']['mp@10']:>7.2f}  {run['latency_ms']['p50']:>7.1f}"
+        )
+    return 0
+
+
+def _run_eval_with_whitening(client, args, reranks, progress, run_eval) -> dict:
+    if not args.whiten or args.skip_index:
+        return run_eval(client, args.images, args.gnd, reranks, batch_size=args.batch, skip_index=args.skip_index, progress=progress)
+    first = run_eval(client, args.images, args.gnd, [], batch_size=args.batch, progress=progress)
+    client.fit_whitening()
+    result = run_eval(client, args.images, args.gnd, reranks, skip_index=True, progress=progress)
+    result["settings"]["index_seconds"] = first["settings"]["index_seconds"]
+    result["settings"]["whitened"] = True
+    return result
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cluster.demo import run_demo
+
+    return run_demo(json_output=args.json)
+
+
+COMMANDS = {"up": cmd_up, "index": cmd_index, "search": cmd_search, "stats": cmd_stats, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except grpc.RpcError as exc:
+        print(f"loupe {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, OSError, TimeoutError) as exc:
+        print(f"loupe {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The cluster's one frozen configuration: CLI flags, then ``LOUPE_*`` environment overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from services.extractor.global_descriptor import GlobalConfig
+
+GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Everything ``loupe up`` (or a temporary cluster) needs.
+
+    Attributes
+    ----------
+    shards, replicas : int
+        Number of index shards and extractor replicas (Ray actors).
+    host : str
+        Interface every server binds; "0.0.0.0" in a real cluster (then the node IP is advertised).
+    port : int
+        Broker gRPC port (0 = pick one).
+    metrics_port : int
+        Broker Prometheus port (0 = pick one).
+    extractor_threads : int
+        torch threads per extractor replica (0 = cores // replicas).
+    index_factory : str
+        faiss factory string of each shard's global index.
+    data_dir : str
+        Where shards keep their write-ahead logs ("" = memory only, nothing survives a restart).
+    weights : str
+        Backbone weights file ("" = packaged ImageNet EfficientNet-Lite0).
+    pooling, scales, max_side : see ``GlobalConfig``.
+    ray_address : str
+        Join this Ray cluster ("" = start a local one).
+    """
+
+    shards: int = 2
+    replicas: int = 1
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int = 0
+    extractor_threads: int = 0
+    index_factory: str = "Flat"
+    data_dir: str = ""
+    weights: str = ""
+    pooling: str = "gem"
+    scales: tuple[float, ...] = GlobalConfig().scales
+    max_side: int = 1024
+    ray_address: str = ""
+    namespace: str = "loupe"
+    startup_timeout_s: float = 300.0
+    env: Mapping[str, str] = field(default_factory=lambda: {"GLIBC_TUNABLES": GLIBC_TUNABLES})
+
+    def __post_init__(self) -> None:
+        checks = {
+            "shards": self.shards >= 1,
+            "replicas": self.replicas >= 1,
+            "port": 0 <= self.port <= 65535,
+            "metrics_port": 0 <= self.metrics_port <= 65535,
+            "extractor_threads": self.extractor_threads >= 0,
+            "max_side": 32 <= self.max_side <= 8192,
+            "startup_timeout_s": self.startup_timeout_s > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name}: invalid value {getattr(self, name)!r}")
+        self.global_config()  # validates pooling/scales/max_side
+
+    def global_config(self) -> GlobalConfig:
+        """The extractor's global-descriptor settings."""
+        return GlobalConfig(pooling=self.pooling, scales=tuple(self.scales), max_side=self.max_side)
+
+    def threads_per_replica(self) -> int:
+        """torch threads of each extractor replica."""
+        return self.extractor_threads or max(1, (os.cpu_count() or 1) // self.replicas)
+
+    @classmethod
+    def build(cls, values: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> "ClusterConfig":
+        """Config from explicit ``values`` overridden by ``LOUPE_<FIELD>`` environment variables.
+
+        Raises ValueError naming the variable when an override does not parse.
+        """
+        environ = os.environ if environ is None else environ
+        kwargs: dict[str, Any] = {k: v for k, v in values.items() if v is not None}
+        for f in dataclasses.fields(cls):
+            var = f"LOUPE_{f.name.upper()}"
+            if var not in environ or f.name == "env":
+                continue
+            raw = environ[var]
+            try:
+                if f.type in ("int", int):
+                    kwargs[f.name] = int(raw)
+                elif f.type in ("float", float):
+                    kwargs[f.name] = float(raw)
+                elif f.name == "scales":
+                    kwargs[f.name] = tuple(float(x) for x in raw.split(","))
+                else:
+                    kwargs[f.name] = raw
+            except ValueError:
+                raise ValueError(f"{var}: cannot parse {raw!r} as {f.type}") from None
+        return cls(**kwargs)

@@ -1,0 +1,112 @@
+"""A thin Python client of the public ``loupe.v1.Retrieval`` service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from loupe.tensors import to_tensor
+from loupe.v1 import retrieval_pb2, retrieval_pb2_grpc, types_pb2
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ImageToAdd:
+    """One image for ``add_images``: id, encoded bytes, optional metadata."""
+
+    image_id: str
+    data: bytes
+    metadata: dict[str, str] | None = None
+
+
+class RetrievalClient:
+    """Blocking client; use as a context manager or call ``close()``.
+
+    Parameters
+    ----------
+    address : str
+        host:port of a broker.
+    max_message_bytes : int
+        Largest message sent or received (images can be large).
+    """
+
+    def __init__(self, address: str, max_message_bytes: int = 64 * MiB) -> None:
+        self.address = address
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+            ],
+        )
+        self.stub = retrieval_pb2_grpc.RetrievalStub(self._channel)
+
+    def __enter__(self) -> "RetrievalClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Block until the channel connects (raises grpc.FutureTimeoutError)."""
+        grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+
+    def search(
+        self,
+        *,
+        image: bytes | None = None,
+        vector: np.ndarray | None = None,
+        k: int = 10,
+        offset: int = 0,
+        crop: Sequence[float] | None = None,
+        rerank: retrieval_pb2.RerankOptions | None = None,
+        return_matches: bool = False,
+        timeout_s: float | None = 30.0,
+    ) -> retrieval_pb2.SearchResponse:
+        """Search by encoded image bytes or by a (D,) raw descriptor; ``crop`` = (x1, y1, x2, y2)."""
+        req = retrieval_pb2.SearchRequest(k=k, offset=offset, return_matches=return_matches)
+        if image is not None:
+            req.image = image
+        if vector is not None:
+            req.vector.CopyFrom(to_tensor(np.asarray(vector, dtype=np.float32)))
+        if crop is not None:
+            req.crop.CopyFrom(types_pb2.Box(x1=crop[0], y1=crop[1], x2=crop[2], y2=crop[3]))
+        if rerank is not None:
+            req.rerank.CopyFrom(rerank)
+        return self.stub.Search(req, timeout=timeout_s)
+
+    def add_images(
+        self, images: Iterable[ImageToAdd], batch_size: int = 16, timeout_s: float | None = None
+    ) -> retrieval_pb2.AddImagesResponse:
+        """Stream images in batches; returns once all are stored."""
+
+        def batches() -> Iterator[retrieval_pb2.AddImagesRequest]:
+            batch = retrieval_pb2.AddImagesRequest()
+            for img in images:
+                batch.images.add(id=img.image_id, image=img.data, metadata=img.metadata or {})
+                if len(batch.images) >= batch_size:
+                    yield batch
+                    batch = retrieval_pb2.AddImagesRequest()
+            if batch.images:
+                yield batch
+
+        return self.stub.AddImages(batches(), timeout=timeout_s)
+
+    def delete(self, ids: Sequence[str], timeout_s: float = 30.0) -> retrieval_pb2.DeleteResponse:
+        """Delete ids (NOT_FOUND when none exists)."""
+        return self.stub.Delete(retrieval_pb2.DeleteRequest(ids=list(ids)), timeout=timeout_s)
+
+    def stats(self, timeout_s: float = 30.0) -> retrieval_pb2.GetStatsResponse:
+        """Collection statistics."""
+        return self.stub.GetStats(retrieval_pb2.GetStatsRequest(), timeout=timeout_s)
+
+    def fit_whitening(self, max_vectors: int = 0, dim: int = 0, remove: bool = False, timeout_s: float = 300.0) -> retrieval_pb2.FitWhiteningResponse:
+        """Learn and install the collection's PCA-whitening (or remove it)."""
+        return self.stub.FitWhitening(retrieval_pb2.FitWhiteningRequest(max_vectors=max_vectors, dim=dim, remove=remove), timeout=timeout_s)

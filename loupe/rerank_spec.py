@@ -1,0 +1,47 @@
+"""Parse rerank configuration names (``none``, ``verify``, ``diffuse``, ``verify,diffuse`` …).
+
+A configuration is a comma-joined list of stage names; each maps to fields of
+``loupe.v1.RerankOptions``. Stages always run in the server's fixed order.
+"""
+
+from __future__ import annotations
+
+from loupe.v1 import retrieval_pb2
+
+STAGES = {
+    "none": "no reranking: global-descriptor order",
+    "qe": "alpha-QE average query expansion",
+    "dba": "database-side augmentation of the retrieved neighbourhood",
+    "diffuse": "diffusion over the global kNN graph of the neighbourhood",
+    "diffuse-regional": "diffusion over regional descriptors of the neighbourhood",
+    "verify": "DELF local features + RANSAC geometric verification of the top candidates",
+}
+
+
+def parse_rerank(spec: str) -> retrieval_pb2.RerankOptions:
+    """``"verify,diffuse"`` → RerankOptions with both stages enabled.
+
+    Raises
+    ------
+    ValueError
+        Naming the unknown stage and listing the known ones.
+    """
+    opts = retrieval_pb2.RerankOptions()
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise ValueError("rerank: empty configuration (use 'none')")
+    for name in names:
+        if name not in STAGES:
+            raise ValueError(f"rerank: unknown stage {name!r}; known: {', '.join(STAGES)}")
+        if name == "qe":
+            opts.expand.query_expansion = True
+        elif name == "dba":
+            opts.expand.database_augmentation = True
+        elif name == "diffuse":
+            opts.diffuse.enabled = True
+        elif name == "diffuse-regional":
+            opts.diffuse.enabled = True
+            opts.diffuse.regional = True
+        elif name == "verify":
+            opts.verify.enabled = True
+    return opts

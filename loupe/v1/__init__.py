@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC modules of package loupe.v1 (see scripts/gen_protos.sh). DO NOT EDIT."""

@@ -1,0 +1,237 @@
+from loupe.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ImageRecord(_message.Message):
+    __slots__ = ("id", "image", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    image: bytes
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class AddImagesRequest(_message.Message):
+    __slots__ = ("images",)
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[ImageRecord]
+    def __init__(self, images: _Optional[_Iterable[_Union[ImageRecord, _Mapping]]] = ...) -> None: ...
+
+class AddImagesResponse(_message.Message):
+    __slots__ = ("added", "seconds")
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    added: int
+    seconds: float
+    def __init__(self, added: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class VerifyOptions(_message.Message):
+    __slots__ = ("enabled", "candidates", "min_inliers", "model")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    MIN_INLIERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    candidates: int
+    min_inliers: int
+    model: str
+    def __init__(self, enabled: _Optional[bool] = ..., candidates: _Optional[int] = ..., min_inliers: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+
+class DiffusionOptions(_message.Message):
+    __slots__ = ("enabled", "neighbourhood", "k", "alpha", "gamma", "regional")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURHOOD_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    REGIONAL_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    neighbourhood: int
+    k: int
+    alpha: float
+    gamma: float
+    regional: bool
+    def __init__(self, enabled: _Optional[bool] = ..., neighbourhood: _Optional[int] = ..., k: _Optional[int] = ..., alpha: _Optional[float] = ..., gamma: _Optional[float] = ..., regional: _Optional[bool] = ...) -> None: ...
+
+class ExpansionOptions(_message.Message):
+    __slots__ = ("query_expansion", "database_augmentation", "n", "alpha")
+    QUERY_EXPANSION_FIELD_NUMBER: _ClassVar[int]
+    DATABASE_AUGMENTATION_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    query_expansion: bool
+    database_augmentation: bool
+    n: int
+    alpha: float
+    def __init__(self, query_expansion: _Optional[bool] = ..., database_augmentation: _Optional[bool] = ..., n: _Optional[int] = ..., alpha: _Optional[float] = ...) -> None: ...
+
+class RerankOptions(_message.Message):
+    __slots__ = ("verify", "diffuse", "expand")
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
+    DIFFUSE_FIELD_NUMBER: _ClassVar[int]
+    EXPAND_FIELD_NUMBER: _ClassVar[int]
+    verify: VerifyOptions
+    diffuse: DiffusionOptions
+    expand: ExpansionOptions
+    def __init__(self, verify: _Optional[_Union[VerifyOptions, _Mapping]] = ..., diffuse: _Optional[_Union[DiffusionOptions, _Mapping]] = ..., expand: _Optional[_Union[ExpansionOptions, _Mapping]] = ...) -> None: ...
+
+class SearchRequest(_message.Message):
+    __slots__ = ("image", "vector", "k", "offset", "crop", "rerank", "return_matches")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CROP_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
+    RETURN_MATCHES_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    vector: _types_pb2.Tensor
+    k: int
+    offset: int
+    crop: _types_pb2.Box
+    rerank: RerankOptions
+    return_matches: bool
+    def __init__(self, image: _Optional[bytes] = ..., vector: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., k: _Optional[int] = ..., offset: _Optional[int] = ..., crop: _Optional[_Union[_types_pb2.Box, _Mapping]] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ..., return_matches: _Optional[bool] = ...) -> None: ...
+
+class StageScores(_message.Message):
+    __slots__ = ("diffusion", "inliers")
+    GLOBAL_FIELD_NUMBER: _ClassVar[int]
+    DIFFUSION_FIELD_NUMBER: _ClassVar[int]
+    INLIERS_FIELD_NUMBER: _ClassVar[int]
+    diffusion: float
+    inliers: int
+    def __init__(self, diffusion: _Optional[float] = ..., inliers: _Optional[int] = ..., **kwargs) -> None: ...
+
+class Matches(_message.Message):
+    __slots__ = ("query_points", "result_points")
+    QUERY_POINTS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_POINTS_FIELD_NUMBER: _ClassVar[int]
+    query_points: _types_pb2.Tensor
+    result_points: _types_pb2.Tensor
+    def __init__(self, query_points: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., result_points: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class SearchResult(_message.Message):
+    __slots__ = ("id", "score", "stages", "verified", "confidence", "metadata", "matches", "shard_id")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    MATCHES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    score: float
+    stages: StageScores
+    verified: bool
+    confidence: float
+    metadata: _containers.ScalarMap[str, str]
+    matches: Matches
+    shard_id: int
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., stages: _Optional[_Union[StageScores, _Mapping]] = ..., verified: _Optional[bool] = ..., confidence: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., matches: _Optional[_Union[Matches, _Mapping]] = ..., shard_id: _Optional[int] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("results", "partial", "missing_shards", "timings", "query_confidence")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SearchResult]
+    partial: bool
+    missing_shards: _containers.RepeatedScalarFieldContainer[int]
+    timings: _containers.RepeatedCompositeFieldContainer[_types_pb2.StageTiming]
+    query_confidence: float
+    def __init__(self, results: _Optional[_Iterable[_Union[SearchResult, _Mapping]]] = ..., partial: _Optional[bool] = ..., missing_shards: _Optional[_Iterable[int]] = ..., timings: _Optional[_Iterable[_Union[_types_pb2.StageTiming, _Mapping]]] = ..., query_confidence: _Optional[float] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeleteResponse(_message.Message):
+    __slots__ = ("deleted", "missing")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    deleted: _containers.RepeatedScalarFieldContainer[str]
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, deleted: _Optional[_Iterable[str]] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShardStats(_message.Message):
+    __slots__ = ("shard_id", "address", "images", "feature_bytes", "healthy", "regional_vectors", "local_features", "wal_bytes")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    REGIONAL_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    WAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    address: str
+    images: int
+    feature_bytes: int
+    healthy: bool
+    regional_vectors: int
+    local_features: int
+    wal_bytes: int
+    def __init__(self, shard_id: _Optional[int] = ..., address: _Optional[str] = ..., images: _Optional[int] = ..., feature_bytes: _Optional[int] = ..., healthy: _Optional[bool] = ..., regional_vectors: _Optional[int] = ..., local_features: _Optional[int] = ..., wal_bytes: _Optional[int] = ...) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("images", "shards", "extractors", "dim", "whitened", "model")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    EXTRACTORS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    WHITENED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    images: int
+    shards: _containers.RepeatedCompositeFieldContainer[ShardStats]
+    extractors: _containers.RepeatedScalarFieldContainer[str]
+    dim: int
+    whitened: bool
+    model: str
+    def __init__(self, images: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., extractors: _Optional[_Iterable[str]] = ..., dim: _Optional[int] = ..., whitened: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
+
+class FitWhiteningRequest(_message.Message):
+    __slots__ = ("max_vectors", "dim", "remove")
+    MAX_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    max_vectors: int
+    dim: int
+    remove: bool
+    def __init__(self, max_vectors: _Optional[int] = ..., dim: _Optional[int] = ..., remove: _Optional[bool] = ...) -> None: ...
+
+class FitWhiteningResponse(_message.Message):
+    __slots__ = ("sample_size", "dim")
+    SAMPLE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    sample_size: int
+    dim: int
+    def __init__(self, sample_size: _Optional[int] = ..., dim: _Optional[int] = ...) -> None: ...

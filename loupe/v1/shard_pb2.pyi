@@ -1,0 +1,184 @@
+from loupe.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ShardRecord(_message.Message):
+    __slots__ = ("id", "features", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    features: _types_pb2.ImageFeatures
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., features: _Optional[_Union[_types_pb2.ImageFeatures, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ShardSearchRequest(_message.Message):
+    __slots__ = ("shard_id", "query", "top_k", "return_vectors", "timeout_s")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    RETURN_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    query: _types_pb2.Tensor
+    top_k: int
+    return_vectors: bool
+    timeout_s: float
+    def __init__(self, shard_id: _Optional[int] = ..., query: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., return_vectors: _Optional[bool] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class ShardSearchResponse(_message.Message):
+    __slots__ = ("ids", "scores", "vectors", "metadata", "seconds")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    vectors: _types_pb2.Tensor
+    metadata: _containers.RepeatedCompositeFieldContainer[Metadata]
+    seconds: float
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., vectors: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., metadata: _Optional[_Iterable[_Union[Metadata, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class Metadata(_message.Message):
+    __slots__ = ("values",)
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.ScalarMap[str, str]
+    def __init__(self, values: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ShardAddRequest(_message.Message):
+    __slots__ = ("shard_id", "records")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    records: _containers.RepeatedCompositeFieldContainer[ShardRecord]
+    def __init__(self, shard_id: _Optional[int] = ..., records: _Optional[_Iterable[_Union[ShardRecord, _Mapping]]] = ...) -> None: ...
+
+class ShardAddResponse(_message.Message):
+    __slots__ = ("stored", "total")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    stored: int
+    total: int
+    def __init__(self, stored: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+
+class ShardDeleteRequest(_message.Message):
+    __slots__ = ("shard_id", "ids")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shard_id: _Optional[int] = ..., ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ShardDeleteResponse(_message.Message):
+    __slots__ = ("deleted", "missing")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    deleted: _containers.RepeatedScalarFieldContainer[str]
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, deleted: _Optional[_Iterable[str]] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetFeaturesRequest(_message.Message):
+    __slots__ = ("shard_id", "ids", "want_global", "want_regional", "want_local")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    WANT_GLOBAL_FIELD_NUMBER: _ClassVar[int]
+    WANT_REGIONAL_FIELD_NUMBER: _ClassVar[int]
+    WANT_LOCAL_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    want_global: bool
+    want_regional: bool
+    want_local: bool
+    def __init__(self, shard_id: _Optional[int] = ..., ids: _Optional[_Iterable[str]] = ..., want_global: _Optional[bool] = ..., want_regional: _Optional[bool] = ..., want_local: _Optional[bool] = ...) -> None: ...
+
+class GetFeaturesResponse(_message.Message):
+    __slots__ = ("ids", "features", "seconds")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    features: _containers.RepeatedCompositeFieldContainer[_types_pb2.ImageFeatures]
+    seconds: float
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., features: _Optional[_Iterable[_Union[_types_pb2.ImageFeatures, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class SampleVectorsRequest(_message.Message):
+    __slots__ = ("shard_id", "max_vectors", "seed", "include_regional")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_REGIONAL_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    max_vectors: int
+    seed: int
+    include_regional: bool
+    def __init__(self, shard_id: _Optional[int] = ..., max_vectors: _Optional[int] = ..., seed: _Optional[int] = ..., include_regional: _Optional[bool] = ...) -> None: ...
+
+class SampleVectorsResponse(_message.Message):
+    __slots__ = ("vectors", "regional")
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    REGIONAL_FIELD_NUMBER: _ClassVar[int]
+    vectors: _types_pb2.Tensor
+    regional: _types_pb2.Tensor
+    def __init__(self, vectors: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., regional: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class SetWhiteningRequest(_message.Message):
+    __slots__ = ("shard_id", "whitening")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    WHITENING_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    whitening: bytes
+    def __init__(self, shard_id: _Optional[int] = ..., whitening: _Optional[bytes] = ...) -> None: ...
+
+class SetWhiteningResponse(_message.Message):
+    __slots__ = ("dim",)
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    dim: int
+    def __init__(self, dim: _Optional[int] = ...) -> None: ...
+
+class ShardStatsRequest(_message.Message):
+    __slots__ = ("shard_id",)
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    def __init__(self, shard_id: _Optional[int] = ...) -> None: ...
+
+class ShardStatsResponse(_message.Message):
+    __slots__ = ("shard_id", "images", "regional_vectors", "local_features", "feature_bytes", "dim", "index", "whitened", "wal_bytes")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    REGIONAL_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    WHITENED_FIELD_NUMBER: _ClassVar[int]
+    WAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    images: int
+    regional_vectors: int
+    local_features: int
+    feature_bytes: int
+    dim: int
+    index: str
+    whitened: bool
+    wal_bytes: int
+    def __init__(self, shard_id: _Optional[int] = ..., images: _Optional[int] = ..., regional_vectors: _Optional[int] = ..., local_features: _Optional[int] = ..., feature_bytes: _Optional[int] = ..., dim: _Optional[int] = ..., index: _Optional[str] = ..., whitened: _Optional[bool] = ..., wal_bytes: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,115 @@
+"""The broker's view of its backends: ``ShardClient`` interface and gRPC implementations.
+
+The broker depends on the interfaces only; unit tests use fakes, integration tests the gRPC
+clients. Every call takes the caller's remaining time as ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Protocol, Sequence
+
+import grpc
+
+from loupe.v1 import extractor_pb2, extractor_pb2_grpc, shard_pb2, shard_pb2_grpc
+from services.common.errors import Unavailable
+
+
+class ShardClient(Protocol):
+    """What the broker needs from one shard."""
+
+    shard_id: int
+    address: str
+
+    async def search(self, request: shard_pb2.ShardSearchRequest, timeout_s: float) -> shard_pb2.ShardSearchResponse: ...
+    async def add(self, request: shard_pb2.ShardAddRequest, timeout_s: float) -> shard_pb2.ShardAddResponse: ...
+    async def delete(self, request: shard_pb2.ShardDeleteRequest, timeout_s: float) -> shard_pb2.ShardDeleteResponse: ...
+    async def get_features(self, request: shard_pb2.GetFeaturesRequest, timeout_s: float) -> shard_pb2.GetFeaturesResponse: ...
+    async def sample_vectors(self, request: shard_pb2.SampleVectorsRequest, timeout_s: float) -> shard_pb2.SampleVectorsResponse: ...
+    async def set_whitening(self, request: shard_pb2.SetWhiteningRequest, timeout_s: float) -> shard_pb2.SetWhiteningResponse: ...
+    async def stats(self, timeout_s: float) -> shard_pb2.ShardStatsResponse: ...
+    async def close(self) -> None: ...
+
+
+class GrpcShardClient:
+    """``ShardClient`` over a grpc.aio channel."""
+
+    def __init__(self, shard_id: int, address: str, channel_options: Sequence[tuple[str, int]] = ()) -> None:
+        self.shard_id = shard_id
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(address, options=list(channel_options))
+        self._stub = shard_pb2_grpc.ShardStub(self._channel)
+
+    async def search(self, request: shard_pb2.ShardSearchRequest, timeout_s: float) -> shard_pb2.ShardSearchResponse:
+        return await self._stub.Search(request, timeout=timeout_s)
+
+    async def add(self, request: shard_pb2.ShardAddRequest, timeout_s: float) -> shard_pb2.ShardAddResponse:
+        return await self._stub.Add(request, timeout=timeout_s)
+
+    async def delete(self, request: shard_pb2.ShardDeleteRequest, timeout_s: float) -> shard_pb2.ShardDeleteResponse:
+        return await self._stub.Delete(request, timeout=timeout_s)
+
+    async def get_features(self, request: shard_pb2.GetFeaturesRequest, timeout_s: float) -> shard_pb2.GetFeaturesResponse:
+        return await self._stub.GetFeatures(request, timeout=timeout_s)
+
+    async def sample_vectors(self, request: shard_pb2.SampleVectorsRequest, timeout_s: float) -> shard_pb2.SampleVectorsResponse:
+        return await self._stub.SampleVectors(request, timeout=timeout_s)
+
+    async def set_whitening(self, request: shard_pb2.SetWhiteningRequest, timeout_s: float) -> shard_pb2.SetWhiteningResponse:
+        return await self._stub.SetWhitening(request, timeout=timeout_s)
+
+    async def stats(self, timeout_s: float) -> shard_pb2.ShardStatsResponse:
+        return await self._stub.Stats(shard_pb2.ShardStatsRequest(shard_id=self.shard_id), timeout=timeout_s)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class ExtractorPool:
+    """Round-robin over extractor replicas; a replica that is unreachable is skipped.
+
+    Parameters
+    ----------
+    addresses : sequence of str
+        host:port of each replica.
+    max_concurrency_per_replica : int
+        Calls in flight per replica before callers wait (back-pressure for indexing).
+    """
+
+    def __init__(self, addresses: Sequence[str], channel_options: Sequence[tuple[str, int]] = (), max_concurrency_per_replica: int = 2) -> None:
+        if not addresses:
+            raise ValueError("extractor addresses: at least one replica is required")
+        self.addresses = list(addresses)
+        self._channels = [grpc.aio.insecure_channel(a, options=list(channel_options)) for a in self.addresses]
+        self._stubs = [extractor_pb2_grpc.ExtractorStub(c) for c in self._channels]
+        self._rr = itertools.cycle(range(len(self._stubs)))
+        self.concurrency = max_concurrency_per_replica * len(self._stubs)
+        self._slots = asyncio.Semaphore(self.concurrency)
+
+    async def extract(self, request: extractor_pb2.ExtractRequest, timeout_s: float) -> extractor_pb2.ExtractResponse:
+        """Extract on the next replica; on UNAVAILABLE try the others once each."""
+        async with self._slots:
+            last: grpc.aio.AioRpcError | None = None
+            for _ in range(len(self._stubs)):
+                stub = self._stubs[next(self._rr)]
+                try:
+                    return await stub.Extract(request, timeout=timeout_s)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    last = exc
+            raise Unavailable(f"no extractor replica reachable ({last.details() if last else 'none'})")
+
+    async def describe(self, timeout_s: float) -> extractor_pb2.DescribeResponse:
+        """Model description from the first reachable replica."""
+        for stub in self._stubs:
+            try:
+                return await stub.Describe(extractor_pb2.DescribeRequest(), timeout=timeout_s)
+            except grpc.aio.AioRpcError:
+                continue
+        raise Unavailable("no extractor replica reachable")
+
+    async def close(self) -> None:
+        for c in self._channels:
+            await c.close()

@@ -1,0 +1,65 @@
+"""Prometheus metrics of the broker (base units; every name the dashboard uses is tested)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+STAGES = ("extract", "fanout", "merge", "expand", "diffuse", "verify", "total")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class BrokerMetrics:
+    """The broker's metrics in their own registry (several brokers may share a process in tests)."""
+
+    registry: CollectorRegistry
+    requests: Counter
+    stage_seconds: Histogram
+    request_seconds: Histogram
+    inflight: Gauge
+    shard_vectors: Gauge
+    shard_failures: Counter
+    shard_wal_bytes: Gauge
+    images_added: Counter
+
+    @classmethod
+    def create(cls) -> "BrokerMetrics":
+        r = CollectorRegistry()
+        return cls(
+            registry=r,
+            requests=Counter(
+                "loupe_requests", "RPCs handled by the broker, by method and gRPC status code.",
+                ["grpc_method", "grpc_code"], registry=r,
+            ),
+            stage_seconds=Histogram(
+                "loupe_stage_duration_seconds", "Seconds spent per search stage.",
+                ["stage"], buckets=LATENCY_BUCKETS, registry=r,
+            ),
+            request_seconds=Histogram(
+                "loupe_request_duration_seconds", "End-to-end seconds per RPC, by method.",
+                ["grpc_method"], buckets=LATENCY_BUCKETS, registry=r,
+            ),
+            inflight=Gauge("loupe_inflight_requests", "RPCs currently being handled, by method.", ["grpc_method"], registry=r),
+            shard_vectors=Gauge("loupe_shard_vectors", "Images (global vectors) stored per shard.", ["shard"], registry=r),
+            shard_failures=Counter(
+                "loupe_shard_failures", "Shard calls that failed or timed out, by shard and reason.",
+                ["shard", "reason"], registry=r,
+            ),
+            shard_wal_bytes=Gauge("loupe_shard_wal_bytes", "Bytes in each shard's write-ahead log.", ["shard"], registry=r),
+            images_added=Counter("loupe_images_added", "Images stored through AddImages.", registry=r),
+        )
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose ``/metrics`` over HTTP; returns the bound port (``port=0`` picks one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        """Stop the HTTP exporter if it runs."""
+        http = getattr(self, "_http", None)
+        if http is not None:
+            http.shutdown()
+            http.server_close()

@@ -1,0 +1,541 @@
+"""The public ``loupe.v1.Retrieval`` servicer: fan-out, merge, rerank, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+
+import grpc
+import numpy as np
+
+from loupe.tensors import from_tensor, to_tensor
+from loupe.v1 import extractor_pb2, retrieval_pb2, retrieval_pb2_grpc, shard_pb2, types_pb2
+from services.broker.backends import ExtractorPool, GrpcShardClient, ShardClient
+from services.broker.metrics import BrokerMetrics
+from services.broker.topk import Hit, merge_topk
+from services.common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Overloaded,
+    Unavailable,
+    status_for,
+)
+from services.common.grpc_server import RunningAioServer, ServerOptions, create_aio_server
+from services.broker.collection_model import CollectionModel
+from services.broker.verification import confidence, fetch_local_features, query_confidence, verify_hits
+from services.extractor.whitening import PCAWhitening
+from services.rerank.verify import VerifyParams
+from services.index.placement import shard_for
+from services.index.records import check_id
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Limits and defaults of the public API.
+
+    Attributes
+    ----------
+    default_timeout_s : float
+        Budget of a call that arrives without a deadline.
+    max_k, max_offset : int
+        Upper bounds of ``k`` and ``offset``.
+    max_batch_images : int
+        Largest AddImages batch message.
+    whitening_sample : int
+        Default sample size of FitWhitening.
+    index_local : bool
+        Extract and store local features of every added image (needed by verification).
+    verify_candidates : int
+        Default number V of top candidates geometrically verified.
+    max_verify_candidates : int
+        Upper bound of a request's V.
+    verify_threads : int
+        Threads verifying candidate pairs in parallel.
+    verify : VerifyParams
+        Matching/RANSAC defaults.
+    data_dir : str
+        Where the collection model (local PCA) is persisted ("" = memory only).
+    """
+
+    default_timeout_s: float = 30.0
+    max_k: int = 1000
+    max_offset: int = 10_000
+    max_batch_images: int = 256
+    whitening_sample: int = 20_000
+    index_local: bool = True
+    verify_candidates: int = 100
+    max_verify_candidates: int = 1000
+    verify_threads: int = 2
+    verify: VerifyParams = VerifyParams()
+    data_dir: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("default_timeout_s", "max_k", "max_batch_images", "whitening_sample", "verify_candidates", "verify_threads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"broker.{name} must be > 0, got {getattr(self, name)}")
+
+
+class Deadline:
+    """The caller's deadline as an absolute monotonic time."""
+
+    def __init__(self, timeout_s: float | None, default_s: float) -> None:
+        self.expires = time.monotonic() + (timeout_s if timeout_s is not None else default_s)
+
+    def remaining(self) -> float:
+        """Seconds left; raises DeadlineExceeded when none."""
+        left = self.expires - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("deadline exceeded before the search finished")
+        return left
+
+
+class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
+    """Broker: talks to extractor replicas and every shard; holds no image data itself."""
+
+    def __init__(
+        self,
+        extractors: ExtractorPool,
+        shards: Sequence[ShardClient],
+        metrics: BrokerMetrics,
+        config: BrokerConfig = BrokerConfig(),
+    ) -> None:
+        if not shards:
+            raise ValueError("shards: at least one shard is required")
+        ids = sorted(s.shard_id for s in shards)
+        if ids != list(range(len(shards))):
+            raise ValueError(f"shards: ids must be 0..{len(shards) - 1}, got {ids}")
+        self.extractors = extractors
+        self.shards = sorted(shards, key=lambda s: s.shard_id)
+        self.metrics = metrics
+        self.config = config
+        self.collection = CollectionModel(config.data_dir)
+        self._verify_pool = ThreadPoolExecutor(max_workers=config.verify_threads, thread_name_prefix="loupe-verify")
+
+    # --- plumbing -------------------------------------------------------------------------
+    async def _observe(self, method: str, context: grpc.aio.ServicerContext, body: Callable[[], Awaitable[T]]) -> T:
+        """Run an RPC body with in-flight/latency/status metrics and the error → status table."""
+        self.metrics.inflight.labels(method).inc()
+        t0 = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await body()
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            mapped = status_for(exc)
+            if mapped is None:
+                log.exception("internal error in %s", method)
+                code = grpc.StatusCode.INTERNAL
+                await context.abort(code, "internal error (see broker log)")
+            code = mapped
+            await context.abort(code, str(exc))
+            raise  # unreachable: abort raises
+        finally:
+            self.metrics.inflight.labels(method).dec()
+            self.metrics.request_seconds.labels(method).observe(time.perf_counter() - t0)
+            self.metrics.requests.labels(method, code.name).inc()
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
+        return Deadline(context.time_remaining(), self.config.default_timeout_s)
+
+    @contextlib.contextmanager
+    def _stage(self, name: str, timings: list[types_pb2.StageTiming]):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.metrics.stage_seconds.labels(name).observe(dt)
+            timings.append(types_pb2.StageTiming(stage=name, seconds=dt))
+
+    async def _extract(self, request: extractor_pb2.ExtractRequest, deadline: Deadline) -> extractor_pb2.ExtractResponse:
+        try:
+            return await self.extractors.extract(request, deadline.remaining())
+        except grpc.aio.AioRpcError as exc:
+            raise _from_rpc_error(exc, "image") from None
+
+    # --- Search ---------------------------------------------------------------------------
+    async def Search(self, request: retrieval_pb2.SearchRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.SearchResponse:
+        return await self._observe("Search", context, lambda: self._search(request, context))
+
+    def _validate_search(self, request: retrieval_pb2.SearchRequest) -> None:
+        if not 1 <= request.k <= self.config.max_k:
+            raise InvalidArgument(f"k: must be in 1..{self.config.max_k}, got {request.k}")
+        if not 0 <= request.offset <= self.config.max_offset:
+            raise InvalidArgument(f"offset: must be in 0..{self.config.max_offset}, got {request.offset}")
+        which = request.WhichOneof("query")
+        if which is None:
+            raise InvalidArgument("query: set either image or vector")
+        if which == "image" and not request.image:
+            raise InvalidArgument("image: empty image bytes")
+
+    async def _search(self, request: retrieval_pb2.SearchRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.SearchResponse:
+        deadline = self._deadline(context)
+        self._validate_search(request)
+        timings: list[types_pb2.StageTiming] = []
+        t_total = time.perf_counter()
+        verify = self._verify_params(request.rerank.verify)
+        query_local = None
+        if request.WhichOneof("query") == "image":
+            with self._stage("extract", timings):
+                ext = await self._extract(
+                    extractor_pb2.ExtractRequest(
+                        image=request.image,
+                        crop=request.crop if request.HasField("crop") else None,
+                        want_local=verify is not None,
+                    ),
+                    deadline,
+                )
+            query = from_tensor(ext.features.__getattribute__("global"), field="features.global")
+            if verify is not None and ext.features.local.keypoints.shape and self.collection.local_pca is not None:
+                query_local = (
+                    from_tensor(ext.features.local.keypoints, field="keypoints"),
+                    self.collection.project(from_tensor(ext.features.local.descriptors, field="descriptors")),
+                )
+        else:
+            if verify is not None:
+                raise InvalidArgument("rerank.verify: needs an image query (a vector has no local features)")
+            query = from_tensor(request.vector, field="vector")
+            if query.ndim != 1 or not np.all(np.isfinite(query)):
+                raise InvalidArgument(f"vector: expected a finite (D,) vector, got shape {list(query.shape)}")
+            norm = float(np.linalg.norm(query))
+            if norm == 0:
+                raise InvalidArgument("vector: must not be all zeros")
+            query = query / norm
+        n_verify = self._n_verify(request.rerank.verify) if verify is not None else 0
+        depth = max(request.offset + request.k, n_verify)
+        with self._stage("fanout", timings):
+            per_shard, missing = await self._fanout_search(query, depth, deadline)
+        with self._stage("merge", timings):
+            hits = merge_topk(per_shard, depth)
+        resp = retrieval_pb2.SearchResponse(partial=bool(missing), missing_shards=missing)
+        verified: dict[str, object] = {}
+        if verify is not None and query_local is not None and hits:
+            with self._stage("verify", timings):
+                hits, verified = await self._verify(query_local, hits, n_verify, verify, deadline)
+            resp.query_confidence = query_confidence(verified.values(), verify.min_inliers)
+        for hit in hits[request.offset : request.offset + request.k]:
+            v = verified.get(hit.image_id)
+            r = resp.results.add(id=hit.image_id, score=v.score if v else hit.score, shard_id=hit.shard_id)
+            r.stages.__setattr__("global", hit.score)
+            if hit.payload:
+                r.metadata.update(hit.payload)
+            if v is not None and v.result is not None:
+                r.stages.inliers = v.result.inliers
+                r.verified = v.result.inliers >= verify.min_inliers
+                r.confidence = confidence(v.result, verify.min_inliers)
+                if request.return_matches and r.verified and v.candidate_points is not None:
+                    pairs = v.result.inlier_pairs
+                    r.matches.query_points.CopyFrom(to_tensor(query_local[0][pairs[:, 0], :2].astype(np.float32)))
+                    r.matches.result_points.CopyFrom(to_tensor(v.candidate_points[pairs[:, 1]].astype(np.float32)))
+        dt = time.perf_counter() - t_total
+        self.metrics.stage_seconds.labels("total").observe(dt)
+        timings.append(types_pb2.StageTiming(stage="total", seconds=dt))
+        resp.timings.extend(timings)
+        return resp
+
+    def _verify_params(self, opts: retrieval_pb2.VerifyOptions) -> VerifyParams | None:
+        """Request options merged over the server defaults (None when the stage is off)."""
+        if not opts.enabled:
+            return None
+        if opts.candidates < 0 or opts.candidates > self.config.max_verify_candidates:
+            raise InvalidArgument(f"rerank.verify.candidates: must be in 0..{self.config.max_verify_candidates}, got {opts.candidates}")
+        if opts.min_inliers < 0:
+            raise InvalidArgument(f"rerank.verify.min_inliers: must be >= 0, got {opts.min_inliers}")
+        changes: dict[str, object] = {}
+        if opts.model:
+            changes["model"] = opts.model
+        if opts.min_inliers:
+            changes["min_inliers"] = opts.min_inliers
+        try:
+            return replace(self.config.verify, **changes)
+        except ValueError as exc:
+            raise InvalidArgument(f"rerank.verify: {exc}") from None
+
+    def _n_verify(self, opts: retrieval_pb2.VerifyOptions) -> int:
+        return opts.candidates or self.config.verify_candidates
+
+    async def _verify(self, query_local, hits: list[Hit], n_verify: int, params: VerifyParams, deadline: Deadline):
+        """Verify the top ``n_verify`` hits; returns (reordered hits, id → VerifiedHit)."""
+        head, tail = hits[:n_verify], hits[n_verify:]
+
+        async def fetch(sid: int, ids: list[str]) -> shard_pb2.GetFeaturesResponse:
+            req = shard_pb2.GetFeaturesRequest(shard_id=sid, ids=ids, want_local=True)
+            return await self.shards[sid].get_features(req, deadline.remaining())
+
+        local = await fetch_local_features(head, fetch)
+        ranked = await verify_hits(query_local, head, local, params, self._verify_pool)
+        return [v.hit for v in ranked] + tail, {v.hit.image_id: v for v in ranked}
+
+    async def _fanout_search(self, query: np.ndarray, depth: int, deadline: Deadline) -> tuple[list[list[Hit]], list[int]]:
+        """Ask every shard for its top-``depth``; returns per-shard hit lists and missing shard ids."""
+        tensor = to_tensor(query.astype(np.float32))
+
+        async def one(shard: ShardClient) -> list[Hit]:
+            timeout = deadline.remaining()
+            req = shard_pb2.ShardSearchRequest(shard_id=shard.shard_id, query=tensor, top_k=depth, timeout_s=timeout)
+            resp = await shard.search(req, timeout)
+            return [
+                Hit(score, image_id, shard.shard_id, dict(md.values) if md is not None and md.values else None)
+                for image_id, score, md in zip(resp.ids, resp.scores, _padded(resp.metadata, len(resp.ids)))
+            ]
+
+        results = await asyncio.gather(*(one(s) for s in self.shards), return_exceptions=True)
+        lists, missing = [], []
+        for shard, res in zip(self.shards, results):
+            if isinstance(res, BaseException):
+                if isinstance(res, grpc.aio.AioRpcError) and res.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidArgument(res.details() or "invalid query") from None
+                reason = res.code().name if isinstance(res, grpc.aio.AioRpcError) else type(res).__name__
+                self.metrics.shard_failures.labels(str(shard.shard_id), reason).inc()
+                log.warning("shard %d failed: %s", shard.shard_id, reason)
+                missing.append(shard.shard_id)
+            else:
+                lists.append(res)
+        if len(missing) == len(self.shards):
+            deadline.remaining()  # a deadline that ran out is reported as such
+            raise Unavailable("no shard answered the search")
+        return lists, missing
+
+    # --- AddImages ------------------------------------------------------------------------
+    async def AddImages(
+        self, request_iterator: AsyncIterator[retrieval_pb2.AddImagesRequest], context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.AddImagesResponse:
+        return await self._observe("AddImages", context, lambda: self._add_images(request_iterator, context))
+
+    async def _add_images(
+        self, request_iterator: AsyncIterator[retrieval_pb2.AddImagesRequest], context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.AddImagesResponse:
+        caller_deadline = context.time_remaining() is not None
+        deadline = self._deadline(context)
+        t0 = time.perf_counter()
+        added = 0
+        batch_no = 0
+        async for batch in request_iterator:
+            if not caller_deadline:  # an open-ended stream: each batch gets the default budget
+                deadline = self._deadline(context)
+            if len(batch.images) > self.config.max_batch_images:
+                raise InvalidArgument(
+                    f"images: batch {batch_no} has {len(batch.images)} images, the limit is {self.config.max_batch_images}"
+                )
+            try:
+                added += await self._add_batch(batch, batch_no, deadline)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"{exc} ({added} images of earlier batches were stored)") from None
+            batch_no += 1
+        return retrieval_pb2.AddImagesResponse(added=added, seconds=time.perf_counter() - t0)
+
+    async def _add_batch(self, batch: retrieval_pb2.AddImagesRequest, batch_no: int, deadline: Deadline) -> int:
+        seen: set[str] = set()
+        for i, rec in enumerate(batch.images):
+            check_id(rec.id, f"images[{i}].id")
+            if rec.id in seen:
+                raise InvalidArgument(f"images[{i}].id: duplicate id {rec.id!r} in one batch")
+            seen.add(rec.id)
+            if not rec.image:
+                raise InvalidArgument(f"images[{i}].image: empty image bytes (id {rec.id!r})")
+        # Extract everything first: a bad image fails the batch before any of it is written.
+        sem = asyncio.Semaphore(self.extractors.concurrency)
+
+        async def extract(i: int, rec: retrieval_pb2.ImageRecord) -> types_pb2.ImageFeatures:
+            async with sem:
+                try:
+                    req = extractor_pb2.ExtractRequest(image=rec.image, want_regional=True, want_local=self.config.index_local)
+                    return (await self._extract(req, deadline)).features
+                except InvalidArgument as exc:
+                    raise InvalidArgument(f"images[{i}] (id {rec.id!r}): {exc}") from None
+
+        t_ext = time.perf_counter()
+        features = await asyncio.gather(*(extract(i, r) for i, r in enumerate(batch.images)))
+        self.metrics.stage_seconds.labels("extract").observe(time.perf_counter() - t_ext)
+        if self.config.index_local:
+            self._project_local(features)
+        by_shard: dict[int, shard_pb2.ShardAddRequest] = {}
+        for rec, feat in zip(batch.images, features):
+            sid = shard_for(rec.id, len(self.shards))
+            req = by_shard.setdefault(sid, shard_pb2.ShardAddRequest(shard_id=sid))
+            req.records.add(id=rec.id, features=feat, metadata=dict(rec.metadata))
+
+        async def write(sid: int, req: shard_pb2.ShardAddRequest) -> int:
+            try:
+                return (await self.shards[sid].add(req, deadline.remaining())).stored
+            except grpc.aio.AioRpcError as exc:
+                raise _from_rpc_error(exc, f"shard {sid}") from None
+
+        stored = await asyncio.gather(*(write(s, r) for s, r in by_shard.items()))
+        n = int(sum(stored))
+        self.metrics.images_added.inc(n)
+        return n
+
+    def _project_local(self, features: Sequence[types_pb2.ImageFeatures]) -> None:
+        """Replace raw local descriptors by their collection-PCA projection (learned on first use)."""
+        raw = [from_tensor(f.local.descriptors, field="descriptors") if f.local.descriptors.shape else None for f in features]
+        present = [r for r in raw if r is not None and len(r)]
+        if not present:
+            return
+        if self.collection.local_pca is None:
+            self.collection.ensure_local_pca(present)
+        for f, r in zip(features, raw):
+            if r is not None and len(r):
+                f.local.descriptors.CopyFrom(to_tensor(self.collection.project(r).astype(np.float16)))
+
+    # --- Delete ---------------------------------------------------------------------------
+    async def Delete(self, request: retrieval_pb2.DeleteRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.DeleteResponse:
+        return await self._observe("Delete", context, lambda: self._delete(request, context))
+
+    async def _delete(self, request: retrieval_pb2.DeleteRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.DeleteResponse:
+        deadline = self._deadline(context)
+        if not request.ids:
+            raise InvalidArgument("ids: at least one id is required")
+        by_shard: dict[int, list[str]] = {}
+        for i, image_id in enumerate(request.ids):
+            check_id(image_id, f"ids[{i}]")
+            by_shard.setdefault(shard_for(image_id, len(self.shards)), []).append(image_id)
+
+        async def one(sid: int, ids: list[str]) -> shard_pb2.ShardDeleteResponse:
+            try:
+                return await self.shards[sid].delete(shard_pb2.ShardDeleteRequest(shard_id=sid, ids=ids), deadline.remaining())
+            except grpc.aio.AioRpcError as exc:
+                raise _from_rpc_error(exc, f"shard {sid}") from None
+
+        results = await asyncio.gather(*(one(s, ids) for s, ids in by_shard.items()))
+        resp = retrieval_pb2.DeleteResponse()
+        for r in results:
+            resp.deleted.extend(r.deleted)
+            resp.missing.extend(r.missing)
+        if not resp.deleted:
+            raise NotFound(f"ids: none of {list(request.ids)[:5]} exists")
+        return resp
+
+    # --- GetStats -------------------------------------------------------------------------
+    async def GetStats(self, request: retrieval_pb2.GetStatsRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.GetStatsResponse:
+        return await self._observe("GetStats", context, lambda: self._get_stats(context))
+
+    async def _get_stats(self, context: grpc.aio.ServicerContext) -> retrieval_pb2.GetStatsResponse:
+        deadline = self._deadline(context)
+        results = await asyncio.gather(*(s.stats(min(5.0, deadline.remaining())) for s in self.shards), return_exceptions=True)
+        resp = retrieval_pb2.GetStatsResponse(extractors=self.extractors.addresses)
+        for shard, res in zip(self.shards, results):
+            st = resp.shards.add(shard_id=shard.shard_id, address=shard.address, healthy=not isinstance(res, BaseException))
+            if isinstance(res, BaseException):
+                continue
+            st.images, st.feature_bytes = res.images, res.feature_bytes
+            st.regional_vectors, st.local_features, st.wal_bytes = res.regional_vectors, res.local_features, res.wal_bytes
+            resp.images += res.images
+            resp.dim = max(resp.dim, res.dim)
+            resp.whitened = resp.whitened or res.whitened
+            self.metrics.shard_vectors.labels(str(shard.shard_id)).set(res.images)
+            self.metrics.shard_wal_bytes.labels(str(shard.shard_id)).set(res.wal_bytes)
+        with contextlib.suppress(Unavailable, grpc.aio.AioRpcError):
+            d = await self.extractors.describe(min(5.0, deadline.remaining()))
+            resp.model = f"{d.backbone} {d.pooling} D={d.dim} scales={[round(s, 3) for s in d.scales]} max_side={d.max_side}"
+        return resp
+
+    # --- FitWhitening ---------------------------------------------------------------------
+    async def FitWhitening(self, request: retrieval_pb2.FitWhiteningRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.FitWhiteningResponse:
+        return await self._observe("FitWhitening", context, lambda: self._fit_whitening(request, context))
+
+    async def _fit_whitening(self, request: retrieval_pb2.FitWhiteningRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.FitWhiteningResponse:
+        deadline = self._deadline(context)
+        if request.max_vectors < 0 or request.dim < 0:
+            raise InvalidArgument("max_vectors and dim: must be >= 0")
+        payload = b""
+        sample = 0
+        dim = 0
+        if not request.remove:
+            per_shard = max(1, (request.max_vectors or self.config.whitening_sample) // len(self.shards))
+            samples = await asyncio.gather(
+                *(s.sample_vectors(shard_pb2.SampleVectorsRequest(shard_id=s.shard_id, max_vectors=per_shard, seed=i), deadline.remaining())
+                  for i, s in enumerate(self.shards))
+            )
+            x = np.concatenate([from_tensor(s.vectors, field="vectors") for s in samples if s.vectors.shape])
+            if len(x) < 2:
+                raise FailedPrecondition(f"collection: {len(x)} images indexed, whitening needs at least 2")
+            w = PCAWhitening()
+            w.fit(x, dim=request.dim or None)
+            payload, sample, dim = w.to_bytes(), len(x), w.output_dim
+        await asyncio.gather(
+            *(s.set_whitening(shard_pb2.SetWhiteningRequest(shard_id=s.shard_id, whitening=payload), deadline.remaining()) for s in self.shards)
+        )
+        return retrieval_pb2.FitWhiteningResponse(sample_size=sample, dim=dim)
+
+
+def _padded(seq: Sequence[T], n: int) -> list[T | None]:
+    out: list[T | None] = list(seq)[:n]
+    return out + [None] * (n - len(out))
+
+
+def _from_rpc_error(exc: grpc.aio.AioRpcError, what: str) -> Exception:
+    """Re-raise a backend's status as the matching domain error, prefixed with ``what``."""
+    code = exc.code()
+    msg = f"{what}: {exc.details()}"
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(exc.details() or msg)  # backends already name the field
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return Overloaded(exc.details() or msg)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(msg)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(msg)
+    return Unavailable(msg)
+
+
+@dataclass
+class RunningBroker:
+    """A started broker: gRPC server, its servicer and the metrics exporter."""
+
+    server: RunningAioServer
+    servicer: RetrievalServicer
+    metrics_port: int
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Graceful stop: NOT_SERVING, drain, close backend channels and the exporter."""
+        await self.server.stop(grace_s)
+        self.servicer._verify_pool.shutdown(wait=False)
+        await self.servicer.extractors.close()
+        for s in self.servicer.shards:
+            await s.close()
+        self.servicer.metrics.close()
+
+
+async def create_server(
+    extractor_addresses: Sequence[str],
+    shard_addresses: Sequence[str],
+    opts: ServerOptions,
+    *,
+    metrics_host: str = "127.0.0.1",
+    metrics_port: int = 0,
+    config: BrokerConfig = BrokerConfig(),
+) -> RunningBroker:
+    """Start the public Retrieval server (asyncio) and its ``/metrics`` exporter.
+
+    ``shard_addresses[i]`` is the address of shard ``i``.
+    """
+    channel_opts = opts.channel_options()
+    metrics = BrokerMetrics.create()
+    servicer = RetrievalServicer(
+        ExtractorPool(extractor_addresses, channel_opts),
+        [GrpcShardClient(i, a, channel_opts) for i, a in enumerate(shard_addresses)],
+        metrics,
+        config,
+    )
+    server = await create_aio_server(
+        lambda s: retrieval_pb2_grpc.add_RetrievalServicer_to_server(servicer, s), ["loupe.v1.Retrieval"], opts
+    )
+    mport = metrics.serve(metrics_host, metrics_port)
+    return RunningBroker(server, servicer, mport)

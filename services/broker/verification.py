@@ -1,0 +1,92 @@
+"""Geometric-verification stage of the broker: fetch local features, match, RANSAC, reorder."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable, Sequence
+
+import numpy as np
+
+from loupe.tensors import from_tensor
+from loupe.v1 import shard_pb2
+from services.broker.topk import Hit
+from services.rerank.verify import VerifyParams, VerifyResult, inlier_confidence, rerank_by_inliers, verify_candidates
+
+FetchLocal = Callable[[int, list[str]], Awaitable[shard_pb2.GetFeaturesResponse]]
+
+
+@dataclass(frozen=True)
+class VerifiedHit:
+    """A candidate after verification (``result`` is None when it was not verified)."""
+
+    hit: Hit
+    score: float
+    result: VerifyResult | None
+    candidate_points: np.ndarray | None  # (Nc, 2) keypoint xy of the candidate, for matches
+
+
+def final_score(global_score: float, inliers: int, verified: bool) -> float:
+    """Score consistent with ``rerank_by_inliers``: inliers dominate, global score breaks ties.
+
+    Verified: ``inliers + 0.999 * (1 + g) / 2`` (≥ min_inliers ≥ 3); unverified: ``g`` (≤ 1).
+    """
+    return float(inliers + 0.999 * (1.0 + global_score) / 2.0) if verified else float(global_score)
+
+
+async def fetch_local_features(hits: Sequence[Hit], fetch: FetchLocal) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """One GetFeatures call per owning shard; returns id → (keypoints (N, 4), descriptors (N, 40))."""
+    by_shard: dict[int, list[str]] = {}
+    for h in hits:
+        by_shard.setdefault(h.shard_id, []).append(h.image_id)
+    responses = await asyncio.gather(*(fetch(sid, ids) for sid, ids in by_shard.items()), return_exceptions=True)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for resp in responses:
+        if isinstance(resp, BaseException):
+            continue  # that shard's candidates stay unverified; the fan-out already marked failures
+        for image_id, feats in zip(resp.ids, resp.features):
+            if feats.local.keypoints.shape:
+                out[image_id] = (
+                    from_tensor(feats.local.keypoints, field="keypoints"),
+                    from_tensor(feats.local.descriptors, field="descriptors"),
+                )
+    return out
+
+
+async def verify_hits(
+    query: tuple[np.ndarray, np.ndarray],
+    hits: Sequence[Hit],
+    local: dict[str, tuple[np.ndarray, np.ndarray]],
+    params: VerifyParams,
+    executor: Executor,
+) -> list[VerifiedHit]:
+    """Verify ``hits`` (the top-V) against the query and return them in reranked order."""
+    have = [h for h in hits if h.image_id in local]
+    loop = asyncio.get_running_loop()
+    results = await loop.run_in_executor(
+        None, lambda: verify_candidates(query, [local[h.image_id] for h in have], params, executor)
+    )
+    by_id = dict(zip((h.image_id for h in have), results))
+    inliers = np.array([by_id[h.image_id].inliers if h.image_id in by_id else 0 for h in hits])
+    order = rerank_by_inliers(np.array([h.score for h in hits]), inliers, params.min_inliers)
+    out = []
+    for i in order:
+        h = hits[int(i)]
+        res = by_id.get(h.image_id)
+        verified = res is not None and res.inliers >= params.min_inliers
+        pts = local[h.image_id][0][:, :2] if h.image_id in local else None
+        out.append(VerifiedHit(h, final_score(h.score, res.inliers if res else 0, verified), res, pts))
+    return out
+
+
+def confidence(result: VerifyResult | None, min_inliers: int) -> float:
+    """Per-result confidence: logistic in inliers when verified, else 0."""
+    if result is None or result.inliers < min_inliers:
+        return 0.0
+    return float(inlier_confidence(result.inliers))
+
+
+def query_confidence(verified: Iterable[VerifiedHit], min_inliers: int) -> float:
+    """Confidence that the query has a true match: that of its best-verified candidate."""
+    return max((confidence(v.result, min_inliers) for v in verified), default=0.0)

@@ -1,0 +1,114 @@
+"""Domain errors and the one table that maps them to gRPC status codes.
+
+Servicers raise these (or let the algorithm layer's typed errors propagate); the
+``grpc_errors`` decorator turns them into a status with the message naming the field.
+Anything not in the table is a bug: it is logged with its traceback server-side and the
+client sees INTERNAL with a generic message, never the traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+from typing import Any, Callable
+
+import grpc
+
+from loupe.tensors import TensorError
+from services.common.images import ImageTooLarge, InvalidImage
+
+log = logging.getLogger(__name__)
+
+
+class LoupeError(Exception):
+    """Base of loupe's domain errors."""
+
+
+class InvalidArgument(LoupeError):
+    """A request field is missing or out of range; the message names the field."""
+
+
+class NotFound(LoupeError):
+    """A referenced id does not exist."""
+
+
+class Overloaded(LoupeError):
+    """The server is at capacity or the input exceeds a resource limit."""
+
+
+class Unavailable(LoupeError):
+    """A required backend (shard, extractor) cannot be reached."""
+
+
+class DeadlineExceeded(LoupeError):
+    """The caller's deadline passed before the work finished."""
+
+
+class FailedPrecondition(LoupeError):
+    """The system is not in a state that allows the operation."""
+
+
+class DataLoss(LoupeError):
+    """Persisted state is corrupt."""
+
+
+STATUS_TABLE: dict[type[BaseException], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidImage: grpc.StatusCode.INVALID_ARGUMENT,
+    TensorError: grpc.StatusCode.INVALID_ARGUMENT,
+    ImageTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    DataLoss: grpc.StatusCode.DATA_LOSS,
+}
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode | None:
+    """The status code for a domain error, or None when it is not a domain error."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_TABLE:
+            return STATUS_TABLE[cls]
+    return None
+
+
+def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a servicer method (sync or async) so domain errors become gRPC statuses."""
+
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def async_wrapper(self: Any, request: Any, context: Any) -> Any:
+            try:
+                return await method(self, request, context)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # mapped below; unknown errors become INTERNAL
+                code = status_for(exc)
+                if code is None:
+                    if isinstance(exc, grpc.aio.AbortError):
+                        raise
+                    log.exception("internal error in %s", method.__qualname__)
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal error (see server log)")
+                await context.abort(code, str(exc))
+
+        return async_wrapper
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # mapped below; unknown errors become INTERNAL
+            code = status_for(exc)
+            if code is None:
+                if exc.__class__.__name__ == "_AbortException" or isinstance(exc, grpc.RpcError):
+                    raise
+                log.exception("internal error in %s", method.__qualname__)
+                context.abort(grpc.StatusCode.INTERNAL, "internal error (see server log)")
+            context.abort(code, str(exc))
+
+    return wrapper

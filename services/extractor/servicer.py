@@ -1,0 +1,143 @@
+"""gRPC servicer of an extractor replica (internal ``loupe.v1.Extractor``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass
+
+import cv2
+import grpc
+import numpy as np
+
+from loupe.tensors import to_tensor
+from loupe.v1 import extractor_pb2, extractor_pb2_grpc, types_pb2
+from services.common.errors import InvalidArgument, grpc_errors
+from services.common.grpc_server import RunningServer, ServerOptions, create_sync_server
+from services.common.images import ImageTooLarge, InvalidImage, decode_image
+from services.extractor.backbone import load_backbone
+from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor
+from services.extractor.local_features import LocalConfig, LocalExtractor
+
+
+@dataclass(frozen=True)
+class ExtractorConfig:
+    """What a replica computes.
+
+    Attributes
+    ----------
+    weights_path : str
+        Backbone weights file; "" = the packaged ImageNet EfficientNet-Lite0.
+    global_config : GlobalConfig
+        Pooling, scales and max side of the global descriptor.
+    max_pixels : int
+        Decompression-bomb guard: images whose header declares more pixels are refused.
+    local_config : LocalConfig
+        DELF-style local features (served when a request sets ``want_local``).
+    attention_path : str
+        Trained attention-head file (``loupe train-attention``); "" = score keypoints by
+        feature L2 norm.
+    """
+
+    weights_path: str = ""
+    global_config: GlobalConfig = GlobalConfig()
+    max_pixels: int = 40_000_000
+    local_config: LocalConfig = LocalConfig()
+    attention_path: str = ""
+
+    def __post_init__(self) -> None:
+        if self.max_pixels <= 0:
+            raise ValueError(f"extractor.max_pixels must be > 0, got {self.max_pixels}")
+
+
+def crop_and_resize(image: np.ndarray, crop: types_pb2.Box | None, max_side: int) -> np.ndarray:
+    """Crop (H, W, 3) ``image`` to ``crop`` (original pixels) then shrink so max(H, W) <= max_side."""
+    if crop is not None:
+        h, w = image.shape[:2]
+        x1, y1 = max(0, int(np.floor(crop.x1))), max(0, int(np.floor(crop.y1)))
+        x2, y2 = min(w, int(np.ceil(crop.x2))), min(h, int(np.ceil(crop.y2)))
+        if x2 - x1 < 8 or y2 - y1 < 8:
+            raise InvalidArgument(
+                f"crop: box [{crop.x1}, {crop.y1}, {crop.x2}, {crop.y2}] leaves less than 8x8 pixels of a {w}x{h} image"
+            )
+        image = np.ascontiguousarray(image[y1:y2, x1:x2])
+    h, w = image.shape[:2]
+    scale = max_side / max(h, w)
+    if scale < 1.0:
+        image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    return image
+
+
+class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
+    """Runs the model on one request at a time (the replica's threads are for torch)."""
+
+    def __init__(self, config: ExtractorConfig) -> None:
+        self.config = config
+        self.backbone = load_backbone(config.weights_path or None)
+        self.global_extractor = GlobalExtractor(self.backbone, config.global_config)
+        head = None
+        if config.attention_path:
+            from services.extractor.attention import load_attention
+
+            head, meta = load_attention(config.attention_path)
+            local_config = dataclasses.replace(config.local_config, layer=meta["layer"], score="attention")
+        else:
+            local_config = config.local_config
+        self.local_extractor = LocalExtractor(self.backbone, local_config, head)
+        self._model_lock = threading.Lock()
+        probe = self.global_extractor.extract(np.zeros((64, 64, 3), np.uint8))
+        self.dim = int(probe.vector.shape[0])
+
+    def features(self, image_bytes: bytes, crop: types_pb2.Box | None, want_regional: bool, want_local: bool) -> types_pb2.ImageFeatures:
+        """Decode, crop, resize and describe one image."""
+        gc = self.config.global_config
+        try:
+            image = decode_image(image_bytes, max_pixels=self.config.max_pixels, max_side=None if crop is not None else gc.max_side)
+        except (InvalidImage, ImageTooLarge) as exc:
+            raise type(exc)(f"image: {exc}") from None
+        image = crop_and_resize(image, crop, gc.max_side)
+        with self._model_lock:
+            g = self.global_extractor.extract(image)
+            loc = self.local_extractor.extract(image) if want_local else None
+        out = types_pb2.ImageFeatures(width=image.shape[1], height=image.shape[0])
+        out.__getattribute__("global").CopyFrom(to_tensor(g.vector.astype(np.float32)))
+        if want_regional:
+            out.regional.CopyFrom(to_tensor(g.regional.astype(np.float16)))
+        if loc is not None:
+            out.local.keypoints.CopyFrom(to_tensor(loc.keypoints.astype(np.float32)))
+            out.local.descriptors.CopyFrom(to_tensor(loc.descriptors.astype(np.float16)))
+        return out
+
+    @grpc_errors
+    def Extract(self, request: extractor_pb2.ExtractRequest, context: grpc.ServicerContext) -> extractor_pb2.ExtractResponse:
+        t0 = time.perf_counter()
+        if not request.image:
+            raise InvalidArgument("image: empty image bytes")
+        crop = request.crop if request.HasField("crop") else None
+        feats = self.features(request.image, crop, request.want_regional, request.want_local)
+        return extractor_pb2.ExtractResponse(features=feats, seconds=time.perf_counter() - t0)
+
+    @grpc_errors
+    def Describe(self, request: extractor_pb2.DescribeRequest, context: grpc.ServicerContext) -> extractor_pb2.DescribeResponse:
+        gc = self.config.global_config
+        return extractor_pb2.DescribeResponse(
+            backbone="efficientnet-lite0",
+            pooling=gc.pooling,
+            dim=self.dim,
+            scales=list(gc.scales),
+            max_side=gc.max_side,
+            local_dim=self.local_extractor.dim,
+        )
+
+
+def create_server(config: ExtractorConfig, opts: ServerOptions) -> tuple[RunningServer, ExtractorServicer]:
+    """Load the model and start an Extractor server; returns it (with its port) and the servicer.
+
+    At most ``opts.workers`` requests wait in the replica; more get RESOURCE_EXHAUSTED.
+    """
+    servicer = ExtractorServicer(config)
+    running = create_sync_server(
+        lambda s: extractor_pb2_grpc.add_ExtractorServicer_to_server(servicer, s), ["loupe.v1.Extractor"], opts
+    )
+    return running, servicer

@@ -1,0 +1,209 @@
+"""Learned PCA projections: PCA-whitening of global descriptors and PCA of local descriptors.
+
+``PCAWhitening`` is the unsupervised learned whitening of Radenović et al. / Tolias et al.
+(cirtorch's ``pcawhitenlearn``): centre, project on the covariance eigenvectors scaled by
+``eigval^-1/2``, keep the top ``dim`` components, L2-normalise. ``LocalPCA`` is the DELF
+dimensionality reduction (to 40-D by default): the same projection without the whitening.
+
+Both serialise to ``.npz`` bytes (``to_bytes`` / ``from_bytes``), no pickle.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import ClassVar, TypeVar
+
+import numpy as np
+
+L2_EPS = 1e-6
+EIG_FLOOR = 1e-6  # eigenvalues below EIG_FLOOR * largest are clamped to it before ^-1/2
+_CHUNK_ROWS = 65536
+
+_P = TypeVar("_P", bound="_PCAProjection")
+
+
+def _check_matrix(X: np.ndarray, name: str = "X") -> np.ndarray:
+    X = np.asarray(X)
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty (N, D) matrix, got shape {X.shape}")
+    return X
+
+
+def _l2n(X: np.ndarray) -> np.ndarray:
+    return X / (np.linalg.norm(X, axis=1, keepdims=True) + L2_EPS)
+
+
+def _covariance(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(D,)`` and covariance ``(D, D)`` in float64, accumulated in row chunks."""
+    n, d = X.shape
+    mean = X.sum(axis=0, dtype=np.float64) / n
+    cov = np.zeros((d, d), dtype=np.float64)
+    for start in range(0, n, _CHUNK_ROWS):
+        xc = X[start : start + _CHUNK_ROWS].astype(np.float64) - mean
+        cov += xc.T @ xc
+    return mean, cov / n
+
+
+class _PCAProjection:
+    """Shared state and behaviour: ``y = l2n(((x - mean) @ components.T) * scale)``.
+
+    ``components`` is ``(D', D)`` (rows = principal directions, by decreasing variance),
+    ``eigvals`` the matching ``(D',)`` variances and ``scale`` the per-component factor
+    (``eigval^-1/2`` when whitening, ones otherwise).
+    """
+
+    _KIND: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.mean: np.ndarray | None = None
+        self.components: np.ndarray | None = None
+        self.eigvals: np.ndarray | None = None
+        self.scale: np.ndarray | None = None
+
+    @property
+    def fitted(self) -> bool:
+        return self.components is not None
+
+    @property
+    def input_dim(self) -> int:
+        """Input dimension ``D``."""
+        return self._state()[1].shape[1]
+
+    @property
+    def output_dim(self) -> int:
+        """Output dimension ``D'``."""
+        return self._state()[1].shape[0]
+
+    def _fit(self, X: np.ndarray, dim: int | None, whiten: bool, shrinkage: float) -> None:
+        X = _check_matrix(X)
+        n, d = X.shape
+        if n < 2:
+            raise ValueError(f"X needs at least 2 rows to fit a PCA, got {n}")
+        if not np.isfinite(X).all():
+            raise ValueError("X contains NaN or infinite values")
+        if not 0.0 <= shrinkage <= 1.0:
+            raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage!r}")
+        rank = min(n - 1, d)
+        if dim is None:
+            dim = rank
+        elif not 1 <= dim <= d:
+            raise ValueError(f"dim must be in [1, {d}] (input dimension), got {dim!r}")
+        dim = min(dim, rank)
+
+        mean, cov = _covariance(X)
+        eigvals, eigvecs = np.linalg.eigh(cov)  # ascending
+        total_var = float(eigvals.clip(min=0.0).sum())
+        order = np.argsort(eigvals)[::-1][:dim]
+        vals = eigvals[order].clip(min=0.0)
+        self.mean = mean.astype(np.float32)
+        self.components = np.ascontiguousarray(eigvecs[:, order].T, dtype=np.float32)
+        self.eigvals = vals.astype(np.float32)
+        if whiten:
+            shrunk = (1.0 - shrinkage) * vals + shrinkage * (total_var / d)
+            floor = EIG_FLOOR * max(float(shrunk[0]), np.finfo(np.float64).tiny)
+            self.scale = (1.0 / np.sqrt(np.maximum(shrunk, floor))).astype(np.float32)
+        else:
+            self.scale = np.ones(dim, dtype=np.float32)
+
+    def apply(self, X: np.ndarray) -> np.ndarray:
+        """Project and L2-normalise: ``(N, D) -> (N, D')`` float32."""
+        mean, components, scale = self._state()
+        X = _check_matrix(X)
+        if X.shape[1] != mean.shape[0]:
+            raise ValueError(f"X has dimension {X.shape[1]}, this projection expects {mean.shape[0]}")
+        Y = (X.astype(np.float32, copy=False) - mean) @ components.T
+        return _l2n(Y * scale).astype(np.float32, copy=False)
+
+    def to_bytes(self) -> bytes:
+        """Serialise to ``.npz`` bytes."""
+        mean, components, scale = self._state()
+        buf = io.BytesIO()
+        np.savez(buf, kind=np.array(self._KIND), mean=mean, components=components,
+                 eigvals=self.eigvals, scale=scale)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls: type[_P], data: bytes) -> _P:
+        """Load from :meth:`to_bytes` output; raises ValueError if malformed or of another kind."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in ("kind", "mean", "components", "eigvals", "scale")}
+        except (OSError, ValueError, KeyError, EOFError) as e:
+            raise ValueError(f"not a serialised {cls.__name__}: {e}") from e
+        if str(arrays["kind"]) != cls._KIND:
+            raise ValueError(f"serialised projection is {str(arrays['kind'])!r}, expected {cls._KIND!r}")
+        k, d = arrays["components"].shape
+        if arrays["mean"].shape != (d,) or arrays["eigvals"].shape != (k,) or arrays["scale"].shape != (k,):
+            raise ValueError(f"inconsistent shapes in serialised {cls.__name__}")
+        obj = cls()
+        obj.mean, obj.components = arrays["mean"], arrays["components"]
+        obj.eigvals, obj.scale = arrays["eigvals"], arrays["scale"]
+        return obj
+
+    def _state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.mean is None or self.components is None or self.scale is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted")
+        return self.mean, self.components, self.scale
+
+
+class PCAWhitening(_PCAProjection):
+    """Learned PCA-whitening of global descriptors.
+
+    Examples
+    --------
+    >>> w = PCAWhitening().fit(train_vectors, dim=512)   # (N, 1280) -> 512-D
+    >>> w.apply(vectors).shape
+    (M, 512)
+    """
+
+    _KIND = "pca_whitening"
+
+    def fit(self, X: np.ndarray, dim: int | None = None, shrinkage: float = 0.0) -> PCAWhitening:
+        """Learn mean and whitening projection.
+
+        Parameters
+        ----------
+        X : ndarray ``(N, D)``
+            Training descriptors (N >= 2).
+        dim : int or None
+            Output dimension ``D'`` (default: all). Capped at ``min(N - 1, D)``, the rank of
+            the centred data, so ``N < D`` is handled by keeping the top ``N - 1`` components.
+        shrinkage : float in [0, 1]
+            Eigenvalues become ``(1 - s) * eigval + s * mean_eigval`` before ``^-1/2``:
+            0 is full whitening, 1 plain PCA rotation. Eigenvalues below ``1e-6`` x the
+            largest are clamped.
+
+        Returns
+        -------
+        PCAWhitening
+            ``self``.
+        """
+        self._fit(X, dim, whiten=True, shrinkage=shrinkage)
+        return self
+
+
+class LocalPCA(_PCAProjection):
+    """PCA reduction of local descriptors (DELF: 40-D), optionally whitened."""
+
+    _KIND = "local_pca"
+
+    def fit(self, X: np.ndarray, dim: int = 40, whiten: bool = False) -> LocalPCA:
+        """Learn mean and the top-``dim`` principal directions.
+
+        Parameters
+        ----------
+        X : ndarray ``(N, D)``
+            Training descriptors (N >= 2); covariance is accumulated in chunks, so N may be
+            millions.
+        dim : int
+            Output dimension (capped at ``min(N - 1, D)``).
+        whiten : bool
+            Scale components by ``eigval^-1/2``.
+
+        Returns
+        -------
+        LocalPCA
+            ``self``.
+        """
+        self._fit(X, dim, whiten=whiten, shrinkage=0.0)
+        return self

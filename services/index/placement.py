@@ -1,0 +1,16 @@
+"""Stable placement of image ids on shards."""
+
+from __future__ import annotations
+
+import hashlib
+
+
+def shard_for(image_id: str, num_shards: int) -> int:
+    """Shard index of ``image_id`` among ``num_shards``: first 8 bytes of its BLAKE2b digest mod S.
+
+    Stable across processes, machines and Python versions (unlike ``hash()``).
+    """
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    digest = hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % num_shards

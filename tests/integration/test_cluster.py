@@ -1,0 +1,182 @@
+"""End to end on real parts: local Ray actors, gRPC on 127.0.0.1, faiss, Prometheus scrape."""
+
+from __future__ import annotations
+
+import struct
+import urllib.request
+import zlib
+
+import grpc
+import numpy as np
+import pytest
+import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster.config import ClusterConfig
+from cluster.demo import HELD_OUT, INDEXED, PHOTOS, encode_jpeg, load_photo
+from cluster.launcher import Cluster
+from loupe.client import ImageToAdd, RetrievalClient
+from loupe.tensors import from_tensor
+from loupe.v1 import extractor_pb2, extractor_pb2_grpc
+
+PHOTO_SUBSET = PHOTOS[:6]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cfg = ClusterConfig(shards=2, replicas=1, max_side=320, scales=(1.0,), data_dir=str(tmp_path_factory.mktemp("wal")))
+    with Cluster(cfg) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with RetrievalClient(cluster.broker_address) as c:
+        c.wait_ready(30)
+        db = [ImageToAdd(f"{p}/{t}", encode_jpeg(fn(load_photo(p))), {"photo": p}) for p in PHOTO_SUBSET for t, fn in INDEXED.items()]
+        assert c.add_images(db, batch_size=5).added == len(db)
+        yield c
+
+
+def query(photo: str, transform: str = "perspective") -> bytes:
+    return encode_jpeg(HELD_OUT[transform](load_photo(photo)))
+
+
+def test_search_by_image_finds_the_same_photo(client):
+    for photo in PHOTO_SUBSET:
+        resp = client.search(image=query(photo), k=4)
+        assert not resp.partial
+        top = [r.id.split("/")[0] for r in resp.results]
+        assert top[0] == photo, (photo, [(r.id, r.score) for r in resp.results])
+        assert resp.results[0].metadata["photo"] == photo
+        scores = [r.score for r in resp.results]
+        assert scores == sorted(scores, reverse=True)
+        assert {t.stage for t in resp.timings} >= {"extract", "fanout", "merge", "total"}
+
+
+def test_offset_pages_through_the_same_ranking(client):
+    full = [r.id for r in client.search(image=query("coffee"), k=10).results]
+    page = [r.id for r in client.search(image=query("coffee"), k=4, offset=3).results]
+    assert page == full[3:7]
+
+
+def test_search_by_vector_matches_search_by_image(cluster, client):
+    address = ray.get(cluster.extractor_actors[0].address.remote())
+    with grpc.insecure_channel(address) as ch:
+        feats = extractor_pb2_grpc.ExtractorStub(ch).Extract(extractor_pb2.ExtractRequest(image=query("chelsea")), timeout=60).features
+    vec = from_tensor(getattr(feats, "global"))
+    by_vec = [r.id for r in client.search(vector=vec, k=5).results]
+    by_img = [r.id for r in client.search(image=query("chelsea"), k=5).results]
+    assert by_vec == by_img and by_vec[0].startswith("chelsea/")
+
+
+def test_stats_count_every_image_on_its_shard(client):
+    s = client.stats()
+    assert s.images == len(PHOTO_SUBSET) * len(INDEXED)
+    assert len(s.shards) == 2 and all(x.healthy for x in s.shards)
+    assert all(x.images > 0 for x in s.shards)
+    assert all(x.wal_bytes > 0 for x in s.shards)
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb's shape)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _png_chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    "kwargs, code, field",
+    [
+        ({"image": b"not an image at all"}, grpc.StatusCode.INVALID_ARGUMENT, "image:"),
+        ({"image": _png_header(100_000, 100_000)}, grpc.StatusCode.RESOURCE_EXHAUSTED, "pixels"),
+        ({"vector": np.ones(7, np.float32)}, grpc.StatusCode.INVALID_ARGUMENT, "query"),
+        ({"vector": np.zeros(8, np.float32)}, grpc.StatusCode.INVALID_ARGUMENT, "vector"),
+        ({"image": b"x", "k": 0}, grpc.StatusCode.INVALID_ARGUMENT, "k:"),
+        ({"image": b"x", "k": 10**7}, grpc.StatusCode.INVALID_ARGUMENT, "k:"),
+        ({"image": b"x", "offset": -1}, grpc.StatusCode.INVALID_ARGUMENT, "offset"),
+        ({}, grpc.StatusCode.INVALID_ARGUMENT, "query"),
+    ],
+)
+def test_bad_search_input_gets_a_clear_status(client, kwargs, code, field):
+    kwargs.setdefault("k", 5)
+    with pytest.raises(grpc.RpcError) as err:
+        client.search(**kwargs)
+    assert err.value.code() == code, err.value.details()
+    assert field in err.value.details()
+    assert "Traceback" not in err.value.details()
+    assert client.search(image=query("coffee"), k=1).results  # still serving
+
+
+def test_bad_writes_and_deletes(client):
+    with pytest.raises(grpc.RpcError) as err:
+        client.add_images([ImageToAdd("ok", query("coffee")), ImageToAdd("broken", b"\xff\xd8garbage")])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "broken" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        client.add_images([ImageToAdd("", query("coffee"))])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "id" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        client.delete(["no-such-image"])
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "ids" in err.value.details()
+
+
+def test_delete_removes_from_results(client):
+    client.add_images([ImageToAdd("temp/astronaut", query("astronaut", "brightness"))])
+    assert client.search(image=query("astronaut", "brightness"), k=1).results[0].id == "temp/astronaut"
+    assert list(client.delete(["temp/astronaut", "nope"]).deleted) == ["temp/astronaut"]
+    assert all(r.id != "temp/astronaut" for r in client.search(image=query("astronaut", "brightness"), k=10).results)
+
+
+def test_health_and_reflection_are_served(cluster, client):
+    with grpc.insecure_channel(cluster.broker_address) as ch:
+        status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="loupe.v1.Retrieval"), timeout=5)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+        names = {s.name for s in resp.list_services_response.service}
+        assert "loupe.v1.Retrieval" in names
+
+
+DASHBOARD_METRICS = (
+    'loupe_requests_total{grpc_code="OK",grpc_method="Search"}',
+    'loupe_requests_total{grpc_code="INVALID_ARGUMENT",grpc_method="Search"}',
+    'loupe_stage_duration_seconds_bucket{le="0.005",stage="fanout"}',
+    'loupe_stage_duration_seconds_count{stage="extract"}',
+    'loupe_stage_duration_seconds_count{stage="merge"}',
+    'loupe_stage_duration_seconds_count{stage="total"}',
+    'loupe_request_duration_seconds_count{grpc_method="Search"}',
+    'loupe_inflight_requests{grpc_method="Search"}',
+    'loupe_shard_vectors{shard="0"}',
+    'loupe_shard_wal_bytes{shard="1"}',
+    "loupe_images_added_total",
+)
+
+
+def test_metrics_are_scraped_over_http(cluster, client):
+    client.search(image=query("rocket"), k=3)
+    client.stats()  # refreshes per-shard gauges
+    body = urllib.request.urlopen(f"http://{cluster.metrics_address}/metrics", timeout=10).read().decode()
+    for name in DASHBOARD_METRICS:
+        assert name in body, name
+
+
+def test_restarted_shard_replays_its_wal(cluster, client):
+    before = client.stats().images
+    cluster.restart_shard(0)
+    after = client.stats()
+    assert after.images == before and all(s.healthy for s in after.shards)
+    assert client.search(image=query("coffee"), k=1).results[0].id.startswith("coffee/")
+
+
+def test_killed_shard_gives_partial_results(cluster, client):
+    cluster.kill_shard(1)
+    resp = client.search(image=query("coffee"), k=5, timeout_s=20)
+    assert resp.partial and list(resp.missing_shards) == [1]
+    assert resp.results and all(r.shard_id == 0 for r in resp.results)
+    body = urllib.request.urlopen(f"http://{cluster.metrics_address}/metrics", timeout=10).read().decode()
+    assert 'loupe_shard_failures_total{reason="UNAVAILABLE",shard="1"}' in body

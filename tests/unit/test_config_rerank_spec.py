@@ -1,0 +1,33 @@
+import pytest
+
+from cluster.config import ClusterConfig
+from loupe.rerank_spec import parse_rerank
+
+
+def test_config_defaults_and_env_override():
+    cfg = ClusterConfig.build({"shards": 3}, environ={"LOUPE_REPLICAS": "2", "LOUPE_SCALES": "1,0.5"})
+    assert cfg.shards == 3 and cfg.replicas == 2 and cfg.scales == (1.0, 0.5)
+
+
+@pytest.mark.parametrize(
+    "values, environ, message",
+    [
+        ({"shards": 0}, {}, "shards"),
+        ({}, {"LOUPE_PORT": "abc"}, "LOUPE_PORT"),
+        ({"port": 70000}, {}, "port"),
+        ({"pooling": "avg"}, {}, "pooling"),
+    ],
+)
+def test_config_rejects_bad_values_naming_them(values, environ, message):
+    with pytest.raises(ValueError, match=message):
+        ClusterConfig.build(values, environ=environ)
+
+
+def test_parse_rerank():
+    assert not parse_rerank("none").verify.enabled
+    o = parse_rerank("verify,diffuse")
+    assert o.verify.enabled and o.diffuse.enabled and not o.diffuse.regional
+    assert parse_rerank("diffuse-regional").diffuse.regional
+    assert parse_rerank("qe").expand.query_expansion
+    with pytest.raises(ValueError, match="unknown stage 'foo'"):
+        parse_rerank("verify,foo")
