@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--offset", type=int, default=0)
     se.add_argument("--crop", default=None, help="x1,y1,x2,y2 box of the query in pixels")
     se.add_argument("--rerank", default="none", help=f"rerank stages, comma-joined: {', '.join(STAGES)}")
+    se.add_argument("--show", default=None, metavar="OUT.png", help="draw the query beside the top results with inlier lines (implies --rerank verify)")
+    se.add_argument("--show-top", type=int, default=4, help="results drawn by --show")
     _add_common(se)
 
     st = sub.add_parser("stats", help="collection and cluster statistics")
@@ -177,8 +179,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     if crop is not None and len(crop) != 4:
         raise ValueError("--crop: expected x1,y1,x2,y2")
     rerank = parse_rerank(args.rerank)
+    if args.show:
+        rerank.verify.enabled = True
     with _connect(args) as client:
-        resp = client.search(image=data, k=args.k, offset=args.offset, crop=crop, rerank=rerank)
+        resp = client.search(image=data, k=args.k, offset=args.offset, crop=crop, rerank=rerank, return_matches=bool(args.show))
+        if args.show:
+            _show(args, data, crop, resp, client)
     results = [
         {
             "rank": args.offset + i + 1,
@@ -203,6 +209,27 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"partial results: shards {list(resp.missing_shards)} did not answer")
     print("timings (ms): " + ", ".join(f"{k}={v}" for k, v in timings.items()))
     return 0
+
+
+def _show(args: argparse.Namespace, data: bytes, crop, resp, client) -> None:
+    """Write the --show picture; result images are read from the 'path' metadata when present."""
+    import cv2
+
+    from cluster.visualize import render_matches
+    from services.common.images import decode_image
+
+    max_side = args.max_side or 1024
+    results = []
+    for r in resp.results[: args.show_top]:
+        path = r.metadata.get("path", "")
+        img = None
+        if path and os.path.exists(path):
+            with open(path, "rb") as f:
+                img = decode_image(f.read(), max_side=None)
+        results.append((r, img))
+    canvas = render_matches(decode_image(data, max_side=None), results, crop=crop, max_side=max_side)
+    cv2.imwrite(args.show, cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+    _log(args, f"wrote {args.show}")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

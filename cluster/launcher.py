@@ -7,9 +7,9 @@ the public port, the metrics port and the shutdown signal handling.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
-import tempfile
 import threading
 import time
 from typing import Any
@@ -131,7 +131,7 @@ class Cluster:
                 ServerOptions(host=cfg.host, port=cfg.port),
                 metrics_host=cfg.host,
                 metrics_port=cfg.metrics_port,
-                config=self.broker_config,
+                config=dataclasses.replace(self.broker_config, data_dir=self.broker_config.data_dir or cfg.data_dir),
             ),
             self._loop,
         )
@@ -184,8 +184,3 @@ class Cluster:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"shard {shard_id} did not restart")
-
-
-def temporary_data_dir() -> str:
-    """A fresh directory for a throw-away cluster's WALs."""
-    return tempfile.mkdtemp(prefix="loupe-")

@@ -15,6 +15,7 @@ STAGES = {
     "diffuse": "diffusion over the global kNN graph of the neighbourhood",
     "diffuse-regional": "diffusion over regional descriptors of the neighbourhood",
     "verify": "DELF local features + RANSAC geometric verification of the top candidates",
+    "diffuse-first": "with verify: diffuse first, then verify the diffused top-V (default: verify, then diffuse seeded by verified images)",
 }
 
 
@@ -44,4 +45,7 @@ def parse_rerank(spec: str) -> retrieval_pb2.RerankOptions:
             opts.diffuse.regional = True
         elif name == "verify":
             opts.verify.enabled = True
+        elif name == "diffuse-first":
+            opts.diffuse.enabled = True
+            opts.diffuse_first = True
     return opts

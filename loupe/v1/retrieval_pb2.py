@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from loupe.v1 import types_pb2 as loupe_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loupe/v1/retrieval.proto\x12\x08loupe.v1\x1a\x14loupe/v1/types.proto\"\x90\x01\n\x0bImageRecord\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x35\n\x08metadata\x18\x03 \x03(\x0b\x32#.loupe.v1.ImageRecord.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x10\x41\x64\x64ImagesRequest\x12%\n\x06images\x18\x01 \x03(\x0b\x32\x15.loupe.v1.ImageRecord\"3\n\x11\x41\x64\x64ImagesResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"X\n\rVerifyOptions\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x12\n\ncandidates\x18\x02 \x01(\x05\x12\x13\n\x0bmin_inliers\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\"u\n\x10\x44iffusionOptions\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x15\n\rneighbourhood\x18\x02 \x01(\x05\x12\t\n\x01k\x18\x03 \x01(\x05\x12\r\n\x05\x61lpha\x18\x04 \x01(\x02\x12\r\n\x05gamma\x18\x05 \x01(\x02\x12\x10\n\x08regional\x18\x06 \x01(\x08\"d\n\x10\x45xpansionOptions\x12\x17\n\x0fquery_expansion\x18\x01 \x01(\x08\x12\x1d\n\x15\x64\x61tabase_augmentation\x18\x02 \x01(\x08\x12\t\n\x01n\x18\x03 \x01(\x05\x12\r\n\x05\x61lpha\x18\x04 \x01(\x02\"\x91\x01\n\rRerankOptions\x12\'\n\x06verify\x18\x01 \x01(\x0b\x32\x17.loupe.v1.VerifyOptions\x12+\n\x07\x64iffuse\x18\x02 \x01(\x0b\x32\x1a.loupe.v1.DiffusionOptions\x12*\n\x06\x65xpand\x18\x03 \x01(\x0b\x32\x1a.loupe.v1.ExpansionOptions\"\xc6\x01\n\rSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\"\n\x06vector\x18\x02 \x01(\x0b\x32\x10.loupe.v1.TensorH\x00\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x05\x12\x1b\n\x04\x63rop\x18\x05 \x01(\x0b\x32\r.loupe.v1.Box\x12\'\n\x06rerank\x18\x06 \x01(\x0b\x32\x17.loupe.v1.RerankOptions\x12\x16\n\x0ereturn_matches\x18\x07 \x01(\x08\x42\x07\n\x05query\"A\n\x0bStageScores\x12\x0e\n\x06global\x18\x01 \x01(\x02\x12\x11\n\tdiffusion\x18\x02 \x01(\x02\x12\x0f\n\x07inliers\x18\x03 \x01(\x05\"Z\n\x07Matches\x12&\n\x0cquery_points\x18\x01 \x01(\x0b\x32\x10.loupe.v1.Tensor\x12\'\n\rresult_points\x18\x02 \x01(\x0b\x32\x10.loupe.v1.Tensor\"\x95\x02\n\x0cSearchResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12%\n\x06stages\x18\x03 \x01(\x0b\x32\x15.loupe.v1.StageScores\x12\x10\n\x08verified\x18\x04 \x01(\x08\x12\x12\n\nconfidence\x18\x05 \x01(\x02\x12\x36\n\x08metadata\x18\x06 \x03(\x0b\x32$.loupe.v1.SearchResult.MetadataEntry\x12\"\n\x07matches\x18\x07 \x01(\x0b\x32\x11.loupe.v1.Matches\x12\x10\n\x08shard_id\x18\x08 \x01(\x05\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa4\x01\n\x0eSearchResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.loupe.v1.SearchResult\x12\x0f\n\x07partial\x18\x02 \x01(\x08\x12\x16\n\x0emissing_shards\x18\x03 \x03(\x05\x12&\n\x07timings\x18\x04 \x03(\x0b\x32\x15.loupe.v1.StageTiming\x12\x18\n\x10query_confidence\x18\x05 \x01(\x02\"\x1c\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"2\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x03(\t\x12\x0f\n\x07missing\x18\x02 \x03(\t\"\x11\n\x0fGetStatsRequest\"\xac\x01\n\nShardStats\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x01(\x03\x12\x15\n\rfeature_bytes\x18\x04 \x01(\x03\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\x18\n\x10regional_vectors\x18\x06 \x01(\x03\x12\x16\n\x0elocal_features\x18\x07 \x01(\x03\x12\x11\n\twal_bytes\x18\x08 \x01(\x03\"\x8a\x01\n\x10GetStatsResponse\x12\x0e\n\x06images\x18\x01 \x01(\x03\x12$\n\x06shards\x18\x02 \x03(\x0b\x32\x14.loupe.v1.ShardStats\x12\x12\n\nextractors\x18\x03 \x03(\t\x12\x0b\n\x03\x64im\x18\x04 \x01(\x05\x12\x10\n\x08whitened\x18\x05 \x01(\x08\x12\r\n\x05model\x18\x06 \x01(\t\"G\n\x13\x46itWhiteningRequest\x12\x13\n\x0bmax_vectors\x18\x01 \x01(\x05\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x0e\n\x06remove\x18\x03 \x01(\x08\"8\n\x14\x46itWhiteningResponse\x12\x13\n\x0bsample_size\x18\x01 \x01(\x05\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x32\xdf\x02\n\tRetrieval\x12;\n\x06Search\x12\x17.loupe.v1.SearchRequest\x1a\x18.loupe.v1.SearchResponse\x12\x46\n\tAddImages\x12\x1a.loupe.v1.AddImagesRequest\x1a\x1b.loupe.v1.AddImagesResponse(\x01\x12;\n\x06\x44\x65lete\x12\x17.loupe.v1.DeleteRequest\x1a\x18.loupe.v1.DeleteResponse\x12\x41\n\x08GetStats\x12\x19.loupe.v1.GetStatsRequest\x1a\x1a.loupe.v1.GetStatsResponse\x12M\n\x0c\x46itWhitening\x12\x1d.loupe.v1.FitWhiteningRequest\x1a\x1e.loupe.v1.FitWhiteningResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loupe/v1/retrieval.proto\x12\x08loupe.v1\x1a\x14loupe/v1/types.proto\"\x90\x01\n\x0bImageRecord\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x35\n\x08metadata\x18\x03 \x03(\x0b\x32#.loupe.v1.ImageRecord.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x10\x41\x64\x64ImagesRequest\x12%\n\x06images\x18\x01 \x03(\x0b\x32\x15.loupe.v1.ImageRecord\"3\n\x11\x41\x64\x64ImagesResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"X\n\rVerifyOptions\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x12\n\ncandidates\x18\x02 \x01(\x05\x12\x13\n\x0bmin_inliers\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\"u\n\x10\x44iffusionOptions\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x15\n\rneighbourhood\x18\x02 \x01(\x05\x12\t\n\x01k\x18\x03 \x01(\x05\x12\r\n\x05\x61lpha\x18\x04 \x01(\x02\x12\r\n\x05gamma\x18\x05 \x01(\x02\x12\x10\n\x08regional\x18\x06 \x01(\x08\"d\n\x10\x45xpansionOptions\x12\x17\n\x0fquery_expansion\x18\x01 \x01(\x08\x12\x1d\n\x15\x64\x61tabase_augmentation\x18\x02 \x01(\x08\x12\t\n\x01n\x18\x03 \x01(\x05\x12\r\n\x05\x61lpha\x18\x04 \x01(\x02\"\xa8\x01\n\rRerankOptions\x12\'\n\x06verify\x18\x01 \x01(\x0b\x32\x17.loupe.v1.VerifyOptions\x12+\n\x07\x64iffuse\x18\x02 \x01(\x0b\x32\x1a.loupe.v1.DiffusionOptions\x12*\n\x06\x65xpand\x18\x03 \x01(\x0b\x32\x1a.loupe.v1.ExpansionOptions\x12\x15\n\rdiffuse_first\x18\x04 \x01(\x08\"\xc6\x01\n\rSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\"\n\x06vector\x18\x02 \x01(\x0b\x32\x10.loupe.v1.TensorH\x00\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x05\x12\x1b\n\x04\x63rop\x18\x05 \x01(\x0b\x32\r.loupe.v1.Box\x12\'\n\x06rerank\x18\x06 \x01(\x0b\x32\x17.loupe.v1.RerankOptions\x12\x16\n\x0ereturn_matches\x18\x07 \x01(\x08\x42\x07\n\x05query\"A\n\x0bStageScores\x12\x0e\n\x06global\x18\x01 \x01(\x02\x12\x11\n\tdiffusion\x18\x02 \x01(\x02\x12\x0f\n\x07inliers\x18\x03 \x01(\x05\"Z\n\x07Matches\x12&\n\x0cquery_points\x18\x01 \x01(\x0b\x32\x10.loupe.v1.Tensor\x12\'\n\rresult_points\x18\x02 \x01(\x0b\x32\x10.loupe.v1.Tensor\"\x95\x02\n\x0cSearchResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12%\n\x06stages\x18\x03 \x01(\x0b\x32\x15.loupe.v1.StageScores\x12\x10\n\x08verified\x18\x04 \x01(\x08\x12\x12\n\nconfidence\x18\x05 \x01(\x02\x12\x36\n\x08metadata\x18\x06 \x03(\x0b\x32$.loupe.v1.SearchResult.MetadataEntry\x12\"\n\x07matches\x18\x07 \x01(\x0b\x32\x11.loupe.v1.Matches\x12\x10\n\x08shard_id\x18\x08 \x01(\x05\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa4\x01\n\x0eSearchResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.loupe.v1.SearchResult\x12\x0f\n\x07partial\x18\x02 \x01(\x08\x12\x16\n\x0emissing_shards\x18\x03 \x03(\x05\x12&\n\x07timings\x18\x04 \x03(\x0b\x32\x15.loupe.v1.StageTiming\x12\x18\n\x10query_confidence\x18\x05 \x01(\x02\"\x1c\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"2\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x03(\t\x12\x0f\n\x07missing\x18\x02 \x03(\t\"\x11\n\x0fGetStatsRequest\"\xac\x01\n\nShardStats\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x01(\x03\x12\x15\n\rfeature_bytes\x18\x04 \x01(\x03\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\x18\n\x10regional_vectors\x18\x06 \x01(\x03\x12\x16\n\x0elocal_features\x18\x07 \x01(\x03\x12\x11\n\twal_bytes\x18\x08 \x01(\x03\"\x8a\x01\n\x10GetStatsResponse\x12\x0e\n\x06images\x18\x01 \x01(\x03\x12$\n\x06shards\x18\x02 \x03(\x0b\x32\x14.loupe.v1.ShardStats\x12\x12\n\nextractors\x18\x03 \x03(\t\x12\x0b\n\x03\x64im\x18\x04 \x01(\x05\x12\x10\n\x08whitened\x18\x05 \x01(\x08\x12\r\n\x05model\x18\x06 \x01(\t\"G\n\x13\x46itWhiteningRequest\x12\x13\n\x0bmax_vectors\x18\x01 \x01(\x05\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x0e\n\x06remove\x18\x03 \x01(\x08\"8\n\x14\x46itWhiteningResponse\x12\x13\n\x0bsample_size\x18\x01 \x01(\x05\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x32\xdf\x02\n\tRetrieval\x12;\n\x06Search\x12\x17.loupe.v1.SearchRequest\x1a\x18.loupe.v1.SearchResponse\x12\x46\n\tAddImages\x12\x1a.loupe.v1.AddImagesRequest\x1a\x1b.loupe.v1.AddImagesResponse(\x01\x12;\n\x06\x44\x65lete\x12\x17.loupe.v1.DeleteRequest\x1a\x18.loupe.v1.DeleteResponse\x12\x41\n\x08GetStats\x12\x19.loupe.v1.GetStatsRequest\x1a\x1a.loupe.v1.GetStatsResponse\x12M\n\x0c\x46itWhitening\x12\x1d.loupe.v1.FitWhiteningRequest\x1a\x1e.loupe.v1.FitWhiteningResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,33 +51,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPANSIONOPTIONS']._serialized_start=528
   _globals['_EXPANSIONOPTIONS']._serialized_end=628
   _globals['_RERANKOPTIONS']._serialized_start=631
-  _globals['_RERANKOPTIONS']._serialized_end=776
-  _globals['_SEARCHREQUEST']._serialized_start=779
-  _globals['_SEARCHREQUEST']._serialized_end=977
-  _globals['_STAGESCORES']._serialized_start=979
-  _globals['_STAGESCORES']._serialized_end=1044
-  _globals['_MATCHES']._serialized_start=1046
-  _globals['_MATCHES']._serialized_end=1136
-  _globals['_SEARCHRESULT']._serialized_start=1139
-  _globals['_SEARCHRESULT']._serialized_end=1416
+  _globals['_RERANKOPTIONS']._serialized_end=799
+  _globals['_SEARCHREQUEST']._serialized_start=802
+  _globals['_SEARCHREQUEST']._serialized_end=1000
+  _globals['_STAGESCORES']._serialized_start=1002
+  _globals['_STAGESCORES']._serialized_end=1067
+  _globals['_MATCHES']._serialized_start=1069
+  _globals['_MATCHES']._serialized_end=1159
+  _globals['_SEARCHRESULT']._serialized_start=1162
+  _globals['_SEARCHRESULT']._serialized_end=1439
   _globals['_SEARCHRESULT_METADATAENTRY']._serialized_start=158
   _globals['_SEARCHRESULT_METADATAENTRY']._serialized_end=205
-  _globals['_SEARCHRESPONSE']._serialized_start=1419
-  _globals['_SEARCHRESPONSE']._serialized_end=1583
-  _globals['_DELETEREQUEST']._serialized_start=1585
-  _globals['_DELETEREQUEST']._serialized_end=1613
-  _globals['_DELETERESPONSE']._serialized_start=1615
-  _globals['_DELETERESPONSE']._serialized_end=1665
-  _globals['_GETSTATSREQUEST']._serialized_start=1667
-  _globals['_GETSTATSREQUEST']._serialized_end=1684
-  _globals['_SHARDSTATS']._serialized_start=1687
-  _globals['_SHARDSTATS']._serialized_end=1859
-  _globals['_GETSTATSRESPONSE']._serialized_start=1862
-  _globals['_GETSTATSRESPONSE']._serialized_end=2000
-  _globals['_FITWHITENINGREQUEST']._serialized_start=2002
-  _globals['_FITWHITENINGREQUEST']._serialized_end=2073
-  _globals['_FITWHITENINGRESPONSE']._serialized_start=2075
-  _globals['_FITWHITENINGRESPONSE']._serialized_end=2131
-  _globals['_RETRIEVAL']._serialized_start=2134
-  _globals['_RETRIEVAL']._serialized_end=2485
+  _globals['_SEARCHRESPONSE']._serialized_start=1442
+  _globals['_SEARCHRESPONSE']._serialized_end=1606
+  _globals['_DELETEREQUEST']._serialized_start=1608
+  _globals['_DELETEREQUEST']._serialized_end=1636
+  _globals['_DELETERESPONSE']._serialized_start=1638
+  _globals['_DELETERESPONSE']._serialized_end=1688
+  _globals['_GETSTATSREQUEST']._serialized_start=1690
+  _globals['_GETSTATSREQUEST']._serialized_end=1707
+  _globals['_SHARDSTATS']._serialized_start=1710
+  _globals['_SHARDSTATS']._serialized_end=1882
+  _globals['_GETSTATSRESPONSE']._serialized_start=1885
+  _globals['_GETSTATSRESPONSE']._serialized_end=2023
+  _globals['_FITWHITENINGREQUEST']._serialized_start=2025
+  _globals['_FITWHITENINGREQUEST']._serialized_end=2096
+  _globals['_FITWHITENINGRESPONSE']._serialized_start=2098
+  _globals['_FITWHITENINGRESPONSE']._serialized_end=2154
+  _globals['_RETRIEVAL']._serialized_start=2157
+  _globals['_RETRIEVAL']._serialized_end=2508
 # @@protoc_insertion_point(module_scope)

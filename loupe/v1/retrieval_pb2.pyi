@@ -79,14 +79,16 @@ class ExpansionOptions(_message.Message):
     def __init__(self, query_expansion: _Optional[bool] = ..., database_augmentation: _Optional[bool] = ..., n: _Optional[int] = ..., alpha: _Optional[float] = ...) -> None: ...
 
 class RerankOptions(_message.Message):
-    __slots__ = ("verify", "diffuse", "expand")
+    __slots__ = ("verify", "diffuse", "expand", "diffuse_first")
     VERIFY_FIELD_NUMBER: _ClassVar[int]
     DIFFUSE_FIELD_NUMBER: _ClassVar[int]
     EXPAND_FIELD_NUMBER: _ClassVar[int]
+    DIFFUSE_FIRST_FIELD_NUMBER: _ClassVar[int]
     verify: VerifyOptions
     diffuse: DiffusionOptions
     expand: ExpansionOptions
-    def __init__(self, verify: _Optional[_Union[VerifyOptions, _Mapping]] = ..., diffuse: _Optional[_Union[DiffusionOptions, _Mapping]] = ..., expand: _Optional[_Union[ExpansionOptions, _Mapping]] = ...) -> None: ...
+    diffuse_first: bool
+    def __init__(self, verify: _Optional[_Union[VerifyOptions, _Mapping]] = ..., diffuse: _Optional[_Union[DiffusionOptions, _Mapping]] = ..., expand: _Optional[_Union[ExpansionOptions, _Mapping]] = ..., diffuse_first: _Optional[bool] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
     __slots__ = ("image", "vector", "k", "offset", "crop", "rerank", "return_matches")

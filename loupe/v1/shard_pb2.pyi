@@ -25,18 +25,20 @@ class ShardRecord(_message.Message):
     def __init__(self, id: _Optional[str] = ..., features: _Optional[_Union[_types_pb2.ImageFeatures, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ShardSearchRequest(_message.Message):
-    __slots__ = ("shard_id", "query", "top_k", "return_vectors", "timeout_s")
+    __slots__ = ("shard_id", "query", "top_k", "return_vectors", "timeout_s", "query_transformed")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RETURN_VECTORS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TRANSFORMED_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     query: _types_pb2.Tensor
     top_k: int
     return_vectors: bool
     timeout_s: float
-    def __init__(self, shard_id: _Optional[int] = ..., query: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., return_vectors: _Optional[bool] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+    query_transformed: bool
+    def __init__(self, shard_id: _Optional[int] = ..., query: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., return_vectors: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., query_transformed: _Optional[bool] = ...) -> None: ...
 
 class ShardSearchResponse(_message.Message):
     __slots__ = ("ids", "scores", "vectors", "metadata", "seconds")

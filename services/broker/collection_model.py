@@ -1,4 +1,5 @@
-"""Collection-level transforms owned by the broker: the PCA of local descriptors (to 40-D).
+"""Collection-level transforms owned by the broker: the PCA of local descriptors (to 40-D)
+and the PCA-whitening of global/regional descriptors (also installed on every shard).
 
 The PCA is learned on the collection itself: from the local descriptors of the first
 AddImages batch that carries any (``loupe index`` sends a batch of 16 images → ~16k
@@ -13,7 +14,7 @@ import threading
 
 import numpy as np
 
-from services.extractor.whitening import LocalPCA
+from services.extractor.whitening import LocalPCA, PCAWhitening
 
 LOCAL_DIM = 40
 MAX_FIT_DESCRIPTORS = 50_000
@@ -32,13 +33,51 @@ class CollectionModel:
         self.directory = directory
         self._lock = threading.Lock()
         self.local_pca: LocalPCA | None = None
-        path = self._path()
-        if path and os.path.exists(path):
-            with open(path, "rb") as f:
-                self.local_pca = LocalPCA.from_bytes(f.read())
+        self.whitening: PCAWhitening | None = None
+        if self._read("local_pca.npz"):
+            self.local_pca = LocalPCA.from_bytes(self._read("local_pca.npz"))
+        if self._read("whitening.npz"):
+            self.whitening = PCAWhitening.from_bytes(self._read("whitening.npz"))
 
-    def _path(self) -> str:
-        return os.path.join(self.directory, "local_pca.npz") if self.directory else ""
+    def _path(self, name: str = "local_pca.npz") -> str:
+        return os.path.join(self.directory, name) if self.directory else ""
+
+    def _read(self, name: str) -> bytes:
+        path = self._path(name)
+        if not path or not os.path.exists(path):
+            return b""
+        with open(path, "rb") as f:
+            return f.read()
+
+    def _write(self, name: str, data: bytes) -> None:
+        """Atomically persist ``data`` (fsync, then rename); removes the file for empty data."""
+        path = self._path(name)
+        if not path:
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        if not data:
+            if os.path.exists(path):
+                os.remove(path)
+            return
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def set_whitening(self, whitening: PCAWhitening | None) -> None:
+        """Install (None: remove) the global whitening and persist it."""
+        with self._lock:
+            self._write("whitening.npz", whitening.to_bytes() if whitening is not None else b"")
+            self.whitening = whitening
+
+    def transform(self, raw: np.ndarray) -> np.ndarray:
+        """(n, D) raw L2-normalised descriptors → (n, D') as the shards index them."""
+        raw = np.atleast_2d(np.asarray(raw, dtype=np.float32))
+        if self.whitening is not None:
+            return self.whitening.apply(raw).astype(np.float32)
+        return raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
 
     def ensure_local_pca(self, descriptors: list[np.ndarray], seed: int = 0) -> LocalPCA:
         """The PCA, learning it from ``descriptors`` ((N_i, C) arrays) when there is none yet."""
@@ -50,15 +89,7 @@ class CollectionModel:
                 x = x[np.random.default_rng(seed).choice(len(x), MAX_FIT_DESCRIPTORS, replace=False)]
             pca = LocalPCA()
             pca.fit(x, dim=min(LOCAL_DIM, x.shape[1], max(1, len(x) - 1)))
-            path = self._path()
-            if path:
-                os.makedirs(self.directory, exist_ok=True)
-                tmp = path + ".tmp"
-                with open(tmp, "wb") as f:
-                    f.write(pca.to_bytes())
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
+            self._write("local_pca.npz", pca.to_bytes())
             self.local_pca = pca
             return pca
 

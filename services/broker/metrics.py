@@ -23,6 +23,7 @@ class BrokerMetrics:
     shard_failures: Counter
     shard_wal_bytes: Gauge
     images_added: Counter
+    diffusion_iterations: Histogram
 
     @classmethod
     def create(cls) -> "BrokerMetrics":
@@ -49,6 +50,10 @@ class BrokerMetrics:
             ),
             shard_wal_bytes=Gauge("loupe_shard_wal_bytes", "Bytes in each shard's write-ahead log.", ["shard"], registry=r),
             images_added=Counter("loupe_images_added", "Images stored through AddImages.", registry=r),
+            diffusion_iterations=Histogram(
+                "loupe_diffusion_cg_iterations", "Conjugate-gradient iterations per diffusion solve.",
+                buckets=(1, 2, 5, 10, 15, 20, 30, 50), registry=r,
+            ),
         )
 
     def serve(self, host: str, port: int) -> int:

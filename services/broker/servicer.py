@@ -29,8 +29,10 @@ from services.common.errors import (
 )
 from services.common.grpc_server import RunningAioServer, ServerOptions, create_aio_server
 from services.broker.collection_model import CollectionModel
-from services.broker.verification import confidence, fetch_local_features, query_confidence, verify_hits
+from services.broker.rerank_stages import diffusion_scores, dba_rescore, expand_query, hit_vectors, order_by
+from services.broker.verification import VerifiedHit, confidence, fetch_local_features, query_confidence, verify_hits
 from services.extractor.whitening import PCAWhitening
+from services.rerank.diffusion import DiffusionParams
 from services.rerank.verify import VerifyParams
 from services.index.placement import shard_for
 from services.index.records import check_id
@@ -64,7 +66,15 @@ class BrokerConfig:
     verify : VerifyParams
         Matching/RANSAC defaults.
     data_dir : str
-        Where the collection model (local PCA) is persisted ("" = memory only).
+        Where the collection model (local PCA, whitening) is persisted ("" = memory only).
+    diffusion, regional_diffusion : DiffusionParams
+        Defaults of global and regional diffusion.
+    neighbourhood, regional_neighbourhood, max_neighbourhood : int
+        Default (and maximum) truncated neighbourhood R diffused over.
+    qe_n, qe_alpha : int, float
+        αQE / DBA neighbours and weight exponent.
+    dba_neighbourhood : int
+        Neighbourhood augmented by DBA.
     """
 
     default_timeout_s: float = 30.0
@@ -78,6 +88,14 @@ class BrokerConfig:
     verify_threads: int = 2
     verify: VerifyParams = VerifyParams()
     data_dir: str = ""
+    diffusion: DiffusionParams = DiffusionParams(k=50, kq=10, alpha=0.99, gamma=3.0)
+    regional_diffusion: DiffusionParams = DiffusionParams(k=50, kq=10, alpha=0.99, gamma=3.0, aggregate="max")
+    neighbourhood: int = 1000
+    regional_neighbourhood: int = 200
+    max_neighbourhood: int = 5000
+    qe_n: int = 2
+    qe_alpha: float = 3.0
+    dba_neighbourhood: int = 1000
 
     def __post_init__(self) -> None:
         for name in ("default_timeout_s", "max_k", "max_batch_images", "whitening_sample", "verify_candidates", "verify_threads"):
@@ -183,67 +201,188 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
     async def _search(self, request: retrieval_pb2.SearchRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.SearchResponse:
         deadline = self._deadline(context)
         self._validate_search(request)
+        plan = self._plan(request)
         timings: list[types_pb2.StageTiming] = []
         t_total = time.perf_counter()
-        verify = self._verify_params(request.rerank.verify)
-        query_local = None
+        query_local, query_regions = None, None
         if request.WhichOneof("query") == "image":
             with self._stage("extract", timings):
                 ext = await self._extract(
                     extractor_pb2.ExtractRequest(
                         image=request.image,
                         crop=request.crop if request.HasField("crop") else None,
-                        want_local=verify is not None,
+                        want_local=plan.verify is not None,
+                        want_regional=plan.regional,
                     ),
                     deadline,
                 )
-            query = from_tensor(ext.features.__getattribute__("global"), field="features.global")
-            if verify is not None and ext.features.local.keypoints.shape and self.collection.local_pca is not None:
+            feats = ext.features
+            query = from_tensor(feats.__getattribute__("global"), field="features.global")
+            if plan.verify is not None and feats.local.keypoints.shape and self.collection.local_pca is not None:
                 query_local = (
-                    from_tensor(ext.features.local.keypoints, field="keypoints"),
-                    self.collection.project(from_tensor(ext.features.local.descriptors, field="descriptors")),
+                    from_tensor(feats.local.keypoints, field="keypoints"),
+                    self.collection.project(from_tensor(feats.local.descriptors, field="descriptors")),
                 )
+            if plan.regional and feats.regional.shape:
+                query_regions = self.collection.transform(from_tensor(feats.regional, field="regional"))
         else:
-            if verify is not None:
+            if plan.verify is not None:
                 raise InvalidArgument("rerank.verify: needs an image query (a vector has no local features)")
-            query = from_tensor(request.vector, field="vector")
-            if query.ndim != 1 or not np.all(np.isfinite(query)):
-                raise InvalidArgument(f"vector: expected a finite (D,) vector, got shape {list(query.shape)}")
-            norm = float(np.linalg.norm(query))
-            if norm == 0:
-                raise InvalidArgument("vector: must not be all zeros")
-            query = query / norm
-        n_verify = self._n_verify(request.rerank.verify) if verify is not None else 0
-        depth = max(request.offset + request.k, n_verify)
+            if plan.regional:
+                raise InvalidArgument("rerank.diffuse.regional: needs an image query (a vector has no regions)")
+            query = _unit_vector(from_tensor(request.vector, field="vector"))
+        depth = max(request.offset + request.k, plan.depth)
         with self._stage("fanout", timings):
-            per_shard, missing = await self._fanout_search(query, depth, deadline)
+            per_shard, missing = await self._fanout_search(query, depth, deadline, plan.need_vectors)
         with self._stage("merge", timings):
             hits = merge_topk(per_shard, depth)
-        resp = retrieval_pb2.SearchResponse(partial=bool(missing), missing_shards=missing)
-        verified: dict[str, object] = {}
-        if verify is not None and query_local is not None and hits:
+        global_scores = {h.image_id: h.score for h in hits}
+        if plan.qe or plan.dba:
+            with self._stage("expand", timings):
+                hits, more_missing = await self._expand(query, hits, plan, depth, deadline)
+                missing = sorted(set(missing) | set(more_missing))
+                global_scores = {h.image_id: h.score for h in hits} | global_scores
+        verified: dict[str, VerifiedHit] = {}
+        if plan.verify is not None and plan.diffuse_first and plan.diffusion is not None and hits:
+            with self._stage("diffuse", timings):
+                hits = await self._diffuse(query, query_regions, hits, plan, {}, deadline)
+        if plan.verify is not None and query_local is not None and hits:
             with self._stage("verify", timings):
-                hits, verified = await self._verify(query_local, hits, n_verify, verify, deadline)
-            resp.query_confidence = query_confidence(verified.values(), verify.min_inliers)
+                hits, verified = await self._verify(query_local, hits, plan.n_verify, plan.verify, deadline)
+        if plan.diffusion is not None and not plan.diffuse_first and hits:
+            with self._stage("diffuse", timings):
+                hits = await self._diffuse(query, query_regions, hits, plan, verified, deadline)
+        resp = retrieval_pb2.SearchResponse(partial=bool(missing), missing_shards=missing)
+        if plan.verify is not None:
+            resp.query_confidence = query_confidence(verified.values(), plan.verify.min_inliers)
         for hit in hits[request.offset : request.offset + request.k]:
-            v = verified.get(hit.image_id)
-            r = resp.results.add(id=hit.image_id, score=v.score if v else hit.score, shard_id=hit.shard_id)
-            r.stages.__setattr__("global", hit.score)
-            if hit.payload:
-                r.metadata.update(hit.payload)
-            if v is not None and v.result is not None:
-                r.stages.inliers = v.result.inliers
-                r.verified = v.result.inliers >= verify.min_inliers
-                r.confidence = confidence(v.result, verify.min_inliers)
-                if request.return_matches and r.verified and v.candidate_points is not None:
-                    pairs = v.result.inlier_pairs
-                    r.matches.query_points.CopyFrom(to_tensor(query_local[0][pairs[:, 0], :2].astype(np.float32)))
-                    r.matches.result_points.CopyFrom(to_tensor(v.candidate_points[pairs[:, 1]].astype(np.float32)))
+            self._add_result(resp, hit, global_scores, verified.get(hit.image_id), plan, request.return_matches, query_local)
         dt = time.perf_counter() - t_total
         self.metrics.stage_seconds.labels("total").observe(dt)
         timings.append(types_pb2.StageTiming(stage="total", seconds=dt))
         resp.timings.extend(timings)
         return resp
+
+    def _add_result(self, resp, hit: Hit, global_scores, v, plan: "SearchPlan", return_matches: bool, query_local) -> None:
+        r = resp.results.add(id=hit.image_id, score=hit.score, shard_id=hit.shard_id)
+        r.stages.__setattr__("global", global_scores.get(hit.image_id, hit.score))
+        if plan.diffusion is not None:
+            r.stages.diffusion = hit.score if v is None or not v.verified else 0.0
+        if hit.payload:
+            r.metadata.update(hit.payload)
+        if v is None or v.result is None:
+            return
+        r.score = v.score
+        r.stages.inliers = v.result.inliers
+        r.verified = v.verified
+        r.confidence = confidence(v.result, plan.verify.min_inliers)
+        if return_matches and r.verified and v.candidate_points is not None:
+            pairs = v.result.inlier_pairs
+            r.matches.query_points.CopyFrom(to_tensor(query_local[0][pairs[:, 0], :2].astype(np.float32)))
+            r.matches.result_points.CopyFrom(to_tensor(v.candidate_points[pairs[:, 1]].astype(np.float32)))
+
+    def _plan(self, request: retrieval_pb2.SearchRequest) -> "SearchPlan":
+        """Validate the rerank options and merge them over the server defaults."""
+        ro = request.rerank
+        verify = self._verify_params(ro.verify)
+        diffusion, regional, neighbourhood = None, False, 0
+        if ro.diffuse.enabled:
+            d = ro.diffuse
+            if d.neighbourhood < 0 or d.neighbourhood > self.config.max_neighbourhood:
+                raise InvalidArgument(f"rerank.diffuse.neighbourhood: must be in 0..{self.config.max_neighbourhood}, got {d.neighbourhood}")
+            if d.k < 0:
+                raise InvalidArgument(f"rerank.diffuse.k: must be >= 0, got {d.k}")
+            regional = d.regional
+            base = self.config.regional_diffusion if regional else self.config.diffusion
+            changes = {name: getattr(d, name) for name in ("k", "alpha", "gamma") if getattr(d, name)}
+            try:
+                diffusion = replace(base, **changes)
+            except ValueError as exc:
+                raise InvalidArgument(f"rerank.diffuse: {exc}") from None
+            neighbourhood = d.neighbourhood or (self.config.regional_neighbourhood if regional else self.config.neighbourhood)
+        e = ro.expand
+        if e.n < 0 or e.alpha < 0:
+            raise InvalidArgument("rerank.expand: n and alpha must be >= 0")
+        n_verify = (ro.verify.candidates or self.config.verify_candidates) if verify is not None else 0
+        qe_n = e.n or self.config.qe_n
+        depth = max(n_verify, neighbourhood, qe_n if e.query_expansion else 0, self.config.dba_neighbourhood if e.database_augmentation else 0)
+        return SearchPlan(
+            verify=verify,
+            n_verify=n_verify,
+            diffusion=diffusion,
+            regional=regional,
+            neighbourhood=neighbourhood,
+            diffuse_first=ro.diffuse_first,
+            qe=e.query_expansion,
+            dba=e.database_augmentation,
+            qe_n=qe_n,
+            qe_alpha=e.alpha or self.config.qe_alpha,
+            depth=depth,
+        )
+
+    async def _expand(self, query: np.ndarray, hits: list[Hit], plan: "SearchPlan", depth: int, deadline: Deadline):
+        """αQE (second fan-out with the expanded query) and/or DBA re-scoring of the neighbourhood."""
+        missing: list[int] = []
+        q_w = self.collection.transform(query[None, :])[0]
+        if plan.qe and hits:
+            q_w = expand_query(q_w, hits, plan.qe_n, plan.qe_alpha)
+            per_shard, missing = await self._fanout_search(q_w, depth, deadline, True, transformed=True)
+            hits = merge_topk(per_shard, depth)
+        if plan.dba and hits:
+            n = min(len(hits), self.config.dba_neighbourhood)
+            hits = dba_rescore(q_w, hits[:n], plan.qe_n, plan.qe_alpha) + hits[n:]
+        return hits, missing
+
+    async def _diffuse(self, query, query_regions, hits: list[Hit], plan: "SearchPlan", verified, deadline: Deadline) -> list[Hit]:
+        """Rerank the top-R by diffusion; verified images (if any) seed it and stay on top."""
+        head, tail = hits[: plan.neighbourhood], hits[plan.neighbourhood :]
+        seeds = {}
+        for i, h in enumerate(head):
+            v = verified.get(h.image_id)
+            if v is not None and v.verified:
+                seeds[i] = 1.0
+        loop = asyncio.get_running_loop()
+        if plan.regional:
+            nodes, owner = await self._regional_nodes(head, deadline)
+            if query_regions is None or not len(nodes):
+                return hits
+            q = np.concatenate([query_regions, self.collection.transform(query[None, :])])
+            outcome = await loop.run_in_executor(None, diffusion_scores, q, nodes, owner, len(head), plan.diffusion, seeds)
+        else:
+            q = self.collection.transform(query[None, :])[0]
+            outcome = await loop.run_in_executor(None, diffusion_scores, q, hit_vectors(head), None, len(head), plan.diffusion, seeds)
+        self.metrics.diffusion_iterations.observe(outcome.iterations)
+        if not verified:
+            return order_by(head, outcome.scores) + tail
+        # verified keep their (inlier) order on top; the rest follow by diffusion score
+        top = [h for h in head if h.image_id in verified and verified[h.image_id].verified]
+        rest_idx = [i for i, h in enumerate(head) if not (h.image_id in verified and verified[h.image_id].verified)]
+        rest = order_by([head[i] for i in rest_idx], outcome.scores[rest_idx])
+        return top + rest + tail
+
+    async def _regional_nodes(self, hits: list[Hit], deadline: Deadline) -> tuple[np.ndarray, np.ndarray]:
+        """Whitened regional vectors of ``hits`` (one GetFeatures per shard) and their owners."""
+        index_of = {h.image_id: i for i, h in enumerate(hits)}
+        by_shard: dict[int, list[str]] = {}
+        for h in hits:
+            by_shard.setdefault(h.shard_id, []).append(h.image_id)
+        responses = await asyncio.gather(
+            *(self.shards[sid].get_features(shard_pb2.GetFeaturesRequest(shard_id=sid, ids=ids, want_regional=True), deadline.remaining())
+              for sid, ids in by_shard.items()),
+            return_exceptions=True,
+        )
+        nodes, owner = [], []
+        for resp in responses:
+            if isinstance(resp, BaseException):
+                continue
+            for image_id, f in zip(resp.ids, resp.features):
+                if f.regional.shape:
+                    r = from_tensor(f.regional, field="regional")
+                    nodes.append(r)
+                    owner.append(np.full(len(r), index_of[image_id], dtype=np.int64))
+        if not nodes:
+            return np.zeros((0, 1), np.float32), np.zeros(0, np.int64)
+        return np.concatenate(nodes), np.concatenate(owner)
 
     def _verify_params(self, opts: retrieval_pb2.VerifyOptions) -> VerifyParams | None:
         """Request options merged over the server defaults (None when the stage is off)."""
@@ -263,9 +402,6 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         except ValueError as exc:
             raise InvalidArgument(f"rerank.verify: {exc}") from None
 
-    def _n_verify(self, opts: retrieval_pb2.VerifyOptions) -> int:
-        return opts.candidates or self.config.verify_candidates
-
     async def _verify(self, query_local, hits: list[Hit], n_verify: int, params: VerifyParams, deadline: Deadline):
         """Verify the top ``n_verify`` hits; returns (reordered hits, id → VerifiedHit)."""
         head, tail = hits[:n_verify], hits[n_verify:]
@@ -278,17 +414,24 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         ranked = await verify_hits(query_local, head, local, params, self._verify_pool)
         return [v.hit for v in ranked] + tail, {v.hit.image_id: v for v in ranked}
 
-    async def _fanout_search(self, query: np.ndarray, depth: int, deadline: Deadline) -> tuple[list[list[Hit]], list[int]]:
+    async def _fanout_search(
+        self, query: np.ndarray, depth: int, deadline: Deadline, return_vectors: bool = False, transformed: bool = False
+    ) -> tuple[list[list[Hit]], list[int]]:
         """Ask every shard for its top-``depth``; returns per-shard hit lists and missing shard ids."""
         tensor = to_tensor(query.astype(np.float32))
 
         async def one(shard: ShardClient) -> list[Hit]:
             timeout = deadline.remaining()
-            req = shard_pb2.ShardSearchRequest(shard_id=shard.shard_id, query=tensor, top_k=depth, timeout_s=timeout)
+            req = shard_pb2.ShardSearchRequest(
+                shard_id=shard.shard_id, query=tensor, top_k=depth, timeout_s=timeout,
+                return_vectors=return_vectors, query_transformed=transformed,
+            )
             resp = await shard.search(req, timeout)
+            vectors = from_tensor(resp.vectors, field="vectors") if return_vectors and resp.vectors.shape else None
             return [
-                Hit(score, image_id, shard.shard_id, dict(md.values) if md is not None and md.values else None)
-                for image_id, score, md in zip(resp.ids, resp.scores, _padded(resp.metadata, len(resp.ids)))
+                Hit(score, image_id, shard.shard_id, dict(md.values) if md is not None and md.values else None,
+                    vectors[i] if vectors is not None else None)
+                for i, (image_id, score, md) in enumerate(zip(resp.ids, resp.scores, _padded(resp.metadata, len(resp.ids))))
             ]
 
         results = await asyncio.gather(*(one(s) for s in self.shards), return_exceptions=True)
@@ -468,7 +611,39 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         await asyncio.gather(
             *(s.set_whitening(shard_pb2.SetWhiteningRequest(shard_id=s.shard_id, whitening=payload), deadline.remaining()) for s in self.shards)
         )
+        self.collection.set_whitening(PCAWhitening.from_bytes(payload) if payload else None)
         return retrieval_pb2.FitWhiteningResponse(sample_size=sample, dim=dim)
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """What one search runs, after validation and defaults."""
+
+    verify: VerifyParams | None
+    n_verify: int
+    diffusion: DiffusionParams | None
+    regional: bool
+    neighbourhood: int
+    diffuse_first: bool
+    qe: bool
+    dba: bool
+    qe_n: int
+    qe_alpha: float
+    depth: int
+
+    @property
+    def need_vectors(self) -> bool:
+        return self.qe or self.dba or (self.diffusion is not None and not self.regional)
+
+
+def _unit_vector(v: np.ndarray) -> np.ndarray:
+    """Validate a client-supplied raw descriptor and L2-normalise it."""
+    if v.ndim != 1 or not np.all(np.isfinite(v)):
+        raise InvalidArgument(f"vector: expected a finite (D,) vector, got shape {list(v.shape)}")
+    norm = float(np.linalg.norm(v))
+    if norm == 0:
+        raise InvalidArgument("vector: must not be all zeros")
+    return v / norm
 
 
 def _padded(seq: Sequence[T], n: int) -> list[T | None]:

@@ -9,12 +9,14 @@ from typing import Any, Iterable, Sequence
 
 @dataclass(frozen=True, order=True)
 class Hit:
-    """One candidate: ``score`` (ordering key), its ``image_id``, owning shard and payload."""
+    """One candidate: ``score`` (ordering key), its ``image_id``, owning shard, metadata and,
+    when the shard returned it, its indexed global vector ``(D',)``."""
 
     score: float
     image_id: str = field(compare=False)
     shard_id: int = field(compare=False, default=-1)
     payload: Any = field(compare=False, default=None)
+    vector: Any = field(compare=False, default=None)
 
 
 def merge_topk(lists: Iterable[Sequence[Hit]], k: int, larger_is_better: bool = True) -> list[Hit]:

@@ -12,7 +12,14 @@ import numpy as np
 from loupe.tensors import from_tensor
 from loupe.v1 import shard_pb2
 from services.broker.topk import Hit
-from services.rerank.verify import VerifyParams, VerifyResult, inlier_confidence, rerank_by_inliers, verify_candidates
+from services.rerank.verify import (
+    REFERENCE_SIDE_PX,
+    VerifyParams,
+    VerifyResult,
+    inlier_confidence,
+    rerank_by_inliers,
+    verify_candidates,
+)
 
 FetchLocal = Callable[[int, list[str]], Awaitable[shard_pb2.GetFeaturesResponse]]
 
@@ -25,6 +32,7 @@ class VerifiedHit:
     score: float
     result: VerifyResult | None
     candidate_points: np.ndarray | None  # (Nc, 2) keypoint xy of the candidate, for matches
+    verified: bool = False
 
 
 def final_score(global_score: float, inliers: int, verified: bool) -> float:
@@ -35,21 +43,31 @@ def final_score(global_score: float, inliers: int, verified: bool) -> float:
     return float(inliers + 0.999 * (1.0 + global_score) / 2.0) if verified else float(global_score)
 
 
-async def fetch_local_features(hits: Sequence[Hit], fetch: FetchLocal) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """One GetFeatures call per owning shard; returns id → (keypoints (N, 4), descriptors (N, 40))."""
+@dataclass(frozen=True)
+class CandidateLocal:
+    """Stored local features of one candidate and the longest side of its image (pixels)."""
+
+    keypoints: np.ndarray  # (N, 4)
+    descriptors: np.ndarray  # (N, 40)
+    side: float
+
+
+async def fetch_local_features(hits: Sequence[Hit], fetch: FetchLocal) -> dict[str, CandidateLocal]:
+    """One GetFeatures call per owning shard; returns id → its stored local features."""
     by_shard: dict[int, list[str]] = {}
     for h in hits:
         by_shard.setdefault(h.shard_id, []).append(h.image_id)
     responses = await asyncio.gather(*(fetch(sid, ids) for sid, ids in by_shard.items()), return_exceptions=True)
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    out: dict[str, CandidateLocal] = {}
     for resp in responses:
         if isinstance(resp, BaseException):
             continue  # that shard's candidates stay unverified; the fan-out already marked failures
         for image_id, feats in zip(resp.ids, resp.features):
             if feats.local.keypoints.shape:
-                out[image_id] = (
+                out[image_id] = CandidateLocal(
                     from_tensor(feats.local.keypoints, field="keypoints"),
                     from_tensor(feats.local.descriptors, field="descriptors"),
+                    float(max(feats.width, feats.height)) or REFERENCE_SIDE_PX,
                 )
     return out
 
@@ -57,15 +75,19 @@ async def fetch_local_features(hits: Sequence[Hit], fetch: FetchLocal) -> dict[s
 async def verify_hits(
     query: tuple[np.ndarray, np.ndarray],
     hits: Sequence[Hit],
-    local: dict[str, tuple[np.ndarray, np.ndarray]],
+    local: dict[str, CandidateLocal],
     params: VerifyParams,
     executor: Executor,
 ) -> list[VerifiedHit]:
     """Verify ``hits`` (the top-V) against the query and return them in reranked order."""
     have = [h for h in hits if h.image_id in local]
     loop = asyncio.get_running_loop()
+    cands = [local[h.image_id] for h in have]
     results = await loop.run_in_executor(
-        None, lambda: verify_candidates(query, [local[h.image_id] for h in have], params, executor)
+        None,
+        lambda: verify_candidates(
+            query, [(c.keypoints, c.descriptors) for c in cands], params, executor, candidate_sides=[c.side for c in cands]
+        ),
     )
     by_id = dict(zip((h.image_id for h in have), results))
     inliers = np.array([by_id[h.image_id].inliers if h.image_id in by_id else 0 for h in hits])
@@ -75,8 +97,8 @@ async def verify_hits(
         h = hits[int(i)]
         res = by_id.get(h.image_id)
         verified = res is not None and res.inliers >= params.min_inliers
-        pts = local[h.image_id][0][:, :2] if h.image_id in local else None
-        out.append(VerifiedHit(h, final_score(h.score, res.inliers if res else 0, verified), res, pts))
+        pts = local[h.image_id].keypoints[:, :2] if h.image_id in local else None
+        out.append(VerifiedHit(h, final_score(h.score, res.inliers if res else 0, verified), res, pts, verified))
     return out
 
 

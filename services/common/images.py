@@ -59,7 +59,7 @@ def decode_image(
         raise ValueError(f"max_side must be >= 1 or None, got {max_side}")
     if not data:
         raise InvalidImage("empty image data")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # only DecompressionBombWarning's filter is touched
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             return _decode(data, max_pixels, max_side)
@@ -68,21 +68,21 @@ def decode_image(
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageTooLarge(str(e)) from e
         except UnidentifiedImageError as e:
-            raise InvalidImage(f"not a recognised image ({len(data)} bytes)") from e
+            raise InvalidImage(f"not a JPEG, PNG or WebP image ({len(data)} bytes)") from e
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise InvalidImage(f"corrupt or truncated image: {e}") from e
 
 
 def _decode(data: bytes, max_pixels: int, max_side: int | None) -> np.ndarray:
-    img = Image.open(io.BytesIO(data))  # header only
-    if img.format not in SUPPORTED_FORMATS:
-        raise InvalidImage(f"unsupported image format {img.format!r}; expected JPEG, PNG or WebP")
+    # Reads the header only; other formats' parsers are never tried.
+    img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     w, h = img.size
     if w < 1 or h < 1:
         raise InvalidImage(f"image has no pixels ({w}x{h})")
     if w * h > max_pixels:
         raise ImageTooLarge(f"image is {w}x{h} = {w * h} pixels, more than max_pixels={max_pixels}")
-    if max_side is not None and img.format == "JPEG" and max(w, h) > max_side:
+    # MPO: multi-picture JPEG as written by many cameras.
+    if max_side is not None and img.format in ("JPEG", "MPO") and max(w, h) > max_side:
         img.draft(None, _fit_size(w, h, max_side))  # decode at 1/2, 1/4 or 1/8 scale if possible
     img = ImageOps.exif_transpose(img)  # decodes
     img = _to_rgb(img)

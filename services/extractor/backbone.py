@@ -218,7 +218,7 @@ class EfficientNetLite0(nn.Module):
         x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
         if "stem" in wanted:
             out["stem"] = x
-        if deepest == _tap_depth("stem"):
+        if deepest == _tap_spec("stem")[0]:
             return out
         for i, block in enumerate(self._blocks):
             if block.has_expand:
@@ -286,16 +286,13 @@ class EfficientNetLite0(nn.Module):
         return self.freeze()
 
     def train(self, mode: bool = True) -> EfficientNetLite0:
+        """``nn.Module.train``, except that BatchNorm stays in eval mode once frozen."""
         super().train(mode)
         if self._frozen:
             for m in self.modules():
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval()
         return self
-
-
-def _tap_depth(name: str) -> int:
-    return _tap_spec(name)[0]
 
 
 def _tap_spec(name: str) -> tuple[int, int, int]:

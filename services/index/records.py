@@ -45,14 +45,14 @@ def record_to_stored(rec: shard_pb2.ShardRecord, field: str) -> StoredImage:
                 f"{list(kp.shape)} and {list(desc.shape)}"
             )
         local = LocalStore.quantize(kp, desc)
-    return StoredImage(rec.id, vector.astype(np.float32), regional, local, dict(rec.metadata))
+    return StoredImage(rec.id, vector.astype(np.float32), regional, local, dict(rec.metadata), int(f.width), int(f.height))
 
 
 def stored_to_features(
     img: StoredImage, *, global_vec: np.ndarray | None, regional: np.ndarray | None, local: bool
 ) -> types_pb2.ImageFeatures:
     """Build the ImageFeatures message the broker asked for (vectors already transformed)."""
-    out = types_pb2.ImageFeatures()
+    out = types_pb2.ImageFeatures(width=img.width, height=img.height)
     if global_vec is not None:
         out.__getattribute__("global").CopyFrom(to_tensor(global_vec.astype(np.float32)))
     if regional is not None:

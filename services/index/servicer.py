@@ -88,9 +88,10 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             raise InvalidArgument(f"top_k: must be in 1..{MAX_TOP_K}, got {request.top_k}")
         query = from_tensor(request.query, field="query")
         with self._lock:
-            if query.ndim != 1 or (self.index.dim and query.shape[0] != self.index.dim):
-                raise InvalidArgument(f"query: expected shape [{self.index.dim}], got {list(query.shape)}")
-            hits = self.index.search(query, request.top_k, request.return_vectors)
+            expected = self.index.indexed_dim if request.query_transformed else self.index.dim
+            if query.ndim != 1 or (expected and query.shape[0] != expected):
+                raise InvalidArgument(f"query: expected shape [{expected}], got {list(query.shape)}")
+            hits = self.index.search(query, request.top_k, request.return_vectors, request.query_transformed)
         resp = shard_pb2.ShardSearchResponse(ids=hits.ids, scores=hits.scores.tolist())
         for md in hits.metadata:
             resp.metadata.add().values.update(md)

@@ -62,6 +62,8 @@ class StoredImage:
     regional: np.ndarray | None  # (R, D) float16, raw L2-normalised
     local: LocalStore | None
     metadata: dict[str, str] = field(default_factory=dict)
+    width: int = 0  # pixels of the image as extracted (local keypoints live in this frame)
+    height: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -217,14 +219,15 @@ class ShardIndex:
     def __len__(self) -> int:
         return len(self.images)
 
-    def search(self, query: np.ndarray, top_k: int, return_vectors: bool = False) -> SearchHits:
-        """Top-k images for one (D,) raw query vector, by inner product of indexed vectors."""
+    def search(self, query: np.ndarray, top_k: int, return_vectors: bool = False, transformed: bool = False) -> SearchHits:
+        """Top-k images for one (D,) raw query vector (or (D',) when ``transformed``), by inner product."""
         query = np.asarray(query, dtype=np.float32).reshape(-1)
-        if self.dim and query.shape[0] != self.dim:
-            raise ValueError(f"query: dimension {query.shape[0]} != index dimension {self.dim}")
+        expected = self.indexed_dim if transformed else self.dim
+        if expected and query.shape[0] != expected:
+            raise ValueError(f"query: dimension {query.shape[0]} != index dimension {expected}")
         if self._index is None or self._index.ntotal == 0:
             return SearchHits([], np.zeros(0, np.float32), None, [])
-        q = self.transform(query[None, :])
+        q = _l2n(query[None, :]) if transformed else self.transform(query[None, :])
         k = min(top_k, self._index.ntotal)
         scores, labels = self._index.search(q, k)
         keep = labels[0] >= 0

@@ -39,6 +39,7 @@ REFERENCE_SIDE_PX = 1024.0
 
 _MATCHERS = ("mnn", "ratio")
 _MODELS = ("affine", "homography")
+_ESTIMATORS = {"magsac": cv2.USAC_MAGSAC, "accurate": cv2.USAC_ACCURATE, "ransac": cv2.RANSAC}
 _MIN_POINTS = {"affine": 3, "homography": 4}
 
 
@@ -54,6 +55,9 @@ class VerifyParams:
         Ratio-test threshold on L2 distances, in (0, 1]; used when ``matcher == "ratio"``.
     model : {"affine", "homography"}
         Geometric model fitted query → candidate.
+    estimator : {"magsac", "accurate", "ransac"}
+        OpenCV robust estimator: ``USAC_MAGSAC`` (MAGSAC++), ``USAC_ACCURATE`` (GC-RANSAC) or
+        classic ``RANSAC``; ``bench/verify_pairs.py`` compares them.
     residual_px : float
         Inlier threshold in pixels at a 1024-px longest side.
     max_iters : int
@@ -74,6 +78,7 @@ class VerifyParams:
     matcher: str = "mnn"
     ratio: float = 0.9
     model: str = "affine"
+    estimator: str = "magsac"
     residual_px: float = 20.0
     max_iters: int = 1000
     confidence: float = 0.999
@@ -88,6 +93,8 @@ class VerifyParams:
             raise ValueError(f"ratio must be in (0, 1], got {self.ratio!r}")
         if self.model not in _MODELS:
             raise ValueError(f"model must be one of {_MODELS}, got {self.model!r}")
+        if self.estimator not in _ESTIMATORS:
+            raise ValueError(f"estimator must be one of {tuple(_ESTIMATORS)}, got {self.estimator!r}")
         if not (math.isfinite(self.residual_px) and self.residual_px > 0):
             raise ValueError(f"residual_px must be a positive number, got {self.residual_px!r}")
         if self.max_iters < 1:
@@ -195,7 +202,7 @@ def _fit(
         model, mask = cv2.estimateAffine2D(
             src,
             dst,
-            method=cv2.USAC_MAGSAC,
+            method=_ESTIMATORS[params.estimator],
             ransacReprojThreshold=threshold,
             maxIters=params.max_iters,
             confidence=params.confidence,
@@ -204,7 +211,7 @@ def _fit(
         model, mask = cv2.findHomography(
             src,
             dst,
-            method=cv2.USAC_MAGSAC,
+            method=_ESTIMATORS[params.estimator],
             ransacReprojThreshold=threshold,
             maxIters=params.max_iters,
             confidence=params.confidence,

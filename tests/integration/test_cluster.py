@@ -165,6 +165,64 @@ def test_metrics_are_scraped_over_http(cluster, client):
         assert name in body, name
 
 
+# --- rerank stages through the cluster (run before the shard-failure tests below) ----------
+from loupe.rerank_spec import parse_rerank  # noqa: E402
+
+
+def test_verification_reranks_and_explains(client):
+    opts = parse_rerank("verify")
+    resp = client.search(image=query("rocket", "occlusion"), k=5, rerank=opts, return_matches=True)
+    top = resp.results[0]
+    assert top.id.startswith("rocket/") and top.verified and top.stages.inliers >= 10
+    assert top.confidence > 0.5 and resp.query_confidence > 0.5
+    qp = from_tensor(top.matches.query_points)
+    rp = from_tensor(top.matches.result_points)
+    assert qp.shape == rp.shape == (top.stages.inliers, 2)
+    assert "verify" in {t.stage for t in resp.timings}
+    # verified results outrank unverified ones, and scores stay sorted
+    flags = [r.verified for r in resp.results]
+    assert flags == sorted(flags, reverse=True)
+    assert [r.score for r in resp.results] == sorted((r.score for r in resp.results), reverse=True)
+
+
+def test_unrelated_query_has_low_confidence(client):
+    resp = client.search(image=encode_jpeg(load_photo("gravel")), k=5, rerank=parse_rerank("verify"))
+    assert resp.query_confidence < 0.5
+    assert not any(r.confidence > 0.5 for r in resp.results)
+
+
+@pytest.mark.parametrize("spec", ["qe", "dba", "diffuse", "diffuse-regional", "verify,diffuse", "verify,diffuse-first", "qe,verify,diffuse"])
+def test_every_rerank_configuration_runs_end_to_end(client, spec):
+    resp = client.search(image=query("coffee"), k=5, rerank=parse_rerank(spec))
+    assert len(resp.results) == 5
+    assert resp.results[0].id.startswith("coffee/"), [(r.id, r.score) for r in resp.results]
+    assert [r.score for r in resp.results] == sorted((r.score for r in resp.results), reverse=True)
+
+
+def test_bad_rerank_options_are_rejected(client):
+    opts = parse_rerank("diffuse")
+    opts.diffuse.alpha = 1.5
+    with pytest.raises(grpc.RpcError) as err:
+        client.search(image=query("coffee"), k=5, rerank=opts)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rerank.diffuse" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        client.search(vector=np.ones(1280, np.float32), k=5, rerank=parse_rerank("verify"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rerank.verify" in err.value.details()
+
+
+def test_whitening_fit_and_remove(client):
+    before = [r.id for r in client.search(image=query("chelsea"), k=3).results]
+    fit = client.fit_whitening()
+    assert fit.sample_size == len(PHOTO_SUBSET) * len(INDEXED) and fit.dim > 0
+    assert client.stats().whitened
+    after = client.search(image=query("chelsea"), k=3, rerank=parse_rerank("diffuse"))
+    assert after.results[0].id.startswith("chelsea/")
+    client.fit_whitening(remove=True)
+    assert not client.stats().whitened
+    assert [r.id for r in client.search(image=query("chelsea"), k=3).results] == before
+
+
+# --- shard failures: these change the cluster, so they run last ---------------------------
 def test_restarted_shard_replays_its_wal(cluster, client):
     before = client.stats().images
     cluster.restart_shard(0)

@@ -27,12 +27,8 @@ from services.extractor.local_features import (
     LocalFeatures,
     receptive_field_centres,
 )
+from services.extractor.whitening import LocalPCA
 from services.rerank.verify import VerifyParams, verify_pair
-
-try:
-    from services.extractor.whitening import LocalPCA
-except ImportError:  # whitening.py is optional here: fall back to a test-local PCA
-    LocalPCA = None
 
 CONFIG = LocalConfig(max_keypoints=500)
 
@@ -57,24 +53,15 @@ def astronaut_features(extractor: LocalExtractor, astronaut: np.ndarray) -> Loca
     return extractor.extract(astronaut)
 
 
-def _pca40(*descs: np.ndarray) -> list[np.ndarray]:
-    """Fit PCA-40 on the union of the descriptors and project + L2-normalise each set."""
-    x = np.concatenate(descs)
-    if LocalPCA is not None:
-        pca = LocalPCA().fit(x, dim=40)
-        project = pca.apply
-    else:
-        mean = x.mean(axis=0)
-        basis = np.linalg.svd(x - mean, full_matrices=False)[2][:40]
+@pytest.fixture(scope="module")
+def coffee_features(extractor: LocalExtractor) -> LocalFeatures:
+    return extractor.extract(np.ascontiguousarray(data.coffee()))
 
-        def project(d: np.ndarray) -> np.ndarray:
-            return (d - mean) @ basis.T
 
-    out = []
-    for d in descs:
-        y = np.asarray(project(d), dtype=np.float32)
-        out.append(y / np.linalg.norm(y, axis=1, keepdims=True))
-    return out
+@pytest.fixture(scope="module")
+def pca(astronaut_features: LocalFeatures, coffee_features: LocalFeatures) -> LocalPCA:
+    """LocalPCA-40 learned on two unrelated photos (not on the warped ones it is used on)."""
+    return LocalPCA().fit(np.concatenate([astronaut_features.descriptors, coffee_features.descriptors]), dim=40)
 
 
 # -- receptive fields -----------------------------------------------------------------------
@@ -212,7 +199,12 @@ def _warp_error(estimated: np.ndarray, true: np.ndarray, size: int) -> float:
 
 @pytest.mark.parametrize("model", ["affine", "homography"])
 def test_synthetic_warp_is_recovered(
-    extractor: LocalExtractor, astronaut: np.ndarray, astronaut_features: LocalFeatures, model: str
+    extractor: LocalExtractor,
+    astronaut: np.ndarray,
+    astronaut_features: LocalFeatures,
+    coffee_features: LocalFeatures,
+    pca: LocalPCA,
+    model: str,
 ) -> None:
     size = astronaut.shape[0]
     if model == "affine":
@@ -225,14 +217,12 @@ def test_synthetic_warp_is_recovered(
         true = cv2.getPerspectiveTransform(src, dst)
         warped = cv2.warpPerspective(astronaut, true, (size, size), borderMode=cv2.BORDER_REFLECT)
     target = extractor.extract(warped)
-    q_desc, c_desc = _pca40(astronaut_features.descriptors, target.descriptors)
-    result = verify_pair(astronaut_features.keypoints, q_desc, target.keypoints, c_desc, VerifyParams(model=model))
+    params = VerifyParams(model=model)
+    query = (astronaut_features.keypoints, pca.apply(astronaut_features.descriptors))
+    result = verify_pair(*query, target.keypoints, pca.apply(target.descriptors), params)
     assert result.inliers >= 100, result.inliers
     assert _warp_error(result.model, true, size) < 6.0
-    # and against an unrelated photo it does not verify
-    other = extractor.extract(np.ascontiguousarray(data.coffee()))
-    _, o_desc = _pca40(astronaut_features.descriptors, other.descriptors)
-    unrelated = verify_pair(astronaut_features.keypoints, q_desc, other.keypoints, o_desc, VerifyParams(model=model))
+    unrelated = verify_pair(*query, coffee_features.keypoints, pca.apply(coffee_features.descriptors), params)
     assert unrelated.inliers < result.inliers / 5
 
 

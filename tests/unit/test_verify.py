@@ -57,6 +57,7 @@ HOMOGRAPHY = np.array([[0.9, 0.05, 40.0], [-0.04, 1.1, 10.0], [1e-4, -5e-5, 1.0]
         ("ratio", 0.0),
         ("ratio", 1.5),
         ("model", "similarity"),
+        ("estimator", "lmeds"),
         ("residual_px", 0.0),
         ("residual_px", float("nan")),
         ("max_iters", 0),
@@ -122,11 +123,12 @@ def test_match_handles_empty_and_rejects_bad_shapes() -> None:
 # -- verification ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("estimator", ["magsac", "accurate", "ransac"])
 @pytest.mark.parametrize("matcher", ["mnn", "ratio"])
-def test_affine_is_recovered(matcher: str) -> None:
+def test_affine_is_recovered(matcher: str, estimator: str) -> None:
     rng = np.random.default_rng(1)
     scene = _scene(rng, AFFINE)
-    result = verify_pair(*scene, VerifyParams(matcher=matcher))
+    result = verify_pair(*scene, VerifyParams(matcher=matcher, estimator=estimator))
     assert result.inliers >= 180
     assert result.inlier_pairs.shape == (result.inliers, 2)
     assert result.inlier_pairs.dtype == np.int32

@@ -1,0 +1,144 @@
+"""Geometric verification benchmark: loupe DELF-style local features vs RootSIFT.
+
+On ``../shared/data/phototourism_sample`` (13 photos, 4 landmarks, 7 listed same-scene pairs,
+60 cross-landmark pairs) it reports, per method: extraction images/s, inliers of the listed
+pairs and of the cross-landmark pairs, and verification time per pair (median / p99). It also
+times match + RANSAC on synthetic 1000 x 1000 40-D descriptor pairs for each robust estimator,
+sequentially and through a thread pool.
+
+Run (threads and allocator settings belong to the benchmark, not the library)::
+
+    env GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296 \\
+        .venv/bin/python bench/verify_pairs.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench._common import SHARED_DATA, machine  # noqa: E402
+from services.common.images import decode_image  # noqa: E402
+from services.extractor.backbone import load_backbone  # noqa: E402
+from services.extractor.local_features import LocalConfig, LocalExtractor  # noqa: E402
+from services.extractor.whitening import LocalPCA  # noqa: E402
+from services.rerank.rootsift import ROOTSIFT_RATIO, extract_rootsift  # noqa: E402
+from services.rerank.verify import VerifyParams, verify_candidates, verify_pair  # noqa: E402
+
+Features = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _ms(times: Sequence[float]) -> str:
+    t = np.asarray(times) * 1e3
+    return f"median {np.median(t):.2f} ms, p99 {np.percentile(t, 99):.2f} ms"
+
+
+def _extract_all(images: dict[str, np.ndarray], fn: Callable[[np.ndarray], tuple]) -> tuple[dict, float]:
+    fn(next(iter(images.values())))  # warm-up
+    start = time.perf_counter()
+    out = {n: fn(im) for n, im in images.items()}
+    return out, len(images) / (time.perf_counter() - start)
+
+
+def _evaluate(name: str, feats: Features, same: list, cross: list, params: VerifyParams, repeat: int) -> None:
+    times: list[float] = []
+    inliers: dict[tuple[str, str], int] = {}
+    for _ in range(repeat):
+        for a, b in same + cross:
+            start = time.perf_counter()
+            inliers[a, b] = verify_pair(*feats[a], *feats[b], params).inliers
+            times.append(time.perf_counter() - start)
+    s = [inliers[p] for p in same]
+    c = sorted(inliers[p] for p in cross)
+    print(f"{name}: listed same-scene pairs {s}")
+    print(f"{name}: cross-landmark pairs max {c[-1]}, top-5 {c[-5:]}, mean {np.mean(c):.1f}")
+    print(f"{name}: verification {_ms(times)} per pair ({len(times)} pairs)")
+
+
+def _synthetic(rng: np.random.Generator, n: int = 1000, dim: int = 40) -> tuple:
+    def unit(x: np.ndarray) -> np.ndarray:
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    n_true = int(rng.integers(10, 200))
+    q, c = unit(rng.standard_normal((n, dim))), unit(rng.standard_normal((n, dim)))
+    c[:n_true] = unit(q[:n_true] + 0.3 * rng.standard_normal((n_true, dim)) / np.sqrt(dim))
+    q_xy = rng.uniform(0, 1024, (n, 2)).astype(np.float32)
+    c_xy = rng.uniform(0, 1024, (n, 2)).astype(np.float32)
+    c_xy[:n_true] = q_xy[:n_true] @ np.array([[0.9, -0.1], [0.1, 0.95]]) + (30, -20)
+    return q_xy, q, c_xy, c
+
+
+def _bench_synthetic(repeat: int, threads: int) -> None:
+    rng = np.random.default_rng(0)
+    pairs = [_synthetic(rng) for _ in range(50)]
+    for estimator in ("magsac", "accurate", "ransac"):
+        params = VerifyParams(estimator=estimator)
+        times = []
+        for _ in range(repeat):
+            for pair in pairs:
+                start = time.perf_counter()
+                verify_pair(*pair, params)
+                times.append(time.perf_counter() - start)
+        print(f"synthetic 1000x1000 40-D, {estimator}: match + RANSAC {_ms(times)}")
+    query = (pairs[0][0], pairs[0][1])
+    candidates = [(p[2], p[3]) for p in pairs] * 2
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        verify_candidates(query, candidates[:4], VerifyParams(), pool)
+        start = time.perf_counter()
+        verify_candidates(query, candidates, VerifyParams(), pool)
+        elapsed = time.perf_counter() - start
+    print(f"verify_candidates, {threads} threads: {1e3 * elapsed / len(candidates):.2f} ms per candidate (throughput)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=SHARED_DATA / "phototourism_sample")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads and verify pool size")
+    parser.add_argument("--repeat", type=int, default=3, help="timing repetitions over all pairs")
+    parser.add_argument("--layer", default=LocalConfig.layer)
+    parser.add_argument("--scales", default=",".join(map(str, LocalConfig.scales)))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not (args.data / "landmarks.csv").exists():
+        raise SystemExit(f"{args.data} is absent: this benchmark needs ../shared/data (see its README)")
+    print(machine())
+
+    with open(args.data / "landmarks.csv", newline="") as f:
+        landmark = {row["image"]: row["landmark"] for row in csv.DictReader(f)}
+    lines = (args.data / "phototourism_sample_pairs.txt").read_text().splitlines()
+    same = [tuple(line.split()) for line in lines if line.strip()]
+    cross = [(a, b) for a, b in itertools.combinations(sorted(landmark), 2) if landmark[a] != landmark[b]]
+    images = {n: decode_image((args.data / "jpg" / n).read_bytes()) for n in sorted(landmark)}
+    sides = sorted({max(im.shape[:2]) for im in images.values()})
+    print(f"{len(images)} images (longest side {sides[0]}..{sides[-1]} px), {len(same)} listed pairs, {len(cross)} cross-landmark pairs")
+
+    config = LocalConfig(layer=args.layer, scales=tuple(float(s) for s in args.scales.split(",")))
+    extractor = LocalExtractor(load_backbone(), config)
+    local, rate = _extract_all(images, extractor.extract)
+    print(f"loupe {config.layer} scales {config.scales}: {rate:.2f} img/s extraction ({args.threads} threads)")
+    pca = LocalPCA().fit(np.concatenate([f.descriptors for f in local.values()]), dim=40)
+    loupe = {n: (f.keypoints, pca.apply(f.descriptors)) for n, f in local.items()}
+    sift, rate = _extract_all(images, extract_rootsift)
+    print(f"RootSIFT-1000: {rate:.2f} img/s extraction")
+
+    _evaluate("loupe + MNN + MAGSAC affine", loupe, same, cross, VerifyParams(), args.repeat)
+    _evaluate("loupe + ratio 0.9 + MAGSAC affine", loupe, same, cross, VerifyParams(matcher="ratio"), args.repeat)
+    rootsift = VerifyParams(matcher="ratio", ratio=ROOTSIFT_RATIO)
+    _evaluate(f"RootSIFT + ratio {ROOTSIFT_RATIO} + MAGSAC affine", sift, same, cross, rootsift, args.repeat)
+    _bench_synthetic(args.repeat, args.threads)
+
+
+if __name__ == "__main__":
+    main()
