@@ -29,6 +29,7 @@ def _add_cluster_flags(p: argparse.ArgumentParser, *, temporary: bool) -> None:
     g.add_argument("--data-dir", default=None, help="where shards keep write-ahead logs" + ("" if temporary else " (default ./loupe-data)"))
     g.add_argument("--index-factory", default=None, help="faiss factory string per shard (default Flat)")
     g.add_argument("--weights", default=None, help="backbone weights file (default: packaged ImageNet EfficientNet-Lite0)")
+    g.add_argument("--attention", default=None, help="trained attention-head file for local features (default: L2-norm scoring)")
     g.add_argument("--pooling", default=None, choices=["gem", "rmac", "mac", "spoc"], help="global pooling (default gem)")
     g.add_argument("--scales", default=None, help="comma-separated image scales (default 1,0.7071,0.5)")
     g.add_argument("--max-side", type=int, default=None, help="longest image side in pixels (default 1024)")
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     de = sub.add_parser("demo", help="self-contained demo on photos bundled with scikit-image")
     de.add_argument("--json", action="store_true")
+
+    from cluster.training_cli import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
@@ -97,6 +102,7 @@ def _cluster_config(args: argparse.Namespace, **extra: Any):
         "data_dir": args.data_dir,
         "index_factory": args.index_factory,
         "weights": args.weights,
+        "attention": args.attention,
         "pooling": args.pooling,
         "scales": scales,
         "max_side": args.max_side,
@@ -294,7 +300,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(json_output=args.json)
 
 
-COMMANDS = {"up": cmd_up, "index": cmd_index, "search": cmd_search, "stats": cmd_stats, "eval": cmd_eval, "demo": cmd_demo}
+def cmd_train(args: argparse.Namespace) -> int:
+    from cluster.training_cli import cmd_train as run
+
+    return run(args)
+
+
+def cmd_train_attention(args: argparse.Namespace) -> int:
+    from cluster.training_cli import cmd_train_attention as run
+
+    return run(args)
+
+
+COMMANDS = {
+    "up": cmd_up, "index": cmd_index, "search": cmd_search, "stats": cmd_stats, "eval": cmd_eval, "demo": cmd_demo,
+    "train": cmd_train, "train-attention": cmd_train_attention,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

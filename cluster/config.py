@@ -34,6 +34,8 @@ class ClusterConfig:
         Where shards keep their write-ahead logs ("" = memory only, nothing survives a restart).
     weights : str
         Backbone weights file ("" = packaged ImageNet EfficientNet-Lite0).
+    attention : str
+        Trained attention-head file ("" = keypoints scored by feature L2 norm).
     pooling, scales, max_side : see ``GlobalConfig``.
     ray_address : str
         Join this Ray cluster ("" = start a local one).
@@ -48,6 +50,7 @@ class ClusterConfig:
     index_factory: str = "Flat"
     data_dir: str = ""
     weights: str = ""
+    attention: str = ""
     pooling: str = "gem"
     scales: tuple[float, ...] = GlobalConfig().scales
     max_side: int = 1024

@@ -55,10 +55,14 @@ class GlobalConfig:
         if not scales or not all(0.0 < s <= 1.0 for s in scales):
             raise ValueError(f"scales must be a non-empty tuple of values in (0, 1], got {self.scales!r}")
         object.__setattr__(self, "scales", scales)
-        if isinstance(self.rmac_levels, bool) or not isinstance(self.rmac_levels, int) or self.rmac_levels < 1:
+        if not _is_int(self.rmac_levels) or self.rmac_levels < 1:
             raise ValueError(f"rmac_levels must be an integer >= 1, got {self.rmac_levels!r}")
-        if isinstance(self.max_side, bool) or not isinstance(self.max_side, int) or self.max_side < 32:
+        if not _is_int(self.max_side) or self.max_side < 32:
             raise ValueError(f"max_side must be an integer >= 32, got {self.max_side!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,8 @@ class GlobalExtractor:
         Returns
         -------
         GlobalFeatures
-            ``vector (D,)`` and ``regional (R, D)``, float32, L2-normalised.
+            ``vector (D,)`` (``config.pooling``, aggregated over ``config.scales``) and
+            ``regional (R, D)`` (R-MAC regions at the largest scale), float32, L2-normalised.
         """
         cfg = self.config
         pool = self._pool_fn(cfg.pooling)
@@ -183,7 +188,7 @@ class GlobalExtractor:
 
         Callers run it under ``torch.inference_mode()``.
         """
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
             raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
         cfg = self.config
         base = resize_max_side(image, cfg.max_side)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -170,14 +171,16 @@ def _prep(size: tuple[int, int]) -> torch.Tensor:
 
 
 def test_extract_all_agrees_with_extract() -> None:
-    fake = _FakeBackbone()
+    fake: Any = _FakeBackbone()
     image = _image()
-    out = GlobalExtractor(fake, GlobalConfig(max_side=128)).extract_all(image)  # type: ignore[arg-type]
-    assert set(out) == {f"{p}-{m}" for p in ("gem", "rmac", "mac", "spoc") for m in ("ss", "ms")} | {"regional"}
-    for pooling in ("gem", "rmac", "mac", "spoc"):
-        ms = GlobalExtractor(fake, GlobalConfig(pooling=pooling, max_side=128)).extract(image)  # type: ignore[arg-type]
+    poolings = ("gem", "rmac", "mac", "spoc")
+    out = GlobalExtractor(fake, GlobalConfig(max_side=128)).extract_all(image)
+    assert set(out) == {f"{p}-{m}" for p in poolings for m in ("ss", "ms")} | {"regional"}
+    for pooling in poolings:
+        ms = GlobalExtractor(fake, GlobalConfig(pooling=pooling, max_side=128)).extract(image)
         np.testing.assert_allclose(out[f"{pooling}-ms"], ms.vector, atol=1e-6)
-        ss = GlobalExtractor(fake, GlobalConfig(pooling=pooling, max_side=128, scales=(1.0,))).extract(image)  # type: ignore[arg-type]
+        cfg = GlobalConfig(pooling=pooling, max_side=128, scales=(1.0,))
+        ss = GlobalExtractor(fake, cfg).extract(image)
         np.testing.assert_allclose(out[f"{pooling}-ss"], ss.vector, atol=1e-6)
         np.testing.assert_allclose(out["regional"], ss.regional, atol=1e-6)
 
@@ -188,3 +191,5 @@ def test_extract_rejects_bad_images() -> None:
         extractor.extract(np.zeros((10, 10), np.uint8))
     with pytest.raises(ValueError):
         extractor.extract(np.zeros((10, 10, 3), np.float32))
+    with pytest.raises(ValueError):
+        extractor.extract(np.zeros((0, 10, 3), np.uint8))

@@ -69,7 +69,8 @@ def test_whitening_example_by_hand() -> None:
     np.testing.assert_allclose(w.eigvals, [2.0, 0.5], rtol=1e-6)  # cov = diag(8, 2) / 4
     np.testing.assert_allclose(np.abs(w.components), np.eye(2), atol=1e-6)
     np.testing.assert_allclose(w.scale, [2**-0.5, 2**0.5], rtol=1e-6)
-    np.testing.assert_allclose(np.abs(w.apply(np.array([[4.0, 4.0]], np.float32))), [[0.4472136, 0.8944272]], rtol=1e-5)
+    y = w.apply(np.array([[4.0, 4.0]], np.float32))  # (1/sqrt2, sqrt2) -> L2
+    np.testing.assert_allclose(np.abs(y), [[0.4472136, 0.8944272]], rtol=1e-5)
 
 
 @pytest.mark.parametrize("cls", [PCAWhitening, LocalPCA])

@@ -1,0 +1,88 @@
+"""Diffusion rerank cost per query at R = 1000 and 5000, beside plain faiss search (same run).
+
+Synthetic clustered descriptors (D=1280, L2-normalised) stand in for a collection, so the
+script runs anywhere. Per query: plain top-R faiss search, then the broker's diffusion stage
+(`services.broker.rerank_stages.diffusion_scores`: kNN graph over the R neighbours, symmetric
+normalisation, query seed, CG). Also the regional variant (21 regions per image).
+
+    .venv/bin/python bench/diffusion.py [--queries 20] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench._common import machine  # noqa: E402
+from services.broker.rerank_stages import diffusion_scores  # noqa: E402
+from services.rerank.diffusion import DiffusionParams  # noqa: E402
+
+
+def clustered(rng: np.random.Generator, n: int, d: int = 1280, clusters: int = 200, noise: float = 0.8) -> np.ndarray:
+    centres = rng.normal(size=(clusters, d)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = centres[rng.integers(0, clusters, n)] + noise / np.sqrt(d) * rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def stats(ms: list[float]) -> str:
+    a = np.asarray(ms)
+    return f"median {np.median(a):8.2f} ms  p99 {np.percentile(a, 99):8.2f} ms"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--queries", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--database", type=int, default=20000)
+    args = ap.parse_args()
+    faiss.omp_set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    db = clustered(rng, args.database)
+    index = faiss.IndexFlatIP(db.shape[1])
+    index.add(db)
+    queries = db[rng.choice(len(db), args.queries, replace=False)] + 0.02 * rng.normal(size=(args.queries, db.shape[1])).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    print(f"machine: {machine()}; database {len(db)} x {db.shape[1]}, {args.queries} queries, {args.threads} threads")
+    params = DiffusionParams(k=50, kq=10, alpha=0.99, gamma=3.0)
+    for R in (1000, 5000):
+        t_search, t_diff, iters = [], [], []
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for q in queries:
+            t0 = time.perf_counter()
+            _, ids = index.search(q[None, :], R)
+            t1 = time.perf_counter()
+            out = diffusion_scores(q, db[ids[0]], None, R, params)
+            t2 = time.perf_counter()
+            t_search.append((t1 - t0) * 1e3)
+            t_diff.append((t2 - t1) * 1e3)
+            iters.append(out.iterations)
+        rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+        print(f"R={R:5d} plain search: {stats(t_search)} | diffusion (global): {stats(t_diff)} | "
+              f"CG iterations median {int(np.median(iters))} max {max(iters)} | max RSS growth {rss:.0f} MiB | "
+              f"ratio diffusion/search {np.median(t_diff) / np.median(t_search):.1f}x")
+    rp = DiffusionParams(k=50, kq=10, alpha=0.99, gamma=3.0, aggregate="max")
+    for R in (100, 200):
+        t_diff, iters = [], []
+        for q in queries[: max(3, args.queries // 4)]:
+            _, ids = index.search(q[None, :], R)
+            regions = np.repeat(db[ids[0]], 21, axis=0) + 0.05 * rng.normal(size=(R * 21, db.shape[1])).astype(np.float32)
+            regions /= np.linalg.norm(regions, axis=1, keepdims=True)
+            owner = np.repeat(np.arange(R), 21)
+            t0 = time.perf_counter()
+            out = diffusion_scores(np.stack([q] * 5), regions, owner, R, rp)
+            t_diff.append((time.perf_counter() - t0) * 1e3)
+            iters.append(out.iterations)
+        print(f"R={R:5d} regional (21 regions/image, {R * 21} nodes, 5 query regions): {stats(t_diff)} | CG iterations median {int(np.median(iters))}")
+
+
+if __name__ == "__main__":
+    main()

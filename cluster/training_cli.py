@@ -1,0 +1,132 @@
+"""``loupe train`` and ``loupe train-attention``: thin wrappers over services.training / attention."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import sys
+from typing import Any
+
+import numpy as np
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register both commands on the CLI's sub-parsers."""
+    tr = sub.add_parser("train", help="metric learning: fine-tune the global descriptor (N-pair, triplet, contrastive)")
+    tr.add_argument("--images", required=True, help="training images directory")
+    tr.add_argument("--labels", default=None, help="CSV image,label (no labels: instance mode, augmented pairs)")
+    tr.add_argument("--loss", choices=["npair", "triplet", "contrastive"], default="npair")
+    tr.add_argument("--out", required=True, help="output model file (loads with --weights)")
+    tr.add_argument("--epochs", type=int, default=5)
+    tr.add_argument("--batch", type=int, default=8, help="classes per N-pair batch / tuples per step")
+    tr.add_argument("--image-size", type=int, default=320)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
+    tr.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    tr.add_argument("--val-fraction", type=float, default=0.2)
+    tr.add_argument("--json", action="store_true")
+
+    ta = sub.add_parser("train-attention", help="train the DELF attention head from image-level labels (backbone frozen)")
+    ta.add_argument("--images", required=True, help="images directory")
+    ta.add_argument("--labels", required=True, help="CSV image,label (image = file name without extension or relative path)")
+    ta.add_argument("--out", required=True, help="output head file (extractor: --attention FILE)")
+    ta.add_argument("--layer", default="block11.expand", help="backbone tap (must match the local-feature layer)")
+    ta.add_argument("--epochs", type=int, default=10)
+    ta.add_argument("--image-side", type=int, default=512)
+    ta.add_argument("--val-fraction", type=float, default=0.2)
+    ta.add_argument("--seed", type=int, default=0)
+    ta.add_argument("--json", action="store_true")
+
+
+def read_labels(path: str) -> list[tuple[str, str]]:
+    """(image, label) rows of a CSV; a header row ``image,label`` is skipped."""
+    rows = []
+    with open(path, newline="") as f:
+        for i, row in enumerate(csv.reader(f)):
+            if not row or row[0].startswith("#"):
+                continue
+            if len(row) < 2:
+                raise ValueError(f"--labels: line {i + 1} needs image,label")
+            if i == 0 and row[0].strip().lower() == "image":
+                continue
+            rows.append((row[0].strip(), row[1].strip()))
+    if not rows:
+        raise ValueError(f"--labels: no rows in {path}")
+    return rows
+
+
+def _resolve(images_dir: str, name: str) -> str:
+    for cand in (name, name + ".jpg", name + ".jpeg", name + ".png", name + ".webp"):
+        p = os.path.join(images_dir, cand)
+        if os.path.isfile(p):
+            return p
+    raise FileNotFoundError(f"--images: no file for {name!r} in {images_dir}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from services.training.trainer import run_training
+
+    report = run_training(
+        args.images, args.labels, args.loss, args.out,
+        epochs=args.epochs, batch=args.batch, image_size=args.image_size, seed=args.seed,
+        resume=args.resume, device=args.device, val_fraction=args.val_fraction, progress=not args.json,
+    )
+    out: dict[str, Any] = report.to_dict() if hasattr(report, "to_dict") else dict(vars(report))
+    print(json.dumps(out, default=float) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
+    return 0
+
+
+def cmd_train_attention(args: argparse.Namespace) -> int:
+    import torch
+
+    from services.common.images import decode_image
+    from services.extractor.attention import AttentionHead, AttentionTrainConfig, save_attention, train_attention
+    from services.extractor.backbone import EfficientNetLite0, load_backbone
+
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise ValueError("--val-fraction: must be in [0, 1)")
+    rows = read_labels(args.labels)
+    classes = sorted({label for _, label in rows})
+    index = {c: i for i, c in enumerate(classes)}
+    rng = random.Random(args.seed)
+    by_class: dict[str, list[str]] = {}
+    for name, label in rows:
+        by_class.setdefault(label, []).append(name)
+    train, val = [], []
+    for label, names in by_class.items():  # stratified split: every class keeps >= 1 training image
+        rng.shuffle(names)
+        n_val = min(len(names) - 1, int(round(len(names) * args.val_fraction)))
+        val += [(n, index[label]) for n in names[:n_val]]
+        train += [(n, index[label]) for n in names[n_val:]]
+
+    def load(items):
+        imgs = []
+        for name, _ in items:
+            with open(_resolve(args.images, name), "rb") as f:
+                imgs.append(decode_image(f.read(), max_side=args.image_side))
+        return imgs, [y for _, y in items]
+
+    say = (lambda m: print(m, file=sys.stderr, flush=True))
+    say(f"{len(train)} training / {len(val)} validation images, {len(classes)} classes; layer {args.layer}")
+    tr_x, tr_y = load(train)
+    va_x, va_y = load(val)
+    torch.manual_seed(args.seed)
+    channels, _ = EfficientNetLite0.tap_spec(args.layer)
+    head = AttentionHead(channels)
+    cfg = AttentionTrainConfig(layer=args.layer, image_side=args.image_side, epochs=args.epochs, seed=args.seed)
+    hist = train_attention(load_backbone(), head, tr_x, tr_y, cfg, val_images=va_x, val_labels=va_y)
+    meta = {"classes": classes, "train_accuracy": hist.train_accuracy[-1], "val_accuracy": hist.val_accuracy[-1] if hist.val_accuracy else -1.0}
+    save_attention(head, args.out, layer=args.layer, meta=meta)
+    out = {"out": args.out, "classes": len(classes), "train_images": len(train), "val_images": len(val),
+           "loss": hist.loss, "train_accuracy": hist.train_accuracy, "val_accuracy": hist.val_accuracy}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for e, (l, a) in enumerate(zip(hist.loss, hist.train_accuracy)):
+            v = f"  val acc {hist.val_accuracy[e]:.3f}" if hist.val_accuracy else ""
+            print(f"epoch {e + 1}: loss {l:.4f}  train acc {a:.3f}{v}")
+        print(f"wrote {args.out}")
+    return 0

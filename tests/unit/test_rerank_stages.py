@@ -1,0 +1,58 @@
+import numpy as np
+
+from services.broker.rerank_stages import dba_rescore, diffusion_scores, expand_query, order_by
+from services.broker.topk import Hit
+from services.broker.verification import final_score
+from services.rerank.diffusion import DiffusionParams
+
+
+def unit(x):
+    x = np.asarray(x, np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def chain(n: int, d: int = 16, step: float = 0.35, seed: int = 0) -> np.ndarray:
+    """Points along a curve: neighbours are similar, the ends are not."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    t = np.arange(n) * step
+    pts = np.cos(t)[:, None] * basis[0] + np.sin(t)[:, None] * basis[1] + 0.01 * rng.normal(size=(n, d))
+    return unit(pts)
+
+
+def test_order_by_sorts_and_replaces_scores():
+    hits = [Hit(0.1, "a"), Hit(0.2, "b"), Hit(0.3, "c")]
+    out = order_by(hits, np.array([0.5, 0.9, 0.1]))
+    assert [h.image_id for h in out] == ["b", "a", "c"] and out[0].score == 0.9
+
+
+def test_dba_rescore_keeps_sorted_scores():
+    x = unit(np.random.default_rng(1).normal(size=(20, 8)))
+    q = x[0]
+    hits = [Hit(float(v @ q), f"i{i}", vector=v) for i, v in enumerate(x)]
+    out = dba_rescore(q, hits, k=2, alpha=3.0)
+    assert sorted(h.image_id for h in out) == sorted(h.image_id for h in hits)
+    scores = [h.score for h in out]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_expand_query_is_unit_norm_and_moves_towards_results():
+    q = unit([1.0, 0.0, 0.0])
+    hits = [Hit(0.9, "a", vector=unit([0.9, 0.43, 0.0]))]
+    e = expand_query(q, hits, n=1, alpha=3.0)
+    assert abs(np.linalg.norm(e) - 1) < 1e-5 and e[1] > 0
+
+
+def test_verified_seed_lifts_its_manifold():
+    x = chain(30)
+    params = DiffusionParams(k=3, kq=2, alpha=0.99, gamma=1.0)
+    plain = diffusion_scores(x[0], x, None, len(x), params)
+    seeded = diffusion_scores(x[0], x, None, len(x), params, extra_seeds={29: 1.0})
+    assert seeded.scores[28] > plain.scores[28]
+    assert plain.scores.max() == 1.0 and plain.iterations >= 1
+
+
+def test_final_score_orders_verified_above_unverified():
+    assert final_score(-1.0, 4, True) > final_score(1.0, 0, False)
+    assert final_score(0.2, 11, True) > final_score(0.9, 10, True)
+    assert final_score(0.9, 10, True) > final_score(0.2, 10, True)
