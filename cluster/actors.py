@@ -34,6 +34,14 @@ def _advertised(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def _normal_priority() -> None:
+    """Ray starts workers niced; serving processes should compete on equal terms."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except (PermissionError, OSError):
+        pass  # unprivileged: keep Ray's niceness
+
+
 def _reuse_port(role: str, member_id: int, registry_namespace: str) -> int:
     """A restarted actor rebinds its previous port so clients reconnect transparently."""
     registry = ray.get_actor(REGISTRY_NAME, namespace=registry_namespace)
@@ -47,6 +55,7 @@ class ShardActor:
     def __init__(self, shard_id: int, opts: ServerOptions, factory: str, wal_path: str, namespace: str) -> None:
         from services.index.servicer import create_server
 
+        _normal_priority()
         port = _reuse_port("shard", shard_id, namespace)
         try:
             self.running, self.servicer = create_server(
@@ -75,6 +84,7 @@ class ExtractorActor:
 
         from services.extractor.servicer import create_server
 
+        _normal_priority()
         torch.set_num_threads(threads)
         self.running, self.servicer = create_server(config, opts)
         self.addr = _advertised(opts.host, self.running.port)

@@ -77,7 +77,10 @@ class Cluster:
         if cfg.ray_address:
             ray.init(address=cfg.ray_address, namespace=cfg.namespace, runtime_env=env, log_to_driver=False)
         else:
+            local_only = cfg.host in ("127.0.0.1", "localhost", "::1")
             ray.init(
+                # a loopback-only cluster keeps Ray's own traffic on loopback too
+                _node_ip_address="127.0.0.1" if local_only else None,
                 namespace=cfg.namespace,
                 runtime_env=env,
                 include_dashboard=False,

@@ -1,7 +1,8 @@
 """Parse rerank configuration names (``none``, ``verify``, ``diffuse``, ``verify,diffuse`` …).
 
 A configuration is a comma-joined list of stage names; each maps to fields of
-``loupe.v1.RerankOptions``. Stages always run in the server's fixed order.
+``loupe.v1.RerankOptions``. Stages always run in the server's fixed order. ``verify:N`` sets
+the number of verified candidates V, ``diffuse:N`` / ``diffuse-regional:N`` the neighbourhood R.
 """
 
 from __future__ import annotations
@@ -31,20 +32,29 @@ def parse_rerank(spec: str) -> retrieval_pb2.RerankOptions:
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
         raise ValueError("rerank: empty configuration (use 'none')")
-    for name in names:
+    for item in names:
+        name, _, arg = item.partition(":")
         if name not in STAGES:
             raise ValueError(f"rerank: unknown stage {name!r}; known: {', '.join(STAGES)}")
+        size = 0
+        if arg:
+            if name not in ("verify", "diffuse", "diffuse-regional") or not arg.isdigit() or int(arg) < 1:
+                raise ValueError(f"rerank: {item!r}: only verify:N, diffuse:N and diffuse-regional:N take a positive count")
+            size = int(arg)
         if name == "qe":
             opts.expand.query_expansion = True
         elif name == "dba":
             opts.expand.database_augmentation = True
         elif name == "diffuse":
             opts.diffuse.enabled = True
+            opts.diffuse.neighbourhood = size
         elif name == "diffuse-regional":
             opts.diffuse.enabled = True
             opts.diffuse.regional = True
+            opts.diffuse.neighbourhood = size
         elif name == "verify":
             opts.verify.enabled = True
+            opts.verify.candidates = size
         elif name == "diffuse-first":
             opts.diffuse.enabled = True
             opts.diffuse_first = True

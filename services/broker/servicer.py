@@ -113,8 +113,18 @@ class Deadline:
         """Seconds left; raises DeadlineExceeded when none."""
         left = self.expires - time.monotonic()
         if left <= 0:
-            raise DeadlineExceeded("deadline exceeded before the search finished")
+            raise DeadlineExceeded("deadline exceeded before the request finished")
         return left
+
+
+class PerCallBudget:
+    """No caller deadline on an open-ended stream: each backend call gets ``budget_s``."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.budget_s = budget_s
+
+    def remaining(self) -> float:
+        return self.budget_s
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
@@ -177,7 +187,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             self.metrics.stage_seconds.labels(name).observe(dt)
             timings.append(types_pb2.StageTiming(stage=name, seconds=dt))
 
-    async def _extract(self, request: extractor_pb2.ExtractRequest, deadline: Deadline) -> extractor_pb2.ExtractResponse:
+    async def _extract(self, request: extractor_pb2.ExtractRequest, deadline: Deadline | PerCallBudget) -> extractor_pb2.ExtractResponse:
         try:
             return await self.extractors.extract(request, deadline.remaining())
         except grpc.aio.AioRpcError as exc:
@@ -460,14 +470,14 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
     async def _add_images(
         self, request_iterator: AsyncIterator[retrieval_pb2.AddImagesRequest], context: grpc.aio.ServicerContext
     ) -> retrieval_pb2.AddImagesResponse:
-        caller_deadline = context.time_remaining() is not None
-        deadline = self._deadline(context)
+        if context.time_remaining() is None:  # an open-ended stream: bound each backend call instead
+            deadline: Deadline | PerCallBudget = PerCallBudget(self.config.default_timeout_s)
+        else:
+            deadline = self._deadline(context)
         t0 = time.perf_counter()
         added = 0
         batch_no = 0
         async for batch in request_iterator:
-            if not caller_deadline:  # an open-ended stream: each batch gets the default budget
-                deadline = self._deadline(context)
             if len(batch.images) > self.config.max_batch_images:
                 raise InvalidArgument(
                     f"images: batch {batch_no} has {len(batch.images)} images, the limit is {self.config.max_batch_images}"
@@ -479,7 +489,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             batch_no += 1
         return retrieval_pb2.AddImagesResponse(added=added, seconds=time.perf_counter() - t0)
 
-    async def _add_batch(self, batch: retrieval_pb2.AddImagesRequest, batch_no: int, deadline: Deadline) -> int:
+    async def _add_batch(self, batch: retrieval_pb2.AddImagesRequest, batch_no: int, deadline: Deadline | PerCallBudget) -> int:
         seen: set[str] = set()
         for i, rec in enumerate(batch.images):
             check_id(rec.id, f"images[{i}].id")

@@ -19,6 +19,7 @@ from services.common.images import ImageTooLarge, InvalidImage, decode_image
 from services.extractor.backbone import load_backbone
 from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor
 from services.extractor.local_features import LocalConfig, LocalExtractor
+from services.extractor.model_file import read_trained_head
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,12 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
 
     def __init__(self, config: ExtractorConfig) -> None:
         self.config = config
-        self.backbone = load_backbone(config.weights_path or None)
-        self.global_extractor = GlobalExtractor(self.backbone, config.global_config)
+        self.backbone = load_backbone(config.weights_path or None, fuse_bn=True)  # serving only: no training here
+        self.trained_head = read_trained_head(config.weights_path) if config.weights_path else None
+        global_config = config.global_config
+        if self.trained_head is not None:  # serve the trained descriptor exactly as trained
+            global_config = dataclasses.replace(global_config, pooling=self.trained_head.pooling, gem_p=self.trained_head.gem_p)
+        self.global_extractor = GlobalExtractor(self.backbone, global_config)
         head = None
         if config.attention_path:
             from services.extractor.attention import load_attention
@@ -86,8 +91,14 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
             local_config = config.local_config
         self.local_extractor = LocalExtractor(self.backbone, local_config, head)
         self._model_lock = threading.Lock()
-        probe = self.global_extractor.extract(np.zeros((64, 64, 3), np.uint8))
-        self.dim = int(probe.vector.shape[0])
+        self.dim = int(self._global(np.zeros((64, 64, 3), np.uint8))[0].shape[0])
+
+    def _global(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(D,) global and (R, D) regional descriptors, through the trained head if any."""
+        g = self.global_extractor.extract(image)
+        if self.trained_head is None:
+            return g.vector, g.regional
+        return self.trained_head.apply(g.vector[None, :])[0], self.trained_head.apply(g.regional)
 
     def features(self, image_bytes: bytes, crop: types_pb2.Box | None, want_regional: bool, want_local: bool) -> types_pb2.ImageFeatures:
         """Decode, crop, resize and describe one image."""
@@ -98,12 +109,12 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
             raise type(exc)(f"image: {exc}") from None
         image = crop_and_resize(image, crop, gc.max_side)
         with self._model_lock:
-            g = self.global_extractor.extract(image)
+            vector, regional = self._global(image)
             loc = self.local_extractor.extract(image) if want_local else None
         out = types_pb2.ImageFeatures(width=image.shape[1], height=image.shape[0])
-        out.__getattribute__("global").CopyFrom(to_tensor(g.vector.astype(np.float32)))
+        out.__getattribute__("global").CopyFrom(to_tensor(vector.astype(np.float32)))
         if want_regional:
-            out.regional.CopyFrom(to_tensor(g.regional.astype(np.float16)))
+            out.regional.CopyFrom(to_tensor(regional.astype(np.float16)))
         if loc is not None:
             out.local.keypoints.CopyFrom(to_tensor(loc.keypoints.astype(np.float32)))
             out.local.descriptors.CopyFrom(to_tensor(loc.descriptors.astype(np.float16)))
@@ -120,9 +131,9 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
 
     @grpc_errors
     def Describe(self, request: extractor_pb2.DescribeRequest, context: grpc.ServicerContext) -> extractor_pb2.DescribeResponse:
-        gc = self.config.global_config
+        gc = self.global_extractor.config
         return extractor_pb2.DescribeResponse(
-            backbone="efficientnet-lite0",
+            backbone="efficientnet-lite0" + (" (trained)" if self.trained_head is not None else ""),
             pooling=gc.pooling,
             dim=self.dim,
             scales=list(gc.scales),

@@ -31,3 +31,9 @@ def test_parse_rerank():
     assert parse_rerank("qe").expand.query_expansion
     with pytest.raises(ValueError, match="unknown stage 'foo'"):
         parse_rerank("verify,foo")
+    assert parse_rerank("verify:200").verify.candidates == 200
+    assert parse_rerank("diffuse-regional:50").diffuse.neighbourhood == 50
+    with pytest.raises(ValueError, match="positive count"):
+        parse_rerank("qe:3")
+    with pytest.raises(ValueError, match="positive count"):
+        parse_rerank("verify:0")
