@@ -20,10 +20,11 @@ import itertools
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -40,31 +41,51 @@ from services.rerank.verify import VerifyParams, verify_candidates, verify_pair 
 Features = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
-def _ms(times: Sequence[float]) -> str:
-    t = np.asarray(times) * 1e3
-    return f"median {np.median(t):.2f} ms, p99 {np.percentile(t, 99):.2f} ms"
+class _Timer:
+    """Wall-clock and calling-thread CPU time of each timed block. On a shared machine the CPU
+    time is the better estimate of the cost on an idle one (no preemption counted) as long as
+    the work runs in the calling thread (OpenCV threads = 1)."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def __enter__(self) -> _Timer:
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall.append(time.perf_counter() - self._wall)
+        self.cpu.append(time.thread_time() - self._cpu)
+
+    def summary(self) -> str:
+        def stats(t: list[float]) -> str:
+            ms = np.asarray(t) * 1e3
+            return f"median {np.median(ms):.2f} ms, p99 {np.percentile(ms, 99):.2f} ms"
+
+        return f"wall {stats(self.wall)}; thread CPU {stats(self.cpu)}"
 
 
-def _extract_all(images: dict[str, np.ndarray], fn: Callable[[np.ndarray], tuple]) -> tuple[dict, float]:
+def _extract_all(images: dict[str, np.ndarray], fn: Callable[[np.ndarray], tuple]) -> tuple[dict, str]:
     fn(next(iter(images.values())))  # warm-up
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = {n: fn(im) for n, im in images.items()}
-    return out, len(images) / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return out, f"{len(images) / wall:.2f} img/s wall, {1e3 * cpu / len(images):.0f} ms process CPU per image"
 
 
 def _evaluate(name: str, feats: Features, same: list, cross: list, params: VerifyParams, repeat: int) -> None:
-    times: list[float] = []
+    timer = _Timer()
     inliers: dict[tuple[str, str], int] = {}
     for _ in range(repeat):
         for a, b in same + cross:
-            start = time.perf_counter()
-            inliers[a, b] = verify_pair(*feats[a], *feats[b], params).inliers
-            times.append(time.perf_counter() - start)
+            with timer:
+                inliers[a, b] = verify_pair(*feats[a], *feats[b], params).inliers
     s = [inliers[p] for p in same]
     c = sorted(inliers[p] for p in cross)
     print(f"{name}: listed same-scene pairs {s}")
     print(f"{name}: cross-landmark pairs max {c[-1]}, top-5 {c[-5:]}, mean {np.mean(c):.1f}")
-    print(f"{name}: verification {_ms(times)} per pair ({len(times)} pairs)")
+    print(f"{name}: verification per pair ({len(timer.wall)} pairs): {timer.summary()}")
 
 
 def _synthetic(rng: np.random.Generator, n: int = 1000, dim: int = 40) -> tuple:
@@ -85,13 +106,12 @@ def _bench_synthetic(repeat: int, threads: int) -> None:
     pairs = [_synthetic(rng) for _ in range(50)]
     for estimator in ("magsac", "accurate", "ransac"):
         params = VerifyParams(estimator=estimator)
-        times = []
+        timer = _Timer()
         for _ in range(repeat):
             for pair in pairs:
-                start = time.perf_counter()
-                verify_pair(*pair, params)
-                times.append(time.perf_counter() - start)
-        print(f"synthetic 1000x1000 40-D, {estimator}: match + RANSAC {_ms(times)}")
+                with timer:
+                    verify_pair(*pair, params)
+        print(f"synthetic 1000x1000 40-D, {estimator}: match + RANSAC {timer.summary()}")
     query = (pairs[0][0], pairs[0][1])
     candidates = [(p[2], p[3]) for p in pairs] * 2
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -106,14 +126,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=SHARED_DATA / "phototourism_sample")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads and verify pool size")
+    parser.add_argument(
+        "--cv2-threads", type=int, default=1,
+        help="OpenCV threads per call (1: pairs run in parallel through the verify pool instead)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="timing repetitions over all pairs")
     parser.add_argument("--layer", default=LocalConfig.layer)
     parser.add_argument("--scales", default=",".join(map(str, LocalConfig.scales)))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.cv2_threads)
     if not (args.data / "landmarks.csv").exists():
         raise SystemExit(f"{args.data} is absent: this benchmark needs ../shared/data (see its README)")
-    print(machine())
+    print(f"{machine()}; load average {os.getloadavg()[0]:.1f}; torch threads {args.threads}, OpenCV threads {args.cv2_threads}")
 
     with open(args.data / "landmarks.csv", newline="") as f:
         landmark = {row["image"]: row["landmark"] for row in csv.DictReader(f)}
@@ -127,11 +152,11 @@ def main() -> None:
     config = LocalConfig(layer=args.layer, scales=tuple(float(s) for s in args.scales.split(",")))
     extractor = LocalExtractor(load_backbone(), config)
     local, rate = _extract_all(images, extractor.extract)
-    print(f"loupe {config.layer} scales {config.scales}: {rate:.2f} img/s extraction ({args.threads} threads)")
+    print(f"loupe {config.layer} scales {config.scales}: extraction {rate} ({args.threads} threads)")
     pca = LocalPCA().fit(np.concatenate([f.descriptors for f in local.values()]), dim=40)
     loupe = {n: (f.keypoints, pca.apply(f.descriptors)) for n, f in local.items()}
     sift, rate = _extract_all(images, extract_rootsift)
-    print(f"RootSIFT-1000: {rate:.2f} img/s extraction")
+    print(f"RootSIFT-1000: extraction {rate}")
 
     _evaluate("loupe + MNN + MAGSAC affine", loupe, same, cross, VerifyParams(), args.repeat)
     _evaluate("loupe + ratio 0.9 + MAGSAC affine", loupe, same, cross, VerifyParams(matcher="ratio"), args.repeat)

@@ -33,6 +33,8 @@ def _add_cluster_flags(p: argparse.ArgumentParser, *, temporary: bool) -> None:
     g.add_argument("--pooling", default=None, choices=["gem", "rmac", "mac", "spoc"], help="global pooling (default gem)")
     g.add_argument("--scales", default=None, help="comma-separated image scales (default 1,0.7071,0.5)")
     g.add_argument("--max-side", type=int, default=None, help="longest image side in pixels (default 1024)")
+    g.add_argument("--local-layer", default=None, help="backbone tap of the local features (must match the indexed collection)")
+    g.add_argument("--local-scales", default=None, help="comma-separated pyramid scales of the local features")
     g.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
 
 
@@ -59,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--k", type=int, default=10)
     se.add_argument("--offset", type=int, default=0)
     se.add_argument("--crop", default=None, help="x1,y1,x2,y2 box of the query in pixels")
-    se.add_argument("--rerank", default="none", help=f"rerank stages, comma-joined: {', '.join(STAGES)}")
+    se.add_argument(
+        "--rerank", default="verify,diffuse-regional",
+        help=f"rerank stages, comma-joined (default: the measured best, verify,diffuse-regional): {', '.join(STAGES)}",
+    )
     se.add_argument("--show", default=None, metavar="OUT.png", help="draw the query beside the top results with inlier lines (implies --rerank verify)")
     se.add_argument("--show-top", type=int, default=4, help="results drawn by --show")
     _add_common(se)
@@ -106,6 +111,8 @@ def _cluster_config(args: argparse.Namespace, **extra: Any):
         "pooling": args.pooling,
         "scales": scales,
         "max_side": args.max_side,
+        "local_layer": args.local_layer,
+        "local_scales": tuple(float(x) for x in args.local_scales.split(",")) if args.local_scales else None,
         "ray_address": args.ray_address,
         **extra,
     }

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from services.extractor.global_descriptor import GlobalConfig
+from services.extractor.local_features import LocalConfig
 
 GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296"
 
@@ -36,6 +37,7 @@ class ClusterConfig:
         Backbone weights file ("" = packaged ImageNet EfficientNet-Lite0).
     attention : str
         Trained attention-head file ("" = keypoints scored by feature L2 norm).
+    local_layer, local_scales : see ``LocalConfig`` (must match what the collection was indexed with).
     pooling, scales, max_side : see ``GlobalConfig``.
     ray_address : str
         Join this Ray cluster ("" = start a local one).
@@ -51,6 +53,8 @@ class ClusterConfig:
     data_dir: str = ""
     weights: str = ""
     attention: str = ""
+    local_layer: str = LocalConfig().layer
+    local_scales: tuple[float, ...] = LocalConfig().scales
     pooling: str = "gem"
     scales: tuple[float, ...] = GlobalConfig().scales
     max_side: int = 1024
@@ -73,10 +77,15 @@ class ClusterConfig:
             if not ok:
                 raise ValueError(f"{name}: invalid value {getattr(self, name)!r}")
         self.global_config()  # validates pooling/scales/max_side
+        self.local_config()
 
     def global_config(self) -> GlobalConfig:
         """The extractor's global-descriptor settings."""
         return GlobalConfig(pooling=self.pooling, scales=tuple(self.scales), max_side=self.max_side)
+
+    def local_config(self) -> LocalConfig:
+        """The extractor's local-feature settings."""
+        return LocalConfig(layer=self.local_layer, scales=tuple(self.local_scales), max_side=self.max_side)
 
     def threads_per_replica(self) -> int:
         """torch threads of each extractor replica."""
@@ -100,7 +109,7 @@ class ClusterConfig:
                     kwargs[f.name] = int(raw)
                 elif f.type in ("float", float):
                     kwargs[f.name] = float(raw)
-                elif f.name == "scales":
+                elif f.name in ("scales", "local_scales"):
                     kwargs[f.name] = tuple(float(x) for x in raw.split(","))
                 else:
                     kwargs[f.name] = raw

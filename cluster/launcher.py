@@ -104,7 +104,9 @@ class Cluster:
                     name=f"loupe-shard-{i}", namespace=cfg.namespace, num_cpus=0, max_restarts=-1, max_task_retries=0
                 ).remote(i, opts, cfg.index_factory, wal, cfg.namespace)
             )
-        ext_cfg = ExtractorConfig(weights_path=cfg.weights, global_config=cfg.global_config(), attention_path=cfg.attention)
+        ext_cfg = ExtractorConfig(
+            weights_path=cfg.weights, global_config=cfg.global_config(), local_config=cfg.local_config(), attention_path=cfg.attention
+        )
         ext_cls = ray.remote(ExtractorActor)
         ext_opts = ServerOptions(host=cfg.host, port=0, workers=4, max_concurrent_rpcs=64)
         for i in range(cfg.replicas):

@@ -54,9 +54,16 @@ class LocalConfig:
     ----------
     layer : str
         Backbone tap (``"block{i}"`` or ``"block{i}.expand"``) with output stride 16.
-        Default ``"block11.expand"``: the 672-channel activation after block 11's expansion.
+        Default ``"block10"``: the 112-channel output of the last stride-16 block. On the
+        ROxford subset (8 cropped queries x 52 positives + ~100 negatives each, PCA-40, MNN,
+        MAGSAC affine) it ranked positives by inliers at mAP 62.5 / AUC 0.85 against 52.3 /
+        0.78 for the 672-channel ``"block11.expand"`` (same scales).
     scales : tuple of float
         Image-pyramid scale factors relative to the working image (after ``max_side``).
+        Default one octave apart, (0.25, 0.5, 1.0): a 4x zoom range at 1.31x the cost of the
+        full-size level alone; it beat (0.5, 0.7071, 1.0) (mAP 59.3, 1.75x the cost) and
+        (0.3536, 0.5, 0.7071, 1.0) (60.8) in the same measurement. DELF's 7 scales up to 2.0
+        cost ~6x more for no gain on that set.
     max_keypoints : int
         Keypoints kept per image (top by score over all scales).
     score : {"l2norm", "attention"}
@@ -65,8 +72,8 @@ class LocalConfig:
         The input is first downscaled (never upscaled) so its longest side is at most this.
     """
 
-    layer: str = "block11.expand"
-    scales: tuple[float, ...] = (0.5, 0.7071, 1.0)
+    layer: str = "block10"
+    scales: tuple[float, ...] = (0.25, 0.5, 1.0)
     max_keypoints: int = 1000
     score: str = "l2norm"
     max_side: int = 1024

@@ -106,7 +106,6 @@ class RetrievalNet(nn.Module):
         self.rmac_levels = rmac_levels
         self.p = nn.Parameter(torch.tensor(float(gem_p))) if pooling == "gem" else None
         self.whiten = nn.Linear(NUM_FEATURES, whitening_dim) if whitening_dim is not None else None
-        self.train_blocks = train_blocks
         self._set_trainable(train_blocks)
 
     @property

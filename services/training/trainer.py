@@ -8,8 +8,9 @@ One run (:func:`train`):
 
 1. Split off ``val_fraction`` of the images (per class; whole images in instance mode) with a
    seed-derived generator. Held-out images are both queries and database; mAP uses
-   revisitop's ``compute_map`` with the query itself as junk. In instance mode the held-out
-   set is each image plus two fixed strong views of it.
+   revisitop's ``compute_map`` with the query itself as junk (a held-out image without a
+   held-out positive is skipped). In instance mode the held-out set is each image plus two
+   fixed strong views of it.
 2. Fit PCA whitening on pooled descriptors of the training images and initialise the
    whitening layer from it (DIR / cirtorch), then measure the initial validation mAP.
 3. Each epoch: for triplet/contrastive, re-mine hard negatives with the current model
@@ -20,7 +21,8 @@ One run (:func:`train`):
 4. Write the model file (:func:`~services.training.model.save_model`) to ``out_path``.
 
 Batches are square crops of ``image_size``; descriptors for mining and validation are
-computed on whole images resized to ``image_size`` on the longer side.
+computed on whole images resized to ``image_size`` on the longer side. Training images are
+decoded from disk at each use (JPEG draft mode), so memory does not grow with the data set.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from tqdm import tqdm
 from services.eval.revisitop import compute_map
 from services.extractor.backbone import NUM_FEATURES, load_backbone
 from services.extractor.whitening import PCAWhitening
-from services.training.augment import LIGHT, STRONG, AugmentConfig, augment, resize_max_side
+from services.training.augment import LIGHT, STRONG, augment, resize_max_side
 from services.training.losses import (
     NEGATIVE,
     POSITIVE,
@@ -323,18 +325,15 @@ def _optimizer(model: RetrievalNet, config: TrainConfig) -> torch.optim.Optimize
 
 
 def _step_images(
-    config: TrainConfig, data: _Data, rng: np.random.Generator, step: int, negatives: np.ndarray | None,
-    queries: np.ndarray,
+    config: TrainConfig, data: _Data, rng: np.random.Generator, tuples: np.ndarray | None
 ) -> list[int]:
-    """Image indices of one step, in loss order (pairs, or whole tuples one after another)."""
-    if config.loss == "npair":
+    """Image indices of one step, in loss order: N-pair anchors then positives, or for each
+    row ``(query, negatives...)`` of ``tuples`` the query, a positive and the negatives."""
+    if tuples is None:
         pairs = sample_npair(data.labels[data.train], config.batch, rng)
-        return data.train[pairs.T.reshape(-1)].tolist()  # anchors then positives
-    assert negatives is not None
-    q = queries[step * config.batch : (step + 1) * config.batch]
-    pos = sample_positives(data.labels, q, rng)
-    rows = [[qi, pi, *neg] for qi, pi, neg in zip(q, pos, negatives[step * config.batch :])]
-    return [i for row in rows for i in row]
+        return data.train[pairs.T.reshape(-1)].tolist()
+    positives = sample_positives(data.labels, tuples[:, 0], rng)
+    return [int(i) for row, pos in zip(tuples, positives) for i in (row[0], pos, *row[1:])]
 
 
 def _loss(config: TrainConfig, model: RetrievalNet, x: torch.Tensor) -> torch.Tensor:
@@ -356,8 +355,9 @@ def _loss(config: TrainConfig, model: RetrievalNet, x: torch.Tensor) -> torch.Te
 def _mine(
     config: TrainConfig, data: _Data, model: RetrievalNet, device: torch.device,
     rng: np.random.Generator, n_queries: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Queries for this epoch and their hard negatives (image indices), from fresh descriptors."""
+) -> np.ndarray:
+    """This epoch's queries and their hard negatives from fresh descriptors: ``(Q, 1 + n_neg)``
+    image indices, one ``(query, negatives...)`` row per query."""
     queries = np.concatenate(
         [rng.permutation(data.train) for _ in range(math.ceil(n_queries / len(data.train)))]
     )[:n_queries]
@@ -371,7 +371,7 @@ def _mine(
     q_desc = desc[[where[int(i)] for i in queries]]
     p_desc = desc[[where[int(i)] for i in pool]]
     neg = mine_hard_negatives(q_desc, data.labels[queries], p_desc, data.labels[pool], config.n_negatives)
-    return queries, pool[neg]
+    return np.column_stack([queries, pool[neg]])
 
 
 def _validate(model: RetrievalNet, data: _Data, device: torch.device) -> list[float]:
@@ -404,6 +404,72 @@ def _config_dict(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(config).items() if k in _RESUME_KEYS}
 
 
+def _check_classes(config: TrainConfig, data: _Data) -> None:
+    n_classes = len(np.unique(data.labels[data.train]))
+    if config.loss == "npair" and config.batch > n_classes:
+        raise ValueError(f"training setting batch={config.batch} exceeds the {n_classes} training classes")
+    if config.loss != "npair" and config.n_negatives >= n_classes:
+        raise ValueError(
+            f"training setting n_negatives={config.n_negatives} needs more than that many "
+            f"training classes, there are {n_classes}"
+        )
+
+
+def _start(
+    config: TrainConfig, data: _Data, model: RetrievalNet, optimizer: torch.optim.Optimizer,
+    rng: np.random.Generator, device: torch.device, report: TrainReport, ckpt_path: Path,
+) -> None:
+    """Fresh run: whitening from PCA and the initial validation; resume: restore everything."""
+    if not config.resume:
+        if model.whiten is not None:
+            fit_images = [load_image(data.paths[i], config.image_size) for i in data.train]
+            pooled = describe_images(model, fit_images, device, whiten=False)
+            model.init_whitening(PCAWhitening().fit(pooled, model.dim))
+        report.val_map = _validate(model, data, device)
+        return
+    if not ckpt_path.is_file():
+        raise ValueError(f"resume: no checkpoint at {str(ckpt_path)!r}")
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if ckpt["config"] != _config_dict(config):
+        diff = sorted(k for k, v in _config_dict(config).items() if ckpt["config"].get(k) != v)
+        raise ValueError(f"resume: settings {diff} differ from the checkpoint's")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    report.epochs, report.steps = ckpt["epoch"], ckpt["steps"]
+    report.epoch_loss, report.val_map = list(ckpt["epoch_loss"]), list(ckpt["val_map"])
+    _restore_rng(ckpt["rng"], rng, device)
+
+
+def _run_epoch(
+    config: TrainConfig, data: _Data, model: RetrievalNet, optimizer: torch.optim.Optimizer,
+    rng: np.random.Generator, device: torch.device, epoch: int, steps: int,
+) -> tuple[float, int, float]:
+    """One epoch of optimizer steps: ``(mean loss, images trained on, seconds in steps)``."""
+    tuples = None if config.loss == "npair" else _mine(config, data, model, device, rng, steps * config.batch)
+    recipe = STRONG if data.instance else LIGHT
+    model.train()
+    losses, n_images, seconds = [], 0, 0.0
+    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress)
+    for step in bar:
+        t0 = time.perf_counter()
+        rows = None if tuples is None else tuples[step * config.batch : (step + 1) * config.batch]
+        idx = _step_images(config, data, rng, rows)
+        crops = [
+            augment(load_image(data.paths[i], 2 * config.image_size), config.image_size, rng, recipe)
+            for i in idx
+        ]
+        loss = _loss(config, model, images_to_batch(crops).to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seconds += time.perf_counter() - t0
+        n_images += len(idx)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{n_images / seconds:.1f}")
+    model.eval()
+    return float(np.mean(losses)), n_images, seconds
+
+
 def train(config: TrainConfig) -> TrainReport:
     """Run (or resume) one training run; see the module docstring.
 
@@ -421,9 +487,8 @@ def train(config: TrainConfig) -> TrainReport:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng([config.seed, 0])
     data = _prepare_data(config)
-    augment_config: AugmentConfig = STRONG if data.instance else LIGHT
+    _check_classes(config, data)
     ckpt_path = Path(config.out_path + ".ckpt")
-
     model = _build_model(config, len(data.train)).to(device)
     optimizer = _optimizer(model, config)
     report = TrainReport(
@@ -431,57 +496,16 @@ def train(config: TrainConfig) -> TrainReport:
         device=str(device), epochs=0, steps=0, train_images=len(data.train),
         val_images=len(data.val_images), dim=model.dim,
     )
-    if config.resume:
-        if not ckpt_path.is_file():
-            raise ValueError(f"resume: no checkpoint at {str(ckpt_path)!r}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt["config"] != _config_dict(config):
-            diff = sorted(k for k, v in _config_dict(config).items() if ckpt["config"].get(k) != v)
-            raise ValueError(f"resume: settings {diff} differ from the checkpoint's")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        report.epochs, report.steps = ckpt["epoch"], ckpt["steps"]
-        report.epoch_loss, report.val_map = list(ckpt["epoch_loss"]), list(ckpt["val_map"])
-        _restore_rng(ckpt["rng"], rng, device)
-    else:
-        if model.whiten is not None:
-            fit_images = [load_image(data.paths[i], config.image_size) for i in data.train]
-            pooled = describe_images(model, fit_images, device, whiten=False)
-            model.init_whitening(PCAWhitening().fit(pooled, model.dim))
-        report.val_map = _validate(model, data, device)
+    _start(config, data, model, optimizer, rng, device, report, ckpt_path)
 
-    n_classes = len(np.unique(data.labels[data.train]))
-    if config.loss == "npair" and config.batch > n_classes:
-        raise ValueError(f"training setting batch={config.batch} exceeds the {n_classes} training classes")
     per_step = 2 * config.batch if config.loss == "npair" else config.batch
     steps = config.steps_per_epoch or max(1, len(data.train) // per_step)
-    train_images, train_s = 0, 0.0
+    n_images, train_s = 0, 0.0
     for epoch in range(report.epochs, config.epochs):
-        queries, negatives = np.zeros(0, dtype=np.int64), None
-        if config.loss != "npair":
-            queries, negatives = _mine(config, data, model, device, rng, steps * config.batch)
-        model.train()
-        losses = []
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress)
-        for step in bar:
-            t0 = time.perf_counter()
-            idx = _step_images(config, data, rng, step, negatives, queries)
-            crops = [
-                augment(load_image(data.paths[i], 2 * config.image_size), config.image_size, rng, augment_config)
-                for i in idx
-            ]
-            x = images_to_batch(crops).to(device)
-            loss = _loss(config, model, x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            train_s += time.perf_counter() - t0
-            train_images += len(idx)
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{train_images / train_s:.1f}")
-        model.eval()
+        loss, n, seconds = _run_epoch(config, data, model, optimizer, rng, device, epoch, steps)
+        n_images, train_s = n_images + n, train_s + seconds
         report.epochs, report.steps = epoch + 1, report.steps + steps
-        report.epoch_loss.append(float(np.mean(losses)))
+        report.epoch_loss.append(loss)
         report.val_map += _validate(model, data, device)
         _save_checkpoint(ckpt_path, {
             "config": _config_dict(config), "model": model.state_dict(),
@@ -493,7 +517,8 @@ def train(config: TrainConfig) -> TrainReport:
     save_model(config.out_path, model, {
         "training": {**_config_dict(config), "epochs": report.epochs, "val_map": report.val_map},
     })
-    report.images_per_s = train_images / train_s if train_s else 0.0
+    report.images_per_s = n_images / train_s if train_s else 0.0
+    # ru_maxrss is in KiB on Linux.
     report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report.wall_s = time.perf_counter() - start
     return report

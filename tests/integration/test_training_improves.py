@@ -10,6 +10,7 @@ room for fine-tuning to show.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from services.training.model import (
     save_model,
 )
 from services.training.augment import resize_max_side
-from services.training.trainer import held_out_map, run_training
+from services.training.trainer import held_out_map, load_image, run_training
 
 PHOTOS = ("hubble_deep_field", "retina", "immunohistochemistry")
 IMAGE_SIZE = 128
@@ -85,6 +86,17 @@ def _build(root: Path, n_train: int, n_test: int, seed: int) -> tuple[str, str, 
 @pytest.fixture(scope="module")
 def backbone_model() -> RetrievalNet:
     return RetrievalNet(load_backbone(), pooling="gem", whitening_dim=16, train_blocks=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Run on one intra-op thread: on a shared 2-core runner, torch's 2-thread OpenMP pool
+    slows down by up to 100x when other processes hold the cores (measured: a 64 px forward
+    went from 14 ms to 1.5 s); one thread keeps this module's duration predictable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _small_images(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -151,7 +163,7 @@ def test_model_file_roundtrip(tmp_path: Path, backbone_model: RetrievalNet) -> N
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     img_dir, labels, _, _ = _build(tmp_path, n_train=4, n_test=0, seed=1)
     common = dict(
-        batch=3, image_size=64, seed=3, device="cpu", val_fraction=0.25, progress=False,
+        batch=3, image_size=64, seed=3, device="cpu", val_fraction=0.5, progress=False,
         steps_per_epoch=2, whitening_dim=8, n_negatives=2,
     )
     straight = run_training(img_dir, labels, "contrastive", str(tmp_path / "a.pt"), epochs=2, resume=False, **common)
@@ -170,12 +182,36 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_instance_mode_trains_without_labels(tmp_path: Path) -> None:
+    img_dir, _, _, _ = _build(tmp_path, n_train=1, n_test=0, seed=2)  # 12 unlabelled photos
+    report = run_training(
+        img_dir, None, "triplet", str(tmp_path / "m.pt"), epochs=1, batch=2, image_size=64,
+        seed=0, resume=False, device="cpu", val_fraction=0.25, progress=False,
+        steps_per_epoch=2, whitening_dim=8, n_negatives=2,
+    )
+    # each held-out photo comes with two strong views of itself
+    assert report.train_images + report.val_images // 3 == 12 and report.val_images % 3 == 0
+    assert len(report.val_map) == 2 and all(np.isfinite(report.val_map))
+    # whitening learned from the training photos keeps at most n_train - 1 dimensions
+    assert report.dim == min(8, report.train_images - 1) == load_model(report.out_path).dim
+
+
+@pytest.mark.slow
 def test_npair_training_improves_held_out_map(tmp_path: Path) -> None:
+    """75 N-pair steps (6 classes x 2 images, 128 px) must beat both untrained descriptors —
+    off-the-shelf GeM, and GeM + PCA-whitening fitted on the training images (the trained
+    model's starting point) — by 10 mAP points on copies never seen in training. Measured
+    over data/training seeds 0-3: untrained 49-57, PCA 44-60, trained 66-83, i.e. +17 to +27
+    over the better of the two."""
     img_dir, labels, test_images, test_labels = _build(tmp_path, n_train=6, n_test=3, seed=0)
     test_images = [resize_max_side(im, IMAGE_SIZE) for im in test_images]  # as the trainer does
+    train_images = [load_image(p, IMAGE_SIZE) for p in sorted(Path(img_dir).iterdir())]
 
     untrained = RetrievalNet(load_backbone(), pooling="gem", whitening_dim=None, train_blocks=0)
-    before = held_out_map(describe_images(untrained, test_images), test_labels)
+    test_desc = describe_images(untrained, test_images)
+    before = held_out_map(test_desc, test_labels)
+    pca = PCAWhitening().fit(describe_images(untrained, train_images), 32)
+    before_pca = held_out_map(pca.apply(test_desc), test_labels)
 
     report = run_training(
         img_dir, labels, "npair", str(tmp_path / "model.pt"), epochs=3, batch=6,
@@ -183,8 +219,9 @@ def test_npair_training_improves_held_out_map(tmp_path: Path) -> None:
         progress=False, steps_per_epoch=25, lr=3e-4, whitening_dim=32,
     )
     after = held_out_map(describe_images(load_model(report.out_path), test_images), test_labels)
-    print(f"held-out mAP {before:.1f} -> {after:.1f}; {report.images_per_s:.1f} img/s, "
-          f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB")
+    print(
+        f"held-out mAP: untrained {before:.1f}, PCA-whitened {before_pca:.1f}, trained {after:.1f}; "
+        f"{report.images_per_s:.1f} img/s, peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB"
+    )
     assert report.steps == 75 and report.epoch_loss[-1] < report.epoch_loss[0]
-    assert after >= before + 10.0
-
+    assert after >= max(before, before_pca) + 10.0
