@@ -138,7 +138,8 @@ def main() -> None:
     cv2.setNumThreads(args.cv2_threads)
     if not (args.data / "landmarks.csv").exists():
         raise SystemExit(f"{args.data} is absent: this benchmark needs ../shared/data (see its README)")
-    print(f"{machine()}; load average {os.getloadavg()[0]:.1f}; torch threads {args.threads}, OpenCV threads {args.cv2_threads}")
+    load = os.getloadavg()[0]
+    print(f"{machine()}; load average {load:.1f}; torch threads {args.threads}, OpenCV threads {args.cv2_threads}")
 
     with open(args.data / "landmarks.csv", newline="") as f:
         landmark = {row["image"]: row["landmark"] for row in csv.DictReader(f)}
@@ -147,7 +148,8 @@ def main() -> None:
     cross = [(a, b) for a, b in itertools.combinations(sorted(landmark), 2) if landmark[a] != landmark[b]]
     images = {n: decode_image((args.data / "jpg" / n).read_bytes()) for n in sorted(landmark)}
     sides = sorted({max(im.shape[:2]) for im in images.values()})
-    print(f"{len(images)} images (longest side {sides[0]}..{sides[-1]} px), {len(same)} listed pairs, {len(cross)} cross-landmark pairs")
+    print(f"{len(images)} images (longest side {sides[0]}..{sides[-1]} px), {len(same)} listed pairs, "
+          f"{len(cross)} cross-landmark pairs")
 
     config = LocalConfig(layer=args.layer, scales=tuple(float(s) for s in args.scales.split(",")))
     extractor = LocalExtractor(load_backbone(), config)

@@ -30,9 +30,10 @@ def _add_cluster_flags(p: argparse.ArgumentParser, *, temporary: bool) -> None:
     g.add_argument("--index-factory", default=None, help="faiss factory string per shard (default Flat)")
     g.add_argument("--weights", default=None, help="backbone weights file (default: packaged ImageNet EfficientNet-Lite0)")
     g.add_argument("--attention", default=None, help="trained attention-head file for local features (default: L2-norm scoring)")
-    g.add_argument("--pooling", default=None, choices=["gem", "rmac", "mac", "spoc"], help="global pooling (default gem)")
+    g.add_argument("--pooling", default=None, choices=["gem", "rmac", "mac", "spoc"], help="global pooling (default rmac)")
     g.add_argument("--scales", default=None, help="comma-separated image scales (default 1,0.7071,0.5)")
-    g.add_argument("--max-side", type=int, default=None, help="longest image side in pixels (default 1024)")
+    g.add_argument("--max-side", type=int, default=None, help="longest side of the working image, local features (default 1024)")
+    g.add_argument("--global-max-side", type=int, default=None, help="longest side for the global descriptor (default 512)")
     g.add_argument("--local-layer", default=None, help="backbone tap of the local features (must match the indexed collection)")
     g.add_argument("--local-scales", default=None, help="comma-separated pyramid scales of the local features")
     g.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
@@ -62,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--offset", type=int, default=0)
     se.add_argument("--crop", default=None, help="x1,y1,x2,y2 box of the query in pixels")
     se.add_argument(
-        "--rerank", default="verify,diffuse-regional",
-        help=f"rerank stages, comma-joined (default: the measured best, verify,diffuse-regional): {', '.join(STAGES)}",
+        "--rerank", default="verify",
+        help=f"rerank stages, comma-joined (default verify: the best Medium mAP measured, BENCHMARKS.md): {', '.join(STAGES)}",
     )
     se.add_argument("--show", default=None, metavar="OUT.png", help="draw the query beside the top results with inlier lines (implies --rerank verify)")
     se.add_argument("--show-top", type=int, default=4, help="results drawn by --show")
@@ -111,6 +112,7 @@ def _cluster_config(args: argparse.Namespace, **extra: Any):
         "pooling": args.pooling,
         "scales": scales,
         "max_side": args.max_side,
+        "global_max_side": args.global_max_side,
         "local_layer": args.local_layer,
         "local_scales": tuple(float(x) for x in args.local_scales.split(",")) if args.local_scales else None,
         "ray_address": args.ray_address,

@@ -38,7 +38,12 @@ class ClusterConfig:
     attention : str
         Trained attention-head file ("" = keypoints scored by feature L2 norm).
     local_layer, local_scales : see ``LocalConfig`` (must match what the collection was indexed with).
-    pooling, scales, max_side : see ``GlobalConfig``.
+    pooling, scales : see ``GlobalConfig``. R-MAC, 3 scales, at ``global_max_side`` 512 px
+        measured best on the ROxford subset (BENCHMARKS.md).
+    max_side : int
+        Longest side of the working image (local features are extracted at this size).
+    global_max_side : int
+        Longest side at which the global descriptor is computed (≤ max_side).
     ray_address : str
         Join this Ray cluster ("" = start a local one).
     """
@@ -55,9 +60,10 @@ class ClusterConfig:
     attention: str = ""
     local_layer: str = LocalConfig().layer
     local_scales: tuple[float, ...] = LocalConfig().scales
-    pooling: str = "gem"
+    pooling: str = "rmac"
     scales: tuple[float, ...] = GlobalConfig().scales
     max_side: int = 1024
+    global_max_side: int = 512
     ray_address: str = ""
     namespace: str = "loupe"
     startup_timeout_s: float = 300.0
@@ -71,6 +77,7 @@ class ClusterConfig:
             "metrics_port": 0 <= self.metrics_port <= 65535,
             "extractor_threads": self.extractor_threads >= 0,
             "max_side": 32 <= self.max_side <= 8192,
+            "global_max_side": 32 <= self.global_max_side <= self.max_side,
             "startup_timeout_s": self.startup_timeout_s > 0,
         }
         for name, ok in checks.items():
@@ -81,7 +88,7 @@ class ClusterConfig:
 
     def global_config(self) -> GlobalConfig:
         """The extractor's global-descriptor settings."""
-        return GlobalConfig(pooling=self.pooling, scales=tuple(self.scales), max_side=self.max_side)
+        return GlobalConfig(pooling=self.pooling, scales=tuple(self.scales), max_side=self.global_max_side)
 
     def local_config(self) -> LocalConfig:
         """The extractor's local-feature settings."""

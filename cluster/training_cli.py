@@ -33,7 +33,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ta.add_argument("--images", required=True, help="images directory")
     ta.add_argument("--labels", required=True, help="CSV image,label (image = file name without extension or relative path)")
     ta.add_argument("--out", required=True, help="output head file (extractor: --attention FILE)")
-    ta.add_argument("--layer", default="block11.expand", help="backbone tap (must match the local-feature layer)")
+    ta.add_argument("--layer", default=None, help="backbone tap (default: the extractor's local-feature layer)")
     ta.add_argument("--epochs", type=int, default=10)
     ta.add_argument("--image-side", type=int, default=512)
     ta.add_argument("--val-fraction", type=float, default=0.2)
@@ -86,6 +86,9 @@ def cmd_train_attention(args: argparse.Namespace) -> int:
     from services.extractor.attention import AttentionHead, AttentionTrainConfig, save_attention, train_attention
     from services.extractor.backbone import EfficientNetLite0, load_backbone
 
+    from services.extractor.local_features import LocalConfig
+
+    args.layer = args.layer or LocalConfig().layer
     if not 0.0 <= args.val_fraction < 1.0:
         raise ValueError("--val-fraction: must be in [0, 1)")
     rows = read_labels(args.labels)

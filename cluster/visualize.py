@@ -23,6 +23,7 @@ def render_matches(
     crop: Sequence[float] | None = None,
     max_side: int = 1024,
     height: int = 360,
+    max_lines: int = 40,
 ) -> np.ndarray:
     """Compose ``(H, W, 3)`` RGB: the query, then each result, with inlier lines between them.
 
@@ -36,6 +37,8 @@ def render_matches(
         The query crop, in query pixels.
     max_side : int
         The extractor's working size: keypoints are in pixels of images shrunk to it.
+    max_lines : int
+        Inlier lines drawn per result (an even subsample), so the picture stays readable.
     """
     x0, y0 = 0.0, 0.0
     q = query
@@ -64,7 +67,8 @@ def render_matches(
             continue
         qp = from_tensor(res.matches.query_points, field="query_points") / q_scale * s_q
         rp = from_tensor(res.matches.result_points, field="result_points") * s_r
-        for (qx, qy), (rx, ry) in zip(qp, rp):
+        keep = np.linspace(0, len(qp) - 1, min(len(qp), max_lines)).astype(int) if len(qp) else []
+        for (qx, qy), (rx, ry) in zip(qp[keep], rp[keep]):
             color = tuple(int(c) for c in rng.integers(64, 256, 3))
             cv2.line(canvas, (int(qx), int(qy)), (int(rx + off), int(ry)), color, 1, cv2.LINE_AA)
     return canvas

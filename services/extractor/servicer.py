@@ -91,6 +91,8 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
             local_config = config.local_config
         self.local_extractor = LocalExtractor(self.backbone, local_config, head)
         self._model_lock = threading.Lock()
+        # The working image serves both descriptors; each shrinks it further to its own max_side.
+        self.working_side = max(global_config.max_side, local_config.max_side)
         self.dim = int(self._global(np.zeros((64, 64, 3), np.uint8))[0].shape[0])
 
     def _global(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -102,12 +104,12 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
 
     def features(self, image_bytes: bytes, crop: types_pb2.Box | None, want_regional: bool, want_local: bool) -> types_pb2.ImageFeatures:
         """Decode, crop, resize and describe one image."""
-        gc = self.config.global_config
+        side = self.working_side
         try:
-            image = decode_image(image_bytes, max_pixels=self.config.max_pixels, max_side=None if crop is not None else gc.max_side)
+            image = decode_image(image_bytes, max_pixels=self.config.max_pixels, max_side=None if crop is not None else side)
         except (InvalidImage, ImageTooLarge) as exc:
             raise type(exc)(f"image: {exc}") from None
-        image = crop_and_resize(image, crop, gc.max_side)
+        image = crop_and_resize(image, crop, side)
         with self._model_lock:
             vector, regional = self._global(image)
             loc = self.local_extractor.extract(image) if want_local else None
@@ -137,7 +139,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
             pooling=gc.pooling,
             dim=self.dim,
             scales=list(gc.scales),
-            max_side=gc.max_side,
+            max_side=self.working_side,
             local_dim=self.local_extractor.dim,
         )
 

@@ -24,7 +24,7 @@ PHOTO_SUBSET = PHOTOS[:6]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cfg = ClusterConfig(shards=2, replicas=1, max_side=320, scales=(1.0,), data_dir=str(tmp_path_factory.mktemp("wal")))
+    cfg = ClusterConfig(shards=2, replicas=1, max_side=320, global_max_side=320, scales=(1.0,), data_dir=str(tmp_path_factory.mktemp("wal")))
     with Cluster(cfg) as c:
         yield c
 

@@ -4,19 +4,19 @@ Every image is extracted once (module fixture) with the default ``LocalConfig``;
 are reduced with a LocalPCA-40 fitted on these 13 images (what the broker's collection model
 does on its own collection), then matched with the default ``VerifyParams``.
 
-Measured with the defaults (block11.expand, scales 0.5/0.7071/1.0, 1000 keypoints, MNN,
-MAGSAC affine at 20 px):
+Measured with the defaults (block10, scales 0.25/0.5/1.0, 1000 keypoints, MNN, MAGSAC affine
+at 20 px), in file order the 7 listed pairs give [50, 0, 13, 0, 0, 0, 1000] inliers:
 
-- the identity pair listed in the file verifies with ~1000 inliers;
-- london_bridge 78916675 ↔ 19481797 (tower seen from the bank and from the bridge deck) with
-  ~40 inliers;
-- the 5 other listed pairs are wide-baseline / low-overlap views (4x zoom, a different face of
-  the building, the cathedral as a small far object behind a parade) that neither these
-  features nor RootSIFT-1000 verify above the chance level of unrelated images, so they are
-  reported, not asserted;
-- the 60 cross-landmark pairs reach at most ~10 inliers;
-- each photo against a synthetic viewpoint change of itself (homography, 0.7x zoom, colour
-  change) verifies with >= 100 inliers.
+- london_bridge 78916675 <-> 19481797 (the tower from the bank and from the bridge deck): 50;
+- the identity pair: 1000 (every keypoint);
+- the 5 other listed pairs are wide-baseline / low-overlap views (4x zoom, another face of the
+  palace, the cathedral small and far behind a parade) that neither these features nor
+  RootSIFT-1000 + ratio test verify above chance level (RootSIFT: [0, 0, 0, 0, 8, 0, 1000]),
+  so they are reported here, not asserted;
+- the 60 cross-landmark pairs: at most 13 inliers (mean 2.8), below the 15-inlier point of
+  ``inlier_confidence``;
+- one photo per landmark against a synthetic viewpoint change of itself (perspective warp,
+  0.7x zoom, contrast/brightness change): 207..361 inliers.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from services.common.images import decode_image
 from services.extractor.backbone import load_backbone
 from services.extractor.local_features import LocalConfig, LocalExtractor, LocalFeatures
 from services.extractor.whitening import LocalPCA
-from services.rerank.verify import VerifyParams, verify_pair
+from services.rerank.verify import CONFIDENCE_CENTER_INLIERS, VerifyParams, verify_pair
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.data]
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "phototourism_sample"
 # listed pairs that show the same surface at a comparable scale (see the module docstring)
@@ -112,7 +112,7 @@ def test_verifiable_pairs_separate_from_cross_landmark_pairs(
     features: Features, cross_inliers: list[int]
 ) -> None:
     same = {pair: _inliers(features, *pair) for pair in VERIFIABLE}
-    assert max(cross_inliers) <= 15, sorted(cross_inliers)[-5:]
+    assert max(cross_inliers) < CONFIDENCE_CENTER_INLIERS, sorted(cross_inliers)[-5:]
     assert min(same.values()) > 2 * max(cross_inliers), (same, sorted(cross_inliers)[-5:])
 
 

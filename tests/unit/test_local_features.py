@@ -122,8 +122,10 @@ def test_config_validation(kwargs: dict, field: str) -> None:
 def test_attention_score_needs_a_matching_head(backbone: EfficientNetLite0) -> None:
     with pytest.raises(ValueError, match="attention_head"):
         LocalExtractor(backbone, LocalConfig(score="attention"))
+    with pytest.raises(ValueError, match="attention_head"):
+        LocalExtractor(backbone, LocalConfig(), AttentionHead(112))  # score="l2norm"
     with pytest.raises(ValueError, match="channels"):
-        LocalExtractor(backbone, LocalConfig(layer="block10"), AttentionHead(672))  # 112 ch
+        LocalExtractor(backbone, LocalConfig(layer="block10", score="attention"), AttentionHead(672))  # 112 ch
 
 
 # -- extraction -----------------------------------------------------------------------------
