@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 
-from services.extractor.whitening import LocalPCA, PCAWhitening
+from services.extractor.whitening import LocalPCA, PCAWhitening, to_indexed_space
 
 LOCAL_DIM = 40
 MAX_FIT_DESCRIPTORS = 50_000
@@ -74,10 +74,7 @@ class CollectionModel:
 
     def transform(self, raw: np.ndarray) -> np.ndarray:
         """(n, D) raw L2-normalised descriptors → (n, D') as the shards index them."""
-        raw = np.atleast_2d(np.asarray(raw, dtype=np.float32))
-        if self.whitening is not None:
-            return self.whitening.apply(raw).astype(np.float32)
-        return raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
+        return to_indexed_space(raw, self.whitening)
 
     def ensure_local_pca(self, descriptors: list[np.ndarray], seed: int = 0) -> LocalPCA:
         """The PCA, learning it from ``descriptors`` ((N_i, C) arrays) when there is none yet."""

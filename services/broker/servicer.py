@@ -17,7 +17,7 @@ from loupe.tensors import from_tensor, to_tensor
 from loupe.v1 import extractor_pb2, retrieval_pb2, retrieval_pb2_grpc, shard_pb2, types_pb2
 from services.broker.backends import ExtractorPool, GrpcShardClient, ShardClient
 from services.broker.metrics import BrokerMetrics
-from services.broker.topk import Hit, merge_topk
+from services.broker.topk import Hit, ids_by_shard, merge_topk
 from services.common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -374,12 +374,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
     async def _regional_nodes(self, hits: list[Hit], deadline: Deadline) -> tuple[np.ndarray, np.ndarray]:
         """Whitened regional vectors of ``hits`` (one GetFeatures per shard) and their owners."""
         index_of = {h.image_id: i for i, h in enumerate(hits)}
-        by_shard: dict[int, list[str]] = {}
-        for h in hits:
-            by_shard.setdefault(h.shard_id, []).append(h.image_id)
         responses = await asyncio.gather(
             *(self.shards[sid].get_features(shard_pb2.GetFeaturesRequest(shard_id=sid, ids=ids, want_regional=True), deadline.remaining())
-              for sid, ids in by_shard.items()),
+              for sid, ids in ids_by_shard(hits).items()),
             return_exceptions=True,
         )
         nodes, owner = [], []

@@ -56,3 +56,11 @@ def merge_topk(lists: Iterable[Sequence[Hit]], k: int, larger_is_better: bool = 
         if nxt is not None:
             heapq.heappush(heap, (sign * nxt.score, i, nxt))
     return out
+
+
+def ids_by_shard(hits: Iterable[Hit]) -> dict[int, list[str]]:
+    """Image ids grouped by owning shard, in hit order (for one batched call per shard)."""
+    out: dict[int, list[str]] = {}
+    for h in hits:
+        out.setdefault(h.shard_id, []).append(h.image_id)
+    return out

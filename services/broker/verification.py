@@ -11,7 +11,7 @@ import numpy as np
 
 from loupe.tensors import from_tensor
 from loupe.v1 import shard_pb2
-from services.broker.topk import Hit
+from services.broker.topk import Hit, ids_by_shard
 from services.rerank.verify import (
     REFERENCE_SIDE_PX,
     VerifyParams,
@@ -54,10 +54,7 @@ class CandidateLocal:
 
 async def fetch_local_features(hits: Sequence[Hit], fetch: FetchLocal) -> dict[str, CandidateLocal]:
     """One GetFeatures call per owning shard; returns id → its stored local features."""
-    by_shard: dict[int, list[str]] = {}
-    for h in hits:
-        by_shard.setdefault(h.shard_id, []).append(h.image_id)
-    responses = await asyncio.gather(*(fetch(sid, ids) for sid, ids in by_shard.items()), return_exceptions=True)
+    responses = await asyncio.gather(*(fetch(sid, ids) for sid, ids in ids_by_shard(hits).items()), return_exceptions=True)
     out: dict[str, CandidateLocal] = {}
     for resp in responses:
         if isinstance(resp, BaseException):

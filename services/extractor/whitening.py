@@ -207,3 +207,16 @@ class LocalPCA(_PCAProjection):
         """
         self._fit(X, dim, whiten=whiten, shrinkage=0.0)
         return self
+
+
+def to_indexed_space(raw: np.ndarray, whitening: PCAWhitening | None) -> np.ndarray:
+    """(n, D) raw L2-normalised descriptors → (n, D') float32 as the collection indexes them.
+
+    Whitened (and L2-normalised) when the collection has a whitening, else only
+    re-normalised. Shards (stored vectors) and the broker (queries) both call this, so the
+    two sides can never disagree.
+    """
+    x = np.atleast_2d(np.asarray(raw, dtype=np.float32))
+    if whitening is not None:
+        return whitening.apply(x).astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

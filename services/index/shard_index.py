@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from services.extractor.whitening import PCAWhitening
+from services.extractor.whitening import PCAWhitening, to_indexed_space
 
 
 @dataclass
@@ -85,11 +85,6 @@ class SearchHits:
     metadata: list[dict[str, str]]
 
 
-def _l2n(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 class ShardIndex:
     """A shard's images, searchable by global-descriptor inner product.
 
@@ -120,10 +115,7 @@ class ShardIndex:
     # --- transforms -------------------------------------------------------------------
     def transform(self, raw: np.ndarray) -> np.ndarray:
         """(n, D) raw L2-normalised vectors → (n, D') vectors as indexed (whitened, L2)."""
-        raw = np.atleast_2d(np.asarray(raw, dtype=np.float32))
-        if self.whitening is None:
-            return _l2n(raw)
-        return self.whitening.apply(raw).astype(np.float32)
+        return to_indexed_space(raw, self.whitening)
 
     @property
     def indexed_dim(self) -> int:
@@ -227,7 +219,7 @@ class ShardIndex:
             raise ValueError(f"query: dimension {query.shape[0]} != index dimension {expected}")
         if self._index is None or self._index.ntotal == 0:
             return SearchHits([], np.zeros(0, np.float32), None, [])
-        q = _l2n(query[None, :]) if transformed else self.transform(query[None, :])
+        q = to_indexed_space(query, None) if transformed else self.transform(query)
         k = min(top_k, self._index.ntotal)
         scores, labels = self._index.search(q, k)
         keep = labels[0] >= 0
