@@ -55,7 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("directory")
     ix.add_argument("--batch", type=int, default=16, help="images per AddImages message")
     ix.add_argument("--whiten", action="store_true", help="learn and install PCA-whitening on the collection afterwards")
+    ix.add_argument("--no-graph", action="store_true", help="do not (re)build the collection's kNN graph for diffusion afterwards")
     _add_common(ix)
+
+    gr = sub.add_parser("build-graph", help="(re)build the collection's kNN graph used by global diffusion")
+    gr.add_argument("--k", type=int, default=0, help="neighbours per image (default: the broker's diffusion k, 50)")
+    gr.add_argument("--remove", action="store_true", help="remove the graph (diffusion builds one per query again)")
+    _add_common(gr)
 
     se = sub.add_parser("search", help="search with an image")
     se.add_argument("image")
@@ -79,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rerank", action="append", default=None, help="a rerank configuration (repeatable; default none)")
     ev.add_argument("--skip-index", action="store_true", help="the cluster at --address already holds the database")
     ev.add_argument("--whiten", action="store_true", help="learn PCA-whitening on the indexed database before searching")
+    ev.add_argument("--no-graph", action="store_true", help="do not build the collection's kNN graph (diffusion builds one per query)")
     ev.add_argument("--batch", type=int, default=16)
     _add_common(ev)
 
@@ -180,10 +187,26 @@ def cmd_index(args: argparse.Namespace) -> int:
         if args.whiten:
             w = client.fit_whitening()
             out["whitening"] = {"sample_size": w.sample_size, "dim": w.dim}
+        if not args.no_graph:
+            g = client.build_graph()
+            out["graph"] = {"images": g.images, "k": g.k, "bytes": g.bytes, "seconds": round(g.seconds, 3)}
     if args.json:
         print(json.dumps(out))
     else:
         print(f"indexed {rep.images} images in {rep.seconds:.1f} s ({rep.images_per_s:.2f} images/s)")
+    return 0
+
+
+def cmd_build_graph(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        g = client.build_graph(k=args.k, remove=args.remove)
+    out = {"images": g.images, "k": g.k, "bytes": g.bytes, "seconds": round(g.seconds, 3)}
+    if args.json:
+        print(json.dumps(out))
+    elif args.remove:
+        print("collection graph removed")
+    else:
+        print(f"collection graph: {g.images} images, k={g.k}, {g.bytes / 2**20:.1f} MiB, built in {g.seconds:.1f} s")
     return 0
 
 
@@ -294,10 +317,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _run_eval_with_whitening(client, args, reranks, progress, run_eval) -> dict:
     if not args.whiten or args.skip_index:
-        return run_eval(client, args.images, args.gnd, reranks, batch_size=args.batch, skip_index=args.skip_index, progress=progress)
-    first = run_eval(client, args.images, args.gnd, [], batch_size=args.batch, progress=progress)
+        return run_eval(client, args.images, args.gnd, reranks, batch_size=args.batch, skip_index=args.skip_index,
+                        graph=not args.no_graph, progress=progress)
+    first = run_eval(client, args.images, args.gnd, [], batch_size=args.batch, graph=False, progress=progress)
     client.fit_whitening()
-    result = run_eval(client, args.images, args.gnd, reranks, skip_index=True, progress=progress)
+    result = run_eval(client, args.images, args.gnd, reranks, skip_index=True, graph=not args.no_graph, progress=progress)
     result["settings"]["index_seconds"] = first["settings"]["index_seconds"]
     result["settings"]["whitened"] = True
     return result
@@ -323,7 +347,7 @@ def cmd_train_attention(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "up": cmd_up, "index": cmd_index, "search": cmd_search, "stats": cmd_stats, "eval": cmd_eval, "demo": cmd_demo,
-    "train": cmd_train, "train-attention": cmd_train_attention,
+    "build-graph": cmd_build_graph, "train": cmd_train, "train-attention": cmd_train_attention,
 }
 
 

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import random
 import sys
 from typing import Any
-
-import numpy as np
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register both commands on the CLI's sub-parsers."""
     tr = sub.add_parser("train", help="metric learning: fine-tune the global descriptor (N-pair, triplet, contrastive)")
     tr.add_argument("--images", required=True, help="training images directory")
-    tr.add_argument("--labels", default=None, help="CSV image,label (no labels: instance mode, augmented pairs)")
+    tr.add_argument("--labels", default=None, help="CSV image,label (optional header row; image with or without extension). No labels: instance mode, augmented pairs")
     tr.add_argument("--loss", choices=["npair", "triplet", "contrastive"], default="npair")
     tr.add_argument("--out", required=True, help="output model file (loads with --weights)")
     tr.add_argument("--epochs", type=int, default=5)
@@ -31,7 +27,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     ta = sub.add_parser("train-attention", help="train the DELF attention head from image-level labels (backbone frozen)")
     ta.add_argument("--images", required=True, help="images directory")
-    ta.add_argument("--labels", required=True, help="CSV image,label (image = file name without extension or relative path)")
+    ta.add_argument("--labels", required=True, help="CSV image,label (optional header row; image with or without extension)")
     ta.add_argument("--out", required=True, help="output head file (extractor: --attention FILE)")
     ta.add_argument("--layer", default=None, help="backbone tap (default: the extractor's local-feature layer)")
     ta.add_argument("--epochs", type=int, default=10)
@@ -39,31 +35,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ta.add_argument("--val-fraction", type=float, default=0.2)
     ta.add_argument("--seed", type=int, default=0)
     ta.add_argument("--json", action="store_true")
-
-
-def read_labels(path: str) -> list[tuple[str, str]]:
-    """(image, label) rows of a CSV; a header row ``image,label`` is skipped."""
-    rows = []
-    with open(path, newline="") as f:
-        for i, row in enumerate(csv.reader(f)):
-            if not row or row[0].startswith("#"):
-                continue
-            if len(row) < 2:
-                raise ValueError(f"--labels: line {i + 1} needs image,label")
-            if i == 0 and row[0].strip().lower() == "image":
-                continue
-            rows.append((row[0].strip(), row[1].strip()))
-    if not rows:
-        raise ValueError(f"--labels: no rows in {path}")
-    return rows
-
-
-def _resolve(images_dir: str, name: str) -> str:
-    for cand in (name, name + ".jpg", name + ".jpeg", name + ".png", name + ".webp"):
-        p = os.path.join(images_dir, cand)
-        if os.path.isfile(p):
-            return p
-    raise FileNotFoundError(f"--images: no file for {name!r} in {images_dir}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -91,7 +62,9 @@ def cmd_train_attention(args: argparse.Namespace) -> int:
     args.layer = args.layer or LocalConfig().layer
     if not 0.0 <= args.val_fraction < 1.0:
         raise ValueError("--val-fraction: must be in [0, 1)")
-    rows = read_labels(args.labels)
+    from services.training.labels import read_labels, resolve_image
+
+    rows = list(zip(*read_labels(args.labels)))
     classes = sorted({label for _, label in rows})
     index = {c: i for i, c in enumerate(classes)}
     rng = random.Random(args.seed)
@@ -108,7 +81,7 @@ def cmd_train_attention(args: argparse.Namespace) -> int:
     def load(items):
         imgs = []
         for name, _ in items:
-            with open(_resolve(args.images, name), "rb") as f:
+            with open(resolve_image(args.images, name), "rb") as f:
                 imgs.append(decode_image(f.read(), max_side=args.image_side))
         return imgs, [y for _, y in items]
 

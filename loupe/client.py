@@ -107,6 +107,10 @@ class RetrievalClient:
         """Collection statistics."""
         return self.stub.GetStats(retrieval_pb2.GetStatsRequest(), timeout=timeout_s)
 
+    def build_graph(self, k: int = 0, remove: bool = False, timeout_s: float = 600.0) -> retrieval_pb2.BuildGraphResponse:
+        """Build (or remove) the collection's kNN graph used by global diffusion."""
+        return self.stub.BuildGraph(retrieval_pb2.BuildGraphRequest(k=k, remove=remove), timeout=timeout_s)
+
     def fit_whitening(self, max_vectors: int = 0, dim: int = 0, remove: bool = False, timeout_s: float = 300.0) -> retrieval_pb2.FitWhiteningResponse:
         """Learn and install the collection's PCA-whitening (or remove it)."""
         return self.stub.FitWhitening(retrieval_pb2.FitWhiteningRequest(max_vectors=max_vectors, dim=dim, remove=remove), timeout=timeout_s)

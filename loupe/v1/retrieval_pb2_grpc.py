@@ -60,6 +60,11 @@ class RetrievalStub:
                 request_serializer=loupe_dot_v1_dot_retrieval__pb2.FitWhiteningRequest.SerializeToString,
                 response_deserializer=loupe_dot_v1_dot_retrieval__pb2.FitWhiteningResponse.FromString,
                 _registered_method=True)
+        self.BuildGraph = channel.unary_unary(
+                '/loupe.v1.Retrieval/BuildGraph',
+                request_serializer=loupe_dot_v1_dot_retrieval__pb2.BuildGraphRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_retrieval__pb2.BuildGraphResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServicer:
@@ -109,6 +114,17 @@ class RetrievalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BuildGraph(self, request, context):
+        """Builds (or removes) the collection's offline kNN graph over the indexed global descriptors
+        and keeps it in the broker (persisted in its data directory). Global diffusion then takes
+        each query's neighbourhood graph from it instead of building one per query; images added
+        later are joined online until the next build. Refitting the whitening removes it.
+        Errors: FAILED_PRECONDITION when the collection has fewer than 2 images.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -136,6 +152,11 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.FitWhitening,
                     request_deserializer=loupe_dot_v1_dot_retrieval__pb2.FitWhiteningRequest.FromString,
                     response_serializer=loupe_dot_v1_dot_retrieval__pb2.FitWhiteningResponse.SerializeToString,
+            ),
+            'BuildGraph': grpc.unary_unary_rpc_method_handler(
+                    servicer.BuildGraph,
+                    request_deserializer=loupe_dot_v1_dot_retrieval__pb2.BuildGraphRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_retrieval__pb2.BuildGraphResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -274,6 +295,33 @@ class Retrieval:
             '/loupe.v1.Retrieval/FitWhitening',
             loupe_dot_v1_dot_retrieval__pb2.FitWhiteningRequest.SerializeToString,
             loupe_dot_v1_dot_retrieval__pb2.FitWhiteningResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BuildGraph(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Retrieval/BuildGraph',
+            loupe_dot_v1_dot_retrieval__pb2.BuildGraphRequest.SerializeToString,
+            loupe_dot_v1_dot_retrieval__pb2.BuildGraphResponse.FromString,
             options,
             channel_credentials,
             insecure,

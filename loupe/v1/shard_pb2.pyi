@@ -143,6 +143,28 @@ class SampleVectorsResponse(_message.Message):
     regional: _types_pb2.Tensor
     def __init__(self, vectors: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., regional: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
+class ListVectorsRequest(_message.Message):
+    __slots__ = ("shard_id", "cursor", "limit")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    cursor: int
+    limit: int
+    def __init__(self, shard_id: _Optional[int] = ..., cursor: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListVectorsResponse(_message.Message):
+    __slots__ = ("ids", "vectors", "next_cursor", "done")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CURSOR_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    vectors: _types_pb2.Tensor
+    next_cursor: int
+    done: bool
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., vectors: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., next_cursor: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...
+
 class SetWhiteningRequest(_message.Message):
     __slots__ = ("shard_id", "whitening")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]

@@ -60,6 +60,11 @@ class ShardStub:
                 request_serializer=loupe_dot_v1_dot_shard__pb2.SampleVectorsRequest.SerializeToString,
                 response_deserializer=loupe_dot_v1_dot_shard__pb2.SampleVectorsResponse.FromString,
                 _registered_method=True)
+        self.ListVectors = channel.unary_unary(
+                '/loupe.v1.Shard/ListVectors',
+                request_serializer=loupe_dot_v1_dot_shard__pb2.ListVectorsRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_shard__pb2.ListVectorsResponse.FromString,
+                _registered_method=True)
         self.SetWhitening = channel.unary_unary(
                 '/loupe.v1.Shard/SetWhitening',
                 request_serializer=loupe_dot_v1_dot_shard__pb2.SetWhiteningRequest.SerializeToString,
@@ -113,6 +118,15 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListVectors(self, request, context):
+        """Pages through every stored global descriptor in the indexed space (whitened when the
+        collection is), with its id: the broker builds the collection's kNN graph from it.
+        Errors: INVALID_ARGUMENT (limit out of range, negative cursor).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetWhitening(self, request, context):
         """Installs the collection's whitening; the shard re-indexes its vectors with it.
         """
@@ -154,6 +168,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.SampleVectors,
                     request_deserializer=loupe_dot_v1_dot_shard__pb2.SampleVectorsRequest.FromString,
                     response_serializer=loupe_dot_v1_dot_shard__pb2.SampleVectorsResponse.SerializeToString,
+            ),
+            'ListVectors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVectors,
+                    request_deserializer=loupe_dot_v1_dot_shard__pb2.ListVectorsRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_shard__pb2.ListVectorsResponse.SerializeToString,
             ),
             'SetWhitening': grpc.unary_unary_rpc_method_handler(
                     servicer.SetWhitening,
@@ -302,6 +321,33 @@ class Shard:
             '/loupe.v1.Shard/SampleVectors',
             loupe_dot_v1_dot_shard__pb2.SampleVectorsRequest.SerializeToString,
             loupe_dot_v1_dot_shard__pb2.SampleVectorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVectors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Shard/ListVectors',
+            loupe_dot_v1_dot_shard__pb2.ListVectorsRequest.SerializeToString,
+            loupe_dot_v1_dot_shard__pb2.ListVectorsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,5 +1,7 @@
-"""Collection-level transforms owned by the broker: the PCA of local descriptors (to 40-D)
-and the PCA-whitening of global/regional descriptors (also installed on every shard).
+"""Collection-level state owned by the broker: the PCA of local descriptors (to 40-D), the
+PCA-whitening of global/regional descriptors (also installed on every shard) and the
+collection's offline kNN graph for diffusion (``graph.npz``; ids replaced or deleted since the
+build are appended to ``graph_stale.txt`` and joined online until the next build).
 
 The PCA is learned on the collection itself: from the local descriptors of the first
 AddImages batch that carries any (``loupe index`` sends a batch of 16 images → ~16k
@@ -15,6 +17,7 @@ import threading
 import numpy as np
 
 from services.extractor.whitening import LocalPCA, PCAWhitening, to_indexed_space
+from services.rerank.graph import CollectionGraph
 
 LOCAL_DIM = 40
 MAX_FIT_DESCRIPTORS = 50_000
@@ -38,6 +41,10 @@ class CollectionModel:
             self.local_pca = LocalPCA.from_bytes(self._read("local_pca.npz"))
         if self._read("whitening.npz"):
             self.whitening = PCAWhitening.from_bytes(self._read("whitening.npz"))
+        self.graph: CollectionGraph | None = None
+        if self._read("graph.npz"):
+            self.graph = CollectionGraph.from_bytes(self._read("graph.npz"))
+            self.graph.forget(self._read("graph_stale.txt").decode().split("\n"))
 
     def _path(self, name: str = "local_pca.npz") -> str:
         return os.path.join(self.directory, name) if self.directory else ""
@@ -67,10 +74,34 @@ class CollectionModel:
         os.replace(tmp, path)
 
     def set_whitening(self, whitening: PCAWhitening | None) -> None:
-        """Install (None: remove) the global whitening and persist it."""
+        """Install (None: remove) the global whitening and persist it; drops the graph (its
+        similarities were measured in the old space)."""
         with self._lock:
             self._write("whitening.npz", whitening.to_bytes() if whitening is not None else b"")
             self.whitening = whitening
+        self.set_graph(None)
+
+    def set_graph(self, graph: CollectionGraph | None) -> None:
+        """Install (None: remove) the collection's kNN graph and persist it."""
+        with self._lock:
+            self._write("graph_stale.txt", b"")
+            self._write("graph.npz", graph.to_bytes() if graph is not None else b"")
+            self.graph = graph
+
+    def graph_forget(self, ids: list[str]) -> None:
+        """Images replaced or deleted: the graph stops covering them (persisted, appended)."""
+        with self._lock:
+            graph = self.graph
+            if graph is None:
+                return
+            stale = [i for i in ids if graph.rows_of([i])[0] >= 0]
+            if not stale:
+                return
+            graph.forget(stale)
+            path = self._path("graph_stale.txt")
+            if path:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write("".join(i + "\n" for i in stale))
 
     def transform(self, raw: np.ndarray) -> np.ndarray:
         """(n, D) raw L2-normalised descriptors → (n, D') as the shards index them."""

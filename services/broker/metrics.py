@@ -24,6 +24,7 @@ class BrokerMetrics:
     shard_wal_bytes: Gauge
     images_added: Counter
     diffusion_iterations: Histogram
+    graph_images: Gauge
 
     @classmethod
     def create(cls) -> "BrokerMetrics":
@@ -54,6 +55,7 @@ class BrokerMetrics:
                 "loupe_diffusion_cg_iterations", "Conjugate-gradient iterations per diffusion solve.",
                 buckets=(1, 2, 5, 10, 15, 20, 30, 50), registry=r,
             ),
+            graph_images=Gauge("loupe_graph_images", "Images covered by the collection's kNN graph (0 = none).", registry=r),
         )
 
     def serve(self, host: str, port: int) -> int:

@@ -12,7 +12,15 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from services.broker.topk import Hit
-from services.rerank.diffusion import DiffusionParams, aggregate_scores, diffuse, knn_affinity, normalise_symmetric, query_seed
+from services.rerank.diffusion import (
+    DiffusionParams,
+    affinity_from_edges,
+    aggregate_scores,
+    diffuse,
+    knn_affinity,
+    normalise_symmetric,
+    query_seed,
+)
 from services.rerank.expansion import alpha_qe, dba
 
 
@@ -54,6 +62,7 @@ def diffusion_scores(
     n_images: int,
     params: DiffusionParams,
     extra_seeds: Mapping[int, float] | None = None,
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> DiffusionOutcome:
     """Diffuse from the query (and optional extra seeded images) over the neighbourhood graph.
 
@@ -71,8 +80,14 @@ def diffusion_scores(
     extra_seeds : image index → weight
         Images known to match (e.g. geometrically verified): their nodes join the seed ``y``
         with ``weight`` × the query's largest seed value.
+    edges : (src (E,), dst (E,), sim (E,)), optional
+        Directed kNN edges among the nodes from the collection's offline graph
+        (``CollectionGraph.neighbourhood_lists``); None builds the kNN graph of ``nodes`` here.
     """
-    W = knn_affinity(nodes, min(params.k, max(1, len(nodes) - 1)), params.gamma, mutual=params.mutual)
+    if edges is not None:
+        W = affinity_from_edges(len(nodes), *edges, params.gamma, mutual=params.mutual)
+    else:
+        W = knn_affinity(nodes, min(params.k, max(1, len(nodes) - 1)), params.gamma, mutual=params.mutual)
     S = normalise_symmetric(W)
     y = query_seed(np.atleast_2d(query), nodes, params.kq, params.gamma)
     if extra_seeds:

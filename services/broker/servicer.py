@@ -29,16 +29,19 @@ from services.common.errors import (
 )
 from services.common.grpc_server import RunningAioServer, ServerOptions, create_aio_server
 from services.broker.collection_model import CollectionModel
-from services.broker.rerank_stages import diffusion_scores, dba_rescore, expand_query, hit_vectors, order_by
+from services.broker.rerank_stages import DiffusionOutcome, diffusion_scores, dba_rescore, expand_query, hit_vectors, order_by
 from services.broker.verification import VerifiedHit, confidence, fetch_local_features, query_confidence, verify_hits
 from services.extractor.whitening import PCAWhitening
 from services.rerank.diffusion import DiffusionParams
+from services.rerank.graph import CollectionGraph
+from services.rerank.regions import reduce_each
 from services.rerank.verify import VerifyParams
 from services.index.placement import shard_for
 from services.index.records import check_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_REGIONS_PER_IMAGE = 64
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,9 @@ class BrokerConfig:
     neighbourhood: int = 1000
     regional_neighbourhood: int = 200
     max_neighbourhood: int = 5000
+    regions_per_image: int = 0
+    max_graph_k: int = 200
+    graph_page: int = 4096
     qe_n: int = 2
     qe_alpha: float = 3.0
     dba_neighbourhood: int = 1000
@@ -148,6 +154,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         self.metrics = metrics
         self.config = config
         self.collection = CollectionModel(config.data_dir)
+        self.metrics.graph_images.set(len(self.collection.graph) if self.collection.graph is not None else 0)
         self._verify_pool = ThreadPoolExecutor(max_workers=config.verify_threads, thread_name_prefix="loupe-verify")
 
     # --- plumbing -------------------------------------------------------------------------
@@ -297,6 +304,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         ro = request.rerank
         verify = self._verify_params(ro.verify)
         diffusion, regional, neighbourhood = None, False, 0
+        regions_per_image, online_graph = 0, False
         if ro.diffuse.enabled:
             d = ro.diffuse
             if d.neighbourhood < 0 or d.neighbourhood > self.config.max_neighbourhood:
@@ -304,6 +312,10 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             if d.k < 0:
                 raise InvalidArgument(f"rerank.diffuse.k: must be >= 0, got {d.k}")
             regional = d.regional
+            if d.regions_per_image < -1 or d.regions_per_image > MAX_REGIONS_PER_IMAGE:
+                raise InvalidArgument(f"rerank.diffuse.regions_per_image: must be in -1..{MAX_REGIONS_PER_IMAGE}, got {d.regions_per_image}")
+            regions_per_image = d.regions_per_image or self.config.regions_per_image
+            online_graph = d.online_graph
             base = self.config.regional_diffusion if regional else self.config.diffusion
             changes = {name: getattr(d, name) for name in ("k", "alpha", "gamma") if getattr(d, name)}
             try:
@@ -323,6 +335,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             diffusion=diffusion,
             regional=regional,
             neighbourhood=neighbourhood,
+            regions_per_image=max(regions_per_image, 0),
+            online_graph=online_graph,
             diffuse_first=ro.diffuse_first,
             qe=e.query_expansion,
             dba=e.database_augmentation,
@@ -354,14 +368,29 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
                 seeds[i] = 1.0
         loop = asyncio.get_running_loop()
         if plan.regional:
-            nodes, owner = await self._regional_nodes(head, deadline)
-            if query_regions is None or not len(nodes):
+            regions = await self._regional_nodes(head, deadline)
+            if query_regions is None or not regions:
                 return hits
             q = np.concatenate([query_regions, self.collection.transform(query[None, :])])
-            outcome = await loop.run_in_executor(None, diffusion_scores, q, nodes, owner, len(head), plan.diffusion, seeds)
+
+            def run_regional() -> DiffusionOutcome:
+                per_image = [r for _, r in regions]
+                if plan.regions_per_image:
+                    per_image = reduce_each(per_image, plan.regions_per_image)
+                owner = np.repeat([i for i, _ in regions], [len(r) for r in per_image])
+                return diffusion_scores(q, np.concatenate(per_image), owner, len(head), plan.diffusion, seeds)
+
+            outcome = await loop.run_in_executor(None, run_regional)
         else:
             q = self.collection.transform(query[None, :])[0]
-            outcome = await loop.run_in_executor(None, diffusion_scores, q, hit_vectors(head), None, len(head), plan.diffusion, seeds)
+            vectors = hit_vectors(head)
+            graph = None if plan.online_graph else self.collection.graph
+
+            def run() -> DiffusionOutcome:
+                edges = None if graph is None else graph.neighbourhood_lists([h.image_id for h in head], vectors, plan.diffusion.k)
+                return diffusion_scores(q, vectors, None, len(head), plan.diffusion, seeds, edges)
+
+            outcome = await loop.run_in_executor(None, run)
         self.metrics.diffusion_iterations.observe(outcome.iterations)
         if not verified:
             return order_by(head, outcome.scores) + tail
@@ -371,26 +400,23 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         rest = order_by([head[i] for i in rest_idx], outcome.scores[rest_idx])
         return top + rest + tail
 
-    async def _regional_nodes(self, hits: list[Hit], deadline: Deadline) -> tuple[np.ndarray, np.ndarray]:
-        """Whitened regional vectors of ``hits`` (one GetFeatures per shard) and their owners."""
+    async def _regional_nodes(self, hits: list[Hit], deadline: Deadline) -> list[tuple[int, np.ndarray]]:
+        """Whitened ``(R_i, D')`` regional vectors of ``hits`` (one GetFeatures per shard), with
+        the position of their image in ``hits``."""
         index_of = {h.image_id: i for i, h in enumerate(hits)}
         responses = await asyncio.gather(
             *(self.shards[sid].get_features(shard_pb2.GetFeaturesRequest(shard_id=sid, ids=ids, want_regional=True), deadline.remaining())
               for sid, ids in ids_by_shard(hits).items()),
             return_exceptions=True,
         )
-        nodes, owner = [], []
+        out = []
         for resp in responses:
             if isinstance(resp, BaseException):
                 continue
             for image_id, f in zip(resp.ids, resp.features):
                 if f.regional.shape:
-                    r = from_tensor(f.regional, field="regional")
-                    nodes.append(r)
-                    owner.append(np.full(len(r), index_of[image_id], dtype=np.int64))
-        if not nodes:
-            return np.zeros((0, 1), np.float32), np.zeros(0, np.int64)
-        return np.concatenate(nodes), np.concatenate(owner)
+                    out.append((index_of[image_id], from_tensor(f.regional, field="regional").astype(np.float32)))
+        return out
 
     def _verify_params(self, opts: retrieval_pb2.VerifyOptions) -> VerifyParams | None:
         """Request options merged over the server defaults (None when the stage is off)."""
@@ -524,6 +550,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             except grpc.aio.AioRpcError as exc:
                 raise _from_rpc_error(exc, f"shard {sid}") from None
 
+        self.collection.graph_forget([rec.id for rec in batch.images])  # replaced images leave the graph
         stored = await asyncio.gather(*(write(s, r) for s, r in by_shard.items()))
         n = int(sum(stored))
         self.metrics.images_added.inc(n)
@@ -561,6 +588,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
                 raise _from_rpc_error(exc, f"shard {sid}") from None
 
         results = await asyncio.gather(*(one(s, ids) for s, ids in by_shard.items()))
+        self.collection.graph_forget(list(request.ids))
         resp = retrieval_pb2.DeleteResponse()
         for r in results:
             resp.deleted.extend(r.deleted)
@@ -576,7 +604,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
     async def _get_stats(self, context: grpc.aio.ServicerContext) -> retrieval_pb2.GetStatsResponse:
         deadline = self._deadline(context)
         results = await asyncio.gather(*(s.stats(min(5.0, deadline.remaining())) for s in self.shards), return_exceptions=True)
-        resp = retrieval_pb2.GetStatsResponse(extractors=self.extractors.addresses)
+        graph = self.collection.graph
+        resp = retrieval_pb2.GetStatsResponse(extractors=self.extractors.addresses, graph_images=len(graph) if graph is not None else 0)
         for shard, res in zip(self.shards, results):
             st = resp.shards.add(shard_id=shard.shard_id, address=shard.address, healthy=not isinstance(res, BaseException))
             if isinstance(res, BaseException):
@@ -623,6 +652,50 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         return retrieval_pb2.FitWhiteningResponse(sample_size=sample, dim=dim)
 
 
+    # --- BuildGraph -----------------------------------------------------------------------
+    async def BuildGraph(self, request: retrieval_pb2.BuildGraphRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.BuildGraphResponse:
+        return await self._observe("BuildGraph", context, lambda: self._build_graph(request, context))
+
+    async def _build_graph(self, request: retrieval_pb2.BuildGraphRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.BuildGraphResponse:
+        deadline = self._deadline(context)
+        if request.k < 0 or request.k > self.config.max_graph_k:
+            raise InvalidArgument(f"k: must be in 0..{self.config.max_graph_k}, got {request.k}")
+        if request.remove:
+            self.collection.set_graph(None)
+            self.metrics.graph_images.set(0)
+            return retrieval_pb2.BuildGraphResponse()
+        t0 = time.perf_counter()
+
+        async def pages(shard: ShardClient) -> tuple[list[str], list[np.ndarray]]:
+            ids: list[str] = []
+            vecs: list[np.ndarray] = []
+            cursor = 0
+            while True:
+                try:
+                    page = await shard.list_vectors(
+                        shard_pb2.ListVectorsRequest(shard_id=shard.shard_id, cursor=cursor, limit=self.config.graph_page), deadline.remaining()
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    raise _from_rpc_error(exc, f"shard {shard.shard_id}") from None
+                ids.extend(page.ids)
+                if page.ids:
+                    vecs.append(from_tensor(page.vectors, field="vectors"))
+                if page.done:
+                    return ids, vecs
+                cursor = page.next_cursor
+
+        listed = await asyncio.gather(*(pages(s) for s in self.shards))
+        ids = [i for shard_ids, _ in listed for i in shard_ids]
+        if len(ids) < 2:
+            raise FailedPrecondition(f"collection: {len(ids)} images indexed, a graph needs at least 2")
+        vectors = np.concatenate([v for _, shard_vecs in listed for v in shard_vecs])
+        k = request.k or self.config.diffusion.k
+        graph = await asyncio.get_running_loop().run_in_executor(None, CollectionGraph.build, ids, vectors, k)
+        self.collection.set_graph(graph)
+        self.metrics.graph_images.set(len(graph))
+        return retrieval_pb2.BuildGraphResponse(images=len(graph), k=graph.k, bytes=graph.nbytes, seconds=time.perf_counter() - t0)
+
+
 @dataclass(frozen=True)
 class SearchPlan:
     """What one search runs, after validation and defaults."""
@@ -631,6 +704,8 @@ class SearchPlan:
     n_verify: int
     diffusion: DiffusionParams | None
     regional: bool
+    regions_per_image: int  # regional: k-means centroids per image (0 = every region)
+    online_graph: bool  # global: build the neighbourhood graph per query despite a collection graph
     neighbourhood: int
     diffuse_first: bool
     qe: bool

@@ -21,6 +21,7 @@ from services.index.wal import WalCorrupt, WriteAheadLog
 log = logging.getLogger(__name__)
 
 MAX_TOP_K = 100_000
+MAX_LIST_PAGE = 65_536
 WAL_ADD, WAL_DELETE, WAL_WHITENING = 1, 2, 3
 
 
@@ -151,6 +152,17 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         with self._lock:
             g, r = self.index.sample_vectors(request.max_vectors, request.seed, request.include_regional)
         return shard_pb2.SampleVectorsResponse(vectors=to_tensor(g), regional=to_tensor(r))
+
+    @grpc_errors
+    def ListVectors(self, request: shard_pb2.ListVectorsRequest, context: grpc.ServicerContext) -> shard_pb2.ListVectorsResponse:
+        self._check_shard(request.shard_id)
+        if not 1 <= request.limit <= MAX_LIST_PAGE:
+            raise InvalidArgument(f"limit: must be in 1..{MAX_LIST_PAGE}, got {request.limit}")
+        if request.cursor < 0:
+            raise InvalidArgument(f"cursor: must be >= 0, got {request.cursor}")
+        with self._lock:
+            ids, vectors, cursor, done = self.index.list_vectors(request.cursor, request.limit)
+        return shard_pb2.ListVectorsResponse(ids=ids, vectors=to_tensor(vectors), next_cursor=cursor, done=done)
 
     @grpc_errors
     def SetWhitening(self, request: shard_pb2.SetWhiteningRequest, context: grpc.ServicerContext) -> shard_pb2.SetWhiteningResponse:

@@ -235,6 +235,24 @@ class ShardIndex:
         label = self.label_of.get(image_id)
         return None if label is None else self.images[label]
 
+    def list_vectors(self, cursor: int, limit: int) -> tuple[list[str], np.ndarray, int, bool]:
+        """One page of stored images in label order, vectors in the indexed space.
+
+        Labels only grow (a replaced image gets a new one), so ``cursor`` (the first label not
+        yet returned) survives concurrent writes.
+
+        Returns
+        -------
+        (ids, vectors (n, D') float32, next_cursor, done)
+        """
+        labels = sorted(l for l in self.images if l >= cursor) if cursor else sorted(self.images)
+        page = labels[:limit]
+        done = len(labels) <= limit
+        if not page:
+            return [], np.zeros((0, self.indexed_dim), np.float32), cursor, True
+        vecs = self.transform(np.stack([self.images[l].vector for l in page]))
+        return [self.images[l].image_id for l in page], vecs, page[-1] + 1, done
+
     def sample_vectors(self, max_vectors: int, seed: int, regional: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Random sample of raw global (n, D) and, if asked, regional (m, D) vectors."""
         rng = np.random.default_rng(seed)

@@ -19,8 +19,9 @@ vectors whose owners are images):
    weights are not used) or ``max``.
 
 Building the kNN graph costs O(N^2 D) and dominates for large N; callers that keep a graph
-(e.g. an offline collection graph restricted to the neighbourhood, as the paper's truncated
-Laplacian does) pass its affinity and only the solve runs per query.
+(the collection's offline kNN graph restricted to the neighbourhood,
+``services.rerank.graph.CollectionGraph``, as the paper's truncated graph does) pass its edges
+(:func:`affinity_from_edges`) and only the solve runs per query.
 """
 
 from __future__ import annotations
@@ -172,9 +173,37 @@ def knn_affinity(X: np.ndarray, k: int, gamma: float, *, mutual: bool = True) ->
 def _knn_affinity(X: np.ndarray, k: int, gamma: float, mutual: bool) -> sp.csr_matrix:
     sims, ids = _self_knn(X, k)
     n = sims.shape[0]
-    weights = np.maximum(sims, 0.0, out=sims) ** np.float32(gamma)
-    rows = np.repeat(np.arange(n), ids.shape[1])
-    directed = sp.csr_matrix((weights.ravel(), (rows, ids.ravel())), shape=(n, n))
+    return affinity_from_edges(n, np.repeat(np.arange(n), ids.shape[1]), ids.ravel(), sims.ravel(), gamma, mutual=mutual)
+
+
+def affinity_from_edges(
+    n: int, src: np.ndarray, dst: np.ndarray, sim: np.ndarray, gamma: float, *, mutual: bool = True
+) -> sp.csr_matrix:
+    """Symmetric affinity from directed kNN edges ``src -> dst`` ("dst is among src's nearest").
+
+    Parameters
+    ----------
+    n : int
+        Nodes.
+    src, dst : ndarray ``(E,)`` int
+        Edge endpoints in ``[0, n)``; self-loops are dropped.
+    sim : ndarray ``(E,)`` float
+        Similarity of each edge.
+    gamma : float
+        ``w = max(sim, 0) ** gamma``.
+    mutual : bool
+        Keep an edge only when both directions are listed (else either suffices).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix, (N, N) float32
+        Symmetric, zero diagonal, no stored zeros.
+    """
+    src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+    w = np.maximum(np.asarray(sim, dtype=np.float32), 0.0) ** np.float32(gamma)
+    keep = src != dst
+    directed = sp.csr_matrix((w[keep], (src[keep], dst[keep])), shape=(n, n))
+    directed.sum_duplicates()
     # min/max of the two directions keeps W exactly symmetric despite float round-off.
     W = directed.minimum(directed.T) if mutual else directed.maximum(directed.T)
     W = sp.csr_matrix(W, dtype=np.float32)

@@ -13,36 +13,9 @@ its own class. Every sampler takes a ``numpy.random.Generator`` so a seed fixes 
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
-
-
-def read_labels(path: str | Path) -> tuple[list[str], list[str]]:
-    """Read an ``image,label`` CSV (with that header).
-
-    Parameters
-    ----------
-    path : str or Path
-
-    Returns
-    -------
-    (images, labels) : (list[str], list[str])
-        Image file names relative to the images directory, and their labels, in file order.
-    """
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"image", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"labels CSV {str(path)!r} must have an 'image,label' header")
-        rows = [(r["image"], r["label"]) for r in reader]
-    if not rows:
-        raise ValueError(f"labels CSV {str(path)!r} has no rows")
-    images = [r[0] for r in rows]
-    if len(set(images)) != len(images):
-        raise ValueError(f"labels CSV {str(path)!r} lists an image twice")
-    return images, [r[1] for r in rows]
 
 
 def encode_labels(labels: Sequence[str]) -> np.ndarray:

@@ -52,19 +52,18 @@ from services.training.losses import (
     npair_loss,
     triplet_loss,
 )
+from services.training.labels import IMAGE_SUFFIXES, read_labels, resolve_image
 from services.training.model import RetrievalNet, describe_images, images_to_batch, save_model
 from services.training.sampling import (
     encode_labels,
     holdout_split,
     mine_hard_negatives,
-    read_labels,
     sample_npair,
     sample_positives,
 )
 
 LOSSES = ("npair", "triplet", "contrastive")
 DEFAULT_MARGIN = {"triplet": 0.1, "contrastive": 0.7}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 INSTANCE_VAL_VIEWS = 2
 # Settings a resumed run must share with its checkpoint (epochs may grow).
 _RESUME_KEYS = (
@@ -254,10 +253,10 @@ def _list_data(config: TrainConfig) -> tuple[list[Path], np.ndarray, bool]:
         paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         return paths, np.arange(len(paths)), True
     names, labels = read_labels(config.labels_csv)
-    paths = [root / n for n in names]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise ValueError(f"labels CSV lists {len(missing)} missing images, e.g. {missing[0]!r}")
+    try:
+        paths = [resolve_image(root, n) for n in names]
+    except FileNotFoundError as exc:
+        raise ValueError(f"labels CSV {config.labels_csv!r}: {exc}") from None
     return paths, encode_labels(labels), False
 
 

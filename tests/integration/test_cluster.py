@@ -210,6 +210,29 @@ def test_bad_rerank_options_are_rejected(client):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rerank.verify" in err.value.details()
 
 
+def test_collection_graph_serves_global_diffusion(client):
+    n = client.stats().images
+    with pytest.raises(grpc.RpcError) as err:
+        client.build_graph(k=100_000)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "k" in err.value.details()
+    built = client.build_graph(k=10)
+    assert built.images == n and built.k == 10 and built.bytes == n * 10 * 6
+    assert client.stats().graph_images == n
+    # the neighbourhood holds the whole collection: the graph's subgraph is the per-query graph
+    offline, online = parse_rerank("diffuse"), parse_rerank("diffuse-online")
+    offline.diffuse.k = online.diffuse.k = 10
+    a = client.search(image=query("coffee"), k=n, rerank=offline)
+    b = client.search(image=query("coffee"), k=n, rerank=online)
+    assert [r.id for r in a.results][:5] == [r.id for r in b.results][:5]
+    np.testing.assert_allclose([r.score for r in a.results], [r.score for r in b.results], atol=1e-2)
+    # a replaced image leaves the graph and is joined online
+    replaced = f"{PHOTO_SUBSET[0]}/{next(iter(INDEXED))}"
+    assert client.add_images([ImageToAdd(replaced, encode_jpeg(load_photo(PHOTO_SUBSET[0])), {"photo": PHOTO_SUBSET[0]})]).added == 1
+    assert client.stats().graph_images == n - 1
+    assert client.search(image=query("coffee"), k=5, rerank=offline).results[0].id.startswith("coffee/")
+    assert client.build_graph(remove=True).images == 0 and client.stats().graph_images == 0
+
+
 def test_whitening_fit_and_remove(client):
     before = [r.id for r in client.search(image=query("chelsea"), k=3).results]
     fit = client.fit_whitening()

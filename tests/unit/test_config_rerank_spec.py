@@ -37,3 +37,13 @@ def test_parse_rerank():
         parse_rerank("qe:3")
     with pytest.raises(ValueError, match="positive count"):
         parse_rerank("verify:0")
+
+
+def test_parse_rerank_graph_and_regions():
+    o = parse_rerank("diffuse-online")
+    assert o.diffuse.enabled and o.diffuse.online_graph and not o.diffuse.regional
+    assert not parse_rerank("diffuse").diffuse.online_graph
+    assert parse_rerank("diffuse-regional,regions:5").diffuse.regions_per_image == 5
+    assert parse_rerank("diffuse-regional,regions:all").diffuse.regions_per_image == -1
+    with pytest.raises(ValueError, match="regions:N"):
+        parse_rerank("diffuse-regional,regions:0")

@@ -20,24 +20,11 @@ from services.training.sampling import (
     encode_labels,
     holdout_split,
     mine_hard_negatives,
-    read_labels,
     sample_npair,
     sample_positives,
 )
 
 LABELS = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])  # class 3 is a singleton
-
-
-def test_read_labels(tmp_path: Path) -> None:
-    p = tmp_path / "labels.csv"
-    p.write_text("image,label\na.jpg,x\nb.jpg,y\nc.jpg,x\n")
-    assert read_labels(p) == (["a.jpg", "b.jpg", "c.jpg"], ["x", "y", "x"])
-    p.write_text("name,cls\na.jpg,x\n")
-    with pytest.raises(ValueError, match="header"):
-        read_labels(p)
-    p.write_text("image,label\na.jpg,x\na.jpg,y\n")
-    with pytest.raises(ValueError, match="twice"):
-        read_labels(p)
 
 
 def test_encode_labels_in_order_of_appearance() -> None:

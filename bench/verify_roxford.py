@@ -1,0 +1,224 @@
+"""Geometric verification on the ROxford subset: L2-norm vs trained-attention keypoints vs a
+classical RootSIFT peer, on the same global candidates, at V = 100, 200, 400.
+
+1. Global candidates: the served descriptor (R-MAC, 3 scales, 512 px) ranks the database for
+   each cropped query (``--global-cache``: reuse the ``global`` array that
+   ``bench/diffusion_roxford.py --cache`` writes).
+2. Attention: ``train_attention`` (backbone frozen, image-level labels) on the database images
+   of the landmarks that have no evaluated query (file names carry the landmark), 20 % of
+   them held out for validation accuracy. No image of an evaluated landmark is trained on.
+3. Local features of every database image and query at 1024 px, pyramid (0.25, 0.5, 1), top
+   1000 keypoints, scored by feature L2 norm and by the trained head from one backbone pass;
+   PCA-40 learned on the first 200 database images (as the broker learns it on the first
+   indexed batch), int8 storage round trip (as the shards keep them). RootSIFT: OpenCV SIFT,
+   1000 features, ratio test 0.8.
+4. Verification exactly as the broker does it (MNN for loupe, ratio test for RootSIFT,
+   USAC-MAGSAC affine, plausibility, verified first by inliers then global score): mAP
+   Easy/Medium/Hard per method and V, ms per pair (median, p99, thread CPU), the stage's wall
+   time at V=100 through a 2-thread pool; extraction images/s and bytes per image beside the
+   global-only descriptor, in the same run.
+
+    env GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296 \\
+        .venv/bin/python bench/verify_roxford.py [--global-cache /tmp/roxford_regions.npz] [--save-head head.pt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench._common import machine, require_roxford  # noqa: E402
+from loupe.v1 import types_pb2  # noqa: E402
+from services.common.images import decode_image  # noqa: E402
+from services.eval.ground_truth import load_ground_truth  # noqa: E402
+from services.eval.revisitop import evaluate_protocols  # noqa: E402
+from services.extractor.attention import AttentionHead, AttentionTrainConfig, save_attention, train_attention  # noqa: E402
+from services.extractor.backbone import EfficientNetLite0, load_backbone  # noqa: E402
+from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor  # noqa: E402
+from services.extractor.local_features import LocalConfig, LocalExtractor  # noqa: E402
+from services.extractor.servicer import crop_and_resize  # noqa: E402
+from services.extractor.whitening import LocalPCA  # noqa: E402
+from services.index.shard_index import LocalStore  # noqa: E402
+from services.rerank.rootsift import ROOTSIFT_RATIO, extract_rootsift  # noqa: E402
+from services.rerank.verify import VerifyParams, rerank_by_inliers, verify_pair  # noqa: E402
+
+WORKING_SIDE = 1024
+PCA_IMAGES = 200
+VS = (100, 200, 400)
+
+
+def landmark(name: str) -> str:
+    return re.sub(r"_\d+$", "", name)
+
+
+class SharedTaps:
+    """Backbone stand-in that memoises the last few ``forward_taps`` calls, so two
+    LocalExtractors (L2-norm and attention scoring) share one backbone pass per pyramid level."""
+
+    def __init__(self, backbone: EfficientNetLite0, keep: int = 4) -> None:
+        self.backbone = backbone
+        self.keep = keep
+        self._memo: list[tuple[torch.Tensor, tuple[str, ...], dict]] = []
+
+    def forward_taps(self, x: torch.Tensor, taps):
+        key = tuple(taps)
+        for mx, mkey, out in self._memo:
+            if mkey == key and mx.shape == x.shape and torch.equal(mx, x):
+                return out
+        out = self.backbone.forward_taps(x, taps)
+        self._memo = (self._memo + [(x, key, out)])[-self.keep :]
+        return out
+
+
+def load(root, name: str, box) -> np.ndarray:
+    img = decode_image((root / "jpg" / f"{name}.jpg").read_bytes(), max_side=None if box else WORKING_SIDE)
+    return crop_and_resize(img, types_pb2.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]) if box else None, WORKING_SIDE)
+
+
+def stats_ms(seconds: list[float]) -> str:
+    ms = np.asarray(seconds) * 1e3
+    return f"median {np.median(ms):.2f} ms, p99 {np.percentile(ms, 99):.2f} ms"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--global-cache", default=None, help="npz with a 'global' array (database rows then queries)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=10, help="attention-head training epochs")
+    ap.add_argument("--save-head", default=None, help="also write the trained head here (loupe --attention FILE)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(1)  # pairs run in parallel through the pool instead
+    root = require_roxford()
+    gt = load_ground_truth(root / "gnd_roxford5k_subset.pkl")
+    n_db = len(gt.imlist)
+    items = [(n, None) for n in gt.imlist] + [(n, g["bbx"]) for n, g in zip(gt.qimlist, gt.gnd)]
+    print(f"machine: {machine()}; torch threads {args.threads}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    backbone = load_backbone(None, fuse_bn=True)
+
+    # 1. attention head, trained on landmarks without an evaluated query
+    held_out = {landmark(q) for q in gt.qimlist}
+    train_names = [n for n in gt.imlist if landmark(n) not in held_out]
+    classes = sorted({landmark(n) for n in train_names})
+    rng = np.random.default_rng(0)
+    val_mask = rng.random(len(train_names)) < 0.2
+    imgs = [decode_image((root / "jpg" / f"{n}.jpg").read_bytes(), max_side=512) for n in train_names]
+    labels = [classes.index(landmark(n)) for n in train_names]
+    torch.manual_seed(0)
+    head = AttentionHead(EfficientNetLite0.tap_spec(LocalConfig().layer)[0])
+    t0 = time.perf_counter()
+    hist = train_attention(
+        backbone, head,
+        [im for im, v in zip(imgs, val_mask) if not v], [y for y, v in zip(labels, val_mask) if not v],
+        AttentionTrainConfig(layer=LocalConfig().layer, epochs=args.epochs),
+        val_images=[im for im, v in zip(imgs, val_mask) if v], val_labels=[y for y, v in zip(labels, val_mask) if v],
+    )
+    print(f"attention: trained on {int((~val_mask).sum())} images of {len(classes)} landmarks {classes} "
+          f"(none of {sorted(held_out)}), {int(val_mask.sum())} held out; {args.epochs} epochs in "
+          f"{time.perf_counter() - t0:.0f} s; train acc {hist.train_accuracy[-1]:.3f}, val acc {hist.val_accuracy[-1]:.3f}", flush=True)
+    if args.save_head:
+        save_attention(head, args.save_head, layer=LocalConfig().layer, meta={"classes": classes})
+    del imgs
+
+    # 2. global candidates
+    if args.global_cache and os.path.exists(args.global_cache):
+        g = np.load(args.global_cache)["global"]
+    else:
+        gext = GlobalExtractor(backbone, GlobalConfig(pooling="rmac", max_side=512))
+        g = np.stack([gext.extract(load(root, n, b)).vector for n, b in items])
+    db, q = g[:n_db], g[n_db:]
+    sims = db @ q.T
+    base_rank = np.argsort(-sims, axis=0)
+
+    # 3. local features: L2-norm and attention from one backbone pass; RootSIFT
+    shared = SharedTaps(backbone)
+    l2 = LocalExtractor(shared, LocalConfig())  # type: ignore[arg-type]
+    att = LocalExtractor(shared, LocalConfig(score="attention"), head)  # type: ignore[arg-type]
+    gext = GlobalExtractor(backbone, GlobalConfig(pooling="rmac", max_side=512))
+    feats: dict[str, list] = {"l2norm": [], "attention": [], "rootsift": []}
+    sides: list[float] = []
+    timing = {"global-only": 0.0, "local (both scorings)": 0.0, "rootsift": 0.0}
+    t_start = time.perf_counter()
+    for i, (name, box) in enumerate(items):
+        img = load(root, name, box)
+        sides.append(float(max(img.shape[:2])))
+        if i < 50:  # speed sample, same images for every method
+            t = time.perf_counter(); gext.extract(img); timing["global-only"] += time.perf_counter() - t
+        t = time.perf_counter()
+        feats["l2norm"].append(l2.extract(img))
+        feats["attention"].append(att.extract(img))
+        if i < 50:
+            timing["local (both scorings)"] += time.perf_counter() - t
+        t = time.perf_counter()
+        feats["rootsift"].append(extract_rootsift(img))
+        if i < 50:
+            timing["rootsift"] += time.perf_counter() - t
+        if (i + 1) % 100 == 0:
+            print(f"  local features {i + 1}/{len(items)} ({(i + 1) / (time.perf_counter() - t_start):.2f} images/s)", flush=True)
+    print("extraction on the first 50 database images at 1024 px: " + ", ".join(
+        f"{k} {50 / v:.2f} images/s" for k, v in timing.items()) + " (local = one pyramid pass, two scorings)")
+
+    stored: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for method in ("l2norm", "attention"):
+        pca = LocalPCA().fit(np.concatenate([f.descriptors for f in feats[method][:PCA_IMAGES]]), dim=40)
+        rows = [LocalStore.quantize(f.keypoints, pca.apply(f.descriptors)) for f in feats[method]]
+        print(f"{method}: {np.mean([r.nbytes for r in rows[:n_db]]) / 1024:.1f} KB per image of local features "
+              f"(mean keypoints {np.mean([len(r.keypoints) for r in rows]):.0f})")
+        stored[method] = [r.dequantized() for r in rows]
+    stored["rootsift"] = [(k, d) for k, d in feats["rootsift"]]
+    print(f"global-only: {db.shape[1] * 4 / 1024:.1f} KB per image (float32)")
+
+    params = {
+        "l2norm": VerifyParams(),
+        "attention": VerifyParams(),
+        "rootsift": VerifyParams(matcher="ratio", ratio=ROOTSIFT_RATIO),
+    }
+
+    def score(ranks: np.ndarray) -> str:
+        s = evaluate_protocols(ranks, gt)
+        return " / ".join(f"{s[p]['map']:6.2f}" for p in ("easy", "medium", "hard"))
+
+    print(f"\n{'method':12s} {'V':>4s} {'E / M / H mAP':>24s}  {'ms per pair (thread CPU)':>36s}")
+    print(f"{'global only':12s} {'-':>4s} {score(base_rank):>24s}")
+    pool = ThreadPoolExecutor(max_workers=args.threads)
+    for method in ("l2norm", "attention", "rootsift"):
+        p = params[method]
+        inliers = np.zeros((max(VS), len(q)), dtype=np.int64)
+        cpu: list[float] = []
+        stage_wall: list[float] = []
+        for j in range(len(q)):
+            qf = stored[method][n_db + j]
+            cands = base_rank[: max(VS), j]
+
+            def run(c: int, qf=qf) -> tuple[int, float]:
+                t = time.thread_time()
+                r = verify_pair(*qf, *stored[method][c], p, candidate_side=sides[c])
+                return r.inliers, time.thread_time() - t
+
+            t = time.perf_counter()
+            list(pool.map(run, cands[:100]))
+            stage_wall.append(time.perf_counter() - t)
+            for row, (n_in, dt) in enumerate(pool.map(run, cands)):
+                inliers[row, j] = n_in
+                cpu.append(dt)
+        for V in VS:
+            ranks = base_rank.copy()
+            for j in range(len(q)):
+                order = rerank_by_inliers(sims[base_rank[:V, j], j], inliers[:V, j], p.min_inliers)
+                ranks[:V, j] = base_rank[:V, j][order]
+            print(f"{method:12s} {V:4d} {score(ranks):>24s}  {stats_ms(cpu):>36s}", flush=True)
+        print(f"{method:12s} stage wall time at V=100 ({args.threads} threads): {stats_ms(stage_wall)} per query")
+
+
+if __name__ == "__main__":
+    main()
