@@ -2,8 +2,11 @@
 
 Synthetic clustered descriptors (D=1280, L2-normalised) stand in for a collection, so the
 script runs anywhere. Per query: plain top-R faiss search, then the broker's diffusion stage
-(`services.broker.rerank_stages.diffusion_scores`: kNN graph over the R neighbours, symmetric
-normalisation, query seed, CG). Also the regional variant (21 regions per image).
+(`services.broker.rerank_stages.diffusion_scores`) two ways: with the neighbourhood's kNN graph
+built per query (online, O(R^2 D)), and with it taken from the collection's offline kNN graph
+(`services.rerank.graph.CollectionGraph`, built once; its build time is reported). Also the
+regional variant: 21 regions per image, and reduced to 5 per image by k-means (its time
+included).
 
     .venv/bin/python bench/diffusion.py [--queries 20] [--threads 2]
 """
@@ -24,6 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench._common import machine  # noqa: E402
 from services.broker.rerank_stages import diffusion_scores  # noqa: E402
 from services.rerank.diffusion import DiffusionParams  # noqa: E402
+from services.rerank.graph import CollectionGraph  # noqa: E402
+from services.rerank.regions import reduce_each  # noqa: E402
 
 
 def clustered(rng: np.random.Generator, n: int, d: int = 1280, clusters: int = 200, noise: float = 0.8) -> np.ndarray:
@@ -53,25 +58,39 @@ def main() -> None:
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     print(f"machine: {machine()}; database {len(db)} x {db.shape[1]}, {args.queries} queries, {args.threads} threads")
     params = DiffusionParams(k=50, kq=10, alpha=0.99, gamma=3.0)
+    ids_all = [f"img{i}" for i in range(len(db))]
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    graph = CollectionGraph.build(ids_all, db, k=params.k)
+    print(f"collection graph: {len(db)} images, k={graph.k}, built in {time.perf_counter() - t0:.1f} s, "
+          f"{graph.nbytes / 2**20:.1f} MiB, RSS growth {(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024:.0f} MiB")
     for R in (1000, 5000):
-        t_search, t_diff, iters = [], [], []
+        t_search, t_online, t_graph, iters, same_top = [], [], [], [], []
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         for q in queries:
             t0 = time.perf_counter()
             _, ids = index.search(q[None, :], R)
             t1 = time.perf_counter()
-            out = diffusion_scores(q, db[ids[0]], None, R, params)
+            online = diffusion_scores(q, db[ids[0]], None, R, params)
             t2 = time.perf_counter()
+            vecs = db[ids[0]]
+            edges = graph.neighbourhood_lists([ids_all[i] for i in ids[0]], vecs, params.k)
+            offline = diffusion_scores(q, vecs, None, R, params, edges=edges)
+            t3 = time.perf_counter()
             t_search.append((t1 - t0) * 1e3)
-            t_diff.append((t2 - t1) * 1e3)
-            iters.append(out.iterations)
+            t_online.append((t2 - t1) * 1e3)
+            t_graph.append((t3 - t2) * 1e3)
+            iters.append(offline.iterations)
+            same_top.append(len(set(np.argsort(-online.scores)[:10]) & set(np.argsort(-offline.scores)[:10])) / 10)
         rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-        print(f"R={R:5d} plain search: {stats(t_search)} | diffusion (global): {stats(t_diff)} | "
-              f"CG iterations median {int(np.median(iters))} max {max(iters)} | max RSS growth {rss:.0f} MiB | "
-              f"ratio diffusion/search {np.median(t_diff) / np.median(t_search):.1f}x")
+        print(f"R={R:5d} plain search: {stats(t_search)} | diffusion, online graph: {stats(t_online)} | "
+              f"diffusion, collection graph: {stats(t_graph)} | CG iterations median {int(np.median(iters))} max {max(iters)} | "
+              f"top-10 overlap online vs graph {np.mean(same_top):.2f} | max RSS growth {rss:.0f} MiB | "
+              f"collection graph / search {np.median(t_graph) / np.median(t_search):.1f}x, online / graph "
+              f"{np.median(t_online) / np.median(t_graph):.1f}x")
     rp = DiffusionParams(k=50, kq=10, alpha=0.99, gamma=3.0, aggregate="max")
     for R in (100, 200):
-        t_diff, iters = [], []
+        t_diff, t_red, iters = [], [], []
         for q in queries[: max(3, args.queries // 4)]:
             _, ids = index.search(q[None, :], R)
             regions = np.repeat(db[ids[0]], 21, axis=0) + 0.05 * rng.normal(size=(R * 21, db.shape[1])).astype(np.float32)
@@ -79,9 +98,14 @@ def main() -> None:
             owner = np.repeat(np.arange(R), 21)
             t0 = time.perf_counter()
             out = diffusion_scores(np.stack([q] * 5), regions, owner, R, rp)
-            t_diff.append((time.perf_counter() - t0) * 1e3)
+            t1 = time.perf_counter()
+            reduced = reduce_each(list(regions.reshape(R, 21, -1)), 5)
+            diffusion_scores(np.stack([q] * 5), np.concatenate(reduced), np.repeat(np.arange(R), 5), R, rp)
+            t_red.append((time.perf_counter() - t1) * 1e3)
+            t_diff.append((t1 - t0) * 1e3)
             iters.append(out.iterations)
-        print(f"R={R:5d} regional (21 regions/image, {R * 21} nodes, 5 query regions): {stats(t_diff)} | CG iterations median {int(np.median(iters))}")
+        print(f"R={R:5d} regional, 5 query regions: 21 regions/image ({R * 21} nodes) {stats(t_diff)} | "
+              f"k-means to 5/image ({R * 5} nodes, reduction included) {stats(t_red)} | CG iterations median {int(np.median(iters))}")
 
 
 if __name__ == "__main__":

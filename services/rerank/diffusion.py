@@ -201,14 +201,23 @@ def affinity_from_edges(
     """
     src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
     w = np.maximum(np.asarray(sim, dtype=np.float32), 0.0) ** np.float32(gamma)
-    keep = src != dst
-    directed = sp.csr_matrix((w[keep], (src[keep], dst[keep])), shape=(n, n))
-    directed.sum_duplicates()
+    keep = (src != dst) & (w > 0)
+    src, dst, w = src[keep], dst[keep], w[keep]
+    # Undirected edge key (min, max); a pair listed in both directions appears twice.
+    lo, hi = np.minimum(src, dst), np.maximum(src, dst)
+    key = lo * n + hi
+    order = np.argsort(key, kind="stable")
+    key, lo, hi, w = key[order], lo[order], hi[order], w[order]
+    first = np.ones(len(key), dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    starts = np.flatnonzero(first)
+    counts = np.diff(np.append(starts, len(key)))
     # min/max of the two directions keeps W exactly symmetric despite float round-off.
-    W = directed.minimum(directed.T) if mutual else directed.maximum(directed.T)
-    W = sp.csr_matrix(W, dtype=np.float32)
-    W.eliminate_zeros()
-    return W
+    weight = (np.minimum if mutual else np.maximum).reduceat(w, starts) if len(w) else w
+    pick = counts >= 2 if mutual else np.ones(len(starts), dtype=bool)
+    lo, hi, weight = lo[starts][pick], hi[starts][pick], weight[pick]
+    rows, cols = np.concatenate([lo, hi]), np.concatenate([hi, lo])
+    return sp.csr_matrix((np.concatenate([weight, weight]).astype(np.float32), (rows, cols)), shape=(n, n))
 
 
 def normalise_symmetric(W: sp.spmatrix) -> sp.csr_matrix:
@@ -319,7 +328,7 @@ def query_seed(query: np.ndarray, nodes: np.ndarray, kq: int, gamma: float) -> n
 def _seed(query: np.ndarray, nodes: np.ndarray, kq: int, gamma: float) -> np.ndarray:
     n = nodes.shape[0]
     kq = min(kq, n)
-    sims = query @ nodes.T  # (Q, N): small, Q is 1 or the query's few regions
+    sims = (nodes @ query.T).T  # (Q, N): one BLAS product over the contiguous nodes
     nearest = np.argpartition(-sims, kq - 1, axis=1)[:, :kq]
     accumulated = np.bincount(
         nearest.ravel(), weights=np.take_along_axis(sims, nearest, 1).ravel(), minlength=n

@@ -110,7 +110,7 @@ class CollectionGraph:
     def rows_of(self, ids: Sequence[str]) -> np.ndarray:
         """``(R,)`` int64 graph rows of ``ids``; -1 for ids the graph does not cover."""
         get = self._row.get
-        return np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+        return np.array([get(i, -1) for i in ids], dtype=np.int64).reshape(len(ids))
 
     def forget(self, ids: Sequence[str]) -> None:
         """Stop covering ``ids`` (replaced or deleted images): they are joined online again."""

@@ -4,7 +4,8 @@ R-MAC regions summarised by a few centroids, so regional diffusion needs fewer g
 Spherical k-means on each image's L2-normalised regional vectors, batched over images:
 deterministic farthest-point initialisation from the first region (R-MAC's first region is the
 whole image), then ``iterations`` rounds of assignment by inner product and centroid =
-normalised sum of the assigned regions. Empty clusters keep their previous centroid.
+normalised sum of the assigned regions. Empty clusters keep their previous members. It runs on
+each image's (R, R) Gram matrix, so the D-dimensional work is two batched products per call.
 """
 
 from __future__ import annotations
@@ -39,20 +40,26 @@ def reduce_regions(regions: np.ndarray, n: int, iterations: int = 10) -> np.ndar
     B, R, D = X.shape
     if R <= n:
         return X.copy()
-    batch = np.arange(B)[:, None]
-    # farthest-point seeds: each next seed is the region least similar to its nearest seed
+    # Everything runs on each image's (R, R) Gram matrix: a centroid is the normalised sum of
+    # its members, so x_r . c_j = (G M^T)[r, j] / ||sum of members||, with M the (n, R) membership.
+    G = np.matmul(X, np.ascontiguousarray(X.transpose(0, 2, 1)))  # (B, R, R)
+    rows = np.arange(B)
     chosen = np.zeros((B, n), dtype=np.int64)
-    nearest = np.einsum("brd,bd->br", X, X[:, 0])
+    nearest = G[:, :, 0].copy()  # similarity of each region to its closest seed
     for j in range(1, n):
         chosen[:, j] = np.argmin(nearest, axis=1)
-        nearest = np.maximum(nearest, np.einsum("brd,bd->br", X, X[np.arange(B), chosen[:, j]]))
-    C = X[batch, chosen]  # (B, n, D)
+        nearest = np.maximum(nearest, G[rows, :, chosen[:, j]])
+    M = np.zeros((B, n, R), dtype=np.float32)
+    M[rows[:, None], np.arange(n), chosen] = 1.0
     for _ in range(iterations):
-        assign = np.argmax(np.einsum("brd,bnd->brn", X, C), axis=2)  # (B, R)
-        sums = np.zeros_like(C)
-        np.add.at(sums, (np.repeat(np.arange(B), R), assign.ravel()), X.reshape(B * R, D))
-        norms = np.linalg.norm(sums, axis=2, keepdims=True)
-        C = np.where(norms > 0, sums / np.maximum(norms, 1e-12), C)
+        GM = np.matmul(G, M.transpose(0, 2, 1))  # (B, R, n): x_r . (sum of members of j)
+        norms = np.sqrt(np.maximum(np.einsum("bnr,brn->bn", M, GM), 1e-12))  # ||sum of members||
+        assign = np.argmax(GM / norms[:, None, :], axis=2)  # (B, R)
+        new = (assign[:, None, :] == np.arange(n)[None, :, None]).astype(np.float32)
+        empty = new.sum(axis=2) == 0  # keep an emptied cluster's previous members
+        M = np.where(empty[:, :, None], M, new)
+    C = np.matmul(M, X)  # (B, n, D)
+    C /= np.maximum(np.linalg.norm(C, axis=2, keepdims=True), 1e-12)
     return C.astype(np.float32, copy=False)
 
 
