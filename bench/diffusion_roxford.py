@@ -34,7 +34,8 @@ from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor  
 from services.extractor.pooling import regional_vectors  # noqa: E402
 from services.extractor.servicer import crop_and_resize  # noqa: E402
 from services.rerank.diffusion import DiffusionParams  # noqa: E402
-from services.rerank.regions import reduce_regions  # noqa: E402
+from services.rerank.graph import CollectionGraph  # noqa: E402
+from services.rerank.regions import reduce_each  # noqa: E402
 
 WORKING_SIDE = 1024
 
@@ -69,18 +70,6 @@ def split_regions(flat: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
     return np.split(flat, np.cumsum(counts)[:-1])
 
 
-def reduce_all(per_image: list[np.ndarray], n: int) -> list[np.ndarray]:
-    """k-means-reduce every image's regions (batched over images with equal region counts)."""
-    out: list[np.ndarray | None] = [None] * len(per_image)
-    counts = np.array([len(r) for r in per_image])
-    for c in np.unique(counts):
-        idx = np.flatnonzero(counts == c)
-        red = reduce_regions(np.stack([per_image[i] for i in idx]), n)
-        for j, i in enumerate(idx):
-            out[i] = red[j]
-    return out  # type: ignore[return-value]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default=None, help="npz file for the extracted features (read if present)")
@@ -106,12 +95,17 @@ def main() -> None:
 
     for side in ("512", "1024"):
         t0 = time.perf_counter()
-        regions["red" + side] = reduce_all(regions[side], args.reduce)
+        regions["red" + side] = reduce_each(regions[side], args.reduce)
         print(f"k-means to {args.reduce} regions at {side} px: {(time.perf_counter() - t0) / len(g) * 1e3:.2f} ms per image")
 
+    t0 = time.perf_counter()
+    graph = CollectionGraph.build([str(i) for i in range(n_db)], db, k=50)
+    print(f"collection graph over the database: k=50, {time.perf_counter() - t0:.2f} s")
     variants: list[tuple[str, int, str | None, DiffusionParams]] = [
-        ("diffuse global R=1000 k=50", 1000, None, DiffusionParams(k=50)),
-        ("diffuse global R=1000 k=10", 1000, None, DiffusionParams(k=10)),
+        ("diffuse global R=1000 k=50 (online graph)", 1000, None, DiffusionParams(k=50)),
+        ("diffuse global R=1000 k=50 (collection graph)", 1000, "graph", DiffusionParams(k=50)),
+        ("diffuse global R=200 k=50 (collection graph)", 200, "graph", DiffusionParams(k=50)),
+        ("diffuse global R=1000 k=10 (collection graph)", 1000, "graph", DiffusionParams(k=10)),
     ]
     for side in ("512", "1024"):
         for r, k in ((200, 50), (200, 200)):
@@ -129,15 +123,23 @@ def main() -> None:
         ranks, ms = base_rank.copy(), []
         for j in range(len(q)):
             top = base_rank[:R, j]
+            edges = None
             if nodes_kind is None:
+                nodes, owner, query = db[top], None, q[j]
+            elif nodes_kind == "graph":
                 nodes, owner, query = db[top], None, q[j]
             else:
                 per = [regions[nodes_kind][i] for i in top]
                 nodes = np.concatenate(per)
                 owner = np.repeat(np.arange(len(top)), [len(r) for r in per])
-                query = regions[nodes_kind][n_db + j]
+                # the query keeps all its regions plus its global vector, as the broker seeds it
+                query = np.concatenate([regions[nodes_kind.replace("red", "")][n_db + j], q[j][None]])
             t0 = time.perf_counter()
-            out = diffusion_scores(query, nodes, owner, len(top), params)
+            if nodes_kind == "graph":
+                edges = graph.neighbourhood_lists([str(i) for i in top], nodes, params.k)
+            elif nodes_kind is not None and nodes_kind.startswith("red"):  # the broker reduces per query
+                reduce_each([regions[nodes_kind[3:]][i] for i in top], args.reduce)
+            out = diffusion_scores(query, nodes, owner, len(top), params, edges=edges)
             ms.append((time.perf_counter() - t0) * 1e3)
             order = np.argsort(-out.scores, kind="stable")
             ranks[: len(top), j] = top[order]
