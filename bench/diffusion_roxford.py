@@ -101,17 +101,27 @@ def main() -> None:
     t0 = time.perf_counter()
     graph = CollectionGraph.build([str(i) for i in range(n_db)], db, k=50)
     print(f"collection graph over the database: k=50, {time.perf_counter() - t0:.2f} s")
-    variants: list[tuple[str, int, str | None, DiffusionParams]] = [
-        ("diffuse global R=1000 k=50 (online graph)", 1000, None, DiffusionParams(k=50)),
-        ("diffuse global R=1000 k=50 (collection graph)", 1000, "graph", DiffusionParams(k=50)),
-        ("diffuse global R=200 k=50 (collection graph)", 200, "graph", DiffusionParams(k=50)),
-        ("diffuse global R=1000 k=10 (collection graph)", 1000, "graph", DiffusionParams(k=10)),
+    # (label, R, nodes, params, query): nodes None = global online, "graph" = global from the
+    # collection graph, "512"/"1024" = every region, "red512"/"red1024" = k-means-reduced
+    # regions; query "full" = all the query's regions + its global vector (what the broker
+    # sends), "reduced" = the query's regions reduced the same way.
+    M = DiffusionParams(k=50, aggregate="max")
+    variants: list[tuple[str, int, str | None, DiffusionParams, str]] = [
+        ("diffuse global R=1000 k=50 (online graph)", 1000, None, DiffusionParams(k=50), "full"),
+        ("diffuse global R=1000 k=50 (collection graph)", 1000, "graph", DiffusionParams(k=50), "full"),
+        ("diffuse global R=200 k=50 (collection graph)", 200, "graph", DiffusionParams(k=50), "full"),
     ]
     for side in ("512", "1024"):
-        for r, k in ((200, 50), (200, 200)):
-            variants.append((f"regional {side}px all/img R={r} k={k} max", r, side, DiffusionParams(k=k, aggregate="max")))
-        variants.append((f"regional {side}px {args.reduce}/img R=200 k=50 max", 200, "red" + side, DiffusionParams(k=50, aggregate="max")))
-        variants.append((f"regional {side}px {args.reduce}/img R=1000 k=50 max", 1000, "red" + side, DiffusionParams(k=50, aggregate="max")))
+        red = f"{args.reduce}/img"
+        variants += [
+            (f"regional {side}px all/img R=200 k=50 max", 200, side, M, "full"),
+            (f"regional {side}px {red} R=200 k=50 max", 200, "red" + side, M, "full"),
+            (f"regional {side}px {red} R=200 k=50 max, reduced query", 200, "red" + side, M, "reduced"),
+            (f"regional {side}px {red} R=200 k=50 sum", 200, "red" + side, DiffusionParams(k=50, aggregate="sum"), "full"),
+            (f"regional {side}px {red} R=500 k=50 max", 500, "red" + side, M, "full"),
+            (f"regional {side}px {red} R=1000 k=50 max", 1000, "red" + side, M, "full"),
+            (f"regional {side}px {red} R=1000 k=100 max", 1000, "red" + side, DiffusionParams(k=100, aggregate="max"), "full"),
+        ]
 
     def score(ranks: np.ndarray) -> str:
         s = evaluate_protocols(ranks, gt)
@@ -119,7 +129,7 @@ def main() -> None:
 
     print(f"{'variant':48s} {'E / M / H mAP':>26s}  {'ms/query median (max)':>22s}")
     print(f"{'plain search (R-MAC-ms 512)':48s} {score(base_rank):>26s}")
-    for name, R, nodes_kind, params in variants:
+    for name, R, nodes_kind, params, qmode in variants:
         ranks, ms = base_rank.copy(), []
         for j in range(len(q)):
             top = base_rank[:R, j]
@@ -133,7 +143,7 @@ def main() -> None:
                 nodes = np.concatenate(per)
                 owner = np.repeat(np.arange(len(top)), [len(r) for r in per])
                 # the query keeps all its regions plus its global vector, as the broker seeds it
-                query = np.concatenate([regions[nodes_kind.replace("red", "")][n_db + j], q[j][None]])
+                query = regions[nodes_kind][n_db + j] if qmode == "reduced" else np.concatenate([regions[nodes_kind.replace("red", "")][n_db + j], q[j][None]])
             t0 = time.perf_counter()
             if nodes_kind == "graph":
                 edges = graph.neighbourhood_lists([str(i) for i in top], nodes, params.k)

@@ -44,6 +44,11 @@ class ClusterConfig:
         Longest side of the working image (local features are extracted at this size).
     global_max_side : int
         Longest side at which the global descriptor is computed (≤ max_side).
+    regional_from : {"working", "global"}
+        Image the regional vectors (regional diffusion) are pooled from: the ``max_side``
+        working image (default; its pass is shared with the local features; measured better
+        than 512 px with k-means-reduced regions, BENCHMARKS.md) or the global descriptor's
+        largest scale.
     ray_address : str
         Join this Ray cluster ("" = start a local one).
     """
@@ -64,6 +69,7 @@ class ClusterConfig:
     scales: tuple[float, ...] = GlobalConfig().scales
     max_side: int = 1024
     global_max_side: int = 512
+    regional_from: str = "working"
     ray_address: str = ""
     namespace: str = "loupe"
     startup_timeout_s: float = 300.0
@@ -78,6 +84,7 @@ class ClusterConfig:
             "extractor_threads": self.extractor_threads >= 0,
             "max_side": 32 <= self.max_side <= 8192,
             "global_max_side": 32 <= self.global_max_side <= self.max_side,
+            "regional_from": self.regional_from in ("working", "global"),
             "startup_timeout_s": self.startup_timeout_s > 0,
         }
         for name, ok in checks.items():
@@ -89,6 +96,10 @@ class ClusterConfig:
     def global_config(self) -> GlobalConfig:
         """The extractor's global-descriptor settings."""
         return GlobalConfig(pooling=self.pooling, scales=tuple(self.scales), max_side=self.global_max_side)
+
+    def regional_max_side(self) -> int:
+        """The extractor's ``regional_max_side`` (0 = from the global descriptor's largest scale)."""
+        return self.max_side if self.regional_from == "working" else 0
 
     def local_config(self) -> LocalConfig:
         """The extractor's local-feature settings."""

@@ -106,7 +106,8 @@ class Cluster:
                 ).remote(i, opts, cfg.index_factory, wal, cfg.namespace)
             )
         ext_cfg = ExtractorConfig(
-            weights_path=cfg.weights, global_config=cfg.global_config(), local_config=cfg.local_config(), attention_path=cfg.attention
+            weights_path=cfg.weights, global_config=cfg.global_config(), local_config=cfg.local_config(), attention_path=cfg.attention,
+            regional_max_side=cfg.regional_max_side(),
         )
         ext_cls = ray.remote(ExtractorActor)
         ext_opts = ServerOptions(host=cfg.host, port=0, workers=4, max_concurrent_rpcs=64)

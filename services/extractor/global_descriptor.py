@@ -196,7 +196,9 @@ class GlobalExtractor:
         largest = max(cfg.scales)
         device = next(self.backbone.parameters()).device
         for s in cfg.scales:
-            scaled = base if s == 1.0 else resize_max_side(base, max(1, round(max(h, w) * s)))
+            # each level is resized from the given image (one resampling; and the same pixels as
+            # the local-feature pyramid's level of that size, so a shared pass can serve both)
+            scaled = base if s == 1.0 else resize_max_side(image, max(1, round(max(h, w) * s)))
             yield s == largest, self.backbone.forward_features(preprocess(scaled).to(device))
 
 

@@ -10,16 +10,19 @@ from dataclasses import dataclass
 import cv2
 import grpc
 import numpy as np
+import torch
 
 from loupe.tensors import to_tensor
 from loupe.v1 import extractor_pb2, extractor_pb2_grpc, types_pb2
 from services.common.errors import InvalidArgument, grpc_errors
 from services.common.grpc_server import RunningServer, ServerOptions, create_sync_server
 from services.common.images import ImageTooLarge, InvalidImage, decode_image
-from services.extractor.backbone import load_backbone
-from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor
-from services.extractor.local_features import LocalConfig, LocalExtractor
+from services.extractor.backbone import load_backbone, preprocess
+from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor, resize_max_side
+from services.extractor.local_features import LocalConfig, LocalExtractor, LocalFeatures
 from services.extractor.model_file import read_trained_head
+from services.extractor.pooling import regional_vectors
+from services.extractor.shared_pass import SharedPasses
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,11 @@ class ExtractorConfig:
     attention_path : str
         Trained attention-head file (``loupe train-attention``); "" = score keypoints by
         feature L2 norm.
+    regional_max_side : int
+        Longest side of the image the R-MAC regional vectors are pooled from; 0 = the global
+        descriptor's largest scale. Default 1024, the working image (its backbone pass is shared
+        with the local features): with k-means-reduced regions, regional diffusion on the ROxford
+        subset scored Medium mAP 58.0 from 1024-px regions against 54.4 from 512-px ones.
     """
 
     weights_path: str = ""
@@ -46,10 +54,13 @@ class ExtractorConfig:
     max_pixels: int = 40_000_000
     local_config: LocalConfig = LocalConfig()
     attention_path: str = ""
+    regional_max_side: int = 1024
 
     def __post_init__(self) -> None:
         if self.max_pixels <= 0:
             raise ValueError(f"extractor.max_pixels must be > 0, got {self.max_pixels}")
+        if self.regional_max_side != 0 and self.regional_max_side < 32:
+            raise ValueError(f"extractor.regional_max_side must be 0 or >= 32, got {self.regional_max_side}")
 
 
 def crop_and_resize(image: np.ndarray, crop: types_pb2.Box | None, max_side: int) -> np.ndarray:
@@ -80,27 +91,38 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
         global_config = config.global_config
         if self.trained_head is not None:  # serve the trained descriptor exactly as trained
             global_config = dataclasses.replace(global_config, pooling=self.trained_head.pooling, gem_p=self.trained_head.gem_p)
+        self.global_config = global_config
         self.global_extractor = GlobalExtractor(self.backbone, global_config)
-        head = None
+        self.attention_head = None
         if config.attention_path:
             from services.extractor.attention import load_attention
 
-            head, meta = load_attention(config.attention_path)
+            self.attention_head, meta = load_attention(config.attention_path)
             local_config = dataclasses.replace(config.local_config, layer=meta["layer"], score="attention")
         else:
             local_config = config.local_config
-        self.local_extractor = LocalExtractor(self.backbone, local_config, head)
+        self.local_config = local_config
+        self.local_extractor = LocalExtractor(self.backbone, local_config, self.attention_head)
         self._model_lock = threading.Lock()
-        # The working image serves both descriptors; each shrinks it further to its own max_side.
-        self.working_side = max(global_config.max_side, local_config.max_side)
-        self.dim = int(self._global(np.zeros((64, 64, 3), np.uint8))[0].shape[0])
+        # The working image serves every descriptor; each shrinks it further to its own max_side.
+        self.working_side = max(global_config.max_side, local_config.max_side, config.regional_max_side)
+        self.dim = int(self._describe(np.zeros((64, 64, 3), np.uint8), want_local=False)[0].shape[0])
 
-    def _global(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(D,) global and (R, D) regional descriptors, through the trained head if any."""
-        g = self.global_extractor.extract(image)
-        if self.trained_head is None:
-            return g.vector, g.regional
-        return self.trained_head.apply(g.vector[None, :])[0], self.trained_head.apply(g.regional)
+    def _describe(self, image: np.ndarray, want_local: bool) -> tuple[np.ndarray, np.ndarray, LocalFeatures | None]:
+        """(D,) global and (R, D) regional descriptors (through the trained head if any) and the
+        local features, from shared backbone passes (``SharedPasses``)."""
+        passes = SharedPasses(self.backbone, [self.local_config.layer, "head"])
+        g = GlobalExtractor(passes, self.global_config).extract(image)  # type: ignore[arg-type]
+        vector, regional = g.vector, g.regional
+        if self.config.regional_max_side:
+            level = resize_max_side(image, self.config.regional_max_side)
+            with torch.inference_mode():
+                fmap = passes.forward_features(preprocess(level))
+                regional = regional_vectors(fmap, self.global_config.rmac_levels)[0].numpy()
+        loc = LocalExtractor(passes, self.local_config, self.attention_head).extract(image) if want_local else None  # type: ignore[arg-type]
+        if self.trained_head is not None:
+            vector, regional = self.trained_head.apply(vector[None, :])[0], self.trained_head.apply(regional)
+        return vector, regional, loc
 
     def features(self, image_bytes: bytes, crop: types_pb2.Box | None, want_regional: bool, want_local: bool) -> types_pb2.ImageFeatures:
         """Decode, crop, resize and describe one image."""
@@ -111,8 +133,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
             raise type(exc)(f"image: {exc}") from None
         image = crop_and_resize(image, crop, side)
         with self._model_lock:
-            vector, regional = self._global(image)
-            loc = self.local_extractor.extract(image) if want_local else None
+            vector, regional, loc = self._describe(image, want_local)
         out = types_pb2.ImageFeatures(width=image.shape[1], height=image.shape[0])
         out.__getattribute__("global").CopyFrom(to_tensor(vector.astype(np.float32)))
         if want_regional:

@@ -144,7 +144,7 @@ def test_config_defaults() -> None:
 def test_extract_shapes_and_scales() -> None:
     fake = _FakeBackbone()
     feats = GlobalExtractor(fake, GlobalConfig(max_side=128)).extract(_image())  # type: ignore[arg-type]
-    assert fake.sizes == [(85, 128), (60, 91), (42, 64)]
+    assert fake.sizes == [(85, 128), (61, 91), (43, 64)]  # levels resized from the given image
     assert feats.vector.shape == (6,) and feats.vector.dtype == np.float32
     assert np.linalg.norm(feats.vector) == pytest.approx(1.0, abs=1e-5)
     assert feats.regional.shape == (len(rmac_regions(3, 4)), 6)

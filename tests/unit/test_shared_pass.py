@@ -1,0 +1,80 @@
+"""Shared backbone passes between the global descriptor, regional vectors and local features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from services.extractor.backbone import load_backbone, preprocess
+from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor
+from services.extractor.local_features import LocalConfig, LocalExtractor
+from services.extractor.pooling import regional_vectors
+from services.extractor.servicer import ExtractorConfig, ExtractorServicer
+from services.extractor.shared_pass import SharedPasses
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone(None, fuse_bn=True)
+
+
+def _image(h: int = 192, w: int = 256) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)
+    return np.kron(base, np.ones((16, 16, 1), dtype=np.uint8)) // 2 + rng.integers(0, 128, (h, w, 3), dtype=np.uint8)
+
+
+class _Counting:
+    """Counts backbone passes (a thin wrapper for the test)."""
+
+    def __init__(self, backbone) -> None:
+        self.backbone, self.calls = backbone, 0
+
+    def parameters(self):
+        return self.backbone.parameters()
+
+    def forward_taps(self, x, taps):
+        self.calls += 1
+        return self.backbone.forward_taps(x, taps)
+
+
+def test_same_input_is_served_from_memory(backbone) -> None:
+    counting = _Counting(backbone)
+    passes = SharedPasses(counting, ["block10", "head"])  # type: ignore[arg-type]
+    x = preprocess(_image())
+    with torch.inference_mode():
+        a = passes.forward_taps(x, ["block10"])["block10"]
+        b = passes.forward_features(x.clone())
+        c = passes.forward_features(preprocess(_image(128, 128)))
+    assert counting.calls == 2 and passes.computed == 2
+    assert a.shape[1] == 112 and b.shape[1] == 1280 and c.shape[-2:] == (4, 4)
+
+
+def test_servicer_shares_passes_and_matches_separate_extraction(backbone) -> None:
+    g_cfg = GlobalConfig(pooling="rmac", max_side=128)
+    l_cfg = LocalConfig(max_side=256, max_keypoints=200)
+    svc = ExtractorServicer(ExtractorConfig(global_config=g_cfg, local_config=l_cfg, regional_max_side=256))
+    image = _image()  # 192 x 256: the working image itself
+    counting = _Counting(svc.backbone)
+    svc.backbone = counting  # type: ignore[assignment]
+    vector, regional, loc = svc._describe(image, want_local=True)
+    # global 128/91/64 px + local 64/128/256 px: the 128 and 64 px levels are shared, the
+    # 256 px local level also gives the regional vectors
+    assert counting.calls == 4
+    expect_g = GlobalExtractor(backbone, g_cfg).extract(image)
+    expect_l = LocalExtractor(backbone, l_cfg).extract(image)
+    np.testing.assert_allclose(vector, expect_g.vector, atol=1e-6)
+    np.testing.assert_allclose(loc.keypoints, expect_l.keypoints, atol=1e-5)
+    np.testing.assert_allclose(loc.descriptors, expect_l.descriptors, atol=1e-5)
+    with torch.inference_mode():
+        expect_r = regional_vectors(backbone.forward_features(preprocess(image)), 3)[0].numpy()
+    np.testing.assert_allclose(regional, expect_r, atol=1e-6)
+
+
+def test_regional_from_the_global_scale_when_asked(backbone) -> None:
+    g_cfg = GlobalConfig(pooling="rmac", max_side=128)
+    svc = ExtractorServicer(ExtractorConfig(global_config=g_cfg, local_config=LocalConfig(max_side=256), regional_max_side=0))
+    _, regional, loc = svc._describe(_image(), want_local=False)
+    assert loc is None
+    np.testing.assert_allclose(regional, GlobalExtractor(backbone, g_cfg).extract(_image()).regional, atol=1e-6)
