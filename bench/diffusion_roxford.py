@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="npz file for the extracted features (read if present)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reduce", type=int, default=5, help="regions per image after k-means")
+    ap.add_argument("--only", default=None, help="run only the variants whose label contains this text")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = require_roxford()
@@ -103,8 +104,8 @@ def main() -> None:
     print(f"collection graph over the database: k=50, {time.perf_counter() - t0:.2f} s")
     # (label, R, nodes, params, query): nodes None = global online, "graph" = global from the
     # collection graph, "512"/"1024" = every region, "red512"/"red1024" = k-means-reduced
-    # regions; query "full" = all the query's regions + its global vector (what the broker
-    # sends), "reduced" = the query's regions reduced the same way.
+    # regions; query "full" = all the query's regions + its global vector, "reduced" = the
+    # query's regions reduced the same way, "reduced+global" = those + its global vector.
     M = DiffusionParams(k=50, aggregate="max")
     variants: list[tuple[str, int, str | None, DiffusionParams, str]] = [
         ("diffuse global R=1000 k=50 (online graph)", 1000, None, DiffusionParams(k=50), "full"),
@@ -117,6 +118,9 @@ def main() -> None:
             (f"regional {side}px all/img R=200 k=50 max", 200, side, M, "full"),
             (f"regional {side}px {red} R=200 k=50 max", 200, "red" + side, M, "full"),
             (f"regional {side}px {red} R=200 k=50 max, reduced query", 200, "red" + side, M, "reduced"),
+            (f"regional {side}px {red} R=200 k=50 max, reduced query + global", 200, "red" + side, M, "reduced+global"),
+            (f"regional {side}px {red} R=1000 k=50 max, reduced query", 1000, "red" + side, M, "reduced"),
+            (f"regional {side}px {red} R=1000 k=50 max, reduced query + global", 1000, "red" + side, M, "reduced+global"),
             (f"regional {side}px {red} R=200 k=50 sum", 200, "red" + side, DiffusionParams(k=50, aggregate="sum"), "full"),
             (f"regional {side}px {red} R=500 k=50 max", 500, "red" + side, M, "full"),
             (f"regional {side}px {red} R=1000 k=50 max", 1000, "red" + side, M, "full"),
@@ -130,6 +134,8 @@ def main() -> None:
     print(f"{'variant':48s} {'E / M / H mAP':>26s}  {'ms/query median (max)':>22s}")
     print(f"{'plain search (R-MAC-ms 512)':48s} {score(base_rank):>26s}")
     for name, R, nodes_kind, params, qmode in variants:
+        if args.only and args.only not in name:
+            continue
         ranks, ms = base_rank.copy(), []
         for j in range(len(q)):
             top = base_rank[:R, j]
@@ -143,7 +149,12 @@ def main() -> None:
                 nodes = np.concatenate(per)
                 owner = np.repeat(np.arange(len(top)), [len(r) for r in per])
                 # the query keeps all its regions plus its global vector, as the broker seeds it
-                query = regions[nodes_kind][n_db + j] if qmode == "reduced" else np.concatenate([regions[nodes_kind.replace("red", "")][n_db + j], q[j][None]])
+                if qmode == "full":
+                    query = np.concatenate([regions[nodes_kind.replace("red", "")][n_db + j], q[j][None]])
+                else:
+                    query = regions[nodes_kind][n_db + j]
+                    if qmode == "reduced+global":
+                        query = np.concatenate([query, q[j][None]])
             t0 = time.perf_counter()
             if nodes_kind == "graph":
                 edges = graph.neighbourhood_lists([str(i) for i in top], nodes, params.k)

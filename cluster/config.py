@@ -49,6 +49,8 @@ class ClusterConfig:
         working image (default; its pass is shared with the local features; measured better
         than 512 px with k-means-reduced regions, BENCHMARKS.md) or the global descriptor's
         largest scale.
+    regions_per_image : int
+        k-means centroids kept per image's regional vectors (0 = every R-MAC region).
     ray_address : str
         Join this Ray cluster ("" = start a local one).
     """
@@ -70,6 +72,7 @@ class ClusterConfig:
     max_side: int = 1024
     global_max_side: int = 512
     regional_from: str = "working"
+    regions_per_image: int = 5
     ray_address: str = ""
     namespace: str = "loupe"
     startup_timeout_s: float = 300.0
@@ -85,6 +88,7 @@ class ClusterConfig:
             "max_side": 32 <= self.max_side <= 8192,
             "global_max_side": 32 <= self.global_max_side <= self.max_side,
             "regional_from": self.regional_from in ("working", "global"),
+            "regions_per_image": 0 <= self.regions_per_image <= 64,
             "startup_timeout_s": self.startup_timeout_s > 0,
         }
         for name, ok in checks.items():

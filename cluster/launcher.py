@@ -107,7 +107,7 @@ class Cluster:
             )
         ext_cfg = ExtractorConfig(
             weights_path=cfg.weights, global_config=cfg.global_config(), local_config=cfg.local_config(), attention_path=cfg.attention,
-            regional_max_side=cfg.regional_max_side(),
+            regional_max_side=cfg.regional_max_side(), regions_per_image=cfg.regions_per_image,
         )
         ext_cls = ray.remote(ExtractorActor)
         ext_opts = ServerOptions(host=cfg.host, port=0, workers=4, max_concurrent_rpcs=64)

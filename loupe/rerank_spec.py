@@ -2,8 +2,7 @@
 
 A configuration is a comma-joined list of stage names; each maps to fields of
 ``loupe.v1.RerankOptions``. Stages always run in the server's fixed order. ``verify:N`` sets
-the number of verified candidates V, ``diffuse:N`` / ``diffuse-regional:N`` the neighbourhood R,
-``regions:N`` (or ``regions:all``) the regions kept per image by regional diffusion.
+the number of verified candidates V, ``diffuse:N`` / ``diffuse-regional:N`` the neighbourhood R.
 """
 
 from __future__ import annotations
@@ -15,10 +14,9 @@ STAGES = {
     "qe": "alpha-QE average query expansion",
     "dba": "database-side augmentation of the retrieved neighbourhood",
     "diffuse": "diffusion over the global kNN graph of the neighbourhood (from the collection graph when built)",
-    "diffuse-online": "global diffusion that builds the neighbourhood's kNN graph per query (ignores the collection graph)",
+    "diffuse-online": "with diffuse / diffuse-regional: build the neighbourhood's kNN graph per query (ignore the collection graph)",
     "diffuse-regional": "diffusion over regional descriptors of the neighbourhood",
     "verify": "DELF local features + RANSAC geometric verification of the top candidates",
-    "regions": "regions:N / regions:all — k-means centroids per image as regional-diffusion nodes",
     "diffuse-first": "with verify: diffuse first, then verify the diffused top-V (default: verify, then diffuse seeded by verified images)",
 }
 
@@ -40,11 +38,6 @@ def parse_rerank(spec: str) -> retrieval_pb2.RerankOptions:
         if name not in STAGES:
             raise ValueError(f"rerank: unknown stage {name!r}; known: {', '.join(STAGES)}")
         size = 0
-        if name == "regions":
-            if arg != "all" and not (arg.isdigit() and int(arg) >= 1):
-                raise ValueError(f"rerank: {item!r}: expected regions:N (N >= 1) or regions:all")
-            opts.diffuse.regions_per_image = -1 if arg == "all" else int(arg)
-            continue
         if arg:
             if name not in ("verify", "diffuse", "diffuse-regional") or not arg.isdigit() or int(arg) < 1:
                 raise ValueError(f"rerank: {item!r}: only verify:N, diffuse:N and diffuse-regional:N take a positive count")
@@ -57,8 +50,9 @@ def parse_rerank(spec: str) -> retrieval_pb2.RerankOptions:
             opts.diffuse.enabled = True
             opts.diffuse.neighbourhood = size
         elif name == "diffuse-online":
-            opts.diffuse.enabled = True
             opts.diffuse.online_graph = True
+            if not any(n.partition(":")[0] in ("diffuse", "diffuse-regional") for n in names):
+                opts.diffuse.enabled = True  # alone: global diffusion on a per-query graph
         elif name == "diffuse-regional":
             opts.diffuse.enabled = True
             opts.diffuse.regional = True

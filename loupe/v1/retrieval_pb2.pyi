@@ -51,7 +51,7 @@ class VerifyOptions(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., candidates: _Optional[int] = ..., min_inliers: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class DiffusionOptions(_message.Message):
-    __slots__ = ("enabled", "neighbourhood", "k", "alpha", "gamma", "regional", "online_graph", "regions_per_image")
+    __slots__ = ("enabled", "neighbourhood", "k", "alpha", "gamma", "regional", "online_graph")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURHOOD_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -59,7 +59,6 @@ class DiffusionOptions(_message.Message):
     GAMMA_FIELD_NUMBER: _ClassVar[int]
     REGIONAL_FIELD_NUMBER: _ClassVar[int]
     ONLINE_GRAPH_FIELD_NUMBER: _ClassVar[int]
-    REGIONS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     neighbourhood: int
     k: int
@@ -67,8 +66,7 @@ class DiffusionOptions(_message.Message):
     gamma: float
     regional: bool
     online_graph: bool
-    regions_per_image: int
-    def __init__(self, enabled: _Optional[bool] = ..., neighbourhood: _Optional[int] = ..., k: _Optional[int] = ..., alpha: _Optional[float] = ..., gamma: _Optional[float] = ..., regional: _Optional[bool] = ..., online_graph: _Optional[bool] = ..., regions_per_image: _Optional[int] = ...) -> None: ...
+    def __init__(self, enabled: _Optional[bool] = ..., neighbourhood: _Optional[int] = ..., k: _Optional[int] = ..., alpha: _Optional[float] = ..., gamma: _Optional[float] = ..., regional: _Optional[bool] = ..., online_graph: _Optional[bool] = ...) -> None: ...
 
 class ExpansionOptions(_message.Message):
     __slots__ = ("query_expansion", "database_augmentation", "n", "alpha")
@@ -209,7 +207,7 @@ class ShardStats(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., address: _Optional[str] = ..., images: _Optional[int] = ..., feature_bytes: _Optional[int] = ..., healthy: _Optional[bool] = ..., regional_vectors: _Optional[int] = ..., local_features: _Optional[int] = ..., wal_bytes: _Optional[int] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("images", "shards", "extractors", "dim", "whitened", "model", "graph_images")
+    __slots__ = ("images", "shards", "extractors", "dim", "whitened", "model", "graph_images", "graph_regions")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     EXTRACTORS_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +215,7 @@ class GetStatsResponse(_message.Message):
     WHITENED_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     GRAPH_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_REGIONS_FIELD_NUMBER: _ClassVar[int]
     images: int
     shards: _containers.RepeatedCompositeFieldContainer[ShardStats]
     extractors: _containers.RepeatedScalarFieldContainer[str]
@@ -224,7 +223,8 @@ class GetStatsResponse(_message.Message):
     whitened: bool
     model: str
     graph_images: int
-    def __init__(self, images: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., extractors: _Optional[_Iterable[str]] = ..., dim: _Optional[int] = ..., whitened: _Optional[bool] = ..., model: _Optional[str] = ..., graph_images: _Optional[int] = ...) -> None: ...
+    graph_regions: int
+    def __init__(self, images: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., extractors: _Optional[_Iterable[str]] = ..., dim: _Optional[int] = ..., whitened: _Optional[bool] = ..., model: _Optional[str] = ..., graph_images: _Optional[int] = ..., graph_regions: _Optional[int] = ...) -> None: ...
 
 class FitWhiteningRequest(_message.Message):
     __slots__ = ("max_vectors", "dim", "remove")
@@ -245,16 +245,18 @@ class BuildGraphRequest(_message.Message):
     def __init__(self, k: _Optional[int] = ..., remove: _Optional[bool] = ...) -> None: ...
 
 class BuildGraphResponse(_message.Message):
-    __slots__ = ("images", "k", "bytes", "seconds")
+    __slots__ = ("images", "k", "bytes", "seconds", "regions")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
     images: int
     k: int
     bytes: int
     seconds: float
-    def __init__(self, images: _Optional[int] = ..., k: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    regions: int
+    def __init__(self, images: _Optional[int] = ..., k: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., regions: _Optional[int] = ...) -> None: ...
 
 class FitWhiteningResponse(_message.Message):
     __slots__ = ("sample_size", "dim")

@@ -115,10 +115,11 @@ class RetrievalServicer:
         raise NotImplementedError('Method not implemented!')
 
     def BuildGraph(self, request, context):
-        """Builds (or removes) the collection's offline kNN graph over the indexed global descriptors
-        and keeps it in the broker (persisted in its data directory). Global diffusion then takes
-        each query's neighbourhood graph from it instead of building one per query; images added
-        later are joined online until the next build. Refitting the whitening removes it.
+        """Builds (or removes) the collection's offline kNN graphs, over the indexed global
+        descriptors and over the stored regional vectors, and keeps them in the broker (persisted
+        in its data directory). Diffusion then takes each query's neighbourhood graph from them
+        instead of building one per query; images added later are joined online until the next
+        build. Refitting the whitening removes them.
         Errors: FAILED_PRECONDITION when the collection has fewer than 2 images.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -144,26 +144,32 @@ class SampleVectorsResponse(_message.Message):
     def __init__(self, vectors: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., regional: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ListVectorsRequest(_message.Message):
-    __slots__ = ("shard_id", "cursor", "limit")
+    __slots__ = ("shard_id", "cursor", "limit", "include_regional")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_REGIONAL_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     cursor: int
     limit: int
-    def __init__(self, shard_id: _Optional[int] = ..., cursor: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+    include_regional: bool
+    def __init__(self, shard_id: _Optional[int] = ..., cursor: _Optional[int] = ..., limit: _Optional[int] = ..., include_regional: _Optional[bool] = ...) -> None: ...
 
 class ListVectorsResponse(_message.Message):
-    __slots__ = ("ids", "vectors", "next_cursor", "done")
+    __slots__ = ("ids", "vectors", "next_cursor", "done", "regional", "regional_counts")
     IDS_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     NEXT_CURSOR_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    REGIONAL_FIELD_NUMBER: _ClassVar[int]
+    REGIONAL_COUNTS_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[str]
     vectors: _types_pb2.Tensor
     next_cursor: int
     done: bool
-    def __init__(self, ids: _Optional[_Iterable[str]] = ..., vectors: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., next_cursor: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...
+    regional: _types_pb2.Tensor
+    regional_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., vectors: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., next_cursor: _Optional[int] = ..., done: _Optional[bool] = ..., regional: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., regional_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SetWhiteningRequest(_message.Message):
     __slots__ = ("shard_id", "whitening")

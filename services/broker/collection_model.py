@@ -23,6 +23,20 @@ LOCAL_DIM = 40
 MAX_FIT_DESCRIPTORS = 50_000
 
 
+MAX_REGIONS = 64
+"""Most regional vectors an image may have (the extractor keeps at most 64)."""
+
+
+def region_node(image_id: str, j: int) -> str:
+    """Node id of an image's j-th regional vector in the regional graph."""
+    return f"{image_id}#{j}"
+
+
+def region_nodes(image_ids: list[str]) -> list[str]:
+    """Every possible regional node id of ``image_ids`` (for forgetting them)."""
+    return [region_node(i, j) for i in image_ids if i for j in range(MAX_REGIONS)]
+
+
 class CollectionModel:
     """Holds (and persists) the collection's local-descriptor PCA.
 
@@ -42,9 +56,14 @@ class CollectionModel:
         if self._read("whitening.npz"):
             self.whitening = PCAWhitening.from_bytes(self._read("whitening.npz"))
         self.graph: CollectionGraph | None = None
+        self.regional_graph: CollectionGraph | None = None
+        stale = self._read("graph_stale.txt").decode().split("\n")
         if self._read("graph.npz"):
             self.graph = CollectionGraph.from_bytes(self._read("graph.npz"))
-            self.graph.forget(self._read("graph_stale.txt").decode().split("\n"))
+            self.graph.forget(stale)
+        if self._read("graph_regional.npz"):
+            self.regional_graph = CollectionGraph.from_bytes(self._read("graph_regional.npz"))
+            self.regional_graph.forget(region_nodes(stale))
 
     def _path(self, name: str = "local_pca.npz") -> str:
         return os.path.join(self.directory, name) if self.directory else ""
@@ -81,15 +100,17 @@ class CollectionModel:
             self.whitening = whitening
         self.set_graph(None)
 
-    def set_graph(self, graph: CollectionGraph | None) -> None:
-        """Install (None: remove) the collection's kNN graph and persist it."""
+    def set_graph(self, graph: CollectionGraph | None, regional: CollectionGraph | None = None) -> None:
+        """Install (None: remove) the collection's kNN graphs (global; regional, whose node ids
+        come from :func:`region_nodes`) and persist them."""
         with self._lock:
             self._write("graph_stale.txt", b"")
             self._write("graph.npz", graph.to_bytes() if graph is not None else b"")
-            self.graph = graph
+            self._write("graph_regional.npz", regional.to_bytes() if regional is not None else b"")
+            self.graph, self.regional_graph = graph, regional
 
     def graph_forget(self, ids: list[str]) -> None:
-        """Images replaced or deleted: the graph stops covering them (persisted, appended)."""
+        """Images replaced or deleted: the graphs stop covering them (persisted, appended)."""
         with self._lock:
             graph = self.graph
             if graph is None:
@@ -98,6 +119,8 @@ class CollectionModel:
             if not stale:
                 return
             graph.forget(stale)
+            if self.regional_graph is not None:
+                self.regional_graph.forget(region_nodes(stale))
             path = self._path("graph_stale.txt")
             if path:
                 with open(path, "a", encoding="utf-8") as f:

@@ -28,20 +28,19 @@ from services.common.errors import (
     status_for,
 )
 from services.common.grpc_server import RunningAioServer, ServerOptions, create_aio_server
-from services.broker.collection_model import CollectionModel
+from services.broker.collection_model import CollectionModel, region_node
 from services.broker.rerank_stages import DiffusionOutcome, diffusion_scores, dba_rescore, expand_query, hit_vectors, order_by
 from services.broker.verification import VerifiedHit, confidence, fetch_local_features, query_confidence, verify_hits
 from services.extractor.whitening import PCAWhitening
 from services.rerank.diffusion import DiffusionParams
 from services.rerank.graph import CollectionGraph
-from services.rerank.regions import reduce_each
 from services.rerank.verify import VerifyParams
 from services.index.placement import shard_for
 from services.index.records import check_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-MAX_REGIONS_PER_IMAGE = 64
+
 
 
 @dataclass(frozen=True)
@@ -95,9 +94,8 @@ class BrokerConfig:
     diffusion: DiffusionParams = DiffusionParams(k=50, kq=10, alpha=0.99, gamma=3.0)
     regional_diffusion: DiffusionParams = DiffusionParams(k=50, kq=10, alpha=0.99, gamma=3.0, aggregate="max")
     neighbourhood: int = 1000
-    regional_neighbourhood: int = 200
+    regional_neighbourhood: int = 1000
     max_neighbourhood: int = 5000
-    regions_per_image: int = 0
     max_graph_k: int = 200
     graph_page: int = 4096
     qe_n: int = 2
@@ -304,7 +302,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         ro = request.rerank
         verify = self._verify_params(ro.verify)
         diffusion, regional, neighbourhood = None, False, 0
-        regions_per_image, online_graph = 0, False
+        online_graph = False
         if ro.diffuse.enabled:
             d = ro.diffuse
             if d.neighbourhood < 0 or d.neighbourhood > self.config.max_neighbourhood:
@@ -312,9 +310,6 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             if d.k < 0:
                 raise InvalidArgument(f"rerank.diffuse.k: must be >= 0, got {d.k}")
             regional = d.regional
-            if d.regions_per_image < -1 or d.regions_per_image > MAX_REGIONS_PER_IMAGE:
-                raise InvalidArgument(f"rerank.diffuse.regions_per_image: must be in -1..{MAX_REGIONS_PER_IMAGE}, got {d.regions_per_image}")
-            regions_per_image = d.regions_per_image or self.config.regions_per_image
             online_graph = d.online_graph
             base = self.config.regional_diffusion if regional else self.config.diffusion
             changes = {name: getattr(d, name) for name in ("k", "alpha", "gamma") if getattr(d, name)}
@@ -335,7 +330,6 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             diffusion=diffusion,
             regional=regional,
             neighbourhood=neighbourhood,
-            regions_per_image=max(regions_per_image, 0),
             online_graph=online_graph,
             diffuse_first=ro.diffuse_first,
             qe=e.query_expansion,
@@ -371,14 +365,17 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             regions = await self._regional_nodes(head, deadline)
             if query_regions is None or not regions:
                 return hits
-            q = np.concatenate([query_regions, self.collection.transform(query[None, :])])
+            graph = None if plan.online_graph else self.collection.regional_graph
 
             def run_regional() -> DiffusionOutcome:
-                per_image = [r for _, r in regions]
-                if plan.regions_per_image:
-                    per_image = reduce_each(per_image, plan.regions_per_image)
-                owner = np.repeat([i for i, _ in regions], [len(r) for r in per_image])
-                return diffusion_scores(q, np.concatenate(per_image), owner, len(head), plan.diffusion, seeds)
+                nodes = np.concatenate([r for _, r in regions])
+                owner = np.repeat([i for i, _ in regions], [len(r) for _, r in regions])
+                edges = None
+                if graph is not None:
+                    names = [region_node(head[i].image_id, j) for i, r in regions for j in range(len(r))]
+                    edges = graph.neighbourhood_lists(names, nodes, plan.diffusion.k)
+                # the query's (k-means-reduced) regions seed it jointly: one solve
+                return diffusion_scores(query_regions, nodes, owner, len(head), plan.diffusion, seeds, edges)
 
             outcome = await loop.run_in_executor(None, run_regional)
         else:
@@ -604,8 +601,12 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
     async def _get_stats(self, context: grpc.aio.ServicerContext) -> retrieval_pb2.GetStatsResponse:
         deadline = self._deadline(context)
         results = await asyncio.gather(*(s.stats(min(5.0, deadline.remaining())) for s in self.shards), return_exceptions=True)
-        graph = self.collection.graph
-        resp = retrieval_pb2.GetStatsResponse(extractors=self.extractors.addresses, graph_images=len(graph) if graph is not None else 0)
+        graph, regional = self.collection.graph, self.collection.regional_graph
+        resp = retrieval_pb2.GetStatsResponse(
+            extractors=self.extractors.addresses,
+            graph_images=len(graph) if graph is not None else 0,
+            graph_regions=len(regional) if regional is not None else 0,
+        )
         for shard, res in zip(self.shards, results):
             st = resp.shards.add(shard_id=shard.shard_id, address=shard.address, healthy=not isinstance(res, BaseException))
             if isinstance(res, BaseException):
@@ -666,34 +667,49 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             return retrieval_pb2.BuildGraphResponse()
         t0 = time.perf_counter()
 
-        async def pages(shard: ShardClient) -> tuple[list[str], list[np.ndarray]]:
+        async def pages(shard: ShardClient) -> tuple[list[str], list[np.ndarray], list[str], list[np.ndarray]]:
             ids: list[str] = []
             vecs: list[np.ndarray] = []
+            reg_ids: list[str] = []
+            reg_vecs: list[np.ndarray] = []
             cursor = 0
             while True:
                 try:
                     page = await shard.list_vectors(
-                        shard_pb2.ListVectorsRequest(shard_id=shard.shard_id, cursor=cursor, limit=self.config.graph_page), deadline.remaining()
+                        shard_pb2.ListVectorsRequest(shard_id=shard.shard_id, cursor=cursor, limit=self.config.graph_page, include_regional=True),
+                        deadline.remaining(),
                     )
                 except grpc.aio.AioRpcError as exc:
                     raise _from_rpc_error(exc, f"shard {shard.shard_id}") from None
                 ids.extend(page.ids)
                 if page.ids:
                     vecs.append(from_tensor(page.vectors, field="vectors"))
+                if page.regional.shape and sum(page.regional_counts):
+                    reg_vecs.append(from_tensor(page.regional, field="regional"))
+                    reg_ids.extend(region_node(i, j) for i, c in zip(page.ids, page.regional_counts) for j in range(c))
                 if page.done:
-                    return ids, vecs
+                    return ids, vecs, reg_ids, reg_vecs
                 cursor = page.next_cursor
 
         listed = await asyncio.gather(*(pages(s) for s in self.shards))
-        ids = [i for shard_ids, _ in listed for i in shard_ids]
+        ids = [i for page in listed for i in page[0]]
         if len(ids) < 2:
             raise FailedPrecondition(f"collection: {len(ids)} images indexed, a graph needs at least 2")
-        vectors = np.concatenate([v for _, shard_vecs in listed for v in shard_vecs])
+        vectors = np.concatenate([v for page in listed for v in page[1]])
+        reg_ids = [i for page in listed for i in page[2]]
         k = request.k or self.config.diffusion.k
-        graph = await asyncio.get_running_loop().run_in_executor(None, CollectionGraph.build, ids, vectors, k)
-        self.collection.set_graph(graph)
+        loop = asyncio.get_running_loop()
+        graph = await loop.run_in_executor(None, CollectionGraph.build, ids, vectors, k)
+        regional = None
+        if len(reg_ids) >= 2:
+            reg_vectors = np.concatenate([v for page in listed for v in page[3]])
+            regional = await loop.run_in_executor(None, CollectionGraph.build, reg_ids, reg_vectors, request.k or self.config.regional_diffusion.k)
+        self.collection.set_graph(graph, regional)
         self.metrics.graph_images.set(len(graph))
-        return retrieval_pb2.BuildGraphResponse(images=len(graph), k=graph.k, bytes=graph.nbytes, seconds=time.perf_counter() - t0)
+        return retrieval_pb2.BuildGraphResponse(
+            images=len(graph), k=graph.k, bytes=graph.nbytes + (regional.nbytes if regional else 0),
+            seconds=time.perf_counter() - t0, regions=len(regional) if regional else 0,
+        )
 
 
 @dataclass(frozen=True)
@@ -704,7 +720,6 @@ class SearchPlan:
     n_verify: int
     diffusion: DiffusionParams | None
     regional: bool
-    regions_per_image: int  # regional: k-means centroids per image (0 = every region)
     online_graph: bool  # global: build the neighbourhood graph per query despite a collection graph
     neighbourhood: int
     diffuse_first: bool

@@ -23,6 +23,7 @@ from services.extractor.local_features import LocalConfig, LocalExtractor, Local
 from services.extractor.model_file import read_trained_head
 from services.extractor.pooling import regional_vectors
 from services.extractor.shared_pass import SharedPasses
+from services.rerank.regions import reduce_regions
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class ExtractorConfig:
         descriptor's largest scale. Default 1024, the working image (its backbone pass is shared
         with the local features): with k-means-reduced regions, regional diffusion on the ROxford
         subset scored Medium mAP 58.0 from 1024-px regions against 54.4 from 512-px ones.
+    regions_per_image : int
+        The regional vectors are summarised by this many spherical k-means centroids
+        (``services.rerank.regions``), for database images and queries alike; 0 keeps every
+        R-MAC region (~21). Default 5, as the paper: regional diffusion on the ROxford subset
+        went from Medium mAP 44.6 (every region) to 58.0 (5 centroids).
     """
 
     weights_path: str = ""
@@ -55,10 +61,13 @@ class ExtractorConfig:
     local_config: LocalConfig = LocalConfig()
     attention_path: str = ""
     regional_max_side: int = 1024
+    regions_per_image: int = 5
 
     def __post_init__(self) -> None:
         if self.max_pixels <= 0:
             raise ValueError(f"extractor.max_pixels must be > 0, got {self.max_pixels}")
+        if not 0 <= self.regions_per_image <= 64:
+            raise ValueError(f"extractor.regions_per_image must be in 0..64, got {self.regions_per_image}")
         if self.regional_max_side != 0 and self.regional_max_side < 32:
             raise ValueError(f"extractor.regional_max_side must be 0 or >= 32, got {self.regional_max_side}")
 
@@ -122,6 +131,8 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
         loc = LocalExtractor(passes, self.local_config, self.attention_head).extract(image) if want_local else None  # type: ignore[arg-type]
         if self.trained_head is not None:
             vector, regional = self.trained_head.apply(vector[None, :])[0], self.trained_head.apply(regional)
+        if self.config.regions_per_image:
+            regional = reduce_regions(regional[None], self.config.regions_per_image)[0]
         return vector, regional, loc
 
     def features(self, image_bytes: bytes, crop: types_pb2.Box | None, want_regional: bool, want_local: bool) -> types_pb2.ImageFeatures:

@@ -161,8 +161,11 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         if request.cursor < 0:
             raise InvalidArgument(f"cursor: must be >= 0, got {request.cursor}")
         with self._lock:
-            ids, vectors, cursor, done = self.index.list_vectors(request.cursor, request.limit)
-        return shard_pb2.ListVectorsResponse(ids=ids, vectors=to_tensor(vectors), next_cursor=cursor, done=done)
+            page = self.index.list_vectors(request.cursor, request.limit, request.include_regional)
+        return shard_pb2.ListVectorsResponse(
+            ids=page.ids, vectors=to_tensor(page.vectors), next_cursor=page.next_cursor, done=page.done,
+            regional=to_tensor(page.regional), regional_counts=page.regional_counts,
+        )
 
     @grpc_errors
     def SetWhitening(self, request: shard_pb2.SetWhiteningRequest, context: grpc.ServicerContext) -> shard_pb2.SetWhiteningResponse:

@@ -85,6 +85,18 @@ class SearchHits:
     metadata: list[dict[str, str]]
 
 
+@dataclass(frozen=True)
+class VectorPage:
+    """A page of :meth:`ShardIndex.list_vectors`."""
+
+    ids: list[str]
+    vectors: np.ndarray  # (n, D') as indexed
+    next_cursor: int
+    done: bool
+    regional: np.ndarray  # (m, D') as indexed, images in order
+    regional_counts: list[int]  # (n,) regional vectors per image
+
+
 class ShardIndex:
     """A shard's images, searchable by global-descriptor inner product.
 
@@ -235,23 +247,27 @@ class ShardIndex:
         label = self.label_of.get(image_id)
         return None if label is None else self.images[label]
 
-    def list_vectors(self, cursor: int, limit: int) -> tuple[list[str], np.ndarray, int, bool]:
+    def list_vectors(self, cursor: int, limit: int, regional: bool = False) -> VectorPage:
         """One page of stored images in label order, vectors in the indexed space.
 
         Labels only grow (a replaced image gets a new one), so ``cursor`` (the first label not
         yet returned) survives concurrent writes.
-
-        Returns
-        -------
-        (ids, vectors (n, D') float32, next_cursor, done)
         """
         labels = sorted(l for l in self.images if l >= cursor) if cursor else sorted(self.images)
         page = labels[:limit]
-        done = len(labels) <= limit
+        empty = np.zeros((0, self.indexed_dim), np.float32)
         if not page:
-            return [], np.zeros((0, self.indexed_dim), np.float32), cursor, True
-        vecs = self.transform(np.stack([self.images[l].vector for l in page]))
-        return [self.images[l].image_id for l in page], vecs, page[-1] + 1, done
+            return VectorPage([], empty, cursor, True, empty, [])
+        recs = [self.images[l] for l in page]
+        vecs = self.transform(np.stack([r.vector for r in recs]))
+        regs, counts = empty, []
+        if regional:
+            per = [r.regional for r in recs]
+            counts = [0 if x is None else len(x) for x in per]
+            present = [x for x in per if x is not None and len(x)]
+            if present:
+                regs = self.transform(np.concatenate(present).astype(np.float32))
+        return VectorPage([r.image_id for r in recs], vecs, page[-1] + 1, len(labels) <= limit, regs, counts)
 
     def sample_vectors(self, max_vectors: int, seed: int, regional: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Random sample of raw global (n, D) and, if asked, regional (m, D) vectors."""

@@ -216,8 +216,10 @@ def test_collection_graph_serves_global_diffusion(client):
         client.build_graph(k=100_000)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "k" in err.value.details()
     built = client.build_graph(k=10)
-    assert built.images == n and built.k == 10 and built.bytes == n * 10 * 6
-    assert client.stats().graph_images == n
+    assert built.images == n and built.k == 10 and built.regions == 5 * n  # 5 k-means centroids per image
+    assert built.bytes == (n + built.regions) * 10 * 6
+    stats = client.stats()
+    assert stats.graph_images == n and stats.graph_regions == 5 * n
     # the neighbourhood holds the whole collection: the graph's subgraph is the per-query graph
     offline, online = parse_rerank("diffuse"), parse_rerank("diffuse-online")
     offline.diffuse.k = online.diffuse.k = 10
@@ -225,11 +227,21 @@ def test_collection_graph_serves_global_diffusion(client):
     b = client.search(image=query("coffee"), k=n, rerank=online)
     assert [r.id for r in a.results][:5] == [r.id for r in b.results][:5]
     np.testing.assert_allclose([r.score for r in a.results], [r.score for r in b.results], atol=1e-2)
+    # regional: likewise, the regional graph's subgraph is the per-query regional graph
+    offline_r, online_r = parse_rerank("diffuse-regional"), parse_rerank("diffuse-regional,diffuse-online")
+    offline_r.diffuse.k = online_r.diffuse.k = 10
+    a = client.search(image=query("coffee"), k=n, rerank=offline_r)
+    b = client.search(image=query("coffee"), k=n, rerank=online_r)
+    assert a.results[0].id.startswith("coffee/")
+    assert [r.id for r in a.results][:5] == [r.id for r in b.results][:5]
+    np.testing.assert_allclose([r.score for r in a.results], [r.score for r in b.results], atol=1e-2)
     # a replaced image leaves the graph and is joined online
     replaced = f"{PHOTO_SUBSET[0]}/{next(iter(INDEXED))}"
     assert client.add_images([ImageToAdd(replaced, encode_jpeg(load_photo(PHOTO_SUBSET[0])), {"photo": PHOTO_SUBSET[0]})]).added == 1
-    assert client.stats().graph_images == n - 1
+    stats = client.stats()
+    assert stats.graph_images == n - 1 and stats.graph_regions == 5 * (n - 1)
     assert client.search(image=query("coffee"), k=5, rerank=offline).results[0].id.startswith("coffee/")
+    assert client.search(image=query("coffee"), k=5, rerank=offline_r).results[0].id.startswith("coffee/")
     assert client.build_graph(remove=True).images == 0 and client.stats().graph_images == 0
 
 

@@ -39,11 +39,9 @@ def test_parse_rerank():
         parse_rerank("verify:0")
 
 
-def test_parse_rerank_graph_and_regions():
+def test_parse_rerank_online_graph():
     o = parse_rerank("diffuse-online")
     assert o.diffuse.enabled and o.diffuse.online_graph and not o.diffuse.regional
     assert not parse_rerank("diffuse").diffuse.online_graph
-    assert parse_rerank("diffuse-regional,regions:5").diffuse.regions_per_image == 5
-    assert parse_rerank("diffuse-regional,regions:all").diffuse.regions_per_image == -1
-    with pytest.raises(ValueError, match="regions:N"):
-        parse_rerank("diffuse-regional,regions:0")
+    r = parse_rerank("diffuse-regional,diffuse-online")
+    assert r.diffuse.regional and r.diffuse.online_graph
