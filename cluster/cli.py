@@ -282,11 +282,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
         {"shard": x.shard_id, "address": x.address, "healthy": x.healthy, "images": x.images, "feature_bytes": x.feature_bytes, "wal_bytes": x.wal_bytes}
         for x in s.shards
     ]
-    out = {"images": s.images, "dim": s.dim, "whitened": s.whitened, "model": s.model, "extractors": list(s.extractors), "shards": shards}
+    out = {"images": s.images, "dim": s.dim, "whitened": s.whitened, "model": s.model, "extractors": list(s.extractors), "shards": shards,
+           "graph_images": s.graph_images, "graph_regions": s.graph_regions}
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"images: {s.images}   dim: {s.dim}   whitened: {s.whitened}\nmodel: {s.model}\nextractors: {', '.join(s.extractors)}")
+    print(f"images: {s.images}   dim: {s.dim}   whitened: {s.whitened}   diffusion graph: {s.graph_images} images, "
+          f"{s.graph_regions} regions\nmodel: {s.model}\nextractors: {', '.join(s.extractors)}")
     for x in shards:
         print(f"  shard {x['shard']}  {x['address']:<21}  {'up' if x['healthy'] else 'DOWN':<4}  {x['images']:>8} images  {x['feature_bytes'] / 1e6:8.2f} MB")
     return 0
