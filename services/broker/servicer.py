@@ -696,6 +696,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         if len(ids) < 2:
             raise FailedPrecondition(f"collection: {len(ids)} images indexed, a graph needs at least 2")
         vectors = np.concatenate([v for page in listed for v in page[1]])
+        keep = _last_occurrences(ids)  # an image replaced while paging comes twice: keep its newest
+        ids, vectors = [ids[i] for i in keep], vectors[keep]
         reg_ids = [i for page in listed for i in page[2]]
         k = request.k or self.config.diffusion.k
         loop = asyncio.get_running_loop()
@@ -703,6 +705,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         regional = None
         if len(reg_ids) >= 2:
             reg_vectors = np.concatenate([v for page in listed for v in page[3]])
+            keep = _last_occurrences(reg_ids)
+            reg_ids, reg_vectors = [reg_ids[i] for i in keep], reg_vectors[keep]
             regional = await loop.run_in_executor(None, CollectionGraph.build, reg_ids, reg_vectors, request.k or self.config.regional_diffusion.k)
         self.collection.set_graph(graph, regional)
         self.metrics.graph_images.set(len(graph))
@@ -732,6 +736,12 @@ class SearchPlan:
     @property
     def need_vectors(self) -> bool:
         return self.qe or self.dba or (self.diffusion is not None and not self.regional)
+
+
+def _last_occurrences(ids: Sequence[str]) -> np.ndarray:
+    """Positions of the last occurrence of each distinct id, in order of those positions."""
+    last = {image_id: i for i, image_id in enumerate(ids)}
+    return np.array(sorted(last.values()), dtype=np.int64)
 
 
 def _unit_vector(v: np.ndarray) -> np.ndarray:
