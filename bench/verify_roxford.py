@@ -18,13 +18,18 @@ classical RootSIFT peer, on the same global candidates, at V = 100, 200, 400.
    time at V=100 through a 2-thread pool; extraction images/s and bytes per image beside the
    global-only descriptor, in the same run.
 
+Verification uses the broker's own parameters (``BrokerConfig().verify``: min_inliers 16);
+``--min-inliers`` adds other thresholds. ``--cache`` keeps the extracted local features.
+
     env GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296 \\
-        .venv/bin/python bench/verify_roxford.py [--global-cache /tmp/roxford_regions.npz] [--save-head head.pt]
+        .venv/bin/python bench/verify_roxford.py [--global-cache /tmp/roxford_regions.npz] \\
+        [--save-head head.pt | --head head.pt] [--cache /tmp/local.npz] [--max-v 400]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -42,7 +47,14 @@ from loupe.v1 import types_pb2  # noqa: E402
 from services.common.images import decode_image  # noqa: E402
 from services.eval.ground_truth import load_ground_truth  # noqa: E402
 from services.eval.revisitop import evaluate_protocols  # noqa: E402
-from services.extractor.attention import AttentionHead, AttentionTrainConfig, save_attention, train_attention  # noqa: E402
+from services.broker.servicer import BrokerConfig  # noqa: E402
+from services.extractor.attention import (  # noqa: E402
+    AttentionHead,
+    AttentionTrainConfig,
+    load_attention,
+    save_attention,
+    train_attention,
+)
 from services.extractor.backbone import EfficientNetLite0, load_backbone  # noqa: E402
 from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor  # noqa: E402
 from services.extractor.local_features import LocalConfig, LocalExtractor  # noqa: E402
@@ -90,12 +102,95 @@ def stats_ms(seconds: list[float]) -> str:
     return f"median {np.median(ms):.2f} ms, p99 {np.percentile(ms, 99):.2f} ms"
 
 
+def train_head(backbone: EfficientNetLite0, root, gt, held_out: set[str], epochs: int) -> AttentionHead:
+    """Attention head trained on the database images of landmarks without an evaluated query."""
+    train_names = [n for n in gt.imlist if landmark(n) not in held_out]
+    classes = sorted({landmark(n) for n in train_names})
+    val_mask = np.random.default_rng(0).random(len(train_names)) < 0.2
+    imgs = [decode_image((root / "jpg" / f"{n}.jpg").read_bytes(), max_side=512) for n in train_names]
+    labels = [classes.index(landmark(n)) for n in train_names]
+    torch.manual_seed(0)
+    head = AttentionHead(EfficientNetLite0.tap_spec(LocalConfig().layer)[0])
+    t0 = time.perf_counter()
+    hist = train_attention(
+        backbone, head,
+        [im for im, v in zip(imgs, val_mask) if not v], [y for y, v in zip(labels, val_mask) if not v],
+        AttentionTrainConfig(layer=LocalConfig().layer, epochs=epochs),
+        val_images=[im for im, v in zip(imgs, val_mask) if v], val_labels=[y for y, v in zip(labels, val_mask) if v],
+    )
+    print(f"attention: trained on {int((~val_mask).sum())} images of {len(classes)} landmarks {classes} "
+          f"(none of {sorted(held_out)}), {int(val_mask.sum())} held out; {epochs} epochs in "
+          f"{time.perf_counter() - t0:.0f} s; train acc {hist.train_accuracy[-1]:.3f}, val acc {hist.val_accuracy[-1]:.3f}", flush=True)
+    return head
+
+
+def extract_local(root, items, wanted: list[int], head: AttentionHead, backbone: EfficientNetLite0) -> dict:
+    """Local features (L2-norm and attention scoring from one pass, RootSIFT) of ``items[wanted]``,
+    plus the extraction speed of each way on the first 50, beside the global descriptor alone."""
+    shared = SharedTaps(backbone)
+    l2 = LocalExtractor(shared, LocalConfig())  # type: ignore[arg-type]
+    att = LocalExtractor(shared, LocalConfig(score="attention"), head)  # type: ignore[arg-type]
+    gext = GlobalExtractor(backbone, GlobalConfig(pooling="rmac", max_side=512))
+    out: dict = {"l2norm": {}, "attention": {}, "rootsift": {}, "side": {}}
+    timing = {"global-only": 0.0, "local (both scorings)": 0.0, "rootsift": 0.0}
+    t_start = time.perf_counter()
+    for n, i in enumerate(wanted):
+        name, box = items[i]
+        img = load(root, name, box)
+        out["side"][i] = float(max(img.shape[:2]))
+        timed = n < 50
+        t = time.perf_counter()
+        if timed:
+            gext.extract(img)
+            timing["global-only"] += time.perf_counter() - t
+        t = time.perf_counter()
+        out["l2norm"][i], out["attention"][i] = l2.extract(img), att.extract(img)
+        if timed:
+            timing["local (both scorings)"] += time.perf_counter() - t
+        t = time.perf_counter()
+        out["rootsift"][i] = extract_rootsift(img)
+        if timed:
+            timing["rootsift"] += time.perf_counter() - t
+        if (n + 1) % 100 == 0:
+            print(f"  local features {n + 1}/{len(wanted)} ({(n + 1) / (time.perf_counter() - t_start):.2f} images/s)", flush=True)
+    n_timed = min(50, len(wanted))
+    print(f"extraction on {n_timed} images at 1024 px: " + ", ".join(f"{k} {n_timed / v:.2f} images/s" for k, v in timing.items())
+          + " (local = one pyramid pass, two scorings)")
+    return out
+
+
+def save_cache(path: str, feats: dict) -> None:
+    arrays = {}
+    for method in ("l2norm", "attention", "rootsift"):
+        for i, (k, d) in feats[method].items():
+            arrays[f"{method}/{i}/k"], arrays[f"{method}/{i}/d"] = k, d
+    for i, side in feats["side"].items():
+        arrays[f"side/{i}"] = np.array(side)
+    np.savez(path, **arrays)
+
+
+def load_cache(path: str) -> dict:
+    feats: dict = {"l2norm": {}, "attention": {}, "rootsift": {}, "side": {}}
+    with np.load(path) as z:
+        for key in z.files:
+            parts = key.split("/")
+            if parts[0] == "side":
+                feats["side"][int(parts[1])] = float(z[key])
+            elif parts[2] == "k":
+                feats[parts[0]][int(parts[1])] = (z[key], z[f"{parts[0]}/{parts[1]}/d"])
+    return feats
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--global-cache", default=None, help="npz with a 'global' array (database rows then queries)")
+    ap.add_argument("--cache", default=None, help="npz for the extracted local features (read if present)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=10, help="attention-head training epochs")
     ap.add_argument("--save-head", default=None, help="also write the trained head here (loupe --attention FILE)")
+    ap.add_argument("--head", default=None, help="load this trained head instead of training one")
+    ap.add_argument("--max-v", type=int, default=max(VS), help="largest V measured; local features are extracted for the union of the top-V")
+    ap.add_argument("--min-inliers", type=int, action="append", default=None, help="extra verification thresholds to report")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(1)  # pairs run in parallel through the pool instead
@@ -106,31 +201,16 @@ def main() -> None:
     print(f"machine: {machine()}; torch threads {args.threads}; load average {os.getloadavg()[0]:.1f}", flush=True)
     backbone = load_backbone(None, fuse_bn=True)
 
-    # 1. attention head, trained on landmarks without an evaluated query
     held_out = {landmark(q) for q in gt.qimlist}
-    train_names = [n for n in gt.imlist if landmark(n) not in held_out]
-    classes = sorted({landmark(n) for n in train_names})
-    rng = np.random.default_rng(0)
-    val_mask = rng.random(len(train_names)) < 0.2
-    imgs = [decode_image((root / "jpg" / f"{n}.jpg").read_bytes(), max_side=512) for n in train_names]
-    labels = [classes.index(landmark(n)) for n in train_names]
-    torch.manual_seed(0)
-    head = AttentionHead(EfficientNetLite0.tap_spec(LocalConfig().layer)[0])
-    t0 = time.perf_counter()
-    hist = train_attention(
-        backbone, head,
-        [im for im, v in zip(imgs, val_mask) if not v], [y for y, v in zip(labels, val_mask) if not v],
-        AttentionTrainConfig(layer=LocalConfig().layer, epochs=args.epochs),
-        val_images=[im for im, v in zip(imgs, val_mask) if v], val_labels=[y for y, v in zip(labels, val_mask) if v],
-    )
-    print(f"attention: trained on {int((~val_mask).sum())} images of {len(classes)} landmarks {classes} "
-          f"(none of {sorted(held_out)}), {int(val_mask.sum())} held out; {args.epochs} epochs in "
-          f"{time.perf_counter() - t0:.0f} s; train acc {hist.train_accuracy[-1]:.3f}, val acc {hist.val_accuracy[-1]:.3f}", flush=True)
-    if args.save_head:
-        save_attention(head, args.save_head, layer=LocalConfig().layer, meta={"classes": classes})
-    del imgs
+    if args.head:
+        head, meta = load_attention(args.head)
+        print(f"attention: loaded {args.head} (trained on {meta.get('classes')}, none of {sorted(held_out)})")
+    else:
+        head = train_head(backbone, root, gt, held_out, args.epochs)
+        if args.save_head:
+            save_attention(head, args.save_head, layer=LocalConfig().layer,
+                           meta={"classes": sorted({landmark(n) for n in gt.imlist if landmark(n) not in held_out})})
 
-    # 2. global candidates
     if args.global_cache and os.path.exists(args.global_cache):
         g = np.load(args.global_cache)["global"]
     else:
@@ -139,85 +219,67 @@ def main() -> None:
     db, q = g[:n_db], g[n_db:]
     sims = db @ q.T
     base_rank = np.argsort(-sims, axis=0)
-
-    # 3. local features: L2-norm and attention from one backbone pass; RootSIFT
-    shared = SharedTaps(backbone)
-    l2 = LocalExtractor(shared, LocalConfig())  # type: ignore[arg-type]
-    att = LocalExtractor(shared, LocalConfig(score="attention"), head)  # type: ignore[arg-type]
-    gext = GlobalExtractor(backbone, GlobalConfig(pooling="rmac", max_side=512))
-    feats: dict[str, list] = {"l2norm": [], "attention": [], "rootsift": []}
-    sides: list[float] = []
-    timing = {"global-only": 0.0, "local (both scorings)": 0.0, "rootsift": 0.0}
-    t_start = time.perf_counter()
-    for i, (name, box) in enumerate(items):
-        img = load(root, name, box)
-        sides.append(float(max(img.shape[:2])))
-        if i < 50:  # speed sample, same images for every method
-            t = time.perf_counter(); gext.extract(img); timing["global-only"] += time.perf_counter() - t
-        t = time.perf_counter()
-        feats["l2norm"].append(l2.extract(img))
-        feats["attention"].append(att.extract(img))
-        if i < 50:
-            timing["local (both scorings)"] += time.perf_counter() - t
-        t = time.perf_counter()
-        feats["rootsift"].append(extract_rootsift(img))
-        if i < 50:
-            timing["rootsift"] += time.perf_counter() - t
-        if (i + 1) % 100 == 0:
-            print(f"  local features {i + 1}/{len(items)} ({(i + 1) / (time.perf_counter() - t_start):.2f} images/s)", flush=True)
-    print("extraction on the first 50 database images at 1024 px: " + ", ".join(
-        f"{k} {50 / v:.2f} images/s" for k, v in timing.items()) + " (local = one pyramid pass, two scorings)")
-
-    stored: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    for method in ("l2norm", "attention"):
-        pca = LocalPCA().fit(np.concatenate([f.descriptors for f in feats[method][:PCA_IMAGES]]), dim=40)
-        rows = [LocalStore.quantize(f.keypoints, pca.apply(f.descriptors)) for f in feats[method]]
-        print(f"{method}: {np.mean([r.nbytes for r in rows[:n_db]]) / 1024:.1f} KB per image of local features "
-              f"(mean keypoints {np.mean([len(r.keypoints) for r in rows]):.0f})")
-        stored[method] = [r.dequantized() for r in rows]
-    stored["rootsift"] = [(k, d) for k, d in feats["rootsift"]]
-    print(f"global-only: {db.shape[1] * 4 / 1024:.1f} KB per image (float32)")
-
-    params = {
-        "l2norm": VerifyParams(),
-        "attention": VerifyParams(),
-        "rootsift": VerifyParams(matcher="ratio", ratio=ROOTSIFT_RATIO),
-    }
+    vs = [v for v in VS if v <= args.max_v] or [args.max_v]
+    wanted = sorted(set(base_rank[: max(vs)].ravel().tolist()) | set(range(n_db, n_db + len(q))))
+    if args.cache and os.path.exists(args.cache):
+        feats = load_cache(args.cache)
+    else:
+        raw = extract_local(root, items, wanted, head, backbone)
+        feats = {"rootsift": raw["rootsift"], "side": raw["side"]}
+        for method in ("l2norm", "attention"):
+            train_rows = [i for i in wanted if i < n_db][:PCA_IMAGES]
+            pca = LocalPCA().fit(np.concatenate([raw[method][i].descriptors for i in train_rows]), dim=40)
+            rows = {i: LocalStore.quantize(f.keypoints, pca.apply(f.descriptors)) for i, f in raw[method].items()}
+            print(f"{method}: {np.mean([r.nbytes for i, r in rows.items() if i < n_db]) / 1024:.1f} KB per image of local features "
+                  f"(mean keypoints {np.mean([len(r.keypoints) for r in rows.values()]):.0f})")
+            feats[method] = {i: r.dequantized() for i, r in rows.items()}
+        if args.cache:
+            save_cache(args.cache, feats)
+    print(f"global-only: {db.shape[1] * 4 / 1024:.1f} KB per image (float32); local features for {len(wanted)} images "
+          f"(union of the queries' top-{max(vs)} and the queries)")
 
     def score(ranks: np.ndarray) -> str:
         s = evaluate_protocols(ranks, gt)
         return " / ".join(f"{s[p]['map']:6.2f}" for p in ("easy", "medium", "hard"))
 
-    print(f"\n{'method':12s} {'V':>4s} {'E / M / H mAP':>24s}  {'ms per pair (thread CPU)':>36s}")
-    print(f"{'global only':12s} {'-':>4s} {score(base_rank):>24s}")
+    served = BrokerConfig().verify
+    thresholds = [served.min_inliers] + [m for m in (args.min_inliers or []) if m != served.min_inliers]
+    print(f"\n{'method':12s} {'V':>4s} {'min_inl':>7s} {'E / M / H mAP':>24s}")
+    print(f"{'global only':12s} {'-':>4s} {'-':>7s} {score(base_rank):>24s}")
     pool = ThreadPoolExecutor(max_workers=args.threads)
     for method in ("l2norm", "attention", "rootsift"):
-        p = params[method]
-        inliers = np.zeros((max(VS), len(q)), dtype=np.int64)
+        # served parameters; RootSIFT with Lowe's ratio test instead of mutual nearest neighbours
+        # (raw inlier counts down to the lowest threshold; each threshold is applied when ranking)
+        floor = max(3, min(thresholds))
+        p = dataclasses.replace(served, min_inliers=floor) if method != "rootsift" else dataclasses.replace(
+            served, matcher="ratio", ratio=ROOTSIFT_RATIO, min_inliers=floor)
+        inliers = np.zeros((max(vs), len(q)), dtype=np.int64)
         cpu: list[float] = []
         stage_wall: list[float] = []
         for j in range(len(q)):
-            qf = stored[method][n_db + j]
-            cands = base_rank[: max(VS), j]
+            qf = feats[method][n_db + j]
+            cands = base_rank[: max(vs), j]
 
             def run(c: int, qf=qf) -> tuple[int, float]:
                 t = time.thread_time()
-                r = verify_pair(*qf, *stored[method][c], p, candidate_side=sides[c])
+                r = verify_pair(*qf, *feats[method][c], p, candidate_side=feats["side"][c])
                 return r.inliers, time.thread_time() - t
 
             t = time.perf_counter()
-            list(pool.map(run, cands[:100]))
-            stage_wall.append(time.perf_counter() - t)
-            for row, (n_in, dt) in enumerate(pool.map(run, cands)):
+            results = list(pool.map(run, cands))
+            stage_wall.append((time.perf_counter() - t) * min(100, len(cands)) / len(cands))
+            for row, (n_in, dt) in enumerate(results):
                 inliers[row, j] = n_in
                 cpu.append(dt)
-        for V in VS:
-            ranks = base_rank.copy()
-            for j in range(len(q)):
-                order = rerank_by_inliers(sims[base_rank[:V, j], j], inliers[:V, j], p.min_inliers)
-                ranks[:V, j] = base_rank[:V, j][order]
-            print(f"{method:12s} {V:4d} {score(ranks):>24s}  {stats_ms(cpu):>36s}", flush=True)
-        print(f"{method:12s} stage wall time at V=100 ({args.threads} threads): {stats_ms(stage_wall)} per query")
+        for m in thresholds:
+            for V in vs:
+                ranks = base_rank.copy()
+                for j in range(len(q)):
+                    order = rerank_by_inliers(sims[base_rank[:V, j], j], inliers[:V, j], m)
+                    ranks[:V, j] = base_rank[:V, j][order]
+                print(f"{method:12s} {V:4d} {m:7d} {score(ranks):>24s}", flush=True)
+        print(f"{method:12s} match + RANSAC per pair (thread CPU): {stats_ms(cpu)}; stage at V=100 ({args.threads} threads): "
+              f"{stats_ms(stage_wall)} per query")
 
 
 if __name__ == "__main__":
