@@ -42,6 +42,12 @@ def _add_cluster_flags(p: argparse.ArgumentParser, *, temporary: bool) -> None:
     g.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
 
 
+DEFAULT_SEARCH_RERANK = "verify,diffuse-regional,diffuse-first"
+"""Measured on ROxford (BENCHMARKS.md): E/M/H 83.4 / 57.0 / 22.8 against verify alone 81.3 / 53.2 /
+19.6 and verify-then-diffuse 80.3 / 54.0 / 31.9; diffusion alone scores 57.97 Medium but gives
+no match confidence."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loupe", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--offset", type=int, default=0)
     se.add_argument("--crop", default=None, help="x1,y1,x2,y2 box of the query in pixels")
     se.add_argument(
-        "--rerank", default="verify",
-        help=f"rerank stages, comma-joined (default verify: the best Medium mAP measured, BENCHMARKS.md): {', '.join(STAGES)}",
+        "--rerank", default=DEFAULT_SEARCH_RERANK,
+        help=f"rerank stages, comma-joined (default {DEFAULT_SEARCH_RERANK}: regional diffusion, then verification of the "
+        f"diffused top-100 — the best verified composition measured, BENCHMARKS.md): {', '.join(STAGES)}",
     )
     se.add_argument("--show", default=None, metavar="OUT.png", help="draw the query beside the top results with inlier lines (implies --rerank verify)")
     se.add_argument("--show-top", type=int, default=4, help="results drawn by --show")

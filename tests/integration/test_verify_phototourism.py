@@ -13,7 +13,7 @@ at 20 px), in file order the 7 listed pairs give [50, 0, 13, 0, 0, 0, 1000] inli
   palace, the cathedral small and far behind a parade) that neither these features nor
   RootSIFT-1000 + ratio test verify above chance level (RootSIFT: [0, 0, 0, 0, 8, 0, 1000]),
   so they are reported here, not asserted;
-- the 60 cross-landmark pairs: at most 13 inliers (mean 2.8), below the 15-inlier point of
+- the 60 cross-landmark pairs: at most 13 inliers (mean 2.8), below the 24-inlier point of
   ``inlier_confidence``;
 - one photo per landmark against a synthetic viewpoint change of itself (perspective warp,
   0.7x zoom, contrast/brightness change): 207..361 inliers.
