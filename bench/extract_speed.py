@@ -1,6 +1,7 @@
 """Extraction cost per image at a 1024-px working image: global descriptor only, global + local
 features as separate extractors, and the served path (``ExtractorServicer._describe``: global,
-regional vectors at 1024 px and local features from shared backbone passes), same images, same
+regional vectors at 1024 px and local features from shared backbone passes; also with the
+regions from the 512-px global level, which needs no extra backbone work), same images, same
 process. Uses ROxford images when ../shared/data is present, else scikit-image photos upscaled.
 
     .venv/bin/python bench/extract_speed.py [--images 20] [--threads 2] [--repeat 3]
@@ -47,11 +48,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     imgs, what = images(args.images)
     svc = ExtractorServicer(ExtractorConfig(global_config=GlobalConfig(pooling="rmac", max_side=512), local_config=LocalConfig()))
+    svc512 = ExtractorServicer(ExtractorConfig(global_config=svc.global_config, local_config=LocalConfig(), regional_max_side=0))
     g = GlobalExtractor(svc.backbone, svc.global_config)
     loc = LocalExtractor(svc.backbone, svc.local_config)
     ways = {
         "global only (R-MAC 3 scales, 512 px)": lambda im: g.extract(im),
         "global + local, separate passes": lambda im: (g.extract(im), loc.extract(im)),
+        "global + regional@512 + local, shared passes": lambda im: svc512._describe(im, want_local=True),
         "global + regional@1024 + local, shared passes (served)": lambda im: svc._describe(im, want_local=True),
     }
     print(f"machine: {machine()}; {what}; {args.threads} torch threads; load average {os.getloadavg()[0]:.1f}")

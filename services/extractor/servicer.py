@@ -120,7 +120,8 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
     def _describe(self, image: np.ndarray, want_local: bool) -> tuple[np.ndarray, np.ndarray, LocalFeatures | None]:
         """(D,) global and (R, D) regional descriptors (through the trained head if any) and the
         local features, from shared backbone passes (``SharedPasses``)."""
-        passes = SharedPasses(self.backbone, [self.local_config.layer, "head"])
+        # every pass keeps the local tap on its way; a pass runs to the head only when asked to
+        passes = SharedPasses(self.backbone, [self.local_config.layer])
         g = GlobalExtractor(passes, self.global_config).extract(image)  # type: ignore[arg-type]
         vector, regional = g.vector, g.regional
         if self.config.regional_max_side:
