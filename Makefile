@@ -16,6 +16,7 @@ demo: $(STAMP)
 	$(VENV)/bin/loupe demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check --quiet .
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
 
 test-fast: $(STAMP)

@@ -62,7 +62,7 @@ from services.extractor.servicer import crop_and_resize  # noqa: E402
 from services.extractor.whitening import LocalPCA  # noqa: E402
 from services.index.shard_index import LocalStore  # noqa: E402
 from services.rerank.rootsift import ROOTSIFT_RATIO, extract_rootsift  # noqa: E402
-from services.rerank.verify import VerifyParams, rerank_by_inliers, verify_pair  # noqa: E402
+from services.rerank.verify import rerank_by_inliers, verify_pair  # noqa: E402
 
 WORKING_SIDE = 1024
 PCA_IMAGES = 200

@@ -60,7 +60,6 @@ class Cluster:
 
     # --- start ------------------------------------------------------------------------
     def start(self) -> "Cluster":
-        cfg = self.config
         self._init_ray()
         try:
             self._start_actors()

@@ -11,7 +11,7 @@ import numpy as np
 
 from loupe.tensors import from_tensor, to_tensor
 from loupe.v1 import shard_pb2, shard_pb2_grpc
-from services.common.errors import DataLoss, InvalidArgument, NotFound, grpc_errors
+from services.common.errors import DataLoss, InvalidArgument, grpc_errors
 from services.common.grpc_server import RunningServer, ServerOptions, create_sync_server
 from services.extractor.whitening import PCAWhitening
 from services.index.records import check_id, record_to_stored, stored_to_features
