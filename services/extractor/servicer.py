@@ -23,7 +23,7 @@ from services.extractor.local_features import LocalConfig, LocalExtractor, Local
 from services.extractor.model_file import read_trained_head
 from services.extractor.pooling import regional_vectors
 from services.extractor.shared_pass import SharedPasses
-from services.rerank.regions import reduce_regions
+from services.rerank.regions import MAX_REGIONS_PER_IMAGE, reduce_regions
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,8 @@ class ExtractorConfig:
     def __post_init__(self) -> None:
         if self.max_pixels <= 0:
             raise ValueError(f"extractor.max_pixels must be > 0, got {self.max_pixels}")
-        if not 0 <= self.regions_per_image <= 64:
-            raise ValueError(f"extractor.regions_per_image must be in 0..64, got {self.regions_per_image}")
+        if not 0 <= self.regions_per_image <= MAX_REGIONS_PER_IMAGE:
+            raise ValueError(f"extractor.regions_per_image must be in 0..{MAX_REGIONS_PER_IMAGE}, got {self.regions_per_image}")
         if self.regional_max_side != 0 and self.regional_max_side < 32:
             raise ValueError(f"extractor.regional_max_side must be 0 or >= 32, got {self.regional_max_side}")
 
@@ -101,7 +101,6 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
         if self.trained_head is not None:  # serve the trained descriptor exactly as trained
             global_config = dataclasses.replace(global_config, pooling=self.trained_head.pooling, gem_p=self.trained_head.gem_p)
         self.global_config = global_config
-        self.global_extractor = GlobalExtractor(self.backbone, global_config)
         self.attention_head = None
         if config.attention_path:
             from services.extractor.attention import load_attention
@@ -115,24 +114,28 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
         self._model_lock = threading.Lock()
         # The working image serves every descriptor; each shrinks it further to its own max_side.
         self.working_side = max(global_config.max_side, local_config.max_side, config.regional_max_side)
-        self.dim = int(self._describe(np.zeros((64, 64, 3), np.uint8), want_local=False)[0].shape[0])
+        self.dim = int(self._describe(np.zeros((64, 64, 3), np.uint8), want_local=False, want_regional=False)[0].shape[0])
 
-    def _describe(self, image: np.ndarray, want_local: bool) -> tuple[np.ndarray, np.ndarray, LocalFeatures | None]:
-        """(D,) global and (R, D) regional descriptors (through the trained head if any) and the
-        local features, from shared backbone passes (``SharedPasses``)."""
+    def _describe(
+        self, image: np.ndarray, want_local: bool, want_regional: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None, LocalFeatures | None]:
+        """(D,) global and (R, D) regional descriptors (through the trained head if any; regional
+        None unless ``want_regional``) and the local features (None unless ``want_local``), from
+        shared backbone passes (``SharedPasses``)."""
         # every pass keeps the local tap on its way; a pass runs to the head only when asked to
         passes = SharedPasses(self.backbone, [self.local_config.layer])
         g = GlobalExtractor(passes, self.global_config).extract(image)  # type: ignore[arg-type]
-        vector, regional = g.vector, g.regional
-        if self.config.regional_max_side:
+        vector, regional = g.vector, g.regional if want_regional else None
+        if want_regional and self.config.regional_max_side:
             level = resize_max_side(image, self.config.regional_max_side)
             with torch.inference_mode():
                 fmap = passes.forward_features(preprocess(level))
                 regional = regional_vectors(fmap, self.global_config.rmac_levels)[0].numpy()
         loc = LocalExtractor(passes, self.local_config, self.attention_head).extract(image) if want_local else None  # type: ignore[arg-type]
         if self.trained_head is not None:
-            vector, regional = self.trained_head.apply(vector[None, :])[0], self.trained_head.apply(regional)
-        if self.config.regions_per_image:
+            vector = self.trained_head.apply(vector[None, :])[0]
+            regional = self.trained_head.apply(regional) if regional is not None else None
+        if regional is not None and self.config.regions_per_image:
             regional = reduce_regions(regional[None], self.config.regions_per_image)[0]
         return vector, regional, loc
 
@@ -145,10 +148,10 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
             raise type(exc)(f"image: {exc}") from None
         image = crop_and_resize(image, crop, side)
         with self._model_lock:
-            vector, regional, loc = self._describe(image, want_local)
+            vector, regional, loc = self._describe(image, want_local, want_regional)
         out = types_pb2.ImageFeatures(width=image.shape[1], height=image.shape[0])
         out.__getattribute__("global").CopyFrom(to_tensor(vector.astype(np.float32)))
-        if want_regional:
+        if regional is not None:
             out.regional.CopyFrom(to_tensor(regional.astype(np.float16)))
         if loc is not None:
             out.local.keypoints.CopyFrom(to_tensor(loc.keypoints.astype(np.float32)))
@@ -166,7 +169,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
 
     @grpc_errors
     def Describe(self, request: extractor_pb2.DescribeRequest, context: grpc.ServicerContext) -> extractor_pb2.DescribeResponse:
-        gc = self.global_extractor.config
+        gc = self.global_config
         return extractor_pb2.DescribeResponse(
             backbone="efficientnet-lite0" + (" (trained)" if self.trained_head is not None else ""),
             pooling=gc.pooling,

@@ -85,3 +85,13 @@ def test_regions_are_reduced_to_centroids_by_default() -> None:
     _, regional, _ = svc._describe(_image(), want_local=False)
     assert regional.shape == (5, 1280)
     np.testing.assert_allclose(np.linalg.norm(regional, axis=1), 1.0, atol=1e-5)
+
+
+def test_a_query_without_regions_runs_only_the_global_passes(backbone) -> None:
+    g_cfg = GlobalConfig(pooling="rmac", max_side=128)
+    svc = ExtractorServicer(ExtractorConfig(global_config=g_cfg, local_config=LocalConfig(max_side=256), regional_max_side=256))
+    counting = _Counting(svc.backbone)
+    svc.backbone = counting  # type: ignore[assignment]
+    vector, regional, loc = svc._describe(_image(), want_local=False, want_regional=False)
+    assert regional is None and loc is None and vector.shape == (1280,)
+    assert counting.calls == 3  # 128/91/64 px: no 256-px pass for regions nobody asked for
