@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 from services.extractor.global_descriptor import GlobalConfig
 from services.extractor.local_features import LocalConfig
+from services.rerank.regions import MAX_REGIONS_PER_IMAGE
 
 GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296"
 
@@ -88,7 +89,7 @@ class ClusterConfig:
             "max_side": 32 <= self.max_side <= 8192,
             "global_max_side": 32 <= self.global_max_side <= self.max_side,
             "regional_from": self.regional_from in ("working", "global"),
-            "regions_per_image": 0 <= self.regions_per_image <= 64,
+            "regions_per_image": 0 <= self.regions_per_image <= MAX_REGIONS_PER_IMAGE,
             "startup_timeout_s": self.startup_timeout_s > 0,
         }
         for name, ok in checks.items():

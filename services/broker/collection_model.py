@@ -18,13 +18,10 @@ import numpy as np
 
 from services.extractor.whitening import LocalPCA, PCAWhitening, to_indexed_space
 from services.rerank.graph import CollectionGraph
+from services.rerank.regions import MAX_REGIONS_PER_IMAGE
 
 LOCAL_DIM = 40
 MAX_FIT_DESCRIPTORS = 50_000
-
-
-MAX_REGIONS = 64
-"""Most regional vectors an image may have (the extractor keeps at most 64)."""
 
 
 def region_node(image_id: str, j: int) -> str:
@@ -34,7 +31,7 @@ def region_node(image_id: str, j: int) -> str:
 
 def region_nodes(image_ids: list[str]) -> list[str]:
     """Every possible regional node id of ``image_ids`` (for forgetting them)."""
-    return [region_node(i, j) for i in image_ids if i for j in range(MAX_REGIONS)]
+    return [region_node(i, j) for i in image_ids if i for j in range(MAX_REGIONS_PER_IMAGE)]
 
 
 class CollectionModel:
@@ -49,20 +46,16 @@ class CollectionModel:
     def __init__(self, directory: str = "") -> None:
         self.directory = directory
         self._lock = threading.Lock()
-        self.local_pca: LocalPCA | None = None
-        self.whitening: PCAWhitening | None = None
-        if self._read("local_pca.npz"):
-            self.local_pca = LocalPCA.from_bytes(self._read("local_pca.npz"))
-        if self._read("whitening.npz"):
-            self.whitening = PCAWhitening.from_bytes(self._read("whitening.npz"))
-        self.graph: CollectionGraph | None = None
-        self.regional_graph: CollectionGraph | None = None
+        pca, whitening = self._read("local_pca.npz"), self._read("whitening.npz")
+        self.local_pca: LocalPCA | None = LocalPCA.from_bytes(pca) if pca else None
+        self.whitening: PCAWhitening | None = PCAWhitening.from_bytes(whitening) if whitening else None
+        graph, regional = self._read("graph.npz"), self._read("graph_regional.npz")
+        self.graph: CollectionGraph | None = CollectionGraph.from_bytes(graph) if graph else None
+        self.regional_graph: CollectionGraph | None = CollectionGraph.from_bytes(regional) if regional else None
         stale = self._read("graph_stale.txt").decode().split("\n")
-        if self._read("graph.npz"):
-            self.graph = CollectionGraph.from_bytes(self._read("graph.npz"))
+        if self.graph is not None:
             self.graph.forget(stale)
-        if self._read("graph_regional.npz"):
-            self.regional_graph = CollectionGraph.from_bytes(self._read("graph_regional.npz"))
+        if self.regional_graph is not None:
             self.regional_graph.forget(region_nodes(stale))
 
     def _path(self, name: str = "local_pca.npz") -> str:

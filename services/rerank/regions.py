@@ -14,6 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+MAX_REGIONS_PER_IMAGE = 64
+"""Most regional vectors an image may keep (configuration bound; R-MAC at L=3 gives ~21)."""
+
 
 def reduce_regions(regions: np.ndarray, n: int, iterations: int = 10) -> np.ndarray:
     """Summarise each image's regions by ``n`` centroids.
