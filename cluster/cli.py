@@ -200,8 +200,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             w = client.fit_whitening()
             out["whitening"] = {"sample_size": w.sample_size, "dim": w.dim}
         if not args.no_graph:
-            g = client.build_graph()
-            out["graph"] = {"images": g.images, "k": g.k, "bytes": g.bytes, "seconds": round(g.seconds, 3)}
+            out["graph"] = _graph_summary(client.build_graph())
     if args.json:
         print(json.dumps(out))
     else:
@@ -209,16 +208,21 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _graph_summary(g: Any) -> dict[str, Any]:
+    """JSON-able view of a BuildGraphResponse."""
+    return {"images": g.images, "regions": g.regions, "k": g.k, "bytes": g.bytes, "seconds": round(g.seconds, 3)}
+
+
 def cmd_build_graph(args: argparse.Namespace) -> int:
     with _connect(args) as client:
         g = client.build_graph(k=args.k, remove=args.remove)
-    out = {"images": g.images, "k": g.k, "bytes": g.bytes, "seconds": round(g.seconds, 3)}
+    out = _graph_summary(g)
     if args.json:
         print(json.dumps(out))
     elif args.remove:
         print("collection graph removed")
     else:
-        print(f"collection graph: {g.images} images, k={g.k}, {g.bytes / 2**20:.1f} MiB, built in {g.seconds:.1f} s")
+        print(f"collection graphs: {g.images} images, {g.regions} regional nodes, k={g.k}, {g.bytes / 2**20:.1f} MiB, built in {g.seconds:.1f} s")
     return 0
 
 

@@ -30,7 +30,7 @@ from services.common.errors import (
 from services.common.grpc_server import RunningAioServer, ServerOptions, create_aio_server
 from services.broker.collection_model import CollectionModel, region_node
 from services.broker.rerank_stages import DiffusionOutcome, diffusion_scores, dba_rescore, expand_query, hit_vectors, order_by
-from services.broker.verification import VerifiedHit, confidence, fetch_local_features, query_confidence, verify_hits
+from services.broker.verification import VerifiedHit, candidate_locals, confidence, query_confidence, verify_hits
 from services.extractor.whitening import PCAWhitening
 from services.rerank.diffusion import DiffusionParams
 from services.rerank.graph import CollectionGraph
@@ -40,7 +40,6 @@ from services.index.records import check_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
 
 
 @dataclass(frozen=True)
@@ -152,7 +151,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         self.metrics = metrics
         self.config = config
         self.collection = CollectionModel(config.data_dir)
-        self.metrics.graph_images.set(len(self.collection.graph) if self.collection.graph is not None else 0)
+        self.metrics.graph_images.set_function(lambda: len(self.collection.graph) if self.collection.graph is not None else 0)
         self._verify_pool = ThreadPoolExecutor(max_workers=config.verify_threads, thread_name_prefix="loupe-verify")
 
     # --- plumbing -------------------------------------------------------------------------
@@ -355,11 +354,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
     async def _diffuse(self, query, query_regions, hits: list[Hit], plan: "SearchPlan", verified, deadline: Deadline) -> list[Hit]:
         """Rerank the top-R by diffusion; verified images (if any) seed it and stay on top."""
         head, tail = hits[: plan.neighbourhood], hits[plan.neighbourhood :]
-        seeds = {}
-        for i, h in enumerate(head):
-            v = verified.get(h.image_id)
-            if v is not None and v.verified:
-                seeds[i] = 1.0
+        is_verified = [h.image_id in verified and verified[h.image_id].verified for h in head]
+        seeds = {i: 1.0 for i, v in enumerate(is_verified) if v}
         loop = asyncio.get_running_loop()
         if plan.regional:
             regions = await self._regional_nodes(head, deadline)
@@ -392,28 +388,38 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         if not verified:
             return order_by(head, outcome.scores) + tail
         # verified keep their (inlier) order on top; the rest follow by diffusion score
-        top = [h for h in head if h.image_id in verified and verified[h.image_id].verified]
-        rest_idx = [i for i, h in enumerate(head) if not (h.image_id in verified and verified[h.image_id].verified)]
+        top = [h for h, v in zip(head, is_verified) if v]
+        rest_idx = [i for i, v in enumerate(is_verified) if not v]
         rest = order_by([head[i] for i in rest_idx], outcome.scores[rest_idx])
         return top + rest + tail
 
-    async def _regional_nodes(self, hits: list[Hit], deadline: Deadline) -> list[tuple[int, np.ndarray]]:
-        """Whitened ``(R_i, D')`` regional vectors of ``hits`` (one GetFeatures per shard), with
-        the position of their image in ``hits``."""
-        index_of = {h.image_id: i for i, h in enumerate(hits)}
+    async def _get_features(
+        self, hits: Sequence[Hit], deadline: Deadline, *, want_local: bool = False, want_regional: bool = False
+    ) -> dict[str, types_pb2.ImageFeatures]:
+        """Stored features of ``hits``, one GetFeatures call per owning shard (id → features).
+
+        A shard that fails is skipped: its images simply have no features here (the fan-out
+        has already reported the shard as missing)."""
         responses = await asyncio.gather(
-            *(self.shards[sid].get_features(shard_pb2.GetFeaturesRequest(shard_id=sid, ids=ids, want_regional=True), deadline.remaining())
-              for sid, ids in ids_by_shard(hits).items()),
+            *(self.shards[sid].get_features(
+                shard_pb2.GetFeaturesRequest(shard_id=sid, ids=ids, want_local=want_local, want_regional=want_regional), deadline.remaining()
+            ) for sid, ids in ids_by_shard(hits).items()),
             return_exceptions=True,
         )
-        out = []
-        for resp in responses:
-            if isinstance(resp, BaseException):
-                continue
-            for image_id, f in zip(resp.ids, resp.features):
-                if f.regional.shape:
-                    out.append((index_of[image_id], from_tensor(f.regional, field="regional").astype(np.float32)))
-        return out
+        return {
+            image_id: f
+            for resp in responses if not isinstance(resp, BaseException)
+            for image_id, f in zip(resp.ids, resp.features)
+        }
+
+    async def _regional_nodes(self, hits: list[Hit], deadline: Deadline) -> list[tuple[int, np.ndarray]]:
+        """Whitened ``(R_i, D')`` regional vectors of ``hits``, with the position of their image in ``hits``."""
+        features = await self._get_features(hits, deadline, want_regional=True)
+        return [
+            (i, from_tensor(features[h.image_id].regional, field="regional").astype(np.float32))
+            for i, h in enumerate(hits)
+            if h.image_id in features and features[h.image_id].regional.shape
+        ]
 
     def _verify_params(self, opts: retrieval_pb2.VerifyOptions) -> VerifyParams | None:
         """Request options merged over the server defaults (None when the stage is off)."""
@@ -437,11 +443,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         """Verify the top ``n_verify`` hits; returns (reordered hits, id → VerifiedHit)."""
         head, tail = hits[:n_verify], hits[n_verify:]
 
-        async def fetch(sid: int, ids: list[str]) -> shard_pb2.GetFeaturesResponse:
-            req = shard_pb2.GetFeaturesRequest(shard_id=sid, ids=ids, want_local=True)
-            return await self.shards[sid].get_features(req, deadline.remaining())
-
-        local = await fetch_local_features(head, fetch)
+        local = candidate_locals(await self._get_features(head, deadline, want_local=True))
         ranked = await verify_hits(query_local, head, local, params, self._verify_pool)
         return [v.hit for v in ranked] + tail, {v.hit.image_id: v for v in ranked}
 
@@ -652,7 +654,6 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         self.collection.set_whitening(PCAWhitening.from_bytes(payload) if payload else None)
         return retrieval_pb2.FitWhiteningResponse(sample_size=sample, dim=dim)
 
-
     # --- BuildGraph -----------------------------------------------------------------------
     async def BuildGraph(self, request: retrieval_pb2.BuildGraphRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.BuildGraphResponse:
         return await self._observe("BuildGraph", context, lambda: self._build_graph(request, context))
@@ -663,7 +664,6 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             raise InvalidArgument(f"k: must be in 0..{self.config.max_graph_k}, got {request.k}")
         if request.remove:
             self.collection.set_graph(None)
-            self.metrics.graph_images.set(0)
             return retrieval_pb2.BuildGraphResponse()
         t0 = time.perf_counter()
 
@@ -709,7 +709,6 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             reg_ids, reg_vectors = [reg_ids[i] for i in keep], reg_vectors[keep]
             regional = await loop.run_in_executor(None, CollectionGraph.build, reg_ids, reg_vectors, request.k or self.config.regional_diffusion.k)
         self.collection.set_graph(graph, regional)
-        self.metrics.graph_images.set(len(graph))
         return retrieval_pb2.BuildGraphResponse(
             images=len(graph), k=graph.k, bytes=graph.nbytes + (regional.nbytes if regional else 0),
             seconds=time.perf_counter() - t0, regions=len(regional) if regional else 0,

@@ -1,17 +1,17 @@
-"""Geometric-verification stage of the broker: fetch local features, match, RANSAC, reorder."""
+"""Geometric-verification stage of the broker: read candidates' local features, match, RANSAC, reorder."""
 
 from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from loupe.tensors import from_tensor
-from loupe.v1 import shard_pb2
-from services.broker.topk import Hit, ids_by_shard
+from loupe.v1 import types_pb2
+from services.broker.topk import Hit
 from services.rerank.verify import (
     REFERENCE_SIDE_PX,
     VerifyParams,
@@ -20,9 +20,6 @@ from services.rerank.verify import (
     rerank_by_inliers,
     verify_candidates,
 )
-
-FetchLocal = Callable[[int, list[str]], Awaitable[shard_pb2.GetFeaturesResponse]]
-
 
 @dataclass(frozen=True)
 class VerifiedHit:
@@ -52,21 +49,17 @@ class CandidateLocal:
     side: float
 
 
-async def fetch_local_features(hits: Sequence[Hit], fetch: FetchLocal) -> dict[str, CandidateLocal]:
-    """One GetFeatures call per owning shard; returns id → its stored local features."""
-    responses = await asyncio.gather(*(fetch(sid, ids) for sid, ids in ids_by_shard(hits).items()), return_exceptions=True)
-    out: dict[str, CandidateLocal] = {}
-    for resp in responses:
-        if isinstance(resp, BaseException):
-            continue  # that shard's candidates stay unverified; the fan-out already marked failures
-        for image_id, feats in zip(resp.ids, resp.features):
-            if feats.local.keypoints.shape:
-                out[image_id] = CandidateLocal(
-                    from_tensor(feats.local.keypoints, field="keypoints"),
-                    from_tensor(feats.local.descriptors, field="descriptors"),
-                    float(max(feats.width, feats.height)) or REFERENCE_SIDE_PX,
-                )
-    return out
+def candidate_locals(features: Mapping[str, types_pb2.ImageFeatures]) -> dict[str, CandidateLocal]:
+    """Stored local features of the candidates that have any (id → CandidateLocal)."""
+    return {
+        image_id: CandidateLocal(
+            from_tensor(f.local.keypoints, field="keypoints"),
+            from_tensor(f.local.descriptors, field="descriptors"),
+            float(max(f.width, f.height)) or REFERENCE_SIDE_PX,
+        )
+        for image_id, f in features.items()
+        if f.local.keypoints.shape
+    }
 
 
 async def verify_hits(
