@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -37,3 +41,19 @@ def git_rev() -> str:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         return "?"
+
+
+def landmark(name: str) -> str:
+    """Landmark of a ROxford file name (``all_souls_000022`` → ``all_souls``)."""
+    return re.sub(r"_\d+$", "", name)
+
+
+def load_as_served(data: bytes, box: Sequence[float] | None, max_side: int) -> np.ndarray:
+    """``(H, W, 3)`` uint8 image as the extractor prepares it: decoded, cropped to ``box``
+    (a revisitop query's bbx, original pixels) when given, shrunk to ``max_side``."""
+    from loupe.v1 import types_pb2
+    from services.common.images import decode_image
+    from services.extractor.servicer import crop_and_resize
+
+    img = decode_image(data, max_side=None if box else max_side)
+    return crop_and_resize(img, types_pb2.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]) if box else None, max_side)

@@ -23,16 +23,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import machine, require_roxford  # noqa: E402
-from loupe.v1 import types_pb2  # noqa: E402
+from bench._common import load_as_served, machine, require_roxford  # noqa: E402
 from services.broker.rerank_stages import diffusion_scores  # noqa: E402
-from services.common.images import decode_image  # noqa: E402
 from services.eval.ground_truth import load_ground_truth  # noqa: E402
 from services.eval.revisitop import evaluate_protocols  # noqa: E402
 from services.extractor.backbone import load_backbone, preprocess  # noqa: E402
 from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor  # noqa: E402
 from services.extractor.pooling import regional_vectors  # noqa: E402
-from services.extractor.servicer import crop_and_resize  # noqa: E402
 from services.rerank.diffusion import DiffusionParams  # noqa: E402
 from services.rerank.graph import CollectionGraph  # noqa: E402
 from services.rerank.regions import reduce_each  # noqa: E402
@@ -49,8 +46,7 @@ def extract(root, gt) -> dict[str, np.ndarray]:
     t0 = time.perf_counter()
     with torch.inference_mode():
         for i, (name, box) in enumerate(items):
-            img = decode_image((root / "jpg" / f"{name}.jpg").read_bytes(), max_side=None if box else WORKING_SIDE)
-            img = crop_and_resize(img, types_pb2.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]) if box else None, WORKING_SIDE)
+            img = load_as_served((root / "jpg" / f"{name}.jpg").read_bytes(), box, WORKING_SIDE)
             g = ext.extract(img)
             fmap = backbone.forward_features(preprocess(img))
             out["global"].append(g.vector)

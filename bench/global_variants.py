@@ -21,15 +21,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import machine, require_roxford  # noqa: E402
-from services.common.images import decode_image  # noqa: E402
+from bench._common import load_as_served, machine, require_roxford  # noqa: E402
 from services.eval.ground_truth import load_ground_truth  # noqa: E402
 from services.eval.revisitop import evaluate_protocols  # noqa: E402
 from services.extractor.backbone import load_backbone  # noqa: E402
 from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor  # noqa: E402
-from services.extractor.servicer import crop_and_resize  # noqa: E402
 from services.extractor.whitening import PCAWhitening  # noqa: E402
-from loupe.v1 import types_pb2  # noqa: E402
 
 
 def extract_set(ext: GlobalExtractor, paths: list[str], boxes: list | None, max_side: int) -> tuple[dict[str, np.ndarray], float]:
@@ -39,8 +36,7 @@ def extract_set(ext: GlobalExtractor, paths: list[str], boxes: list | None, max_
         with open(p, "rb") as f:
             data = f.read()
         box = boxes[i] if boxes else None
-        img = decode_image(data, max_side=None if box else max_side)
-        img = crop_and_resize(img, types_pb2.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]) if box else None, max_side)
+        img = load_as_served(data, box, max_side)
         for k, v in ext.extract_all(img).items():
             if k != "regional":
                 feats.setdefault(k, []).append(v)

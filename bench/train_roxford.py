@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import tempfile
 import time
@@ -22,20 +21,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import machine, require_roxford  # noqa: E402
-from loupe.v1 import types_pb2  # noqa: E402
-from services.common.images import decode_image  # noqa: E402
+from bench._common import landmark, load_as_served, machine, require_roxford  # noqa: E402
 from services.eval.ground_truth import load_ground_truth  # noqa: E402
 from services.eval.revisitop import evaluate_protocols  # noqa: E402
 from services.extractor.backbone import load_backbone  # noqa: E402
 from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor  # noqa: E402
 from services.extractor.model_file import read_trained_head  # noqa: E402
-from services.extractor.servicer import crop_and_resize  # noqa: E402
 from services.training.trainer import TrainConfig, train  # noqa: E402
-
-
-def landmark(name: str) -> str:
-    return re.sub(r"_\d+$", "", name)
 
 
 def describe(weights: str | None, gt, root, side: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,8 +36,7 @@ def describe(weights: str | None, gt, root, side: int) -> tuple[np.ndarray, np.n
     ext = GlobalExtractor(load_backbone(weights, fuse_bn=True), cfg)
 
     def one(name: str, box=None) -> np.ndarray:
-        img = decode_image((root / "jpg" / f"{name}.jpg").read_bytes(), max_side=None if box else side)
-        img = crop_and_resize(img, types_pb2.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]) if box else None, side)
+        img = load_as_served((root / "jpg" / f"{name}.jpg").read_bytes(), box, side)
         v = ext.extract(img).vector[None, :]
         return head.apply(v)[0] if head else v[0]
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,8 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import machine, require_roxford  # noqa: E402
-from loupe.v1 import types_pb2  # noqa: E402
+from bench._common import landmark, load_as_served, machine, require_roxford  # noqa: E402
 from services.common.images import decode_image  # noqa: E402
 from services.eval.ground_truth import load_ground_truth  # noqa: E402
 from services.eval.revisitop import evaluate_protocols  # noqa: E402
@@ -58,7 +56,6 @@ from services.extractor.attention import (  # noqa: E402
 from services.extractor.backbone import EfficientNetLite0, load_backbone  # noqa: E402
 from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor  # noqa: E402
 from services.extractor.local_features import LocalConfig, LocalExtractor  # noqa: E402
-from services.extractor.servicer import crop_and_resize  # noqa: E402
 from services.extractor.whitening import LocalPCA  # noqa: E402
 from services.index.shard_index import LocalStore  # noqa: E402
 from services.rerank.rootsift import ROOTSIFT_RATIO, extract_rootsift  # noqa: E402
@@ -67,10 +64,6 @@ from services.rerank.verify import rerank_by_inliers, verify_pair  # noqa: E402
 WORKING_SIDE = 1024
 PCA_IMAGES = 200
 VS = (100, 200, 400)
-
-
-def landmark(name: str) -> str:
-    return re.sub(r"_\d+$", "", name)
 
 
 class SharedTaps:
@@ -93,8 +86,7 @@ class SharedTaps:
 
 
 def load(root, name: str, box) -> np.ndarray:
-    img = decode_image((root / "jpg" / f"{name}.jpg").read_bytes(), max_side=None if box else WORKING_SIDE)
-    return crop_and_resize(img, types_pb2.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]) if box else None, WORKING_SIDE)
+    return load_as_served((root / "jpg" / f"{name}.jpg").read_bytes(), box, WORKING_SIDE)
 
 
 def stats_ms(seconds: list[float]) -> str:
