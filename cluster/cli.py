@@ -64,12 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("directory")
     ix.add_argument("--batch", type=int, default=16, help="images per AddImages message")
     ix.add_argument("--whiten", action="store_true", help="learn and install PCA-whitening on the collection afterwards")
-    ix.add_argument("--no-graph", action="store_true", help="do not (re)build the collection's kNN graph for diffusion afterwards")
+    ix.add_argument("--no-graph", action="store_true", help="do not (re)build the collection's kNN graphs (global and regional) for diffusion afterwards")
     _add_common(ix)
 
-    gr = sub.add_parser("build-graph", help="(re)build the collection's kNN graph used by global diffusion")
+    gr = sub.add_parser("build-graph", help="(re)build the collection's kNN graphs (global and regional) used by diffusion")
     gr.add_argument("--k", type=int, default=0, help="neighbours per image (default: the broker's diffusion k, 50)")
-    gr.add_argument("--remove", action="store_true", help="remove the graph (diffusion builds one per query again)")
+    gr.add_argument("--remove", action="store_true", help="remove the graphs (diffusion builds one per query again)")
     _add_common(gr)
 
     se = sub.add_parser("search", help="search with an image")
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rerank", action="append", default=None, help="a rerank configuration (repeatable; default none)")
     ev.add_argument("--skip-index", action="store_true", help="the cluster at --address already holds the database")
     ev.add_argument("--whiten", action="store_true", help="learn PCA-whitening on the indexed database before searching")
-    ev.add_argument("--no-graph", action="store_true", help="do not build the collection's kNN graph (diffusion builds one per query)")
+    ev.add_argument("--no-graph", action="store_true", help="do not build the collection's kNN graphs (diffusion builds one per query)")
     ev.add_argument("--batch", type=int, default=16)
     _add_common(ev)
 
