@@ -26,7 +26,7 @@ from services.eval.ground_truth import load_ground_truth  # noqa: E402
 from services.eval.revisitop import evaluate_protocols  # noqa: E402
 from services.extractor.backbone import load_backbone  # noqa: E402
 from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor  # noqa: E402
-from services.extractor.whitening import PCAWhitening  # noqa: E402
+from services.space.whitening import PCAWhitening  # noqa: E402
 
 
 def extract_set(ext: GlobalExtractor, paths: list[str], boxes: list | None, max_side: int) -> tuple[dict[str, np.ndarray], float]:

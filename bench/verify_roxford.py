@@ -56,8 +56,8 @@ from services.extractor.attention import (  # noqa: E402
 from services.extractor.backbone import EfficientNetLite0, load_backbone  # noqa: E402
 from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor  # noqa: E402
 from services.extractor.local_features import LocalConfig, LocalExtractor  # noqa: E402
-from services.extractor.whitening import LocalPCA  # noqa: E402
-from services.index.shard_index import LocalStore  # noqa: E402
+from services.space.whitening import LocalPCA  # noqa: E402
+from services.index.store import LocalStore  # noqa: E402
 from services.rerank.rootsift import ROOTSIFT_RATIO, extract_rootsift  # noqa: E402
 from services.rerank.verify import rerank_by_inliers, verify_pair  # noqa: E402
 

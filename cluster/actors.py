@@ -50,19 +50,24 @@ def _reuse_port(role: str, member_id: int, registry_namespace: str) -> int:
 
 
 class ShardActor:
-    """Hosts one ``Shard`` gRPC server; replays its WAL when (re)started."""
+    """Hosts one ``Shard`` gRPC server over its store directory (reloaded when Ray restarts it)."""
 
-    def __init__(self, shard_id: int, opts: ServerOptions, factory: str, wal_path: str, namespace: str) -> None:
+    def __init__(self, shard_id: int, opts: ServerOptions, settings: object, data_dir: str, namespace: str) -> None:
+        import tempfile
+
         from services.index.servicer import create_server
 
         _normal_priority()
+        # no data directory: a private temporary one, gone with the cluster (and with a restart)
+        self._temporary = "" if data_dir else tempfile.mkdtemp(prefix=f"loupe-shard-{shard_id}-")
+        data_dir = data_dir or self._temporary
         port = _reuse_port("shard", shard_id, namespace)
         try:
             self.running, self.servicer = create_server(
-                shard_id, ServerOptions(**{**opts.__dict__, "port": port}), factory=factory, wal_path=wal_path or None
+                shard_id, ServerOptions(**{**opts.__dict__, "port": port}), data_dir=data_dir, settings=settings
             )
         except (OSError, RuntimeError):
-            self.running, self.servicer = create_server(shard_id, opts, factory=factory, wal_path=wal_path or None)
+            self.running, self.servicer = create_server(shard_id, opts, data_dir=data_dir, settings=settings)
         self.addr = _advertised(opts.host, self.running.port)
         ray.get(ray.get_actor(REGISTRY_NAME, namespace=namespace).register.remote("shard", shard_id, self.addr))
 
@@ -73,7 +78,14 @@ class ShardActor:
         return os.getpid()
 
     def stop(self) -> None:
+        """Stop serving, snapshot the index, close the store (and drop a temporary one)."""
+        import shutil
+
         self.running.stop(1.0)
+        if self.servicer.index is not None:
+            self.servicer.index.close()
+        if self._temporary:
+            shutil.rmtree(self._temporary, ignore_errors=True)
 
 
 class ExtractorActor:

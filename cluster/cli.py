@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -26,8 +27,10 @@ def _add_cluster_flags(p: argparse.ArgumentParser, *, temporary: bool) -> None:
     g.add_argument("--shards", type=int, default=None, help="index shards (default 2)")
     g.add_argument("--replicas", type=int, default=None, help="extractor replicas (default 1)")
     g.add_argument("--extractor-threads", type=int, default=None, help="torch threads per replica (default cores/replicas)")
-    g.add_argument("--data-dir", default=None, help="where shards keep write-ahead logs" + ("" if temporary else " (default ./loupe-data)"))
-    g.add_argument("--index-factory", default=None, help="faiss factory string per shard (default Flat)")
+    g.add_argument("--data-dir", default=None, help="where shards keep their stores and the broker its collection model" + ("" if temporary else " (default ./loupe-data)"))
+    g.add_argument("--index-factory", default=None,
+                   help="each shard's index: auto (default: exact, then IVF-PQ from --approx-min-images), Flat (always exact) or a faiss factory string")
+    g.add_argument("--approx-min-images", type=int, default=None, help="images in a shard from which its approximate index is trained (default 100000; 0 = never)")
     g.add_argument("--weights", default=None, help="backbone weights file (default: packaged ImageNet EfficientNet-Lite0)")
     g.add_argument("--attention", default=None, help="trained attention-head file for local features (default: L2-norm scoring)")
     g.add_argument("--pooling", default=None, choices=["gem", "rmac", "mac", "spoc"], help="global pooling (default rmac)")
@@ -40,6 +43,10 @@ def _add_cluster_flags(p: argparse.ArgumentParser, *, temporary: bool) -> None:
     g.add_argument("--local-layer", default=None, help="backbone tap of the local features (must match the indexed collection)")
     g.add_argument("--local-scales", default=None, help="comma-separated pyramid scales of the local features")
     g.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    g.add_argument("--shard-resource", default=None, metavar="NAME",
+                   help="custom Ray resource each shard actor asks 1 unit of (places shards on the nodes that advertise it; default none)")
+    g.add_argument("--extractor-resource", default=None, metavar="NAME",
+                   help="custom Ray resource each extractor replica asks 1 unit of (default none)")
 
 
 DEFAULT_SEARCH_RERANK = "verify,diffuse-regional,diffuse-first"
@@ -56,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 in a real cluster)")
     up.add_argument("--port", type=int, default=50051, help="broker gRPC port (0 = any)")
     up.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 = any)")
+    up.add_argument("--metrics-host", default=None, help="interface of /metrics (default: same as --host)")
+    sec = up.add_argument_group("security (docs/security.md); each also from LOUPE_<FLAG> env, e.g. LOUPE_AUTH_TOKENS_FILE")
+    sec.add_argument("--tls-cert-file", default=None, metavar="PEM", help="certificate chain of the public broker port (TLS; with --tls-key-file)")
+    sec.add_argument("--tls-key-file", default=None, metavar="PEM", help="private key of the public broker port")
+    sec.add_argument("--auth-tokens-file", default=None, metavar="FILE",
+                     help="bearer tokens, one 'ROLE TOKEN' per line (read|write); required when --host is not loopback")
+    sec.add_argument("--internal-token-file", default=None, metavar="FILE",
+                     help="cluster-internal token shards/extractors require from the broker (default: generated when auth is on)")
+    sec.add_argument("--internal-tls-cert-file", default=None, metavar="PEM",
+                     help="mutual TLS broker <-> shards/extractors: certificate (SAN DNS loupe-internal, server+client auth)")
+    sec.add_argument("--internal-tls-key-file", default=None, metavar="PEM", help="its private key")
+    sec.add_argument("--internal-tls-ca-file", default=None, metavar="PEM", help="CA that signed it (both sides verify against it)")
+    sec.add_argument("--insecure-no-auth", action="store_true", default=None,
+                     help="serve beyond loopback without --auth-tokens-file (anyone who reaches the port can read and delete)")
     up.add_argument("--address", dest="ray_address_alias", default=None, help="join an existing Ray cluster (same as --ray-address)")
     up.add_argument("--json", action="store_true", help="print addresses as JSON")
     _add_cluster_flags(up, temporary=False)
@@ -110,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="broker host:port of a running cluster")
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="file holding the bearer token for --address (default: env LOUPE_TOKEN, then the file in LOUPE_TOKEN_FILE)")
+    p.add_argument("--tls-ca-file", default=None, metavar="PEM", help="CA that signed the broker's certificate → TLS (env LOUPE_TLS_CA_FILE)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_cluster_flags(p, temporary=True)
 
@@ -135,6 +159,9 @@ def _cluster_config(args: argparse.Namespace, **extra: Any):
         "local_layer": args.local_layer,
         "local_scales": tuple(float(x) for x in args.local_scales.split(",")) if args.local_scales else None,
         "ray_address": args.ray_address,
+        "approx_min_images": args.approx_min_images,
+        "shard_resource": args.shard_resource,
+        "extractor_resource": args.extractor_resource,
         **extra,
     }
     return ClusterConfig.build(values)
@@ -143,17 +170,23 @@ def _cluster_config(args: argparse.Namespace, **extra: Any):
 @contextlib.contextmanager
 def _connect(args: argparse.Namespace) -> Iterator[Any]:
     """A client to --address, or to a temporary local cluster started for this command."""
-    from loupe.client import RetrievalClient
+    from loupe.client import RetrievalClient, token_from_env
 
     if args.address:
-        with RetrievalClient(args.address) as client:
+        ca = args.tls_ca_file or os.environ.get("LOUPE_TLS_CA_FILE") or None
+        with RetrievalClient(args.address, token=token_from_env(args.token_file), tls_ca_file=ca) as client:
             client.wait_ready(10)
             yield client
         return
     from cluster.launcher import Cluster
 
     _log(args, "starting a temporary local cluster ...")
-    with Cluster(_cluster_config(args)) as cluster, RetrievalClient(cluster.broker_address) as client:
+    # loopback only, and no TLS/auth even when LOUPE_TLS_*/LOUPE_AUTH_* are set for a server
+    cfg = dataclasses.replace(
+        _cluster_config(args), tls_cert_file="", tls_key_file="", auth_tokens_file="", internal_token_file="",
+        internal_tls_cert_file="", internal_tls_key_file="", internal_tls_ca_file="",
+    )
+    with Cluster(cfg) as cluster, RetrievalClient(cluster.broker_address) as client:
         yield client
 
 
@@ -168,12 +201,22 @@ def cmd_up(args: argparse.Namespace) -> int:
         args.ray_address = args.ray_address_alias
     if args.data_dir is None:
         args.data_dir = "loupe-data"
-    cfg = _cluster_config(args, host=args.host, port=args.port, metrics_port=args.metrics_port)
+    cfg = _cluster_config(
+        args, host=args.host, port=args.port, metrics_port=args.metrics_port, metrics_host=args.metrics_host, tls_cert_file=args.tls_cert_file,
+        tls_key_file=args.tls_key_file, auth_tokens_file=args.auth_tokens_file, internal_token_file=args.internal_token_file,
+        insecure_no_auth=args.insecure_no_auth, internal_tls_cert_file=args.internal_tls_cert_file,
+        internal_tls_key_file=args.internal_tls_key_file, internal_tls_ca_file=args.internal_tls_ca_file,
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with Cluster(cfg) as cluster:
-        info = {"broker": cluster.broker_address, "metrics": f"http://{cluster.metrics_address}/metrics", "shards": cfg.shards, "replicas": cfg.replicas}
+        # ray.init (joining a cluster) installs Ray's C++ SIGTERM handler, which ends the process
+        # with status 15 and skips the graceful stop: take the signals back once Ray is up
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        info = {"broker": cluster.broker_address, "metrics": f"http://{cluster.metrics_address}/metrics", "shards": cfg.shards, "replicas": cfg.replicas,
+                "tls": bool(cfg.tls_cert_file), "auth": bool(cfg.auth_tokens_file)}
         if args.json:
             print(json.dumps(info), flush=True)
         else:
@@ -290,7 +333,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     with _connect(args) as client:
         s = client.stats()
     shards = [
-        {"shard": x.shard_id, "address": x.address, "healthy": x.healthy, "images": x.images, "feature_bytes": x.feature_bytes, "wal_bytes": x.wal_bytes}
+        {"shard": x.shard_id, "address": x.address, "healthy": x.healthy, "images": x.images, "feature_bytes": x.feature_bytes,
+         "store_bytes": x.store_bytes, "index_bytes": x.index_bytes, "index": x.index, "startup_seconds": round(x.startup_seconds, 3)}
         for x in s.shards
     ]
     out = {"images": s.images, "dim": s.dim, "whitened": s.whitened, "model": s.model, "extractors": list(s.extractors), "shards": shards,
@@ -301,7 +345,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"images: {s.images}   dim: {s.dim}   whitened: {s.whitened}   diffusion graph: {s.graph_images} images, "
           f"{s.graph_regions} regions\nmodel: {s.model}\nextractors: {', '.join(s.extractors)}")
     for x in shards:
-        print(f"  shard {x['shard']}  {x['address']:<21}  {'up' if x['healthy'] else 'DOWN':<4}  {x['images']:>8} images  {x['feature_bytes'] / 1e6:8.2f} MB")
+        print(f"  shard {x['shard']}  {x['address']:<21}  {'up' if x['healthy'] else 'DOWN':<4}  {x['images']:>8} images  "
+              f"store {x['store_bytes'] / 1e6:8.2f} MB  index {x['index'] or '-'} {x['index_bytes'] / 1e6:.1f} MB RAM")
     return 0
 
 

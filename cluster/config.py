@@ -9,9 +9,29 @@ from typing import Any, Mapping
 
 from services.extractor.global_descriptor import GlobalConfig
 from services.extractor.local_features import LocalConfig
+from services.index.vector_index import IndexSettings
 from services.rerank.regions import MAX_REGIONS_PER_IMAGE
 
 GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296"
+
+
+def _valid_resource(name: str) -> bool:
+    """A custom Ray resource name: empty (none) or a plain identifier, not one of Ray's own."""
+    return name == "" or (name.replace("_", "").replace("-", "").isalnum() and name not in ("CPU", "GPU", "memory", "object_store_memory"))
+
+
+def is_loopback(host: str) -> bool:
+    """True for an interface only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(raw)
 
 
 @dataclass(frozen=True)
@@ -31,9 +51,14 @@ class ClusterConfig:
     extractor_threads : int
         torch threads per extractor replica (0 = cores // replicas).
     index_factory : str
-        faiss factory string of each shard's global index.
+        Each shard's global index: "auto" (exact below ``approx_min_images``, then an IVF-PQ
+        index sized to the shard, trained in the background), "Flat" (always exact), or a faiss
+        factory string trained from ``approx_min_images``.
+    approx_min_images : int
+        Images in a shard from which its approximate index is trained (0 = never).
     data_dir : str
-        Where shards keep their write-ahead logs ("" = memory only, nothing survives a restart).
+        Where shards keep their stores (``shard-NNN/``) and the broker its collection model
+        ("" = temporary directories, removed when the cluster stops).
     weights : str
         Backbone weights file ("" = packaged ImageNet EfficientNet-Lite0).
     attention : str
@@ -54,6 +79,32 @@ class ClusterConfig:
         k-means centroids kept per image's regional vectors (0 = every R-MAC region).
     ray_address : str
         Join this Ray cluster ("" = start a local one).
+    shard_resource, extractor_resource : str
+        Custom Ray resource each shard actor / extractor replica asks one unit of ("" = none).
+        A KubeRay worker group that advertises e.g. ``loupe_shard: N`` in
+        ``rayStartParams.resources`` then receives the shards, and only it (deterministic
+        placement; the Helm chart sets both).
+    metrics_host : str
+        Interface of the broker's Prometheus exporter ("" = same as ``host``).
+    tls_cert_file, tls_key_file : str
+        PEM certificate chain and key → TLS on the public broker port (both or neither).
+    auth_tokens_file : str
+        Bearer tokens of the public port, one ``ROLE TOKEN`` per line (ROLE read or write;
+        write implies read). "" = authentication off, allowed only when ``host`` is loopback
+        unless ``insecure_no_auth``.
+    internal_token_file : str
+        Cluster-internal token the shard and extractor servers require from the broker. With
+        auth on and no file, a random one is generated per cluster (given to the actors
+        through Ray, never on a command line).
+    internal_tls_cert_file, internal_tls_key_file, internal_tls_ca_file : str
+        Mutual TLS between the broker and the shards/extractors (all three or none): the
+        actors serve with this certificate and require a client certificate signed by the CA;
+        the broker presents the same certificate. It must name ``loupe-internal`` (a DNS SAN;
+        the broker checks that name, whatever the actors' IPs) and allow both server and
+        client authentication.
+    insecure_no_auth : bool
+        Allow binding beyond loopback without ``auth_tokens_file`` (e.g. behind a mesh that
+        authenticates for you).
     """
 
     shards: int = 2
@@ -62,7 +113,8 @@ class ClusterConfig:
     port: int = 0
     metrics_port: int = 0
     extractor_threads: int = 0
-    index_factory: str = "Flat"
+    index_factory: str = "auto"
+    approx_min_images: int = IndexSettings().approx_min_images
     data_dir: str = ""
     weights: str = ""
     attention: str = ""
@@ -75,6 +127,17 @@ class ClusterConfig:
     regional_from: str = "working"
     regions_per_image: int = 5
     ray_address: str = ""
+    shard_resource: str = ""
+    extractor_resource: str = ""
+    metrics_host: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    auth_tokens_file: str = ""
+    internal_token_file: str = ""
+    internal_tls_cert_file: str = ""
+    internal_tls_key_file: str = ""
+    internal_tls_ca_file: str = ""
+    insecure_no_auth: bool = False
     namespace: str = "loupe"
     startup_timeout_s: float = 300.0
     env: Mapping[str, str] = field(default_factory=lambda: {"GLIBC_TUNABLES": GLIBC_TUNABLES})
@@ -91,11 +154,23 @@ class ClusterConfig:
             "regional_from": self.regional_from in ("working", "global"),
             "regions_per_image": 0 <= self.regions_per_image <= MAX_REGIONS_PER_IMAGE,
             "startup_timeout_s": self.startup_timeout_s > 0,
+            "shard_resource": _valid_resource(self.shard_resource),
+            "extractor_resource": _valid_resource(self.extractor_resource),
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name}: invalid value {getattr(self, name)!r}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file, tls_key_file: give both or neither")
+        if len({bool(self.internal_tls_cert_file), bool(self.internal_tls_key_file), bool(self.internal_tls_ca_file)}) != 1:
+            raise ValueError("internal_tls_cert_file, internal_tls_key_file, internal_tls_ca_file: give all three or none")
+        if not self.auth_tokens_file and not self.insecure_no_auth and not is_loopback(self.host):
+            raise ValueError(
+                f"auth_tokens_file: required when binding beyond loopback (host {self.host!r}); "
+                "give --auth-tokens-file (LOUPE_AUTH_TOKENS_FILE), or --insecure-no-auth to serve without authentication"
+            )
         self.global_config()  # validates pooling/scales/max_side
+        self.index_settings()
         self.local_config()
 
     def global_config(self) -> GlobalConfig:
@@ -105,6 +180,10 @@ class ClusterConfig:
     def regional_max_side(self) -> int:
         """The extractor's ``regional_max_side`` (0 = from the global descriptor's largest scale)."""
         return self.max_side if self.regional_from == "working" else 0
+
+    def index_settings(self) -> IndexSettings:
+        """Each shard's index policy."""
+        return IndexSettings(factory=self.index_factory, approx_min_images=self.approx_min_images)
 
     def local_config(self) -> LocalConfig:
         """The extractor's local-feature settings."""
@@ -132,6 +211,8 @@ class ClusterConfig:
                     kwargs[f.name] = int(raw)
                 elif f.type in ("float", float):
                     kwargs[f.name] = float(raw)
+                elif f.type in ("bool", bool):
+                    kwargs[f.name] = _parse_bool(raw)
                 elif f.name in ("scales", "local_scales"):
                     kwargs[f.name] = tuple(float(x) for x in raw.split(","))
                 else:

@@ -7,23 +7,60 @@ the public port, the metrics port and the shutdown signal handling.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import cv2
 import ray
 
 from cluster.actors import REGISTRY_NAME, ExtractorActor, Registry, ShardActor
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, is_loopback
 from services.broker.servicer import BrokerConfig, RunningBroker, create_server
+from services.common.auth import AuthPolicy, new_internal_token, read_token_file, read_tokens_file
 from services.common.grpc_server import ServerOptions
+from services.common.tls import InternalTls
 from services.extractor.servicer import ExtractorConfig
 
 log = logging.getLogger(__name__)
+
+
+def _local_resources(cfg: ClusterConfig) -> dict[str, float]:
+    """Custom resources a single-node (local) Ray must advertise so every actor fits."""
+    res: dict[str, float] = {}
+    for name, count in ((cfg.shard_resource, cfg.shards), (cfg.extractor_resource, cfg.replicas)):
+        if name:
+            res[name] = res.get(name, 0) + count
+    return res
+
+
+@contextlib.contextmanager
+def _ray_on_loopback(enabled: bool) -> Iterator[None]:
+    """Make a local ``ray.init`` bind Ray's own servers to 127.0.0.1 (Ray 2.60).
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone is not enough: Ray replaces a loopback
+    node address with the machine's routable IP (``services.resolve_ip_for_localhost``) unless
+    ``ray_constants.ENABLE_RAY_CLUSTER`` is off, as Ray itself does on macOS/Windows (env
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``, read once at import). With the routable IP the GCS,
+    raylet and worker gRPC servers listen on every interface; with 127.0.0.1 they listen on
+    loopback only (tests/integration/test_listening.py checks it). The flag is only consulted
+    while the node starts, so it is restored afterwards.
+    """
+    if not enabled:
+        yield
+        return
+    import ray._private.ray_constants as ray_constants
+
+    previous = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous
 
 
 class Cluster:
@@ -50,6 +87,8 @@ class Cluster:
         self._broker: RunningBroker | None = None
         self.broker_address = ""
         self.metrics_address = ""
+        self._public_auth: AuthPolicy | None = None
+        self._internal_token = ""
 
     def __enter__(self) -> "Cluster":
         self.start()
@@ -60,6 +99,7 @@ class Cluster:
 
     # --- start ------------------------------------------------------------------------
     def start(self) -> "Cluster":
+        self._load_auth()
         self._init_ray()
         try:
             self._start_actors()
@@ -77,49 +117,83 @@ class Cluster:
         if cfg.ray_address:
             ray.init(address=cfg.ray_address, namespace=cfg.namespace, runtime_env=env, log_to_driver=False)
         else:
-            local_only = cfg.host in ("127.0.0.1", "localhost", "::1")
-            ray.init(
-                # a loopback-only cluster keeps Ray's own traffic on loopback too
-                _node_ip_address="127.0.0.1" if local_only else None,
-                namespace=cfg.namespace,
-                runtime_env=env,
-                include_dashboard=False,
-                log_to_driver=False,
-                object_store_memory=256 * 1024 * 1024,
-                configure_logging=True,
-                logging_level=logging.WARNING,
-            )
+            local_only = is_loopback(cfg.host)
+            with _ray_on_loopback(local_only):
+                ray.init(
+                    # a loopback-only cluster keeps Ray's own servers (GCS, raylet, workers,
+                    # autoscaler monitor, runtime-env agent) on loopback too; see _ray_on_loopback
+                    _node_ip_address="127.0.0.1" if local_only else None,
+                    namespace=cfg.namespace,
+                    runtime_env=env,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    object_store_memory=256 * 1024 * 1024,
+                    # a local cluster is its own shard and extractor node
+                    resources=_local_resources(cfg),
+                    configure_logging=True,
+                    logging_level=logging.WARNING,
+                )
             self._owns_ray = True
+
+    def _load_auth(self) -> None:
+        """Public tokens from ``auth_tokens_file``; the internal token from its file or generated.
+
+        Only digests reach the actors (``AuthPolicy``); the broker keeps the internal token.
+        """
+        cfg = self.config
+        if cfg.auth_tokens_file:
+            self._public_auth = AuthPolicy.from_tokens(read_tokens_file(cfg.auth_tokens_file))
+        if cfg.internal_token_file:
+            self._internal_token = read_token_file(cfg.internal_token_file, "internal_token_file")
+        elif self._public_auth is not None:
+            self._internal_token = new_internal_token()
+
+    def _internal_auth(self) -> AuthPolicy | None:
+        return AuthPolicy.internal(self._internal_token) if self._internal_token else None
+
+    def _internal_tls(self) -> InternalTls | None:
+        cfg = self.config
+        if not cfg.internal_tls_cert_file:
+            return None
+        return InternalTls(cfg.internal_tls_cert_file, cfg.internal_tls_key_file, cfg.internal_tls_ca_file)
+
+    def _internal_server_fields(self) -> dict[str, Any]:
+        """``ServerOptions`` fields of shard/extractor servers: internal token, internal mutual TLS."""
+        tls = self._internal_tls()
+        return {"auth": self._internal_auth(), **(tls.server_fields() if tls else {})}
 
     def _start_actors(self) -> None:
         cfg = self.config
-        opts = ServerOptions(host=cfg.host, port=0)
+        opts = ServerOptions(host=cfg.host, port=0, **self._internal_server_fields())
         self._registry = ray.remote(Registry).options(name=REGISTRY_NAME, namespace=cfg.namespace, num_cpus=0).remote()
         ray.get(self._registry.snapshot.remote())
         shard_cls = ray.remote(ShardActor)
+        shard_res = {"resources": {cfg.shard_resource: 1}} if cfg.shard_resource else {}
+        ext_res = {"resources": {cfg.extractor_resource: 1}} if cfg.extractor_resource else {}
         for i in range(cfg.shards):
-            wal = os.path.join(cfg.data_dir, f"shard-{i:03d}.wal") if cfg.data_dir else ""
+            store_dir = os.path.join(cfg.data_dir, f"shard-{i:03d}") if cfg.data_dir else ""
             self.shard_actors.append(
                 shard_cls.options(
-                    name=f"loupe-shard-{i}", namespace=cfg.namespace, num_cpus=0, max_restarts=-1, max_task_retries=0
-                ).remote(i, opts, cfg.index_factory, wal, cfg.namespace)
+                    name=f"loupe-shard-{i}", namespace=cfg.namespace, num_cpus=0, max_restarts=-1, max_task_retries=0, **shard_res
+                ).remote(i, opts, cfg.index_settings(), store_dir, cfg.namespace)
             )
         ext_cfg = ExtractorConfig(
             weights_path=cfg.weights, global_config=cfg.global_config(), local_config=cfg.local_config(), attention_path=cfg.attention,
             regional_max_side=cfg.regional_max_side(), regions_per_image=cfg.regions_per_image,
         )
         ext_cls = ray.remote(ExtractorActor)
-        ext_opts = ServerOptions(host=cfg.host, port=0, workers=4, max_concurrent_rpcs=64)
+        ext_opts = ServerOptions(host=cfg.host, port=0, workers=4, max_concurrent_rpcs=64, **self._internal_server_fields())
         for i in range(cfg.replicas):
             self.extractor_actors.append(
-                ext_cls.options(name=f"loupe-extractor-{i}", namespace=cfg.namespace, num_cpus=0, max_restarts=-1).remote(
+                ext_cls.options(name=f"loupe-extractor-{i}", namespace=cfg.namespace, num_cpus=0, max_restarts=-1, **ext_res).remote(
                     i, ext_opts, ext_cfg, cfg.threads_per_replica(), cfg.namespace
                 )
             )
         refs = [a.address.remote() for a in self.shard_actors + self.extractor_actors]
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=cfg.startup_timeout_s)
         if pending:
-            raise TimeoutError(f"startup_timeout_s: {len(pending)} actors not ready after {cfg.startup_timeout_s} s")
+            hint = f" (does a Ray node advertise shard_resource={cfg.shard_resource!r} / extractor_resource={cfg.extractor_resource!r}?)" if cfg.shard_resource or cfg.extractor_resource else ""
+            raise TimeoutError(f"startup_timeout_s: {len(pending)} actors not ready after {cfg.startup_timeout_s} s{hint}")
         ray.get(ready)
 
     def _start_broker(self) -> None:
@@ -137,17 +211,23 @@ class Cluster:
             create_server(
                 ext_addrs,
                 shard_addrs,
-                ServerOptions(host=cfg.host, port=cfg.port),
-                metrics_host=cfg.host,
+                ServerOptions(
+                    host=cfg.host, port=cfg.port, tls_cert_file=cfg.tls_cert_file, tls_key_file=cfg.tls_key_file, auth=self._public_auth
+                ),
+                metrics_host=cfg.metrics_host or cfg.host,
                 metrics_port=cfg.metrics_port,
                 config=dataclasses.replace(self.broker_config, data_dir=self.broker_config.data_dir or cfg.data_dir),
+                internal_token=self._internal_token,
+                internal_tls=self._internal_tls(),
             ),
             self._loop,
         )
         self._broker = fut.result(timeout=60)
         host = cfg.host if cfg.host not in ("0.0.0.0", "::") else ray.util.get_node_ip_address()
         self.broker_address = f"{host}:{self._broker.port}"
-        self.metrics_address = f"{host}:{self._broker.metrics_port}"
+        mhost = cfg.metrics_host or cfg.host
+        mhost = mhost if mhost not in ("0.0.0.0", "::") else ray.util.get_node_ip_address()
+        self.metrics_address = f"{mhost}:{self._broker.metrics_port}"
 
     # --- stop -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -165,6 +245,10 @@ class Cluster:
             self._loop.close()
             self._loop = None
         if ray.is_initialized():
+            # shards snapshot their index and close their store before they are killed
+            stops = [a.stop.remote() for a in self.shard_actors]
+            if stops:
+                ray.wait(stops, num_returns=len(stops), timeout=30)
             for actor in self.shard_actors + self.extractor_actors + ([self._registry] if self._registry else []):
                 try:
                     ray.kill(actor, no_restart=True)

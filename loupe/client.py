@@ -32,17 +32,40 @@ class RetrievalClient:
         host:port of a broker.
     max_message_bytes : int
         Largest message sent or received (images can be large).
+    token : str or None
+        Bearer token sent with every call (the broker's ``--auth-tokens-file``); None = none.
+        ``loupe.client.token_from_env()`` reads ``LOUPE_TOKEN`` / ``LOUPE_TOKEN_FILE``.
+    tls_ca_file : str or None
+        PEM CA bundle that signed the broker's certificate → TLS. None = plaintext, unless ``tls``.
+    tls : bool
+        TLS with the system's root certificates (implied by ``tls_ca_file``).
+
+    Attributes
+    ----------
+    stub : RetrievalStub
+        The raw stub; pass ``metadata=client.metadata`` when calling it directly.
+    metadata : tuple
+        Call metadata carrying the token (empty without one).
     """
 
-    def __init__(self, address: str, max_message_bytes: int = 64 * MiB) -> None:
+    def __init__(
+        self, address: str, max_message_bytes: int = 64 * MiB, *, token: str | None = None, tls_ca_file: str | None = None, tls: bool = False
+    ) -> None:
         self.address = address
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-            ],
-        )
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        if tls_ca_file or tls:
+            roots = None
+            if tls_ca_file:
+                with open(tls_ca_file, "rb") as f:
+                    roots = f.read()
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots), options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        # sent as call metadata (not call credentials, which gRPC refuses on plaintext channels)
+        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self.stub = retrieval_pb2_grpc.RetrievalStub(self._channel)
 
     def __enter__(self) -> "RetrievalClient":
@@ -80,7 +103,7 @@ class RetrievalClient:
             req.crop.CopyFrom(types_pb2.Box(x1=crop[0], y1=crop[1], x2=crop[2], y2=crop[3]))
         if rerank is not None:
             req.rerank.CopyFrom(rerank)
-        return self.stub.Search(req, timeout=timeout_s)
+        return self.stub.Search(req, timeout=timeout_s, metadata=self.metadata)
 
     def add_images(
         self, images: Iterable[ImageToAdd], batch_size: int = 16, timeout_s: float | None = None
@@ -97,20 +120,41 @@ class RetrievalClient:
             if batch.images:
                 yield batch
 
-        return self.stub.AddImages(batches(), timeout=timeout_s)
+        return self.stub.AddImages(batches(), timeout=timeout_s, metadata=self.metadata)
 
     def delete(self, ids: Sequence[str], timeout_s: float = 30.0) -> retrieval_pb2.DeleteResponse:
         """Delete ids (NOT_FOUND when none exists)."""
-        return self.stub.Delete(retrieval_pb2.DeleteRequest(ids=list(ids)), timeout=timeout_s)
+        return self.stub.Delete(retrieval_pb2.DeleteRequest(ids=list(ids)), timeout=timeout_s, metadata=self.metadata)
 
     def stats(self, timeout_s: float = 30.0) -> retrieval_pb2.GetStatsResponse:
         """Collection statistics."""
-        return self.stub.GetStats(retrieval_pb2.GetStatsRequest(), timeout=timeout_s)
+        return self.stub.GetStats(retrieval_pb2.GetStatsRequest(), timeout=timeout_s, metadata=self.metadata)
 
     def build_graph(self, k: int = 0, remove: bool = False, timeout_s: float = 600.0) -> retrieval_pb2.BuildGraphResponse:
         """Build (or remove) the collection's kNN graph used by global diffusion."""
-        return self.stub.BuildGraph(retrieval_pb2.BuildGraphRequest(k=k, remove=remove), timeout=timeout_s)
+        return self.stub.BuildGraph(retrieval_pb2.BuildGraphRequest(k=k, remove=remove), timeout=timeout_s, metadata=self.metadata)
 
     def fit_whitening(self, max_vectors: int = 0, dim: int = 0, remove: bool = False, timeout_s: float = 300.0) -> retrieval_pb2.FitWhiteningResponse:
         """Learn and install the collection's PCA-whitening (or remove it)."""
-        return self.stub.FitWhitening(retrieval_pb2.FitWhiteningRequest(max_vectors=max_vectors, dim=dim, remove=remove), timeout=timeout_s)
+        return self.stub.FitWhitening(retrieval_pb2.FitWhiteningRequest(max_vectors=max_vectors, dim=dim, remove=remove), timeout=timeout_s, metadata=self.metadata)
+
+
+def token_from_env(token_file: str | None = None) -> str | None:
+    """A client token: ``token_file``, else env ``LOUPE_TOKEN``, else the file named by ``LOUPE_TOKEN_FILE``.
+
+    Returns None when none is set. Tokens are never taken from command-line arguments.
+    """
+    import os
+
+    path = token_file or ""
+    if not path:
+        if os.environ.get("LOUPE_TOKEN", "").strip():
+            return os.environ["LOUPE_TOKEN"].strip()
+        path = os.environ.get("LOUPE_TOKEN_FILE", "")
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as f:
+        token = f.read().strip()
+    if not token:
+        raise ValueError(f"token file {path}: empty")
+    return token

@@ -187,7 +187,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardStats(_message.Message):
-    __slots__ = ("shard_id", "address", "images", "feature_bytes", "healthy", "regional_vectors", "local_features", "wal_bytes")
+    __slots__ = ("shard_id", "address", "images", "feature_bytes", "healthy", "regional_vectors", "local_features", "wal_bytes", "store_bytes", "index_bytes", "index", "startup_seconds")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +196,10 @@ class ShardStats(_message.Message):
     REGIONAL_VECTORS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FEATURES_FIELD_NUMBER: _ClassVar[int]
     WAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    STARTUP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     address: str
     images: int
@@ -204,7 +208,11 @@ class ShardStats(_message.Message):
     regional_vectors: int
     local_features: int
     wal_bytes: int
-    def __init__(self, shard_id: _Optional[int] = ..., address: _Optional[str] = ..., images: _Optional[int] = ..., feature_bytes: _Optional[int] = ..., healthy: _Optional[bool] = ..., regional_vectors: _Optional[int] = ..., local_features: _Optional[int] = ..., wal_bytes: _Optional[int] = ...) -> None: ...
+    store_bytes: int
+    index_bytes: int
+    index: str
+    startup_seconds: float
+    def __init__(self, shard_id: _Optional[int] = ..., address: _Optional[str] = ..., images: _Optional[int] = ..., feature_bytes: _Optional[int] = ..., healthy: _Optional[bool] = ..., regional_vectors: _Optional[int] = ..., local_features: _Optional[int] = ..., wal_bytes: _Optional[int] = ..., store_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., index: _Optional[str] = ..., startup_seconds: _Optional[float] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
     __slots__ = ("images", "shards", "extractors", "dim", "whitened", "model", "graph_images", "graph_regions")

@@ -192,7 +192,7 @@ class ShardStatsRequest(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ...) -> None: ...
 
 class ShardStatsResponse(_message.Message):
-    __slots__ = ("shard_id", "images", "regional_vectors", "local_features", "feature_bytes", "dim", "index", "whitened", "wal_bytes")
+    __slots__ = ("shard_id", "images", "regional_vectors", "local_features", "feature_bytes", "dim", "index", "whitened", "wal_bytes", "store_bytes", "index_bytes", "startup_seconds", "startup_replayed", "sequence", "snapshot_sequence")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     REGIONAL_VECTORS_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +202,12 @@ class ShardStatsResponse(_message.Message):
     INDEX_FIELD_NUMBER: _ClassVar[int]
     WHITENED_FIELD_NUMBER: _ClassVar[int]
     WAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STARTUP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STARTUP_REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     images: int
     regional_vectors: int
@@ -211,4 +217,10 @@ class ShardStatsResponse(_message.Message):
     index: str
     whitened: bool
     wal_bytes: int
-    def __init__(self, shard_id: _Optional[int] = ..., images: _Optional[int] = ..., regional_vectors: _Optional[int] = ..., local_features: _Optional[int] = ..., feature_bytes: _Optional[int] = ..., dim: _Optional[int] = ..., index: _Optional[str] = ..., whitened: _Optional[bool] = ..., wal_bytes: _Optional[int] = ...) -> None: ...
+    store_bytes: int
+    index_bytes: int
+    startup_seconds: float
+    startup_replayed: int
+    sequence: int
+    snapshot_sequence: int
+    def __init__(self, shard_id: _Optional[int] = ..., images: _Optional[int] = ..., regional_vectors: _Optional[int] = ..., local_features: _Optional[int] = ..., feature_bytes: _Optional[int] = ..., dim: _Optional[int] = ..., index: _Optional[str] = ..., whitened: _Optional[bool] = ..., wal_bytes: _Optional[int] = ..., store_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., startup_seconds: _Optional[float] = ..., startup_replayed: _Optional[int] = ..., sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ...) -> None: ...

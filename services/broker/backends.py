@@ -13,7 +13,19 @@ from typing import Protocol, Sequence
 import grpc
 
 from loupe.v1 import extractor_pb2, extractor_pb2_grpc, shard_pb2, shard_pb2_grpc
+from services.common.auth import AioBearerInterceptor
 from services.common.errors import Unavailable
+from services.common.tls import InternalTls
+
+
+def _internal_channel(address: str, channel_options: Sequence[tuple[str, int]], internal_token: str, tls: InternalTls | None) -> grpc.aio.Channel:
+    """Channel to a shard/extractor: the cluster-internal token on every call when one is set,
+    mutual TLS when ``tls`` is set."""
+    interceptors = [AioBearerInterceptor(internal_token)] if internal_token else None
+    if tls is not None:
+        options = list(channel_options) + tls.channel_options()
+        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=list(channel_options), interceptors=interceptors)
 
 
 class ShardClient(Protocol):
@@ -36,10 +48,11 @@ class ShardClient(Protocol):
 class GrpcShardClient:
     """``ShardClient`` over a grpc.aio channel."""
 
-    def __init__(self, shard_id: int, address: str, channel_options: Sequence[tuple[str, int]] = ()) -> None:
+    def __init__(self, shard_id: int, address: str, channel_options: Sequence[tuple[str, int]] = (), internal_token: str = "",
+                 tls: InternalTls | None = None) -> None:
         self.shard_id = shard_id
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=list(channel_options))
+        self._channel = _internal_channel(address, channel_options, internal_token, tls)
         self._stub = shard_pb2_grpc.ShardStub(self._channel)
 
     async def search(self, request: shard_pb2.ShardSearchRequest, timeout_s: float) -> shard_pb2.ShardSearchResponse:
@@ -79,13 +92,18 @@ class ExtractorPool:
         host:port of each replica.
     max_concurrency_per_replica : int
         Calls in flight per replica before callers wait (back-pressure for indexing).
+    internal_token : str
+        Cluster-internal token sent with every call ("" = none).
+    tls : InternalTls or None
+        Mutual TLS to the replicas (None = plaintext).
     """
 
-    def __init__(self, addresses: Sequence[str], channel_options: Sequence[tuple[str, int]] = (), max_concurrency_per_replica: int = 2) -> None:
+    def __init__(self, addresses: Sequence[str], channel_options: Sequence[tuple[str, int]] = (), max_concurrency_per_replica: int = 2,
+                 internal_token: str = "", tls: InternalTls | None = None) -> None:
         if not addresses:
             raise ValueError("extractor addresses: at least one replica is required")
         self.addresses = list(addresses)
-        self._channels = [grpc.aio.insecure_channel(a, options=list(channel_options)) for a in self.addresses]
+        self._channels = [_internal_channel(a, channel_options, internal_token, tls) for a in self.addresses]
         self._stubs = [extractor_pb2_grpc.ExtractorStub(c) for c in self._channels]
         self._rr = itertools.cycle(range(len(self._stubs)))
         self.concurrency = max_concurrency_per_replica * len(self._stubs)

@@ -16,7 +16,7 @@ import threading
 
 import numpy as np
 
-from services.extractor.whitening import LocalPCA, PCAWhitening, to_indexed_space
+from services.space.whitening import LocalPCA, PCAWhitening, to_indexed_space
 from services.rerank.graph import CollectionGraph
 from services.rerank.regions import MAX_REGIONS_PER_IMAGE
 

@@ -21,7 +21,7 @@ class BrokerMetrics:
     inflight: Gauge
     shard_vectors: Gauge
     shard_failures: Counter
-    shard_wal_bytes: Gauge
+    shard_store_bytes: Gauge
     images_added: Counter
     diffusion_iterations: Histogram
     graph_images: Gauge
@@ -49,7 +49,7 @@ class BrokerMetrics:
                 "loupe_shard_failures", "Shard calls that failed or timed out, by shard and reason.",
                 ["shard", "reason"], registry=r,
             ),
-            shard_wal_bytes=Gauge("loupe_shard_wal_bytes", "Bytes in each shard's write-ahead log.", ["shard"], registry=r),
+            shard_store_bytes=Gauge("loupe_shard_store_bytes", "Bytes each shard's store occupies on disk.", ["shard"], registry=r),
             images_added=Counter("loupe_images_added", "Images stored through AddImages.", registry=r),
             diffusion_iterations=Histogram(
                 "loupe_diffusion_cg_iterations", "Conjugate-gradient iterations per diffusion solve.",

@@ -28,15 +28,16 @@ from services.common.errors import (
     status_for,
 )
 from services.common.grpc_server import RunningAioServer, ServerOptions, create_aio_server
+from services.common.tls import InternalTls
 from services.broker.collection_model import CollectionModel, region_node
 from services.broker.rerank_stages import DiffusionOutcome, diffusion_scores, dba_rescore, expand_query, hit_vectors, order_by
 from services.broker.verification import VerifiedHit, candidate_locals, confidence, query_confidence, verify_hits
-from services.extractor.whitening import PCAWhitening
+from services.space.whitening import PCAWhitening
 from services.rerank.diffusion import DiffusionParams
 from services.rerank.graph import CollectionGraph
 from services.rerank.verify import VerifyParams
-from services.index.placement import shard_for
-from services.index.records import check_id
+from services.space.placement import shard_for
+from services.space.ids import check_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -614,12 +615,13 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             if isinstance(res, BaseException):
                 continue
             st.images, st.feature_bytes = res.images, res.feature_bytes
-            st.regional_vectors, st.local_features, st.wal_bytes = res.regional_vectors, res.local_features, res.wal_bytes
+            st.regional_vectors, st.local_features = res.regional_vectors, res.local_features
+            st.store_bytes, st.index_bytes, st.index, st.startup_seconds = res.store_bytes, res.index_bytes, res.index, res.startup_seconds
             resp.images += res.images
             resp.dim = max(resp.dim, res.dim)
             resp.whitened = resp.whitened or res.whitened
             self.metrics.shard_vectors.labels(str(shard.shard_id)).set(res.images)
-            self.metrics.shard_wal_bytes.labels(str(shard.shard_id)).set(res.wal_bytes)
+            self.metrics.shard_store_bytes.labels(str(shard.shard_id)).set(res.store_bytes)
         with contextlib.suppress(Unavailable, grpc.aio.AioRpcError):
             d = await self.extractors.describe(min(5.0, deadline.remaining()))
             resp.model = f"{d.backbone} {d.pooling} D={d.dim} scales={[round(s, 3) for s in d.scales]} max_side={d.max_side}"
@@ -803,16 +805,19 @@ async def create_server(
     metrics_host: str = "127.0.0.1",
     metrics_port: int = 0,
     config: BrokerConfig = BrokerConfig(),
+    internal_token: str = "",
+    internal_tls: InternalTls | None = None,
 ) -> RunningBroker:
     """Start the public Retrieval server (asyncio) and its ``/metrics`` exporter.
 
-    ``shard_addresses[i]`` is the address of shard ``i``.
+    ``shard_addresses[i]`` is the address of shard ``i``; ``internal_token`` ("" = none) is
+    sent with every call to shards and extractors, over mutual TLS when ``internal_tls`` is set.
     """
     channel_opts = opts.channel_options()
     metrics = BrokerMetrics.create()
     servicer = RetrievalServicer(
-        ExtractorPool(extractor_addresses, channel_opts),
-        [GrpcShardClient(i, a, channel_opts) for i, a in enumerate(shard_addresses)],
+        ExtractorPool(extractor_addresses, channel_opts, internal_token=internal_token, tls=internal_tls),
+        [GrpcShardClient(i, a, channel_opts, internal_token, internal_tls) for i, a in enumerate(shard_addresses)],
         metrics,
         config,
     )

@@ -10,6 +10,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.auth import AioAuthInterceptor, AuthInterceptor, AuthPolicy
+
 MiB = 1024 * 1024
 
 
@@ -31,6 +33,10 @@ class ServerOptions:
         Calls admitted at once (queued ones included); more get RESOURCE_EXHAUSTED. 0 = no limit.
     tls_cert_file, tls_key_file : str
         PEM files; both set → TLS, both empty → plaintext.
+    tls_client_ca_file : str
+        PEM CA bundle; set (with TLS) → mutual TLS: clients must present a certificate it signed.
+    auth : AuthPolicy or None
+        Tokens this server accepts (``services.common.auth``); None = no authentication.
     """
 
     host: str = "127.0.0.1"
@@ -40,6 +46,14 @@ class ServerOptions:
     max_concurrent_rpcs: int = 0
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    auth: AuthPolicy | None = None
+
+    def interceptors(self, aio: bool) -> list:
+        """Server interceptors for these options (the token check when ``auth`` is set)."""
+        if self.auth is None:
+            return []
+        return [AioAuthInterceptor(self.auth) if aio else AuthInterceptor(self.auth)]
 
     def channel_options(self) -> list[tuple[str, int]]:
         """gRPC channel arguments for these message-size limits."""
@@ -52,8 +66,15 @@ class ServerOptions:
 def _bind(server: grpc.Server | grpc.aio.Server, opts: ServerOptions) -> int:
     address = f"{opts.host}:{opts.port}"
     if opts.tls_cert_file or opts.tls_key_file:
+        if not (opts.tls_cert_file and opts.tls_key_file):
+            raise ValueError("tls_cert_file, tls_key_file: give both or neither")
         with open(opts.tls_key_file, "rb") as k, open(opts.tls_cert_file, "rb") as c:
-            creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            pair = [(k.read(), c.read())]
+        if opts.tls_client_ca_file:
+            with open(opts.tls_client_ca_file, "rb") as ca:
+                creds = grpc.ssl_server_credentials(pair, root_certificates=ca.read(), require_client_auth=True)
+        else:
+            creds = grpc.ssl_server_credentials(pair)
         return server.add_secure_port(address, creds)
     return server.add_insecure_port(address)
 
@@ -93,6 +114,7 @@ def create_sync_server(
         futures.ThreadPoolExecutor(max_workers=opts.workers),
         options=opts.channel_options(),
         maximum_concurrent_rpcs=opts.max_concurrent_rpcs or None,
+        interceptors=opts.interceptors(aio=False),
     )
     register(server)
     hs = _register_common(server, service_names)
@@ -121,7 +143,9 @@ async def create_aio_server(
     register: Callable[[grpc.aio.Server], None], service_names: Sequence[str], opts: ServerOptions
 ) -> RunningAioServer:
     """Asyncio twin of ``create_sync_server`` (used by the broker)."""
-    server = grpc.aio.server(options=opts.channel_options(), maximum_concurrent_rpcs=opts.max_concurrent_rpcs or None)
+    server = grpc.aio.server(
+        options=opts.channel_options(), maximum_concurrent_rpcs=opts.max_concurrent_rpcs or None, interceptors=opts.interceptors(aio=True)
+    )
     register(server)
     hs = _register_common(server, service_names)
     port = _bind(server, opts)

@@ -6,7 +6,7 @@ located at the centre of that cell's receptive field → score every candidate (
 one is given, otherwise the feature's L2 norm) → keep the top ``max_keypoints`` over all levels
 (no NMS, as DELF; receptive-field centres of different levels never coincide, so there are
 no exact duplicates to drop) → descriptors = L2-normalised raw features. PCA to 40-D is the
-collection model's job (``services.extractor.whitening.LocalPCA``), not the extractor's.
+collection model's job (``services.space.whitening.LocalPCA``), not the extractor's.
 
 Until an attention head is trained (``services.extractor.attention``), keypoints are scored by
 feature L2 norm: a reasonable proxy for saliency on an ImageNet backbone, not a learned one.

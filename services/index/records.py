@@ -7,18 +7,8 @@ import numpy as np
 from loupe.tensors import from_tensor, is_empty, to_tensor
 from loupe.v1 import shard_pb2, types_pb2
 from services.common.errors import InvalidArgument
-from services.index.shard_index import LocalStore, StoredImage
-
-MAX_ID_BYTES = 512
-
-
-def check_id(image_id: str, field: str) -> None:
-    """Raise InvalidArgument unless ``image_id`` is a 1..512-byte string."""
-    if not image_id:
-        raise InvalidArgument(f"{field}: image id must not be empty")
-    if len(image_id.encode("utf-8")) > MAX_ID_BYTES:
-        raise InvalidArgument(f"{field}: image id longer than {MAX_ID_BYTES} bytes")
-
+from services.space.ids import check_id
+from services.index.store import LocalStore, StoredImage
 
 def record_to_stored(rec: shard_pb2.ShardRecord, field: str) -> StoredImage:
     """Decode and validate one record; ``field`` names it in error messages."""

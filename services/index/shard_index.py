@@ -1,78 +1,41 @@
-"""In-memory index of one shard: faiss global index, regional vectors, local-feature store.
+"""One shard's collection: durable records in the store, global vectors in a faiss index.
 
-Pure state + algorithms, no gRPC. Not thread-safe: the servicer serialises writes.
+Records live on disk (``ShardStore``); RAM holds the faiss index (exact flat vectors while the
+shard is small, compressed codes once it is large) and nothing per image in Python. A write is
+durable in the store before the faiss index sees it; the index is snapshotted with the store's
+sequence number, so a restart loads the snapshot and replays only the changes after it.
+
+Thread-safety: the methods serialise on one lock, except the approximate index's training and
+snapshot writing, which run on a background thread and take the lock only to copy and swap.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+import os
+import threading
+import time
+import zlib
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
-from services.extractor.whitening import PCAWhitening, to_indexed_space
+from services.index.store import OP_ADD, ShardStore, StoredImage
+from services.index.vector_index import (
+    ApproxIndex,
+    ExactIndex,
+    IndexSettings,
+    SnapshotCorrupt,
+    auto_factory,
+    read_snapshot,
+    serialize,
+    write_blob,
+)
+from services.space.whitening import PCAWhitening, to_indexed_space
 
-
-@dataclass
-class LocalStore:
-    """Compact local features of one image.
-
-    Attributes
-    ----------
-    keypoints : np.ndarray
-        (N, 4) float16: x, y, scale, score.
-    descriptors : np.ndarray
-        (N, C) int8, dequantised as ``descriptors * scale``.
-    scale : float
-        Dequantisation scale of ``descriptors``.
-    """
-
-    keypoints: np.ndarray
-    descriptors: np.ndarray
-    scale: float
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.keypoints.nbytes + self.descriptors.nbytes)
-
-    @staticmethod
-    def quantize(keypoints: np.ndarray, descriptors: np.ndarray) -> "LocalStore":
-        """Store (N, 4) keypoints as float16 and (N, C) L2-normalised descriptors as int8.
-
-        Components of unit vectors lie in [-1, 1]; the scale maps the largest magnitude
-        present to 127 so small descriptors keep their precision.
-        """
-        d = np.asarray(descriptors, dtype=np.float32)
-        peak = float(np.abs(d).max()) if d.size else 1.0
-        scale = (peak if peak > 0 else 1.0) / 127.0
-        q = np.clip(np.rint(d / scale), -127, 127).astype(np.int8)
-        return LocalStore(np.asarray(keypoints, dtype=np.float16), q, scale)
-
-    def dequantized(self) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 4) float32 keypoints and (N, C) float32 descriptors."""
-        return self.keypoints.astype(np.float32), self.descriptors.astype(np.float32) * self.scale
-
-
-@dataclass
-class StoredImage:
-    """Everything a shard keeps of one image (raw vectors: whitening is applied at index time)."""
-
-    image_id: str
-    vector: np.ndarray  # (D,) float32, raw L2-normalised
-    regional: np.ndarray | None  # (R, D) float16, raw L2-normalised
-    local: LocalStore | None
-    metadata: dict[str, str] = field(default_factory=dict)
-    width: int = 0  # pixels of the image as extracted (local keypoints live in this frame)
-    height: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        n = self.vector.nbytes
-        if self.regional is not None:
-            n += self.regional.nbytes
-        if self.local is not None:
-            n += self.local.nbytes
-        return int(n)
+log = logging.getLogger(__name__)
+SNAPSHOT_FILE = "index.faiss"
 
 
 @dataclass
@@ -97,32 +60,107 @@ class VectorPage:
     regional_counts: list[int]  # (n,) regional vectors per image
 
 
+@dataclass(frozen=True)
+class StartupReport:
+    """How the index came back at start: snapshot loaded or rebuilt, changes replayed, seconds."""
+
+    source: str  # "empty", "snapshot" or "rebuilt"
+    replayed: int
+    seconds: float
+    reason: str = ""
+
+
 class ShardIndex:
     """A shard's images, searchable by global-descriptor inner product.
 
     Parameters
     ----------
-    factory : str
-        faiss index factory string for the (whitened) global vectors, e.g. "Flat" or
-        "IVF256,Flat" (trained automatically once enough vectors exist) or "HNSW32".
+    store : ShardStore
+        The shard's durable records (opened; the index takes ownership and closes it).
+    settings : IndexSettings
+        Exact/approximate policy, shortlist, snapshot cadence.
+    background : bool
+        Train the approximate index and write snapshots on a background thread (False runs
+        them inline: deterministic tests and benchmarks).
     """
 
-    def __init__(self, factory: str = "Flat") -> None:
-        self.factory = factory
-        self._check_factory(factory)
-        self.images: dict[int, StoredImage] = {}
-        self.label_of: dict[str, int] = {}
-        self._next_label = 0
-        self.whitening: PCAWhitening | None = None
-        self.dim = 0  # raw descriptor dimension
-        self._index: faiss.Index | None = None
+    def __init__(self, store: ShardStore, settings: IndexSettings = IndexSettings(), background: bool = True) -> None:
+        self.store = store
+        self.settings = settings
+        self.background = background
+        self._lock = threading.RLock()
+        self._worker: threading.Thread | None = None
+        self._building = False
+        self._closed = False
+        raw_w = store.setting("whitening")
+        self.whitening: PCAWhitening | None = PCAWhitening.from_bytes(raw_w) if raw_w else None
+        raw_d = store.setting("dim")
+        self.dim = int(raw_d) if raw_d else 0
+        self._faiss: ExactIndex | ApproxIndex | None = None
+        self._last_snapshot_seq = 0
+        self.startup = self._load()
+        self._maybe_maintain()
 
-    @staticmethod
-    def _check_factory(factory: str) -> None:
-        try:
-            faiss.index_factory(8 if "PQ" not in factory else 16, factory, faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError as exc:
-            raise ValueError(f"index factory string {factory!r} is invalid: {exc}") from None
+    # --- start-up ---------------------------------------------------------------------
+    def _whitening_crc(self) -> int:
+        raw = self.store.setting("whitening")
+        return zlib.crc32(raw) if raw else 0
+
+    def _load(self) -> StartupReport:
+        t0 = time.perf_counter()
+        record = self.store.read_snapshot_record()
+        reason = ""
+        if record is not None:
+            if record.get("whitening_crc32") != self._whitening_crc() or record.get("dim") != self.indexed_dim:
+                reason = "snapshot predates the current whitening"
+            else:
+                try:
+                    index = read_snapshot(self.store.path, record)
+                    self._faiss = self._wrap(index, record["kind"])
+                    replayed = self._replay(record["seq"])
+                    self._last_snapshot_seq = record["seq"]
+                    report = StartupReport("snapshot", replayed, time.perf_counter() - t0)
+                    log.info("shard store %s: snapshot at seq %d loaded, %d changes replayed (%.2f s)",
+                             self.store.path, record["seq"], replayed, report.seconds)
+                    return report
+                except SnapshotCorrupt as exc:
+                    reason = str(exc)
+            log.warning("shard store %s: snapshot not usable (%s): rebuilding the index from the store", self.store.path, reason)
+        self._rebuild()
+        n = self._faiss.ntotal if self._faiss is not None else 0
+        source = "rebuilt" if n or record is not None else "empty"
+        return StartupReport(source, n, time.perf_counter() - t0, reason)
+
+    def _wrap(self, index: faiss.Index, kind: str) -> ExactIndex | ApproxIndex:
+        if kind == ExactIndex.kind:
+            return ExactIndex(index.d, index)
+        return ApproxIndex(index, self.settings.shortlist, self.settings.nprobe)
+
+    def _replay(self, seq: int) -> int:
+        changes = self.store.changes_after(seq)
+        adds = [label for _, op, label in changes if op == OP_ADD]
+        live = set(self.store.labels_existing(adds)) if adds else set()
+        n = 0
+        for _, op, label in changes:
+            if op == OP_ADD:
+                if label in live:
+                    lab = np.asarray([label], np.int64)
+                    self._faiss.add(lab, self.transform(self.store.vectors([label], self.dim)))
+            else:
+                self._faiss.remove(np.asarray([label], np.int64))
+            n += 1
+        return n
+
+    def _rebuild(self) -> None:
+        """Re-create the exact index from every stored vector (the approximate one follows in
+        the background when the shard is large enough)."""
+        if self.dim == 0:
+            self._faiss = None
+            return
+        index = ExactIndex(self.indexed_dim)
+        for labels, vecs in self.store.iter_vectors(self.dim):
+            index.add(labels, self.transform(vecs))
+        self._faiss = index
 
     # --- transforms -------------------------------------------------------------------
     def transform(self, raw: np.ndarray) -> np.ndarray:
@@ -136,116 +174,88 @@ class ShardIndex:
             return 0
         return self.whitening.output_dim if self.whitening is not None else self.dim
 
+    @property
+    def factory(self) -> str:
+        """What searches run on now: "Flat" or the approximate index's factory string."""
+        if isinstance(self._faiss, ApproxIndex):
+            return self.settings.factory if self.settings.factory != "auto" else auto_factory(self._faiss.ntotal, self.indexed_dim)
+        return "Flat"
+
     def set_whitening(self, whitening: PCAWhitening | None) -> None:
         """Install (or remove) the collection whitening and re-index every stored vector."""
-        if whitening is not None and self.dim and whitening.input_dim != self.dim:
-            raise ValueError(f"whitening: input dimension {whitening.input_dim} != stored dimension {self.dim}")
-        self.whitening = whitening
-        self._rebuild()
+        with self._lock:
+            if whitening is not None and self.dim and whitening.input_dim != self.dim:
+                raise ValueError(f"whitening: input dimension {whitening.input_dim} != stored dimension {self.dim}")
+            self.store.put_setting("whitening", whitening.to_bytes() if whitening is not None else None)
+            self.whitening = whitening
+            self._rebuild()
+        self._maybe_maintain()
 
     # --- writes -----------------------------------------------------------------------
     def add(self, records: list[StoredImage]) -> int:
-        """Store or replace images; returns how many were stored."""
-        for rec in records:
-            if rec.vector.ndim != 1:
-                raise ValueError(f"features.global of {rec.image_id!r}: expected a (D,) vector")
+        """Store or replace images durably, then index them; returns how many were stored."""
+        with self._lock:
+            for rec in records:
+                if rec.vector.ndim != 1:
+                    raise ValueError(f"features.global of {rec.image_id!r}: expected a (D,) vector")
+                expected = self.dim or records[0].vector.shape[0]
+                if rec.vector.shape[0] != expected:
+                    raise ValueError(
+                        f"features.global of {rec.image_id!r}: dimension {rec.vector.shape[0]} != index dimension {expected}"
+                    )
+            if not records:
+                return 0
             if self.dim == 0:
-                self.dim = int(rec.vector.shape[0])
-            elif rec.vector.shape[0] != self.dim:
-                raise ValueError(
-                    f"features.global of {rec.image_id!r}: dimension {rec.vector.shape[0]} != index dimension {self.dim}"
-                )
-        labels = []
-        for rec in records:
-            old = self.label_of.pop(rec.image_id, None)
-            if old is not None:
-                self._remove_labels([old])
-            label = self._next_label
-            self._next_label += 1
-            self.images[label] = rec
-            self.label_of[rec.image_id] = label
-            labels.append(label)
-        if labels:
-            self._index_add(labels)
+                self.store.put_setting("dim", str(records[0].vector.shape[0]).encode())
+                self.dim = int(records[0].vector.shape[0])
+            labels, replaced, _ = self.store.put(records)
+            if self._faiss is None:
+                self._faiss = ExactIndex(self.indexed_dim)
+            self._faiss.remove(np.asarray(replaced, np.int64))
+            self._faiss.add(np.asarray(labels, np.int64), self.transform(np.stack([r.vector for r in records])))
+        self._maybe_maintain()
         return len(labels)
 
     def delete(self, ids: list[str]) -> tuple[list[str], list[str]]:
-        """Remove ids; returns (deleted, missing)."""
-        deleted, missing, labels = [], [], []
-        for image_id in ids:
-            label = self.label_of.pop(image_id, None)
-            if label is None:
-                missing.append(image_id)
-            else:
-                deleted.append(image_id)
-                labels.append(label)
-        self._remove_labels(labels)
+        """Remove ids durably; returns (deleted, missing)."""
+        with self._lock:
+            deleted, missing, labels, _ = self.store.delete(ids)
+            if self._faiss is not None:
+                self._faiss.remove(np.asarray(labels, np.int64))
+        self._maybe_maintain()
         return deleted, missing
 
-    def _remove_labels(self, labels: list[int]) -> None:
-        if not labels:
-            return
-        for label in labels:
-            self.images.pop(label, None)
-        if self._index is not None:
-            self._index.remove_ids(np.asarray(labels, dtype=np.int64))
-
-    # --- faiss ------------------------------------------------------------------------
-    def _new_index(self, d: int) -> faiss.Index:
-        return faiss.IndexIDMap2(faiss.index_factory(d, self.factory, faiss.METRIC_INNER_PRODUCT))
-
-    def _index_add(self, labels: list[int]) -> None:
-        if self._index is None or not self._index.is_trained:
-            self._rebuild()
-            return
-        vecs = self.transform(np.stack([self.images[l].vector for l in labels]))
-        self._index.add_with_ids(vecs, np.asarray(labels, dtype=np.int64))
-
-    def _rebuild(self) -> None:
-        """Re-create the faiss index from the stored raw vectors (after whitening changes)."""
-        if not self.images:
-            self._index = None
-            return
-        labels = np.fromiter(self.images.keys(), dtype=np.int64, count=len(self.images))
-        vecs = self.transform(np.stack([self.images[int(l)].vector for l in labels]))
-        index = self._new_index(vecs.shape[1])
-        if not index.is_trained:
-            try:
-                index.train(vecs)
-            except RuntimeError:
-                index = None  # too few vectors to train this factory yet: brute force until then
-        if index is None:
-            index = faiss.IndexIDMap2(faiss.IndexFlatIP(vecs.shape[1]))
-        index.add_with_ids(vecs, labels)
-        self._index = index
+    def contains(self, image_id: str) -> bool:
+        return self.store.label_of(image_id) is not None
 
     # --- reads ------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self.images)
+        return self.store.counters()["images"]
+
+    def _indexed_vectors(self, labels: np.ndarray) -> np.ndarray:
+        return self.transform(self.store.vectors([int(l) for l in labels], self.dim))
 
     def search(self, query: np.ndarray, top_k: int, return_vectors: bool = False, transformed: bool = False) -> SearchHits:
         """Top-k images for one (D,) raw query vector (or (D',) when ``transformed``), by inner product."""
         query = np.asarray(query, dtype=np.float32).reshape(-1)
-        expected = self.indexed_dim if transformed else self.dim
-        if expected and query.shape[0] != expected:
-            raise ValueError(f"query: dimension {query.shape[0]} != index dimension {expected}")
-        if self._index is None or self._index.ntotal == 0:
-            return SearchHits([], np.zeros(0, np.float32), None, [])
-        q = to_indexed_space(query, None) if transformed else self.transform(query)
-        k = min(top_k, self._index.ntotal)
-        scores, labels = self._index.search(q, k)
-        keep = labels[0] >= 0
-        labels, scores = labels[0][keep], scores[0][keep]
-        recs = [self.images[int(l)] for l in labels]
-        vectors = None
-        if return_vectors:
-            vectors = self.transform(np.stack([r.vector for r in recs])) if recs else np.zeros((0, self.indexed_dim), np.float32)
-        return SearchHits([r.image_id for r in recs], scores.astype(np.float32), vectors, [dict(r.metadata) for r in recs])
+        with self._lock:
+            expected = self.indexed_dim if transformed else self.dim
+            if expected and query.shape[0] != expected:
+                raise ValueError(f"query: dimension {query.shape[0]} != index dimension {expected}")
+            if self._faiss is None or self._faiss.ntotal == 0:
+                return SearchHits([], np.zeros(0, np.float32), None, [])
+            q = (to_indexed_space(query, None) if transformed else self.transform(query))[0]
+            labels, scores, vectors = self._faiss.search(q, top_k, self._indexed_vectors)
+            if return_vectors and vectors is None:
+                vectors = self._faiss.reconstruct(labels) if isinstance(self._faiss, ExactIndex) else self._indexed_vectors(labels)
+            infos = self.store.infos([int(l) for l in labels])
+        return SearchHits(
+            [i.image_id for i in infos], scores.astype(np.float32), vectors if return_vectors else None, [i.metadata for i in infos]
+        )
 
-    def get(self, image_id: str) -> StoredImage | None:
-        """The stored record of an id, or None."""
-        label = self.label_of.get(image_id)
-        return None if label is None else self.images[label]
+    def get(self, image_id: str, *, regional: bool = True, local: bool = True) -> StoredImage | None:
+        """The stored record of an id (only the parts asked for), or None."""
+        return self.store.get(image_id, regional=regional, local=local)
 
     def list_vectors(self, cursor: int, limit: int, regional: bool = False) -> VectorPage:
         """One page of stored images in label order, vectors in the indexed space.
@@ -253,41 +263,171 @@ class ShardIndex:
         Labels only grow (a replaced image gets a new one), so ``cursor`` (the first label not
         yet returned) survives concurrent writes.
         """
-        labels = sorted(l for l in self.images if l >= cursor) if cursor else sorted(self.images)
-        page = labels[:limit]
-        empty = np.zeros((0, self.indexed_dim), np.float32)
-        if not page:
-            return VectorPage([], empty, cursor, True, empty, [])
-        recs = [self.images[l] for l in page]
-        vecs = self.transform(np.stack([r.vector for r in recs]))
-        regs, counts = empty, []
-        if regional:
-            per = [r.regional for r in recs]
-            counts = [0 if x is None else len(x) for x in per]
-            present = [x for x in per if x is not None and len(x)]
-            if present:
-                regs = self.transform(np.concatenate(present).astype(np.float32))
-        return VectorPage([r.image_id for r in recs], vecs, page[-1] + 1, len(labels) <= limit, regs, counts)
+        with self._lock:
+            labels = self.store.labels_from(cursor, limit + 1)
+            done = len(labels) <= limit
+            page = labels[:limit]
+            empty = np.zeros((0, self.indexed_dim), np.float32)
+            if not page:
+                return VectorPage([], empty, cursor, True, empty, [])
+            vecs = self._indexed_vectors(np.asarray(page))
+            infos = self.store.infos(page)
+            regs, counts = empty, []
+            if regional:
+                per = self.store.regional_of(page, self.dim)
+                counts = [0 if x is None else len(x) for x in per]
+                present = [x for x in per if x is not None and len(x)]
+                if present:
+                    regs = self.transform(np.concatenate(present).astype(np.float32))
+        return VectorPage([i.image_id for i in infos], vecs, page[-1] + 1, done, regs, counts)
 
     def sample_vectors(self, max_vectors: int, seed: int, regional: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Random sample of raw global (n, D) and, if asked, regional (m, D) vectors."""
         rng = np.random.default_rng(seed)
-        labels = list(self.images.keys())
-        if not labels:
-            return np.zeros((0, self.dim), np.float32), np.zeros((0, self.dim), np.float32)
-        pick = rng.choice(len(labels), size=min(max_vectors, len(labels)), replace=False)
-        g = np.stack([self.images[labels[i]].vector for i in pick]).astype(np.float32)
-        if not regional:
-            return g, np.zeros((0, self.dim), np.float32)
-        regs = [self.images[labels[i]].regional for i in pick if self.images[labels[i]].regional is not None]
+        with self._lock:
+            labels = self.store.all_labels()
+            if not len(labels):
+                return np.zeros((0, self.dim), np.float32), np.zeros((0, self.dim), np.float32)
+            pick = np.sort(labels[rng.choice(len(labels), size=min(max_vectors, len(labels)), replace=False)])
+            g = self.store.vectors([int(l) for l in pick], self.dim)
+            if not regional:
+                return g, np.zeros((0, self.dim), np.float32)
+            regs = [r for r in self.store.regional_of([int(l) for l in pick], self.dim) if r is not None]
         r = np.concatenate(regs).astype(np.float32) if regs else np.zeros((0, self.dim), np.float32)
         if len(r) > max_vectors:
             r = r[rng.choice(len(r), size=max_vectors, replace=False)]
         return g, r
 
     def stats(self) -> dict[str, int]:
-        """Counts and bytes: images, regional_vectors, local_features, feature_bytes."""
-        regional = sum(0 if r.regional is None else len(r.regional) for r in self.images.values())
-        local = sum(0 if r.local is None else len(r.local.keypoints) for r in self.images.values())
-        nbytes = sum(r.nbytes for r in self.images.values())
-        return {"images": len(self.images), "regional_vectors": regional, "local_features": local, "feature_bytes": nbytes}
+        """Counts and bytes: images, regional_vectors, local_features, feature_bytes, store_bytes,
+        index_bytes (RAM of the faiss index)."""
+        c = self.store.counters()
+        with self._lock:
+            index_bytes = self._index_bytes_estimate()
+        return {
+            "images": c["images"], "regional_vectors": c["regional_vectors"], "local_features": c["local_features"],
+            "feature_bytes": c["feature_bytes"], "store_bytes": self.store.size_bytes(), "index_bytes": index_bytes,
+        }
+
+    def _index_bytes_estimate(self) -> int:
+        idx = self._faiss
+        if idx is None:
+            return 0
+        if isinstance(idx, ExactIndex):
+            return idx.ntotal * (4 * idx.dim + 16)
+        code = getattr(faiss.try_extract_index_ivf(idx.index), "code_size", 4 * idx.dim)
+        return idx.ntotal * (int(code) + 8)
+
+    # --- maintenance: approximate index, snapshots --------------------------------------
+    def _maybe_maintain(self) -> None:
+        """Start the background job when the approximate index is due or a snapshot is."""
+        if self._closed:
+            return
+        with self._lock:
+            busy = self._worker is not None and self._worker.is_alive()
+            if busy or self._faiss is None:
+                return
+            need_approx = (
+                self.settings.approximate
+                and isinstance(self._faiss, ExactIndex)
+                and self._faiss.ntotal >= self.settings.approx_min_images
+            )
+            seq = self.store.counters()["seq"]
+            need_snapshot = seq - self._last_snapshot_seq >= self.settings.snapshot_every
+            if not (need_approx or need_snapshot):
+                return
+            if not self.background:
+                job = self._train_approx if need_approx else self.snapshot
+            else:
+                job = None
+        if job is not None:
+            job()
+            return
+        self._worker = threading.Thread(
+            target=self._train_approx if need_approx else self._snapshot_quietly, name="loupe-shard-maintenance", daemon=True
+        )
+        self._worker.start()
+
+    def _snapshot_quietly(self) -> None:
+        try:
+            self.snapshot()
+        except Exception:  # a failed snapshot (disk full) is retried after more changes
+            log.exception("shard store %s: snapshot failed", self.store.path)
+
+    def snapshot(self) -> int:
+        """Write the faiss index with the sequence number it reflects; returns that number."""
+        with self._lock:
+            if self._faiss is None or self._building:
+                return self._last_snapshot_seq
+            seq = self.store.counters()["seq"]
+            blob = serialize(self._faiss.index)
+            kind, dim, wcrc = self._faiss.kind, self.indexed_dim, self._whitening_crc()
+        record = write_blob(blob, os.path.join(self.store.path, SNAPSHOT_FILE))
+        record.update(seq=seq, kind=kind, dim=dim, whitening_crc32=wcrc)
+        with self._lock:
+            if wcrc != self._whitening_crc():
+                return self._last_snapshot_seq  # whitening changed while writing: the file is stale
+            self.store.record_snapshot(seq, record)
+            self._last_snapshot_seq = seq
+        log.info("shard store %s: snapshot at seq %d (%.1f MB)", self.store.path, seq, record["bytes"] / 1e6)
+        return seq
+
+    def _train_approx(self) -> None:
+        """Train the approximate index on a sample, fill it from one read snapshot of the store,
+        catch up with the writes made meanwhile, swap it in. Searches stay exact until then."""
+        t0 = time.perf_counter()
+        with self._lock:
+            self._building = True
+            wcrc = self._whitening_crc()
+            n = self._faiss.ntotal
+            factory = self.settings.factory if self.settings.factory != "auto" else auto_factory(n, self.indexed_dim)
+            rng = np.random.default_rng(0)
+            labels = self.store.all_labels()
+            sample_labels = np.sort(labels[rng.choice(len(labels), min(self.settings.train_sample, len(labels)), replace=False)])
+        try:
+            sample = self._indexed_vectors(sample_labels)
+            built = ApproxIndex.train(factory, sample, self.settings.shortlist, self.settings.nprobe)
+            del sample
+            seen: list[int] = []
+            for chunk_labels, vecs in self.store.iter_vectors(self.dim, on_open=seen.append):
+                built.add(chunk_labels, self.transform(vecs))
+            with self._lock:
+                if self._closed or wcrc != self._whitening_crc():
+                    return
+                self._faiss, exact = built, self._faiss
+                self._replay(seen[0])
+                del exact
+            log.info("shard store %s: approximate index %s trained on %d vectors, %d indexed, %.1f s",
+                     self.store.path, factory, len(sample_labels), built.ntotal, time.perf_counter() - t0)
+        except Exception:
+            log.exception("shard store %s: training the approximate index failed; searches stay exact", self.store.path)
+            return
+        finally:
+            with self._lock:
+                self._building = False
+        self.snapshot()
+
+    @property
+    def snapshot_sequence(self) -> int:
+        """Sequence number the last faiss snapshot reflects (0 = none yet)."""
+        return self._last_snapshot_seq
+
+    def wait_idle(self, timeout_s: float = 600.0) -> None:
+        """Block until background maintenance is done (tests, benchmarks, clean shutdown)."""
+        worker = self._worker
+        if worker is not None:
+            worker.join(timeout_s)
+
+    def close(self) -> None:
+        """Finish maintenance, snapshot, close the store."""
+        self.wait_idle()
+        try:
+            with self._lock:
+                behind = self.store.counters()["seq"] > self._last_snapshot_seq
+            if behind:
+                self.snapshot()
+        except Exception:
+            log.exception("shard store %s: final snapshot failed (the next start replays the changes)", self.store.path)
+        with self._lock:
+            self._closed = True
+            self.store.close()

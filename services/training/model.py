@@ -2,7 +2,7 @@
 
 The layout follows cirtorch's ``ImageRetrievalNet``: the pooled descriptor is L2-normalised,
 passed through a learned whitening layer (an ``nn.Linear`` initialised from a
-:class:`~services.extractor.whitening.PCAWhitening` fitted on pooled descriptors of the
+:class:`~services.space.whitening.PCAWhitening` fitted on pooled descriptors of the
 training images) and L2-normalised again.
 
 Model file (:func:`save_model` / :func:`load_model`), a dict loadable with
@@ -52,7 +52,7 @@ from services.extractor.backbone import (
     load_backbone,
 )
 from services.extractor.pooling import gem, rmac
-from services.extractor.whitening import PCAWhitening
+from services.space.whitening import PCAWhitening
 
 POOLINGS = ("gem", "rmac")
 INPUT_MEAN = (0.5, 0.5, 0.5)

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from services.eval.revisitop import compute_map
 from services.extractor.backbone import NUM_FEATURES, load_backbone
-from services.extractor.whitening import PCAWhitening
+from services.space.whitening import PCAWhitening
 from services.training.augment import LIGHT, STRONG, augment, resize_max_side
 from services.training.losses import (
     NEGATIVE,

@@ -75,7 +75,7 @@ def test_stats_count_every_image_on_its_shard(client):
     assert s.images == len(PHOTO_SUBSET) * len(INDEXED)
     assert len(s.shards) == 2 and all(x.healthy for x in s.shards)
     assert all(x.images > 0 for x in s.shards)
-    assert all(x.wal_bytes > 0 for x in s.shards)
+    assert all(x.store_bytes > 0 and x.index_bytes > 0 and x.index == "Flat" for x in s.shards)
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
@@ -152,7 +152,7 @@ DASHBOARD_METRICS = (
     'loupe_request_duration_seconds_count{grpc_method="Search"}',
     'loupe_inflight_requests{grpc_method="Search"}',
     'loupe_shard_vectors{shard="0"}',
-    'loupe_shard_wal_bytes{shard="1"}',
+    'loupe_shard_store_bytes{shard="1"}',
     "loupe_images_added_total",
 )
 
@@ -258,7 +258,7 @@ def test_whitening_fit_and_remove(client):
 
 
 # --- shard failures: these change the cluster, so they run last ---------------------------
-def test_restarted_shard_replays_its_wal(cluster, client):
+def test_restarted_shard_reloads_its_store(cluster, client):
     before = client.stats().images
     cluster.restart_shard(0)
     after = client.stats()

@@ -22,7 +22,7 @@ from skimage import transform as sktf
 from skimage.color import gray2rgb
 
 from services.extractor.backbone import load_backbone, preprocess
-from services.extractor.whitening import PCAWhitening
+from services.space.whitening import PCAWhitening
 from services.training.model import (
     RetrievalNet,
     describe_images,

@@ -32,7 +32,7 @@ import pytest
 from services.common.images import decode_image
 from services.extractor.backbone import load_backbone
 from services.extractor.local_features import LocalConfig, LocalExtractor, LocalFeatures
-from services.extractor.whitening import LocalPCA
+from services.space.whitening import LocalPCA
 from services.rerank.verify import CONFIDENCE_CENTER_INLIERS, VerifyParams, verify_pair
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]

@@ -27,7 +27,7 @@ from services.extractor.local_features import (
     LocalFeatures,
     receptive_field_centres,
 )
-from services.extractor.whitening import LocalPCA
+from services.space.whitening import LocalPCA
 from services.rerank.verify import VerifyParams, verify_pair
 
 CONFIG = LocalConfig(max_keypoints=500)

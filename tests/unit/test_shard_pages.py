@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.index.shard_index import ShardIndex, StoredImage
+from services.index.shard_index import ShardIndex
+from services.index.store import ShardStore, StoredImage
 
 
 def _rec(image_id: str, seed: int, regions: int = 0) -> StoredImage:
@@ -31,18 +32,18 @@ def _all_pages(index: ShardIndex, limit: int, writes=None) -> tuple[list[str], i
         cursor = page.next_cursor
 
 
-def test_pages_cover_every_image_once_with_their_regions() -> None:
-    index = ShardIndex()
+def test_pages_cover_every_image_once_with_their_regions(tmp_path) -> None:
+    index = ShardIndex(ShardStore(str(tmp_path)))
     index.add([_rec(f"a{i}", i, regions=i % 3) for i in range(10)])
     ids, rows = _all_pages(index, limit=3)
     assert ids == [f"a{i}" for i in range(10)]
     assert rows == sum(i % 3 for i in range(10))
-    empty = ShardIndex().list_vectors(0, 5)
+    empty = ShardIndex(ShardStore(str(tmp_path / 'empty'))).list_vectors(0, 5)
     assert empty.done and empty.ids == []
 
 
-def test_cursor_survives_writes_between_pages() -> None:
-    index = ShardIndex()
+def test_cursor_survives_writes_between_pages(tmp_path) -> None:
+    index = ShardIndex(ShardStore(str(tmp_path)))
     index.add([_rec(f"a{i}", i) for i in range(6)])
 
     def writes() -> None:  # after the first page: delete a later image, replace an earlier one, add one

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.extractor.whitening import LocalPCA, PCAWhitening
+from services.space.whitening import LocalPCA, PCAWhitening
 
 
 def _correlated(n: int, d: int, seed: int = 0) -> np.ndarray:

@@ -3,8 +3,7 @@ import pytest
 
 from loupe.tensors import TensorError, from_tensor, to_tensor
 from loupe.v1 import types_pb2
-from services.index.placement import shard_for
-from services.index.wal import WalCorrupt, WriteAheadLog
+from services.space.placement import shard_for
 
 
 def test_shard_for_is_stable_and_balanced():
@@ -29,33 +28,3 @@ def test_tensor_round_trip_and_errors():
         from_tensor(bad, field="vector")
     with pytest.raises(TensorError, match="dtype"):
         from_tensor(types_pb2.Tensor(shape=[1], data=b"\0" * 4), field="v")
-
-
-def test_wal_replays_and_drops_torn_tail(tmp_path):
-    path = str(tmp_path / "s.wal")
-    wal = WriteAheadLog(path)
-    assert list(wal.replay()) == []
-    wal.append(1, b"hello")
-    wal.append(2, b"world")
-    wal.close()
-    with open(path, "ab") as f:
-        f.write(b"\x01\x10\x00\x00\x00partial")  # crash mid-append
-    again = WriteAheadLog(path)
-    assert list(again.replay()) == [(1, b"hello"), (2, b"world")]
-    again.append(3, b"!")
-    again.close()
-    assert [k for k, _ in WriteAheadLog(path).replay()] == [1, 2, 3]
-
-
-def test_wal_detects_corruption_before_tail(tmp_path):
-    path = str(tmp_path / "s.wal")
-    wal = WriteAheadLog(path)
-    list(wal.replay())
-    wal.append(1, b"aaaa")
-    wal.append(1, b"bbbb")
-    wal.close()
-    data = bytearray(open(path, "rb").read())
-    data[10] ^= 0xFF  # flip a payload byte of the first entry
-    open(path, "wb").write(bytes(data))
-    with pytest.raises(WalCorrupt):
-        list(WriteAheadLog(path).replay())

@@ -1,0 +1,557 @@
+"""A shard's durable records in LMDB: vectors, regional centroids, local features, metadata.
+
+Why LMDB (bench/storage_engines.py, BENCHMARKS.md "Storage engine"): a commit is durable when it
+returns (copy-on-write B+tree, fsync at commit: no log to replay, reopening takes < 1 ms at any
+size), reads are zero-copy from a memory map (one image's local features in ~9 µs, the path every
+verified candidate takes), it runs no background threads on a 2-core node, a full disk fails the
+commit with ENOSPC and leaves the environment usable, and freed pages are reused by later writes
+(the file is compacted on open when more than half of it is free).
+
+Layout (one LMDB environment per shard directory, named sub-databases):
+
+- ``ids``:      image id (UTF-8) → label (uint64 BE)
+- ``info``:     label → id, width, height, metadata          (+ CRC32)
+- ``vec``:      label → raw global vector, float32 (D,)        (+ CRC32)
+- ``reg``:      label → regional centroids, float16 (R, D)     (+ CRC32)
+- ``loc``:      label → local features: keypoints float16 (N, 4), descriptors int8 (N, C), scale
+- ``changes``:  sequence number → (op, label): what the faiss snapshot has not seen yet
+- ``settings``: counters, dimension, whitening, snapshot record
+
+Labels only grow (a replaced image gets a new one), so label order is a cursor that survives
+concurrent writes. Every write transaction bumps the sequence number; the faiss snapshot records
+the sequence it reflects and the ``changes`` entries up to it are dropped when it is saved.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import lmdb
+import numpy as np
+
+from loupe.v1 import shard_pb2
+from services.common.errors import DataLoss, Overloaded
+
+log = logging.getLogger(__name__)
+
+_U64 = struct.Struct(">Q")
+_CRC = struct.Struct("<I")
+_INFO = struct.Struct("<IIH")  # width, height, id length
+_LOCAL = struct.Struct("<IIf")  # keypoints, descriptor dim, dequantisation scale
+_CHANGE = struct.Struct(">BQ")  # op, label
+OP_ADD, OP_DELETE = 1, 2
+_CHANGE_BITS = 20  # a change's key is seq << 20 | n: one write holds up to 2^20 changes, in order
+FORMAT_VERSION = 1
+_DBS = ("ids", "info", "vec", "reg", "loc", "changes", "settings")
+_COUNTERS = ("seq", "next_label", "images", "regional_vectors", "local_features", "feature_bytes")
+
+
+class StoreCorrupt(DataLoss):
+    """The store cannot be read back as written (checksum, format or LMDB structure)."""
+
+
+class StoreFull(Overloaded):
+    """The disk (or the map) has no room for a write; nothing of that write was stored."""
+
+
+@dataclass
+class LocalStore:
+    """Compact local features of one image.
+
+    Attributes
+    ----------
+    keypoints : np.ndarray
+        (N, 4) float16: x, y, scale, score.
+    descriptors : np.ndarray
+        (N, C) int8, dequantised as ``descriptors * scale``.
+    scale : float
+        Dequantisation scale of ``descriptors``.
+    """
+
+    keypoints: np.ndarray
+    descriptors: np.ndarray
+    scale: float
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.keypoints.nbytes + self.descriptors.nbytes)
+
+    @staticmethod
+    def quantize(keypoints: np.ndarray, descriptors: np.ndarray) -> "LocalStore":
+        """Store (N, 4) keypoints as float16 and (N, C) L2-normalised descriptors as int8.
+
+        Components of unit vectors lie in [-1, 1]; the scale maps the largest magnitude
+        present to 127 so small descriptors keep their precision.
+        """
+        d = np.asarray(descriptors, dtype=np.float32)
+        peak = float(np.abs(d).max()) if d.size else 1.0
+        scale = (peak if peak > 0 else 1.0) / 127.0
+        q = np.clip(np.rint(d / scale), -127, 127).astype(np.int8)
+        return LocalStore(np.asarray(keypoints, dtype=np.float16), q, scale)
+
+    def dequantized(self) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 4) float32 keypoints and (N, C) float32 descriptors."""
+        return self.keypoints.astype(np.float32), self.descriptors.astype(np.float32) * self.scale
+
+
+@dataclass
+class StoredImage:
+    """Everything a shard keeps of one image (raw vectors: whitening is applied at index time)."""
+
+    image_id: str
+    vector: np.ndarray  # (D,) float32, raw L2-normalised
+    regional: np.ndarray | None  # (R, D) float16, raw L2-normalised
+    local: LocalStore | None
+    metadata: dict[str, str] = field(default_factory=dict)
+    width: int = 0  # pixels of the image as extracted (local keypoints live in this frame)
+    height: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        n = self.vector.nbytes
+        if self.regional is not None:
+            n += self.regional.nbytes
+        if self.local is not None:
+            n += self.local.nbytes
+        return int(n)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """The small part of a record: id, size as extracted, metadata."""
+
+    image_id: str
+    width: int
+    height: int
+    metadata: dict[str, str]
+
+
+def _label_key(label: int) -> bytes:
+    return _U64.pack(label)
+
+
+def _sealed(payload: bytes) -> bytes:
+    return payload + _CRC.pack(zlib.crc32(payload))
+
+
+def _opened(value: bytes | memoryview, what: str) -> memoryview:
+    """Strip and check the CRC32 suffix of a stored value."""
+    mv = memoryview(value)
+    if len(mv) < _CRC.size:
+        raise StoreCorrupt(f"{what}: value of {len(mv)} bytes is shorter than its checksum")
+    body = mv[: -_CRC.size]
+    if zlib.crc32(body) != _CRC.unpack_from(mv, len(mv) - _CRC.size)[0]:
+        raise StoreCorrupt(f"{what}: checksum mismatch")
+    return body
+
+
+def _encode_info(img: StoredImage) -> bytes:
+    raw_id = img.image_id.encode("utf-8")
+    md = shard_pb2.Metadata(values=img.metadata).SerializeToString()
+    return _sealed(_INFO.pack(img.width, img.height, len(raw_id)) + raw_id + md)
+
+
+def _decode_info(value: bytes, what: str) -> ImageInfo:
+    body = _opened(value, what)
+    width, height, n = _INFO.unpack_from(body)
+    start = _INFO.size
+    image_id = bytes(body[start : start + n]).decode("utf-8")
+    md = shard_pb2.Metadata.FromString(bytes(body[start + n :]))
+    return ImageInfo(image_id, width, height, dict(md.values))
+
+
+def _encode_local(local: LocalStore) -> bytes:
+    kp = np.ascontiguousarray(local.keypoints, dtype=np.float16)
+    desc = np.ascontiguousarray(local.descriptors, dtype=np.int8)
+    return _sealed(_LOCAL.pack(kp.shape[0], desc.shape[1] if desc.ndim == 2 else 0, local.scale) + kp.tobytes() + desc.tobytes())
+
+
+def _decode_local(value: bytes, what: str) -> LocalStore:
+    body = _opened(value, what)
+    n, c, scale = _LOCAL.unpack_from(body)
+    start = _LOCAL.size
+    kp = np.frombuffer(body, np.float16, n * 4, start).reshape(n, 4)
+    desc = np.frombuffer(body, np.int8, n * c, start + kp.nbytes).reshape(n, c)
+    return LocalStore(kp.copy(), desc.copy(), float(scale))
+
+
+class ShardStore:
+    """The LMDB environment of one shard directory.
+
+    Parameters
+    ----------
+    path : str
+        Directory (created if missing) holding ``data.mdb`` and the faiss snapshot.
+    map_size_bytes : int
+        Upper bound of the store's size (address space reserved, not disk: the file grows as
+        data arrives). Past it writes fail as ``StoreFull``.
+    compact_min_bytes : int
+        Files smaller than this are never compacted at open.
+    """
+
+    def __init__(self, path: str, map_size_bytes: int = 1 << 40, compact_min_bytes: int = 64 << 20) -> None:
+        self.path = path
+        self.map_size_bytes = map_size_bytes
+        self.compact_min_bytes = compact_min_bytes
+        os.makedirs(path, exist_ok=True)
+        self._compact_if_mostly_free()
+        self.env = self._open()
+
+    # --- opening ----------------------------------------------------------------------
+    def _open(self) -> lmdb.Environment:
+        try:
+            env = lmdb.open(
+                self.path, map_size=self.map_size_bytes, max_dbs=len(_DBS), sync=True, metasync=True,
+                writemap=False, readahead=False, max_readers=256, lock=True,
+            )
+            self.dbs = {name: env.open_db(name.encode()) for name in _DBS}
+        except lmdb.Error as exc:
+            raise StoreCorrupt(f"{self.path}: cannot open the shard store ({exc})") from exc
+        with env.begin(write=True) as txn:
+            fmt = txn.get(b"format", db=self.dbs["settings"])
+            if fmt is None:
+                txn.put(b"format", str(FORMAT_VERSION).encode(), db=self.dbs["settings"])
+            elif int(fmt) != FORMAT_VERSION:
+                raise StoreCorrupt(f"{self.path}: store format {fmt.decode()} is not {FORMAT_VERSION}")
+            ids = txn.stat(self.dbs["ids"])["entries"]
+            infos = txn.stat(self.dbs["info"])["entries"]
+            vecs = txn.stat(self.dbs["vec"])["entries"]
+        if not ids == infos == vecs:
+            raise StoreCorrupt(f"{self.path}: {ids} ids but {infos} records and {vecs} vectors")
+        return env
+
+    def _compact_if_mostly_free(self) -> None:
+        """Rewrite ``data.mdb`` without its free pages when they are over half of it.
+
+        Runs before the shard serves (no writer exists), so its cost follows the live data,
+        not the history of writes.
+        """
+        data = os.path.join(self.path, "data.mdb")
+        if not os.path.exists(data) or os.path.getsize(data) < self.compact_min_bytes:
+            return
+        try:
+            env = lmdb.open(self.path, map_size=self.map_size_bytes, max_dbs=len(_DBS), readonly=False, lock=True)
+        except lmdb.Error as exc:
+            raise StoreCorrupt(f"{self.path}: cannot open the shard store ({exc})") from exc
+        try:
+            info, stat = env.info(), env.stat()
+            used = (info["last_pgno"] + 1) * stat["psize"]
+            live = self._live_pages(env) * stat["psize"]
+            if live * 2 > used:
+                return
+            tmp = os.path.join(self.path, "compact.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            env.copy(tmp, compact=True)
+        finally:
+            env.close()
+        os.replace(os.path.join(tmp, "data.mdb"), data)
+        shutil.rmtree(tmp, ignore_errors=True)
+        _fsync_dir(self.path)
+        log.info("shard store %s compacted: %.1f MB → %.1f MB", self.path, used / 1e6, os.path.getsize(data) / 1e6)
+
+    @staticmethod
+    def _live_pages(env: lmdb.Environment) -> int:
+        total = 0
+        with env.begin() as txn:
+            for name in _DBS:
+                try:
+                    st = txn.stat(env.open_db(name.encode(), txn=txn, create=False))
+                except lmdb.NotFoundError:
+                    continue
+                total += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        return total + 2
+
+    def close(self) -> None:
+        self.env.close()
+
+    # --- counters and settings ---------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        """seq, next_label, images, regional_vectors, local_features, feature_bytes."""
+        with self.env.begin() as txn:
+            return {k: self._counter(txn, k) for k in _COUNTERS}
+
+    def _counter(self, txn: lmdb.Transaction, key: str) -> int:
+        raw = txn.get(key.encode(), db=self.dbs["settings"])
+        return 0 if raw is None else _U64.unpack(raw)[0]
+
+    def setting(self, key: str) -> bytes | None:
+        with self.env.begin() as txn:
+            raw = txn.get(key.encode(), db=self.dbs["settings"])
+            return None if raw is None else bytes(raw)
+
+    def size_bytes(self) -> int:
+        """Bytes the store occupies on disk."""
+        data = os.path.join(self.path, "data.mdb")
+        return os.stat(data).st_blocks * 512 if os.path.exists(data) else 0
+
+    # --- writes -----------------------------------------------------------------------
+    def _write(self) -> "_WriteTxn":
+        return _WriteTxn(self)
+
+    def put(self, images: list[StoredImage]) -> tuple[list[int], list[int], int]:
+        """Store (or replace) images durably.
+
+        Returns (new labels, labels of replaced images, sequence number after the write).
+        """
+        with self._write() as w:
+            replaced, labels = [], []
+            for img in images:
+                old = w.label_of(img.image_id)
+                if old is not None:
+                    w.remove(old)
+                    replaced.append(old)
+                labels.append(w.add(img))
+            return labels, replaced, w.seq
+
+    def delete(self, ids: list[str]) -> tuple[list[str], list[str], list[int], int]:
+        """Remove ids durably; returns (deleted, missing, their labels, sequence number)."""
+        with self._write() as w:
+            deleted, missing, labels = [], [], []
+            for image_id in ids:
+                label = w.label_of(image_id)
+                if label is None:
+                    missing.append(image_id)
+                    continue
+                w.remove(label)
+                deleted.append(image_id)
+                labels.append(label)
+            return deleted, missing, labels, w.seq
+
+    def put_setting(self, key: str, value: bytes | None) -> int:
+        """Set (or clear) a setting durably; returns the sequence number."""
+        with self._write() as w:
+            if value is None:
+                w.txn.delete(key.encode(), db=self.dbs["settings"])
+            else:
+                w.txn.put(key.encode(), value, db=self.dbs["settings"])
+            return w.seq
+
+    def record_snapshot(self, seq: int, record: dict) -> None:
+        """Remember a saved faiss snapshot and drop the changes it already reflects."""
+        with self.env.begin(write=True) as txn:
+            txn.put(b"snapshot", json.dumps(record).encode(), db=self.dbs["settings"])
+            cur = txn.cursor(db=self.dbs["changes"])
+            end = (seq + 1) << _CHANGE_BITS
+            if cur.first():
+                while cur.key() and _U64.unpack(cur.key())[0] < end:
+                    if not cur.delete():
+                        break
+
+    # --- reads ------------------------------------------------------------------------
+    def label_of(self, image_id: str) -> int | None:
+        with self.env.begin() as txn:
+            raw = txn.get(image_id.encode("utf-8"), db=self.dbs["ids"])
+            return None if raw is None else _U64.unpack(raw)[0]
+
+    def infos(self, labels: list[int]) -> list[ImageInfo | None]:
+        """Id, size and metadata of each label (None where it no longer exists)."""
+        with self.env.begin(buffers=True) as txn:
+            out = []
+            for label in labels:
+                raw = txn.get(_label_key(label), db=self.dbs["info"])
+                out.append(None if raw is None else _decode_info(raw, f"info of label {label}"))
+            return out
+
+    def vectors(self, labels: list[int], dim: int) -> np.ndarray:
+        """(n, D) raw global vectors of existing labels, in order (KeyError if one is gone)."""
+        out = np.empty((len(labels), dim), np.float32)
+        with self.env.begin(buffers=True) as txn:
+            for i, label in enumerate(labels):
+                raw = txn.get(_label_key(label), db=self.dbs["vec"])
+                if raw is None:
+                    raise KeyError(label)
+                out[i] = np.frombuffer(_opened(raw, f"vector of label {label}"), np.float32)
+        return out
+
+    def get(self, image_id: str, *, regional: bool = True, local: bool = True) -> StoredImage | None:
+        """One image's record, reading only the parts asked for."""
+        with self.env.begin(buffers=True) as txn:
+            raw = txn.get(image_id.encode("utf-8"), db=self.dbs["ids"])
+            if raw is None:
+                return None
+            label = _U64.unpack(raw)[0]
+            key = _label_key(label)
+            info = _decode_info(txn.get(key, db=self.dbs["info"]), f"info of {image_id!r}")
+            vec = np.frombuffer(_opened(txn.get(key, db=self.dbs["vec"]), f"vector of {image_id!r}"), np.float32).copy()
+            reg = loc = None
+            if regional:
+                r = txn.get(key, db=self.dbs["reg"])
+                if r is not None:
+                    reg = np.frombuffer(_opened(r, f"regional of {image_id!r}"), np.float16).reshape(-1, vec.shape[0]).copy()
+            if local:
+                lo = txn.get(key, db=self.dbs["loc"])
+                if lo is not None:
+                    loc = _decode_local(lo, f"local features of {image_id!r}")
+            return StoredImage(info.image_id, vec, reg, loc, info.metadata, info.width, info.height)
+
+    def regional_of(self, labels: list[int], dim: int) -> list[np.ndarray | None]:
+        """(R, D) float16 regional centroids of each label (None when it has none)."""
+        with self.env.begin(buffers=True) as txn:
+            out: list[np.ndarray | None] = []
+            for label in labels:
+                r = txn.get(_label_key(label), db=self.dbs["reg"])
+                out.append(None if r is None else np.frombuffer(_opened(r, f"regional of label {label}"), np.float16).reshape(-1, dim).copy())
+            return out
+
+    def labels_from(self, cursor: int, limit: int) -> list[int]:
+        """Up to ``limit`` existing labels ≥ ``cursor``, ascending."""
+        out: list[int] = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.dbs["vec"])
+            if not cur.set_range(_label_key(cursor)):
+                return out
+            for key in cur.iternext(keys=True, values=False):
+                out.append(_U64.unpack(key)[0])
+                if len(out) >= limit:
+                    break
+        return out
+
+    def iter_vectors(
+        self, dim: int, chunk: int = 4096, on_open: Callable[[int], None] | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every (labels (n,), raw vectors (n, D)) chunk in label order, from one read snapshot
+        of the store; ``on_open`` receives that snapshot's sequence number."""
+        with self.env.begin(buffers=True) as txn:
+            if on_open is not None:
+                on_open(self._counter(txn, "seq"))
+            cur = txn.cursor(db=self.dbs["vec"])
+            labels: list[int] = []
+            vecs = np.empty((chunk, dim), np.float32)
+            for key, value in cur:
+                label = _U64.unpack(key)[0]
+                vecs[len(labels)] = np.frombuffer(_opened(value, f"vector of label {label}"), np.float32)
+                labels.append(label)
+                if len(labels) == chunk:
+                    yield np.asarray(labels, np.int64), vecs.copy()
+                    labels = []
+            if labels:
+                yield np.asarray(labels, np.int64), vecs[: len(labels)].copy()
+
+    def labels_existing(self, labels: list[int]) -> list[int]:
+        """The subset of ``labels`` still stored."""
+        with self.env.begin() as txn:
+            return [l for l in labels if txn.get(_label_key(l), db=self.dbs["vec"]) is not None]
+
+    def all_labels(self) -> np.ndarray:
+        """(n,) int64 every existing label, ascending."""
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.dbs["vec"])
+            return np.fromiter((_U64.unpack(k)[0] for k in cur.iternext(keys=True, values=False)), np.int64)
+
+    def changes_after(self, seq: int) -> list[tuple[int, int, int]]:
+        """(seq, op, label) of every change after ``seq``, in order."""
+        out = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.dbs["changes"])
+            if cur.set_range(_U64.pack((seq + 1) << _CHANGE_BITS)):
+                for key, value in cur:
+                    op, label = _CHANGE.unpack(value)
+                    out.append((_U64.unpack(key)[0] >> _CHANGE_BITS, op, label))
+        return out
+
+    def read_snapshot_record(self) -> dict | None:
+        raw = self.setting("snapshot")
+        return None if raw is None else json.loads(raw)
+
+
+class _WriteTxn:
+    """One durable write: counters loaded at begin, saved with the data at commit."""
+
+    def __init__(self, store: ShardStore) -> None:
+        self.store = store
+        self.dbs = store.dbs
+        self.change_no = 0
+
+    def __enter__(self) -> "_WriteTxn":
+        self.txn = self.store.env.begin(write=True)
+        self.c = {k: self.store._counter(self.txn, k) for k in _COUNTERS}
+        self.c["seq"] += 1
+        self.seq = self.c["seq"]
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.txn.abort()
+            return
+        try:
+            for k, v in self.c.items():
+                self.txn.put(k.encode(), _U64.pack(v), db=self.dbs["settings"])
+            self.txn.commit()
+        except lmdb.MapFullError as err:
+            raise StoreFull(f"shard store {self.store.path} reached its map size of {self.store.map_size_bytes} bytes") from err
+        except lmdb.Error as err:
+            if _is_enospc(err):
+                raise StoreFull(f"shard store {self.store.path}: no space left on device") from err
+            raise
+
+    def _change(self, op: int, label: int) -> None:
+        self.txn.put(_U64.pack((self.seq << _CHANGE_BITS) + self.change_no), _CHANGE.pack(op, label), db=self.dbs["changes"])
+        self.change_no += 1
+
+    def label_of(self, image_id: str) -> int | None:
+        raw = self.txn.get(image_id.encode("utf-8"), db=self.dbs["ids"])
+        return None if raw is None else _U64.unpack(raw)[0]
+
+    def add(self, img: StoredImage) -> int:
+        label = self.c["next_label"]
+        self.c["next_label"] += 1
+        key = _label_key(label)
+        try:
+            self.txn.put(img.image_id.encode("utf-8"), key, db=self.dbs["ids"])
+            self.txn.put(key, _encode_info(img), db=self.dbs["info"])
+            self.txn.put(key, _sealed(np.ascontiguousarray(img.vector, np.float32).tobytes()), db=self.dbs["vec"])
+            if img.regional is not None:
+                self.txn.put(key, _sealed(np.ascontiguousarray(img.regional, np.float16).tobytes()), db=self.dbs["reg"])
+                self.c["regional_vectors"] += len(img.regional)
+            if img.local is not None:
+                self.txn.put(key, _encode_local(img.local), db=self.dbs["loc"])
+                self.c["local_features"] += len(img.local.keypoints)
+        except lmdb.MapFullError as err:
+            raise StoreFull(f"shard store {self.store.path} reached its map size of {self.store.map_size_bytes} bytes") from err
+        self.c["images"] += 1
+        self.c["feature_bytes"] += img.nbytes
+        self._change(OP_ADD, label)
+        return label
+
+    def remove(self, label: int) -> None:
+        key = _label_key(label)
+        info = _decode_info(self.txn.get(key, db=self.dbs["info"]), f"info of label {label}")
+        vec = self.txn.get(key, db=self.dbs["vec"])
+        nbytes = len(vec) - _CRC.size
+        reg = self.txn.get(key, db=self.dbs["reg"])
+        if reg is not None:
+            n = (len(reg) - _CRC.size) // 2
+            self.c["regional_vectors"] -= n // ((len(vec) - _CRC.size) // 4)
+            nbytes += n * 2
+        loc = self.txn.get(key, db=self.dbs["loc"])
+        if loc is not None:
+            n, c, _ = _LOCAL.unpack_from(loc)
+            self.c["local_features"] -= n
+            nbytes += n * 4 * 2 + n * c
+        self.txn.delete(info.image_id.encode("utf-8"), db=self.dbs["ids"])
+        for name in ("info", "vec", "reg", "loc"):
+            self.txn.delete(key, db=self.dbs[name])
+        self.c["images"] -= 1
+        self.c["feature_bytes"] -= nbytes
+        self._change(OP_DELETE, label)
+
+
+def _is_enospc(err: lmdb.Error) -> bool:
+    return getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
