@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export GLIBC_TUNABLES := glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296
 
-.PHONY: demo test test-fast protos clean
+.PHONY: demo test test-fast soak protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -17,10 +17,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check --quiet .
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not soak" tests
+
+soak: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m soak tests
 
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow and not soak" tests
 
 protos: $(STAMP)
 	scripts/gen_protos.sh $(VENV)/bin/python

@@ -38,7 +38,7 @@ import lmdb
 import numpy as np
 
 from loupe.v1 import shard_pb2
-from services.common.errors import DataLoss, Overloaded
+from services.common.errors import DataLoss, Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -489,9 +489,10 @@ class _WriteTxn:
         except lmdb.MapFullError as err:
             raise StoreFull(f"shard store {self.store.path} reached its map size of {self.store.map_size_bytes} bytes") from err
         except lmdb.Error as err:
-            if _is_enospc(err):
+            # LMDB reports a short write at a full disk as EIO: judge by the space left
+            if _is_enospc(err) or _disk_nearly_full(self.store.path):
                 raise StoreFull(f"shard store {self.store.path}: no space left on device") from err
-            raise
+            raise Unavailable(f"shard store {self.store.path}: write failed ({err})") from err
 
     def _change(self, op: int, label: int) -> None:
         self.txn.put(_U64.pack((self.seq << _CHANGE_BITS) + self.change_no), _CHANGE.pack(op, label), db=self.dbs["changes"])
@@ -547,6 +548,11 @@ class _WriteTxn:
 
 def _is_enospc(err: lmdb.Error) -> bool:
     return getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
+
+
+def _disk_nearly_full(path: str, reserve_bytes: int = 64 << 20) -> bool:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize < reserve_bytes
 
 
 def _fsync_dir(path: str) -> None:
