@@ -1,0 +1,84 @@
+"""Helpers of the chart tests: render the Helm chart offline (helm-python-sdk wraps Helm's Go SDK;
+no cluster, no helm CLI), and the value sets it is rendered with."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART_DIR = REPO_ROOT / "helm" / "loupe"
+RAYCLUSTER_CRD = REPO_ROOT.parent / "shared" / "k8s" / "ray.io_rayclusters.yaml"
+RELEASE, NAMESPACE = "rel", "search"
+
+# The value sets the chart is rendered with (besides the defaults).
+MINIMAL: dict[str, Any] = {
+    "loupe": {"shards": 1, "replicas": 1},
+    "shardWorkers": {"replicas": 1, "slotsPerPod": 1},
+    "extractorWorkers": {"replicas": 1, "slotsPerPod": 1},
+    "auth": {"enabled": False},
+    "rayAuth": {"enabled": False},
+    "persistence": {"enabled": False},
+    "pdb": {"enabled": False},
+    "dashboard": {"enabled": False},
+    "metrics": {"scrapeAnnotations": False},
+}
+PRODUCTION: dict[str, Any] = {
+    "image": {"repository": "registry.invalid/search/loupe", "tag": "0.1.0-cpu", "pullPolicy": "Always"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "loupe": {"shards": 8, "replicas": 4, "port": 443, "metricsPort": 9100, "indexFactory": "IVF4096,PQ64",
+              "extraArgs": ["--max-side", "768"]},
+    "shardWorkers": {"replicas": 5, "slotsPerPod": 2, "resources": {"requests": {"cpu": "4", "memory": "32Gi"}},
+                     "nodeSelector": {"pool": "memory"}, "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "loupe", "effect": "NoSchedule"}]},
+    "extractorWorkers": {"replicas": 4, "slotsPerPod": 1, "resources": {"requests": {"cpu": "8", "memory": "8Gi"}}},
+    "auth": {"enabled": True, "existingSecret": "loupe-tokens"},
+    "rayAuth": {"enabled": True, "existingSecret": "loupe-ray-token"},
+    "persistence": {"enabled": True, "storageClass": "cephfs", "size": "2Ti"},
+    "metrics": {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+    "pdb": {"maxUnavailable": 1},
+}
+SECURE: dict[str, Any] = {
+    "tls": {"enabled": True, "existingSecret": "loupe-tls"},
+    "auth": {"enabled": True, "readToken": "r" * 40, "writeToken": "w" * 40, "internalToken": "i" * 40},
+    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}},
+    "persistence": {"existingClaim": "loupe-rwx"},
+}
+VALUE_SETS: dict[str, dict[str, Any]] = {"default": {}, "minimal": MINIMAL, "production": PRODUCTION, "tls-auth-servicemonitor": SECURE}
+
+
+def render(values: dict[str, Any], chart_dir: Path = CHART_DIR, release: str = RELEASE) -> list[dict[str, Any]]:
+    """Every object the chart renders (templates and test hooks), parsed; NOTES.txt excluded."""
+    import helm_python
+
+    with helm_python.Chart.load(chart_dir) as chart:
+        files = chart.render(values, name=release, namespace=NAMESPACE, is_install=True)
+    objs: list[dict[str, Any]] = []
+    for path, text in sorted(files.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        objs.extend(d for d in yaml.safe_load_all(text) if d)
+    return objs
+
+
+def notes(values: dict[str, Any]) -> str:
+    import helm_python
+
+    with helm_python.Chart.load(CHART_DIR) as chart:
+        files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return next(text for path, text in files.items() if path.endswith("NOTES.txt"))
+
+
+def one(objs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [o for o in objs if o["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+def chart_copy(tmp_path: Path) -> Path:
+    """A private copy of the chart, for tests that add files to it."""
+    dst = tmp_path / "loupe"
+    shutil.copytree(CHART_DIR, dst)
+    return dst
