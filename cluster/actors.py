@@ -12,13 +12,29 @@ REGISTRY_NAME = "loupe-registry"
 
 
 class Registry:
-    """Named actor mapping roles to addresses: {"shard": {id: addr}, "extractor": {id: addr}}."""
+    """Named actor mapping roles to addresses: {"shard": {id: addr}, "extractor": {id: addr}},
+    and to the addresses of their Prometheus exporters (``metrics_snapshot``)."""
 
     def __init__(self) -> None:
         self._addresses: dict[str, dict[int, str]] = {"shard": {}, "extractor": {}}
+        self._metrics: dict[str, dict[int, str]] = {"shard": {}, "extractor": {}}
+        self._starts: dict[tuple[str, int], int] = {}
 
-    def register(self, role: str, member_id: int, address: str) -> None:
+    def register(self, role: str, member_id: int, address: str) -> int:
+        """Record a member's gRPC address; returns how many times it has started (1 = first)."""
         self._addresses.setdefault(role, {})[member_id] = address
+        self._starts[(role, member_id)] = self._starts.get((role, member_id), 0) + 1
+        return self._starts[(role, member_id)]
+
+    def register_metrics(self, role: str, member_id: int, address: str) -> None:
+        """Record the host:port of a member's ``/metrics`` exporter."""
+        self._metrics.setdefault(role, {})[member_id] = address
+
+    def lookup_metrics(self, role: str, member_id: int) -> str | None:
+        return self._metrics.get(role, {}).get(member_id)
+
+    def metrics_snapshot(self) -> dict[str, dict[int, str]]:
+        return {role: dict(members) for role, members in self._metrics.items()}
 
     def lookup(self, role: str, member_id: int) -> str | None:
         return self._addresses.get(role, {}).get(member_id)
@@ -49,27 +65,59 @@ def _reuse_port(role: str, member_id: int, registry_namespace: str) -> int:
     return int(previous.rsplit(":", 1)[1]) if previous else 0
 
 
+def _serve_metrics(role: str, member_id: int, registry_namespace: str, metrics: object, host: str, port: int) -> tuple[object, str]:
+    """Start the actor's ``/metrics`` exporter and register its address.
+
+    ``port`` 0 = any free port; a restarted actor rebinds its previous metrics port (when free)
+    so scrape targets stay valid. Returns (the exporter, its advertised host:port).
+    """
+    from services.common.metrics import serve_metrics
+
+    registry = ray.get_actor(REGISTRY_NAME, namespace=registry_namespace)
+    previous = ray.get(registry.lookup_metrics.remote(role, member_id))
+    server = None
+    if previous and port == 0:
+        try:
+            server = serve_metrics(metrics.registry, host, int(previous.rsplit(":", 1)[1]))
+        except OSError:
+            server = None
+    if server is None:
+        server = serve_metrics(metrics.registry, host, port)
+    addr = _advertised(host, server.port)
+    ray.get(registry.register_metrics.remote(role, member_id, addr))
+    return server, addr
+
+
 class ShardActor:
     """Hosts one ``Shard`` gRPC server over its store directory (reloaded when Ray restarts it)."""
 
-    def __init__(self, shard_id: int, opts: ServerOptions, settings: object, data_dir: str, namespace: str) -> None:
+    def __init__(
+        self, shard_id: int, opts: ServerOptions, settings: object, data_dir: str, namespace: str,
+        metrics_host: str = "", metrics_port: int = 0,
+    ) -> None:
         import tempfile
 
+        from services.common.metrics import ShardMetrics
         from services.index.servicer import create_server
 
         _normal_priority()
+        self._starts = 1
+        metrics = ShardMetrics.create(shard_id, restarts=lambda: self._starts - 1)
         # no data directory: a private temporary one, gone with the cluster (and with a restart)
         self._temporary = "" if data_dir else tempfile.mkdtemp(prefix=f"loupe-shard-{shard_id}-")
         data_dir = data_dir or self._temporary
         port = _reuse_port("shard", shard_id, namespace)
         try:
             self.running, self.servicer = create_server(
-                shard_id, ServerOptions(**{**opts.__dict__, "port": port}), data_dir=data_dir, settings=settings
+                shard_id, ServerOptions(**{**opts.__dict__, "port": port}), data_dir=data_dir, settings=settings, metrics=metrics
             )
         except (OSError, RuntimeError):
-            self.running, self.servicer = create_server(shard_id, opts, data_dir=data_dir, settings=settings)
+            self.running, self.servicer = create_server(shard_id, opts, data_dir=data_dir, settings=settings, metrics=metrics)
         self.addr = _advertised(opts.host, self.running.port)
-        ray.get(ray.get_actor(REGISTRY_NAME, namespace=namespace).register.remote("shard", shard_id, self.addr))
+        self._starts = ray.get(ray.get_actor(REGISTRY_NAME, namespace=namespace).register.remote("shard", shard_id, self.addr))
+        self.metrics_server, self.metrics_addr = _serve_metrics(
+            "shard", shard_id, namespace, metrics, metrics_host or opts.host, metrics_port
+        )
 
     def address(self) -> str:
         return self.addr
@@ -77,11 +125,15 @@ class ShardActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def metrics_address(self) -> str:
+        return self.metrics_addr
+
     def stop(self) -> None:
         """Stop serving, snapshot the index, close the store (and drop a temporary one)."""
         import shutil
 
         self.running.stop(1.0)
+        self.metrics_server.close()
         if self.servicer.index is not None:
             self.servicer.index.close()
         if self._temporary:
@@ -91,19 +143,32 @@ class ShardActor:
 class ExtractorActor:
     """Hosts one ``Extractor`` gRPC server with its own model copy."""
 
-    def __init__(self, replica_id: int, opts: ServerOptions, config: object, threads: int, namespace: str) -> None:
+    def __init__(
+        self, replica_id: int, opts: ServerOptions, config: object, threads: int, namespace: str,
+        metrics_host: str = "", metrics_port: int = 0,
+    ) -> None:
         import torch
 
+        from services.common.metrics import ExtractorMetrics
         from services.extractor.servicer import create_server
 
         _normal_priority()
         torch.set_num_threads(threads)
-        self.running, self.servicer = create_server(config, opts)
+        self._starts = 1
+        metrics = ExtractorMetrics.create(replica_id, capacity=opts.workers, restarts=lambda: self._starts - 1)
+        self.running, self.servicer = create_server(config, opts, metrics)
         self.addr = _advertised(opts.host, self.running.port)
-        ray.get(ray.get_actor(REGISTRY_NAME, namespace=namespace).register.remote("extractor", replica_id, self.addr))
+        self._starts = ray.get(ray.get_actor(REGISTRY_NAME, namespace=namespace).register.remote("extractor", replica_id, self.addr))
+        self.metrics_server, self.metrics_addr = _serve_metrics(
+            "extractor", replica_id, namespace, metrics, metrics_host or opts.host, metrics_port
+        )
 
     def address(self) -> str:
         return self.addr
 
+    def metrics_address(self) -> str:
+        return self.metrics_addr
+
     def stop(self) -> None:
         self.running.stop(1.0)
+        self.metrics_server.close()

@@ -63,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 in a real cluster)")
     up.add_argument("--port", type=int, default=50051, help="broker gRPC port (0 = any)")
     up.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 = any)")
-    up.add_argument("--metrics-host", default=None, help="interface of /metrics (default: same as --host)")
+    up.add_argument("--metrics-host", default=None, help="interface of every /metrics exporter: broker, shards, extractors (default: same as --host)")
+    up.add_argument("--shard-metrics-port", type=int, default=None,
+                    help="/metrics port of each shard actor (default 0 = any free port; Kubernetes: a fixed one, e.g. 9091)")
+    up.add_argument("--extractor-metrics-port", type=int, default=None,
+                    help="/metrics port of each extractor replica (default 0 = any free port; Kubernetes: a fixed one, e.g. 9092)")
     sec = up.add_argument_group("security (docs/security.md); each also from LOUPE_<FLAG> env, e.g. LOUPE_AUTH_TOKENS_FILE")
     sec.add_argument("--tls-cert-file", default=None, metavar="PEM", help="certificate chain of the public broker port (TLS; with --tls-key-file)")
     sec.add_argument("--tls-key-file", default=None, metavar="PEM", help="private key of the public broker port")
@@ -203,6 +207,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         args.data_dir = "loupe-data"
     cfg = _cluster_config(
         args, host=args.host, port=args.port, metrics_port=args.metrics_port, metrics_host=args.metrics_host, tls_cert_file=args.tls_cert_file,
+        shard_metrics_port=args.shard_metrics_port, extractor_metrics_port=args.extractor_metrics_port,
         tls_key_file=args.tls_key_file, auth_tokens_file=args.auth_tokens_file, internal_token_file=args.internal_token_file,
         insecure_no_auth=args.insecure_no_auth, internal_tls_cert_file=args.internal_tls_cert_file,
         internal_tls_key_file=args.internal_tls_key_file, internal_tls_ca_file=args.internal_tls_ca_file,
@@ -216,7 +221,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         info = {"broker": cluster.broker_address, "metrics": f"http://{cluster.metrics_address}/metrics", "shards": cfg.shards, "replicas": cfg.replicas,
-                "tls": bool(cfg.tls_cert_file), "auth": bool(cfg.auth_tokens_file)}
+                "tls": bool(cfg.tls_cert_file), "auth": bool(cfg.auth_tokens_file), "prometheus_targets": cluster.targets_file}
         if args.json:
             print(json.dumps(info), flush=True)
         else:

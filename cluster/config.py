@@ -85,7 +85,13 @@ class ClusterConfig:
         ``rayStartParams.resources`` then receives the shards, and only it (deterministic
         placement; the Helm chart sets both).
     metrics_host : str
-        Interface of the broker's Prometheus exporter ("" = same as ``host``).
+        Interface of every Prometheus exporter: the broker's and each actor's ("" = same as ``host``).
+    shard_metrics_port, extractor_metrics_port : int
+        Port of each shard actor's / extractor replica's ``/metrics`` (0 = any free port; a
+        restarted actor rebinds its previous one). Kubernetes sets fixed ports (e.g. 9091,
+        9092): each worker pod hosts one actor of its role, so one port per worker group.
+        A fixed port that is taken (several actors of a role on one machine) falls back to a
+        free one; the targets file names the port bound.
     tls_cert_file, tls_key_file : str
         PEM certificate chain and key → TLS on the public broker port (both or neither).
     auth_tokens_file : str
@@ -130,6 +136,8 @@ class ClusterConfig:
     shard_resource: str = ""
     extractor_resource: str = ""
     metrics_host: str = ""
+    shard_metrics_port: int = 0
+    extractor_metrics_port: int = 0
     tls_cert_file: str = ""
     tls_key_file: str = ""
     auth_tokens_file: str = ""
@@ -148,6 +156,8 @@ class ClusterConfig:
             "replicas": self.replicas >= 1,
             "port": 0 <= self.port <= 65535,
             "metrics_port": 0 <= self.metrics_port <= 65535,
+            "shard_metrics_port": 0 <= self.shard_metrics_port <= 65535,
+            "extractor_metrics_port": 0 <= self.extractor_metrics_port <= 65535,
             "extractor_threads": self.extractor_threads >= 0,
             "max_side": 32 <= self.max_side <= 8192,
             "global_max_side": 32 <= self.global_max_side <= self.max_side,

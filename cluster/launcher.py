@@ -20,6 +20,7 @@ import ray
 
 from cluster.actors import REGISTRY_NAME, ExtractorActor, Registry, ShardActor
 from cluster.config import ClusterConfig, is_loopback
+from cluster.prometheus_targets import TargetsWriter, targets_path
 from services.broker.servicer import BrokerConfig, RunningBroker, create_server
 from services.common.auth import AuthPolicy, new_internal_token, read_token_file, read_tokens_file
 from services.common.grpc_server import ServerOptions
@@ -71,7 +72,10 @@ class Cluster:
     broker_address : str
         host:port of the public Retrieval service.
     metrics_address : str
-        host:port of the Prometheus exporter (``/metrics``).
+        host:port of the broker's Prometheus exporter (``/metrics``).
+    targets_file : str
+        Prometheus file_sd file naming every exporter (broker, shards, extractors), kept
+        current while the cluster runs ("" without a data directory).
     shard_actors, extractor_actors : list of Ray actor handles.
     """
 
@@ -87,6 +91,8 @@ class Cluster:
         self._broker: RunningBroker | None = None
         self.broker_address = ""
         self.metrics_address = ""
+        self.targets_file = ""
+        self._targets: TargetsWriter | None = None
         self._public_auth: AuthPolicy | None = None
         self._internal_token = ""
 
@@ -104,6 +110,7 @@ class Cluster:
         try:
             self._start_actors()
             self._start_broker()
+            self._start_targets()
         except BaseException:
             self.stop()
             raise
@@ -175,7 +182,7 @@ class Cluster:
             self.shard_actors.append(
                 shard_cls.options(
                     name=f"loupe-shard-{i}", namespace=cfg.namespace, num_cpus=0, max_restarts=-1, max_task_retries=0, **shard_res
-                ).remote(i, opts, cfg.index_settings(), store_dir, cfg.namespace)
+                ).remote(i, opts, cfg.index_settings(), store_dir, cfg.namespace, cfg.metrics_host, cfg.shard_metrics_port)
             )
         ext_cfg = ExtractorConfig(
             weights_path=cfg.weights, global_config=cfg.global_config(), local_config=cfg.local_config(), attention_path=cfg.attention,
@@ -186,7 +193,7 @@ class Cluster:
         for i in range(cfg.replicas):
             self.extractor_actors.append(
                 ext_cls.options(name=f"loupe-extractor-{i}", namespace=cfg.namespace, num_cpus=0, max_restarts=-1, **ext_res).remote(
-                    i, ext_opts, ext_cfg, cfg.threads_per_replica(), cfg.namespace
+                    i, ext_opts, ext_cfg, cfg.threads_per_replica(), cfg.namespace, cfg.metrics_host, cfg.extractor_metrics_port
                 )
             )
         refs = [a.address.remote() for a in self.shard_actors + self.extractor_actors]
@@ -229,9 +236,25 @@ class Cluster:
         mhost = mhost if mhost not in ("0.0.0.0", "::") else ray.util.get_node_ip_address()
         self.metrics_address = f"{mhost}:{self._broker.metrics_port}"
 
+    def _start_targets(self) -> None:
+        """Write ``<data_dir>/prometheus-targets.json`` and keep it current (actors may move)."""
+        path = targets_path(self.config.data_dir)
+        if not path:
+            return
+        registry = self._registry
+        self._targets = TargetsWriter(path, self.metrics_address, lambda: ray.get(registry.metrics_snapshot.remote(), timeout=10)).start()
+        self.targets_file = path
+
+    def metrics_targets(self) -> dict[str, dict[int, str]]:
+        """{role: {member id: host:port}} of every actor's ``/metrics`` exporter."""
+        return ray.get(self._registry.metrics_snapshot.remote(), timeout=10)
+
     # --- stop -------------------------------------------------------------------------
     def stop(self) -> None:
         """Stop the broker, the actors and (if this process started it) Ray. Idempotent."""
+        if self._targets is not None:
+            self._targets.stop()
+            self._targets = None
         if self._broker is not None and self._loop is not None:
             try:
                 asyncio.run_coroutine_threadsafe(self._broker.stop(1.0), self._loop).result(timeout=10)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from services.common.metrics import RoleProcessCollector
+
 STAGES = ("extract", "fanout", "merge", "expand", "diffuse", "verify", "total")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -25,11 +27,17 @@ class BrokerMetrics:
     images_added: Counter
     diffusion_iterations: Histogram
     graph_images: Gauge
+    partial_responses: Counter
+    verify_candidates: Counter
+    verify_verified: Counter
+    query_confidence: Histogram
+    add_batch_images: Histogram
 
     @classmethod
     def create(cls) -> "BrokerMetrics":
         r = CollectorRegistry()
-        return cls(
+        r.register(RoleProcessCollector("broker", "0"))
+        m = cls(
             registry=r,
             requests=Counter(
                 "loupe_requests", "RPCs handled by the broker, by method and gRPC status code.",
@@ -56,7 +64,27 @@ class BrokerMetrics:
                 buckets=(1, 2, 5, 10, 15, 20, 30, 50), registry=r,
             ),
             graph_images=Gauge("loupe_graph_images", "Images covered by the collection's kNN graph (0 = none).", registry=r),
+            partial_responses=Counter(
+                "loupe_partial_responses", "Search responses marked partial because a shard failed or timed out (count).", registry=r,
+            ),
+            verify_candidates=Counter(
+                "loupe_verify_candidates", "Candidates geometrically verified (pairs matched with RANSAC; count).", registry=r,
+            ),
+            verify_verified=Counter(
+                "loupe_verify_verified", "Verified candidates that reached the inlier threshold (count).", registry=r,
+            ),
+            query_confidence=Histogram(
+                "loupe_query_confidence", "Query confidence of verified searches (0..1; below 0.5 = no true match).",
+                buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0), registry=r,
+            ),
+            add_batch_images=Histogram(
+                "loupe_add_batch_images", "Images per AddImages message, each extracted by the replicas as one batch (count).",
+                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r,
+            ),
         )
+        for stage in STAGES:  # every stage's series exists from the start (dashboards, alerts)
+            m.stage_seconds.labels(stage)
+        return m
 
     def serve(self, host: str, port: int) -> int:
         """Expose ``/metrics`` over HTTP; returns the bound port (``port=0`` picks one)."""

@@ -30,11 +30,11 @@ from services.common.errors import (
 from services.common.grpc_server import RunningAioServer, ServerOptions, create_aio_server
 from services.common.tls import InternalTls
 from services.broker.collection_model import CollectionModel, region_node
+from services.broker.graph_build import build_graphs
 from services.broker.rerank_stages import DiffusionOutcome, diffusion_scores, dba_rescore, expand_query, hit_vectors, order_by
 from services.broker.verification import VerifiedHit, candidate_locals, confidence, query_confidence, verify_hits
 from services.space.whitening import PCAWhitening
 from services.rerank.diffusion import DiffusionParams
-from services.rerank.graph import CollectionGraph
 from services.rerank.verify import VerifyParams
 from services.space.placement import shard_for
 from services.space.ids import check_id
@@ -269,8 +269,11 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             with self._stage("diffuse", timings):
                 hits = await self._diffuse(query, query_regions, hits, plan, verified, deadline)
         resp = retrieval_pb2.SearchResponse(partial=bool(missing), missing_shards=missing)
+        if missing:
+            self.metrics.partial_responses.inc()
         if plan.verify is not None:
             resp.query_confidence = query_confidence(verified.values(), plan.verify.min_inliers)
+            self.metrics.query_confidence.observe(resp.query_confidence)
         for hit in hits[request.offset : request.offset + request.k]:
             self._add_result(resp, hit, global_scores, verified.get(hit.image_id), plan, request.return_matches, query_local)
         dt = time.perf_counter() - t_total
@@ -446,6 +449,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
 
         local = candidate_locals(await self._get_features(head, deadline, want_local=True))
         ranked = await verify_hits(query_local, head, local, params, self._verify_pool)
+        self.metrics.verify_candidates.inc(sum(1 for v in ranked if v.result is not None))
+        self.metrics.verify_verified.inc(sum(1 for v in ranked if v.verified))
         return [v.hit for v in ranked] + tail, {v.hit.image_id: v for v in ranked}
 
     async def _fanout_search(
@@ -514,6 +519,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         return retrieval_pb2.AddImagesResponse(added=added, seconds=time.perf_counter() - t0)
 
     async def _add_batch(self, batch: retrieval_pb2.AddImagesRequest, batch_no: int, deadline: Deadline | PerCallBudget) -> int:
+        self.metrics.add_batch_images.observe(len(batch.images))
         seen: set[str] = set()
         for i, rec in enumerate(batch.images):
             check_id(rec.id, f"images[{i}].id")
@@ -668,48 +674,18 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             self.collection.set_graph(None)
             return retrieval_pb2.BuildGraphResponse()
         t0 = time.perf_counter()
-
-        async def pages(shard: ShardClient) -> tuple[list[str], list[np.ndarray], list[str], list[np.ndarray]]:
-            ids: list[str] = []
-            vecs: list[np.ndarray] = []
-            reg_ids: list[str] = []
-            reg_vecs: list[np.ndarray] = []
-            cursor = 0
-            while True:
-                try:
-                    page = await shard.list_vectors(
-                        shard_pb2.ListVectorsRequest(shard_id=shard.shard_id, cursor=cursor, limit=self.config.graph_page, include_regional=True),
-                        deadline.remaining(),
-                    )
-                except grpc.aio.AioRpcError as exc:
-                    raise _from_rpc_error(exc, f"shard {shard.shard_id}") from None
-                ids.extend(page.ids)
-                if page.ids:
-                    vecs.append(from_tensor(page.vectors, field="vectors"))
-                if page.regional.shape and sum(page.regional_counts):
-                    reg_vecs.append(from_tensor(page.regional, field="regional"))
-                    reg_ids.extend(region_node(i, j) for i, c in zip(page.ids, page.regional_counts) for j in range(c))
-                if page.done:
-                    return ids, vecs, reg_ids, reg_vecs
-                cursor = page.next_cursor
-
-        listed = await asyncio.gather(*(pages(s) for s in self.shards))
-        ids = [i for page in listed for i in page[0]]
-        if len(ids) < 2:
-            raise FailedPrecondition(f"collection: {len(ids)} images indexed, a graph needs at least 2")
-        vectors = np.concatenate([v for page in listed for v in page[1]])
-        keep = _last_occurrences(ids)  # an image replaced while paging comes twice: keep its newest
-        ids, vectors = [ids[i] for i in keep], vectors[keep]
-        reg_ids = [i for page in listed for i in page[2]]
-        k = request.k or self.config.diffusion.k
         loop = asyncio.get_running_loop()
-        graph = await loop.run_in_executor(None, CollectionGraph.build, ids, vectors, k)
-        regional = None
-        if len(reg_ids) >= 2:
-            reg_vectors = np.concatenate([v for page in listed for v in page[3]])
-            keep = _last_occurrences(reg_ids)
-            reg_ids, reg_vectors = [reg_ids[i] for i in keep], reg_vectors[keep]
-            regional = await loop.run_in_executor(None, CollectionGraph.build, reg_ids, reg_vectors, request.k or self.config.regional_diffusion.k)
+        k = request.k or self.config.diffusion.k
+        graph, regional, how = await build_graphs(
+            self.shards, self.collection.transform, k=k, regional_k=request.k or self.config.regional_diffusion.k,
+            page=self.config.graph_page, timeout=deadline.remaining,
+            on_error=lambda exc, shard: _from_rpc_error(exc, f"shard {shard.shard_id}"),
+            run=lambda fn, *args: loop.run_in_executor(None, fn, *args),
+        )
+        if graph is None:
+            raise FailedPrecondition("collection: fewer than 2 images indexed, a graph needs at least 2")
+        log.info("collection graphs built in %.1f s: global %s (%d images), regional %s", time.perf_counter() - t0,
+                 how["global"], len(graph), how["regional"])
         self.collection.set_graph(graph, regional)
         return retrieval_pb2.BuildGraphResponse(
             images=len(graph), k=graph.k, bytes=graph.nbytes + (regional.nbytes if regional else 0),
@@ -737,12 +713,6 @@ class SearchPlan:
     @property
     def need_vectors(self) -> bool:
         return self.qe or self.dba or (self.diffusion is not None and not self.regional)
-
-
-def _last_occurrences(ids: Sequence[str]) -> np.ndarray:
-    """Positions of the last occurrence of each distinct id, in order of those positions."""
-    last = {image_id: i for i, image_id in enumerate(ids)}
-    return np.array(sorted(last.values()), dtype=np.int64)
 
 
 def _unit_vector(v: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ from loupe.v1 import extractor_pb2, extractor_pb2_grpc, types_pb2
 from services.common.errors import InvalidArgument, grpc_errors
 from services.common.grpc_server import RunningServer, ServerOptions, create_sync_server
 from services.common.images import ImageTooLarge, InvalidImage, decode_image
+from services.common.metrics import ExtractorMetrics
 from services.extractor.backbone import load_backbone, preprocess
 from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor, resize_max_side
 from services.extractor.local_features import LocalConfig, LocalExtractor, LocalFeatures
@@ -93,8 +94,9 @@ def crop_and_resize(image: np.ndarray, crop: types_pb2.Box | None, max_side: int
 class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
     """Runs the model on one request at a time (the replica's threads are for torch)."""
 
-    def __init__(self, config: ExtractorConfig) -> None:
+    def __init__(self, config: ExtractorConfig, metrics: ExtractorMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.backbone = load_backbone(config.weights_path or None, fuse_bn=True)  # serving only: no training here
         self.trained_head = read_trained_head(config.weights_path) if config.weights_path else None
         global_config = config.global_config
@@ -147,7 +149,10 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
         except (InvalidImage, ImageTooLarge) as exc:
             raise type(exc)(f"image: {exc}") from None
         image = crop_and_resize(image, crop, side)
+        t_wait = time.perf_counter()
         with self._model_lock:
+            if self.metrics is not None:
+                self.metrics.observe_wait(t_wait)
             vector, regional, loc = self._describe(image, want_local, want_regional)
         out = types_pb2.ImageFeatures(width=image.shape[1], height=image.shape[0])
         out.__getattribute__("global").CopyFrom(to_tensor(vector.astype(np.float32)))
@@ -161,6 +166,22 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
     @grpc_errors
     def Extract(self, request: extractor_pb2.ExtractRequest, context: grpc.ServicerContext) -> extractor_pb2.ExtractResponse:
         t0 = time.perf_counter()
+        m = self.metrics
+        if m is None:
+            return self._extract(request, t0)
+        m.queue_depth.labels(m.replica).inc()
+        try:
+            resp = self._extract(request, t0)
+        except Exception as exc:  # counted, then re-raised to grpc_errors' table
+            m.failures.labels(m.replica, type(exc).__name__).inc()
+            raise
+        finally:
+            m.queue_depth.labels(m.replica).dec()
+            m.extract_seconds.labels(m.replica).observe(time.perf_counter() - t0)
+        m.images.labels(m.replica).inc()
+        return resp
+
+    def _extract(self, request: extractor_pb2.ExtractRequest, t0: float) -> extractor_pb2.ExtractResponse:
         if not request.image:
             raise InvalidArgument("image: empty image bytes")
         crop = request.crop if request.HasField("crop") else None
@@ -180,12 +201,15 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
         )
 
 
-def create_server(config: ExtractorConfig, opts: ServerOptions) -> tuple[RunningServer, ExtractorServicer]:
+def create_server(
+    config: ExtractorConfig, opts: ServerOptions, metrics: ExtractorMetrics | None = None
+) -> tuple[RunningServer, ExtractorServicer]:
     """Load the model and start an Extractor server; returns it (with its port) and the servicer.
 
     At most ``opts.workers`` requests wait in the replica; more get RESOURCE_EXHAUSTED.
+    ``metrics`` (optional) records images, failures, latency and the queue for the model.
     """
-    servicer = ExtractorServicer(config)
+    servicer = ExtractorServicer(config, metrics)
     running = create_sync_server(
         lambda s: extractor_pb2_grpc.add_ExtractorServicer_to_server(servicer, s), ["loupe.v1.Extractor"], opts
     )

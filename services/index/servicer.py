@@ -13,6 +13,7 @@ from loupe.tensors import from_tensor, to_tensor
 from loupe.v1 import shard_pb2, shard_pb2_grpc
 from services.common.errors import DataLoss, InvalidArgument, grpc_errors
 from services.common.grpc_server import RunningServer, ServerOptions, create_sync_server
+from services.common.metrics import ShardMetrics, shard_state
 from services.index.records import record_to_stored, stored_to_features
 from services.index.shard_index import ShardIndex
 from services.index.store import ShardStore, StoreCorrupt
@@ -40,10 +41,11 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         Why the collection could not be opened (a corrupt store).
     """
 
-    def __init__(self, shard_id: int, index: ShardIndex | None, failure: DataLoss | None = None) -> None:
+    def __init__(self, shard_id: int, index: ShardIndex | None, failure: DataLoss | None = None, metrics: ShardMetrics | None = None) -> None:
         self.shard_id = shard_id
         self.index = index
         self.failure = failure
+        self.metrics = metrics
 
     def _check_shard(self, shard_id: int) -> None:
         if self.failure is not None:
@@ -76,6 +78,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         if hits.vectors is not None:
             resp.vectors.CopyFrom(to_tensor(hits.vectors))
         resp.seconds = time.perf_counter() - t0
+        if self.metrics is not None:
+            self.metrics.search_seconds.labels(self.metrics.shard).observe(resp.seconds)
         return resp
 
     @grpc_errors
@@ -83,6 +87,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         self._check_shard(request.shard_id)
         stored = [record_to_stored(r, f"records[{i}]") for i, r in enumerate(request.records)]
         n = self._valid(self.index.add, stored)
+        if self.metrics is not None:
+            self.metrics.writes.labels(self.metrics.shard, "add").inc(n)
         return shard_pb2.ShardAddResponse(stored=n, total=len(self.index))
 
     @grpc_errors
@@ -91,6 +97,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         for i, image_id in enumerate(request.ids):
             check_id(image_id, f"ids[{i}]")
         deleted, missing = self.index.delete(list(request.ids))
+        if self.metrics is not None:
+            self.metrics.writes.labels(self.metrics.shard, "delete").inc(len(deleted))
         return shard_pb2.ShardDeleteResponse(deleted=deleted, missing=missing)
 
     @grpc_errors
@@ -168,18 +176,27 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         )
 
 
-def create_server(shard_id: int, opts: ServerOptions, *, data_dir: str, settings: IndexSettings = IndexSettings()) -> tuple[RunningServer, ShardServicer]:
+def create_server(
+    shard_id: int, opts: ServerOptions, *, data_dir: str, settings: IndexSettings = IndexSettings(), metrics: ShardMetrics | None = None
+) -> tuple[RunningServer, ShardServicer]:
     """Start a Shard server over the collection in ``data_dir``; returns the running server
-    (with its port) and the servicer.
+    (with its port) and the servicer. ``metrics`` (optional) records searches, writes, commit
+    latency and, at every scrape, what the shard holds.
 
     A corrupt store does not crash the process (a restart loop would hide it): the server
     starts NOT_SERVING and answers every call DATA_LOSS with the reason, which the log repeats.
     """
     try:
-        servicer = ShardServicer(shard_id, ShardIndex(ShardStore(data_dir), settings))
+        store = ShardStore(data_dir)
+        if metrics is not None:
+            commits = metrics.commit_seconds.labels(metrics.shard)
+            store.on_commit = commits.observe
+        servicer = ShardServicer(shard_id, ShardIndex(store, settings), metrics=metrics)
     except StoreCorrupt as exc:
         log.error("shard %d: store at %s is corrupt, serving DATA_LOSS: %s", shard_id, data_dir, exc)
-        servicer = ShardServicer(shard_id, None, DataLoss(f"shard {shard_id}: store is corrupt: {exc}"))
+        servicer = ShardServicer(shard_id, None, DataLoss(f"shard {shard_id}: store is corrupt: {exc}"), metrics=metrics)
+    if metrics is not None:
+        metrics.watch(lambda: shard_state(servicer.index) if servicer.index is not None and not servicer.index._closed else None)
     running = create_sync_server(
         lambda s: shard_pb2_grpc.add_ShardServicer_to_server(servicer, s), ["loupe.v1.Shard"], opts
     )

@@ -5,18 +5,21 @@ shard is small, compressed codes once it is large) and nothing per image in Pyth
 durable in the store before the faiss index sees it; the index is snapshotted with the store's
 sequence number, so a restart loads the snapshot and replays only the changes after it.
 
-Thread-safety: the methods serialise on one lock, except the approximate index's training and
-snapshot writing, which run on a background thread and take the lock only to copy and swap.
+Thread-safety: searches and other reads share a read-write lock, writes take it alone; the
+approximate index's training and snapshot writing run on a background thread and take it only
+to copy and swap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import faiss
 import numpy as np
@@ -27,15 +30,54 @@ from services.index.vector_index import (
     ExactIndex,
     IndexSettings,
     SnapshotCorrupt,
-    auto_factory,
     read_snapshot,
     serialize,
     write_blob,
 )
+from services.space.ann import ivfpq_factory
 from services.space.whitening import PCAWhitening, to_indexed_space
 
 log = logging.getLogger(__name__)
 SNAPSHOT_FILE = "index.faiss"
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer holds new readers back. Not reentrant."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
 
 
 @dataclass
@@ -88,7 +130,7 @@ class ShardIndex:
         self.store = store
         self.settings = settings
         self.background = background
-        self._lock = threading.RLock()
+        self._lock = ReadWriteLock()
         self._worker: threading.Thread | None = None
         self._building = False
         self._closed = False
@@ -116,7 +158,7 @@ class ShardIndex:
             else:
                 try:
                     index = read_snapshot(self.store.path, record)
-                    self._faiss = self._wrap(index, record["kind"])
+                    self._faiss = self._wrap(index, record["kind"], record.get("factory", ""))
                     replayed = self._replay(record["seq"])
                     self._last_snapshot_seq = record["seq"]
                     report = StartupReport("snapshot", replayed, time.perf_counter() - t0)
@@ -131,10 +173,10 @@ class ShardIndex:
         source = "rebuilt" if n or record is not None else "empty"
         return StartupReport(source, n, time.perf_counter() - t0, reason)
 
-    def _wrap(self, index: faiss.Index, kind: str) -> ExactIndex | ApproxIndex:
+    def _wrap(self, index: faiss.Index, kind: str, factory: str) -> ExactIndex | ApproxIndex:
         if kind == ExactIndex.kind:
             return ExactIndex(index.d, index)
-        return ApproxIndex(index, self.settings.shortlist, self.settings.nprobe)
+        return ApproxIndex(index, self.settings.shortlist, self.settings.nprobe, factory)
 
     def _replay(self, seq: int) -> int:
         changes = self.store.changes_after(seq)
@@ -178,12 +220,12 @@ class ShardIndex:
     def factory(self) -> str:
         """What searches run on now: "Flat" or the approximate index's factory string."""
         if isinstance(self._faiss, ApproxIndex):
-            return self.settings.factory if self.settings.factory != "auto" else auto_factory(self._faiss.ntotal, self.indexed_dim)
+            return self._faiss.factory or "approximate"
         return "Flat"
 
     def set_whitening(self, whitening: PCAWhitening | None) -> None:
         """Install (or remove) the collection whitening and re-index every stored vector."""
-        with self._lock:
+        with self._lock.write():
             if whitening is not None and self.dim and whitening.input_dim != self.dim:
                 raise ValueError(f"whitening: input dimension {whitening.input_dim} != stored dimension {self.dim}")
             self.store.put_setting("whitening", whitening.to_bytes() if whitening is not None else None)
@@ -194,7 +236,7 @@ class ShardIndex:
     # --- writes -----------------------------------------------------------------------
     def add(self, records: list[StoredImage]) -> int:
         """Store or replace images durably, then index them; returns how many were stored."""
-        with self._lock:
+        with self._lock.write():
             for rec in records:
                 if rec.vector.ndim != 1:
                     raise ValueError(f"features.global of {rec.image_id!r}: expected a (D,) vector")
@@ -218,7 +260,7 @@ class ShardIndex:
 
     def delete(self, ids: list[str]) -> tuple[list[str], list[str]]:
         """Remove ids durably; returns (deleted, missing)."""
-        with self._lock:
+        with self._lock.write():
             deleted, missing, labels, _ = self.store.delete(ids)
             if self._faiss is not None:
                 self._faiss.remove(np.asarray(labels, np.int64))
@@ -238,7 +280,7 @@ class ShardIndex:
     def search(self, query: np.ndarray, top_k: int, return_vectors: bool = False, transformed: bool = False) -> SearchHits:
         """Top-k images for one (D,) raw query vector (or (D',) when ``transformed``), by inner product."""
         query = np.asarray(query, dtype=np.float32).reshape(-1)
-        with self._lock:
+        with self._lock.read():
             expected = self.indexed_dim if transformed else self.dim
             if expected and query.shape[0] != expected:
                 raise ValueError(f"query: dimension {query.shape[0]} != index dimension {expected}")
@@ -263,7 +305,7 @@ class ShardIndex:
         Labels only grow (a replaced image gets a new one), so ``cursor`` (the first label not
         yet returned) survives concurrent writes.
         """
-        with self._lock:
+        with self._lock.read():
             labels = self.store.labels_from(cursor, limit + 1)
             done = len(labels) <= limit
             page = labels[:limit]
@@ -284,7 +326,7 @@ class ShardIndex:
     def sample_vectors(self, max_vectors: int, seed: int, regional: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Random sample of raw global (n, D) and, if asked, regional (m, D) vectors."""
         rng = np.random.default_rng(seed)
-        with self._lock:
+        with self._lock.read():
             labels = self.store.all_labels()
             if not len(labels):
                 return np.zeros((0, self.dim), np.float32), np.zeros((0, self.dim), np.float32)
@@ -302,7 +344,7 @@ class ShardIndex:
         """Counts and bytes: images, regional_vectors, local_features, feature_bytes, store_bytes,
         index_bytes (RAM of the faiss index)."""
         c = self.store.counters()
-        with self._lock:
+        with self._lock.read():
             index_bytes = self._index_bytes_estimate()
         return {
             "images": c["images"], "regional_vectors": c["regional_vectors"], "local_features": c["local_features"],
@@ -323,7 +365,7 @@ class ShardIndex:
         """Start the background job when the approximate index is due or a snapshot is."""
         if self._closed:
             return
-        with self._lock:
+        with self._lock.write():
             busy = self._worker is not None and self._worker.is_alive()
             if busy or self._faiss is None:
                 return
@@ -356,15 +398,16 @@ class ShardIndex:
 
     def snapshot(self) -> int:
         """Write the faiss index with the sequence number it reflects; returns that number."""
-        with self._lock:
+        with self._lock.read():
             if self._faiss is None or self._building:
                 return self._last_snapshot_seq
             seq = self.store.counters()["seq"]
             blob = serialize(self._faiss.index)
             kind, dim, wcrc = self._faiss.kind, self.indexed_dim, self._whitening_crc()
+            factory = getattr(self._faiss, "factory", "Flat")
         record = write_blob(blob, os.path.join(self.store.path, SNAPSHOT_FILE))
-        record.update(seq=seq, kind=kind, dim=dim, whitening_crc32=wcrc)
-        with self._lock:
+        record.update(seq=seq, kind=kind, dim=dim, whitening_crc32=wcrc, factory=factory)
+        with self._lock.write():
             if wcrc != self._whitening_crc():
                 return self._last_snapshot_seq  # whitening changed while writing: the file is stale
             self.store.record_snapshot(seq, record)
@@ -376,11 +419,11 @@ class ShardIndex:
         """Train the approximate index on a sample, fill it from one read snapshot of the store,
         catch up with the writes made meanwhile, swap it in. Searches stay exact until then."""
         t0 = time.perf_counter()
-        with self._lock:
+        with self._lock.write():
             self._building = True
             wcrc = self._whitening_crc()
             n = self._faiss.ntotal
-            factory = self.settings.factory if self.settings.factory != "auto" else auto_factory(n, self.indexed_dim)
+            factory = self.settings.factory if self.settings.factory != "auto" else ivfpq_factory(n, self.indexed_dim, train_n=min(n, self.settings.train_sample))
             rng = np.random.default_rng(0)
             labels = self.store.all_labels()
             sample_labels = np.sort(labels[rng.choice(len(labels), min(self.settings.train_sample, len(labels)), replace=False)])
@@ -391,7 +434,7 @@ class ShardIndex:
             seen: list[int] = []
             for chunk_labels, vecs in self.store.iter_vectors(self.dim, on_open=seen.append):
                 built.add(chunk_labels, self.transform(vecs))
-            with self._lock:
+            with self._lock.write():
                 if self._closed or wcrc != self._whitening_crc():
                     return
                 self._faiss, exact = built, self._faiss
@@ -403,7 +446,7 @@ class ShardIndex:
             log.exception("shard store %s: training the approximate index failed; searches stay exact", self.store.path)
             return
         finally:
-            with self._lock:
+            with self._lock.write():
                 self._building = False
         self.snapshot()
 
@@ -422,12 +465,12 @@ class ShardIndex:
         """Finish maintenance, snapshot, close the store."""
         self.wait_idle()
         try:
-            with self._lock:
+            with self._lock.read():
                 behind = self.store.counters()["seq"] > self._last_snapshot_seq
             if behind:
                 self.snapshot()
         except Exception:
             log.exception("shard store %s: final snapshot failed (the next start replays the changes)", self.store.path)
-        with self._lock:
+        with self._lock.write():
             self._closed = True
             self.store.close()

@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -201,6 +202,7 @@ class ShardStore:
         self.path = path
         self.map_size_bytes = map_size_bytes
         self.compact_min_bytes = compact_min_bytes
+        self.on_commit: Callable[[float], None] | None = None  # called with each durable commit's seconds (metrics)
         os.makedirs(path, exist_ok=True)
         self._compact_if_mostly_free()
         self.env = self._open()
@@ -485,7 +487,10 @@ class _WriteTxn:
         try:
             for k, v in self.c.items():
                 self.txn.put(k.encode(), _U64.pack(v), db=self.dbs["settings"])
+            t0 = time.perf_counter()
             self.txn.commit()
+            if self.store.on_commit is not None:
+                self.store.on_commit(time.perf_counter() - t0)
         except lmdb.MapFullError as err:
             raise StoreFull(f"shard store {self.store.path} reached its map size of {self.store.map_size_bytes} bytes") from err
         except lmdb.Error as err:

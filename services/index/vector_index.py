@@ -7,7 +7,6 @@ int64 labels.
 
 from __future__ import annotations
 
-import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ class IndexSettings:
     ----------
     factory : str
         "auto": exact (flat inner product) below ``approx_min_images``, then an IVF-PQ index
-        sized to the shard (``auto_factory``) trained in the background; "Flat": always exact;
+        sized to the shard (``services.space.ann.ivfpq_factory``) trained in the background; "Flat": always exact;
         any other faiss factory string: exact until ``approx_min_images``, then that index.
     approx_min_images : int
         Images from which the approximate index is trained (0 = never).
@@ -69,15 +68,6 @@ class IndexSettings:
         return self.factory != "Flat" and self.approx_min_images > 0
 
 
-def auto_factory(n: int, dim: int) -> str:
-    """IVF-PQ for ``n`` vectors of ``dim``: ~4√n lists (a power of two, 256..65536) and
-    ≈ 64-byte codes (PQ with the largest m ≤ 64 that divides ``dim``). "np": no polysemous
-    training (it multiplies training time by ~15 and the shortlist is re-scored exactly anyway)."""
-    nlist = 2 ** int(round(math.log2(max(256.0, min(65536.0, 4 * math.sqrt(max(n, 1)))))))
-    m = max(d for d in range(1, 65) if dim % d == 0)
-    return f"IVF{nlist},PQ{m}np"
-
-
 class ExactIndex:
     """Flat inner product over every vector (ids = labels)."""
 
@@ -118,8 +108,9 @@ class ApproxIndex:
 
     kind = "approximate"
 
-    def __init__(self, index: faiss.Index, shortlist: int, nprobe: int) -> None:
+    def __init__(self, index: faiss.Index, shortlist: int, nprobe: int, factory: str = "") -> None:
         self.index = index
+        self.factory = factory
         self.dim = index.d
         self.shortlist = shortlist
         self.set_nprobe(nprobe)
@@ -136,7 +127,7 @@ class ApproxIndex:
         if not _supports_ids(index):
             index = faiss.IndexIDMap2(index)
         index.train(np.ascontiguousarray(sample, np.float32))
-        return ApproxIndex(index, shortlist, nprobe)
+        return ApproxIndex(index, shortlist, nprobe, factory)
 
     @property
     def ntotal(self) -> int:

@@ -26,7 +26,8 @@ import faiss
 import numpy as np
 
 EXACT_LIMIT = 200_000
-"""Above this many images :meth:`CollectionGraph.build` uses HNSW instead of exact search."""
+"""Above this many nodes the graph is built by :class:`StreamingGraphBuilder` (approximate, from
+compressed codes) instead of exact search over vectors held in RAM."""
 
 
 class CollectionGraph:
@@ -69,7 +70,8 @@ class CollectionGraph:
 
     @classmethod
     def build(cls, ids: Sequence[str], vectors: np.ndarray, k: int, batch: int = 4096) -> CollectionGraph:
-        """Exact kNN graph (HNSW above :data:`EXACT_LIMIT` images).
+        """Exact kNN graph of vectors held in RAM (up to :data:`EXACT_LIMIT` nodes; beyond,
+        use :class:`StreamingGraphBuilder`).
 
         Parameters
         ----------
@@ -89,11 +91,7 @@ class CollectionGraph:
         k_eff = min(k, max(n - 1, 0))
         if n == 0 or k_eff == 0:
             return cls(ids, np.full((n, 0), -1, np.int32), np.zeros((n, 0), np.float16))
-        if n <= EXACT_LIMIT:
-            index: faiss.Index = faiss.IndexFlatIP(x.shape[1])
-        else:
-            index = faiss.IndexHNSWFlat(x.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efSearch = max(128, 2 * k_eff)
+        index = faiss.IndexFlatIP(x.shape[1])
         index.add(x)
         nbrs = np.empty((n, k_eff), np.int32)
         sims = np.empty((n, k_eff), np.float16)
@@ -180,3 +178,87 @@ class CollectionGraph:
     def from_bytes(cls, data: bytes) -> CollectionGraph:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return cls([str(i) for i in z["ids"]], z["neighbours"], z["sims"])
+
+
+class StreamingGraphBuilder:
+    """Approximate kNN graph of a collection too large to hold as float vectors.
+
+    The collection is streamed twice in pages: :meth:`add` compresses every page into an IVF-PQ
+    index (``services.space.ann.ivfpq_factory``: ~64 bytes per node instead of 4·D), then
+    :meth:`search` finds each page's ``k`` nearest other nodes in it; similarities are the codes'
+    approximations of the inner product. RAM: the codes, the ``(N, k)`` graph (6 bytes per edge)
+    and one page of vectors.
+
+    Parameters
+    ----------
+    sample : ndarray ``(n, D)`` float32
+        Training vectors (a random sample of the collection, in the indexed space).
+    expected : int
+        Nodes expected (sizes the inverted lists).
+    k : int
+        Neighbours per node.
+    nprobe : int
+        Inverted lists visited per query.
+    """
+
+    def __init__(self, sample: np.ndarray, expected: int, k: int, nprobe: int = 32) -> None:
+        from services.space.ann import ivfpq_factory
+
+        if k < 1:
+            raise ValueError(f"graph: k must be >= 1, got {k}")
+        x = np.ascontiguousarray(sample, dtype=np.float32)
+        if len(x) < 256:
+            raise ValueError(f"graph: {len(x)} training vectors, the codes need at least 256")
+        self.factory = ivfpq_factory(expected, x.shape[1], train_n=len(x))
+        self.index = faiss.index_factory(x.shape[1], self.factory, faiss.METRIC_INNER_PRODUCT)
+        self.index.train(x)
+        faiss.extract_index_ivf(self.index).nprobe = nprobe
+        self.k = k
+        self.ids: list[str] = []
+        self._row: dict[str, int] = {}
+        self._nbrs: np.ndarray | None = None
+        self._sims: np.ndarray | None = None
+
+    def add(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        """Add a page: ``(n,)`` ids and their ``(n, D)`` vectors. An id seen again (replaced
+        while paging) keeps its newest vector; the older row is dropped."""
+        rows = np.arange(len(self.ids), len(self.ids) + len(ids), dtype=np.int64)
+        stale = [self._row[i] for i in ids if i in self._row]
+        if stale:
+            self.index.remove_ids(faiss.IDSelectorBatch(np.asarray(stale, np.int64)))
+        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), rows)
+        for image_id, r in zip(ids, rows):
+            self._row[image_id] = int(r)
+        self.ids.extend(ids)
+
+    def search(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        """Find the neighbours of a page (second pass); ids not added in the first pass are
+        skipped (they are joined online at query time, like images added after a build)."""
+        if self._nbrs is None:
+            self._nbrs = np.full((len(self.ids), self.k), -1, np.int32)
+            self._sims = np.zeros((len(self.ids), self.k), np.float16)
+        rows = np.array([self._row.get(i, -1) for i in ids], np.int64)
+        keep = np.flatnonzero(rows >= 0)
+        if not len(keep):
+            return
+        s, nb = self.index.search(np.ascontiguousarray(vectors[keep], dtype=np.float32), self.k + 1)
+        own = rows[keep][:, None]
+        order = np.argsort((nb == own) | (nb < 0), axis=1, kind="stable")[:, : self.k]
+        nb, s = np.take_along_axis(nb, order, 1), np.take_along_axis(s, order, 1)
+        nb[(nb == own) | (nb < 0)] = -1
+        self._nbrs[rows[keep]] = nb.astype(np.int32)
+        self._sims[rows[keep]] = np.where(nb >= 0, s, 0).astype(np.float16)
+
+    def finish(self) -> CollectionGraph:
+        """The graph over the newest row of every id (stale rows removed, neighbours remapped)."""
+        n = len(self.ids)
+        if self._nbrs is None:
+            self._nbrs = np.full((n, self.k), -1, np.int32)
+            self._sims = np.zeros((n, self.k), np.float16)
+        live = np.zeros(n, bool)
+        live[list(self._row.values())] = True
+        new_row = np.full(n + 1, -1, np.int64)  # index n maps the -1 padding
+        new_row[np.flatnonzero(live)] = np.arange(int(live.sum()))
+        nbrs = self._nbrs[live]
+        nbrs = new_row[np.where(nbrs >= 0, nbrs, n)].astype(np.int32)
+        return CollectionGraph([self.ids[r] for r in np.flatnonzero(live)], nbrs, self._sims[live])

@@ -11,7 +11,8 @@ import pytest
 
 from services.index.shard_index import SNAPSHOT_FILE, ShardIndex
 from services.index.store import LocalStore, ShardStore, StoreCorrupt, StoredImage
-from services.index.vector_index import IndexSettings, auto_factory
+from services.index.vector_index import IndexSettings
+from services.space.ann import ivfpq_factory
 
 D = 32
 
@@ -177,7 +178,7 @@ def test_whitening_change_invalidates_the_snapshot(tmp_path):
     again.close()
 
 
-def test_auto_factory_sizes_lists_and_codes():
-    assert auto_factory(1_000_000, 1280) == "IVF4096,PQ64np"
-    assert auto_factory(100_000, 1280) == "IVF1024,PQ64np"
-    assert auto_factory(10, 96) == "IVF256,PQ48np"
+def test_ivfpq_factory_sizes_lists_and_codes():
+    assert ivfpq_factory(1_000_000, 1280) == "IVF4096,PQ64np"
+    assert ivfpq_factory(100_000, 1280) == "IVF1024,PQ64np"
+    assert ivfpq_factory(10, 96) == "IVF256,PQ48np"

@@ -1,0 +1,150 @@
+"""Building the collection's kNN graphs (global and regional) from the shards' pages.
+
+Up to :data:`~services.rerank.graph.EXACT_LIMIT` nodes a graph is exact, over vectors gathered
+in the broker (``ListVectors`` pages of ``page`` images, never the collection in one message).
+Beyond, it is approximate and streamed (:class:`~services.rerank.graph.StreamingGraphBuilder`):
+trained on a sample the shards draw, the collection paged twice — compressed into IVF-PQ codes,
+then searched page by page — so the broker holds codes, the graph and one page, not the vectors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Sequence
+
+import grpc
+import numpy as np
+
+from loupe.tensors import from_tensor
+from loupe.v1 import shard_pb2
+from services.broker.backends import ShardClient
+from services.rerank.graph import EXACT_LIMIT, CollectionGraph, StreamingGraphBuilder
+
+PageHandler = Callable[[list[str], np.ndarray, list[str], np.ndarray], Awaitable[None]]
+
+
+@dataclass
+class _InMemory:
+    """Nodes gathered for an exact build."""
+
+    ids: list[str] = field(default_factory=list)
+    vectors: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, ids: list[str], vectors: np.ndarray) -> None:
+        if ids:
+            self.ids.extend(ids)
+            self.vectors.append(vectors)
+
+    def build(self, k: int) -> CollectionGraph | None:
+        if len(self.ids) < 2:
+            return None
+        last = {image_id: i for i, image_id in enumerate(self.ids)}  # replaced while paging: keep the newest
+        keep = np.array(sorted(last.values()), dtype=np.int64)
+        vectors = np.concatenate(self.vectors)[keep]
+        return CollectionGraph.build([self.ids[i] for i in keep], vectors, k)
+
+
+async def page_all(
+    shards: Sequence[ShardClient], page: int, regional: bool, timeout: Callable[[], float], on_page: PageHandler,
+    on_error: Callable[[grpc.aio.AioRpcError, ShardClient], Exception],
+) -> None:
+    """Await ``on_page(ids (n,), vectors (n, D'), region_ids (m,), regional (m, D'))`` for every
+    page of every shard, in the indexed space (shards page concurrently)."""
+    from services.broker.collection_model import region_node
+
+    async def one(shard: ShardClient) -> None:
+        cursor = 0
+        while True:
+            try:
+                resp = await shard.list_vectors(
+                    shard_pb2.ListVectorsRequest(shard_id=shard.shard_id, cursor=cursor, limit=page, include_regional=regional),
+                    timeout(),
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise on_error(exc, shard) from None
+            vecs = from_tensor(resp.vectors, field="vectors") if resp.ids else np.zeros((0, 0), np.float32)
+            reg_ids: list[str] = []
+            reg = np.zeros((0, 0), np.float32)
+            if regional and sum(resp.regional_counts):
+                reg = from_tensor(resp.regional, field="regional")
+                reg_ids = [region_node(i, j) for i, c in zip(resp.ids, resp.regional_counts) for j in range(c)]
+            await on_page(list(resp.ids), vecs, reg_ids, reg)
+            if resp.done:
+                return
+            cursor = resp.next_cursor
+
+    await asyncio.gather(*(one(s) for s in shards))
+
+
+async def build_graphs(
+    shards: Sequence[ShardClient],
+    transform: Callable[[np.ndarray], np.ndarray],
+    *,
+    k: int,
+    regional_k: int,
+    page: int,
+    timeout: Callable[[], float],
+    on_error: Callable[[grpc.aio.AioRpcError, ShardClient], Exception],
+    run: Callable[..., Awaitable],
+    train_sample: int = 100_000,
+) -> tuple[CollectionGraph | None, CollectionGraph | None, dict[str, str]]:
+    """The collection's global and regional kNN graphs (None where fewer than 2 nodes).
+
+    ``transform`` maps raw sampled vectors to the indexed space; ``run(fn, *args)`` runs CPU
+    work off the event loop. Returns the graphs and how each was built ("exact" or the IVF-PQ
+    factory string).
+    """
+    stats = await asyncio.gather(*(s.stats(timeout()) for s in shards))
+    images = sum(s.images for s in stats)
+    regions = sum(s.regional_vectors for s in stats)
+    streamed = {"global": images > EXACT_LIMIT, "regional": regions > EXACT_LIMIT}
+    builders: dict[str, StreamingGraphBuilder | _InMemory] = {}
+    if any(streamed.values()):
+        per_shard = math.ceil(train_sample / max(len(shards), 1))
+        samples = await asyncio.gather(*(
+            s.sample_vectors(shard_pb2.SampleVectorsRequest(
+                shard_id=s.shard_id, max_vectors=per_shard, seed=0, include_regional=streamed["regional"]), timeout())
+            for s in shards
+        ))
+        for kind, expected, kk in (("global", images, k), ("regional", regions, regional_k)):
+            if streamed[kind]:
+                raw = [from_tensor(r.vectors if kind == "global" else r.regional, field="vectors") for r in samples]
+                sample = transform(np.concatenate([x for x in raw if x.size]))
+                builders[kind] = await run(StreamingGraphBuilder, sample, expected, kk)
+    builders.setdefault("global", _InMemory())
+    builders.setdefault("regional", _InMemory())
+
+    lock = asyncio.Lock()  # pages of several shards arrive together; builders take one at a time
+
+    def collect(ids: list[str], vecs: np.ndarray, reg_ids: list[str], reg: np.ndarray) -> None:
+        builders["global"].add(ids, vecs)
+        builders["regional"].add(reg_ids, reg)
+
+    def search(ids: list[str], vecs: np.ndarray, reg_ids: list[str], reg: np.ndarray) -> None:
+        if streamed["global"] and ids:
+            builders["global"].search(ids, vecs)
+        if streamed["regional"] and reg_ids:
+            builders["regional"].search(reg_ids, reg)
+
+    def serialised(fn: Callable[..., None]) -> PageHandler:
+        async def handle(*args: object) -> None:
+            async with lock:
+                await run(fn, *args)
+        return handle
+
+    await page_all(shards, page, regions > 0, timeout, serialised(collect), on_error)
+    if any(streamed.values()):
+        await page_all(shards, page, streamed["regional"], timeout, serialised(search), on_error)
+    out: list[CollectionGraph | None] = []
+    how: dict[str, str] = {}
+    for kind, kk in (("global", k), ("regional", regional_k)):
+        b = builders[kind]
+        if isinstance(b, StreamingGraphBuilder):
+            out.append(await run(b.finish))
+            how[kind] = b.factory
+        else:
+            out.append(await run(b.build, kk))
+            how[kind] = "exact"
+    return out[0], out[1], how
