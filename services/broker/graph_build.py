@@ -78,6 +78,46 @@ async def page_all(
     await asyncio.gather(*(one(s) for s in shards))
 
 
+SAMPLE_PAGE_BYTES = 32 << 20
+"""Largest SampleVectors answer asked for (half the default message limit)."""
+
+
+async def sample_all(
+    shards: Sequence[ShardClient], n: int, regional: bool, timeout: Callable[[], float],
+    on_error: Callable[[grpc.aio.AioRpcError, ShardClient], Exception],
+) -> tuple[np.ndarray, np.ndarray]:
+    """About ``n`` raw global vectors ``(n, D)`` (and regional ones) drawn from the shards in
+    answers of at most :data:`SAMPLE_PAGE_BYTES` (calls with different seeds)."""
+    per_shard = math.ceil(n / max(len(shards), 1))
+
+    async def one(shard: ShardClient) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        g: list[np.ndarray] = []
+        r: list[np.ndarray] = []
+        got, seed, per_call = 0, 0, 256
+        while got < per_shard:
+            asked = min(per_call, per_shard - got)
+            try:
+                resp = await shard.sample_vectors(shard_pb2.SampleVectorsRequest(
+                    shard_id=shard.shard_id, max_vectors=asked, seed=seed, include_regional=regional), timeout())
+            except grpc.aio.AioRpcError as exc:
+                raise on_error(exc, shard) from None
+            x = from_tensor(resp.vectors, field="vectors")
+            if len(x):
+                g.append(x)
+                if regional and resp.regional.shape:
+                    r.append(from_tensor(resp.regional, field="regional"))
+                per_call = max(1, SAMPLE_PAGE_BYTES // (4 * x.shape[1] * (2 if regional else 1)))
+            got, seed = got + len(x), seed + 1
+            if len(x) < asked:
+                break  # the shard holds fewer than asked: it gave them all
+        return g, r
+
+    parts = await asyncio.gather(*(one(s) for s in shards))
+    g = [x for p in parts for x in p[0] if len(x)]
+    r = [x for p in parts for x in p[1] if len(x)]
+    return (np.concatenate(g) if g else np.zeros((0, 0), np.float32)), (np.concatenate(r) if r else np.zeros((0, 0), np.float32))
+
+
 async def build_graphs(
     shards: Sequence[ShardClient],
     transform: Callable[[np.ndarray], np.ndarray],
@@ -102,16 +142,10 @@ async def build_graphs(
     streamed = {"global": images > EXACT_LIMIT, "regional": regions > EXACT_LIMIT}
     builders: dict[str, StreamingGraphBuilder | _InMemory] = {}
     if any(streamed.values()):
-        per_shard = math.ceil(train_sample / max(len(shards), 1))
-        samples = await asyncio.gather(*(
-            s.sample_vectors(shard_pb2.SampleVectorsRequest(
-                shard_id=s.shard_id, max_vectors=per_shard, seed=0, include_regional=streamed["regional"]), timeout())
-            for s in shards
-        ))
+        samples = await sample_all(shards, train_sample, streamed["regional"], timeout, on_error)
         for kind, expected, kk in (("global", images, k), ("regional", regions, regional_k)):
             if streamed[kind]:
-                raw = [from_tensor(r.vectors if kind == "global" else r.regional, field="vectors") for r in samples]
-                sample = transform(np.concatenate([x for x in raw if x.size]))
+                sample = transform(samples[0] if kind == "global" else samples[1])
                 builders[kind] = await run(StreamingGraphBuilder, sample, expected, kk)
     builders.setdefault("global", _InMemory())
     builders.setdefault("regional", _InMemory())

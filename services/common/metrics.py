@@ -14,6 +14,7 @@ apart whatever the scrape adds (file_sd labels or pod labels); process metrics c
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 ROLES = ("broker", "shard", "extractor")
+
+log = logging.getLogger(__name__)
 
 
 class RoleProcessCollector(Collector):
@@ -92,10 +95,11 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsS
     """
     try:
         server, _thread = start_http_server(port, addr=host, registry=registry)
-    except OSError:
+    except OSError as exc:
         if port == 0:
             raise
         server, _thread = start_http_server(0, addr=host, registry=registry)
+        log.warning("metrics port %s:%d unavailable (%s): serving /metrics on port %d instead", host, port, exc, server.server_port)
     return MetricsServer(registry, int(server.server_port), server)
 
 

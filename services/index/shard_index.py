@@ -158,7 +158,7 @@ class ShardIndex:
             else:
                 try:
                     index = read_snapshot(self.store.path, record)
-                    self._faiss = self._wrap(index, record["kind"], record.get("factory", ""))
+                    self._faiss = self._wrap(index, record["kind"], record.get("factory", ""), record.get("trained_for", 0))
                     replayed = self._replay(record["seq"])
                     self._last_snapshot_seq = record["seq"]
                     report = StartupReport("snapshot", replayed, time.perf_counter() - t0)
@@ -173,25 +173,28 @@ class ShardIndex:
         source = "rebuilt" if n or record is not None else "empty"
         return StartupReport(source, n, time.perf_counter() - t0, reason)
 
-    def _wrap(self, index: faiss.Index, kind: str, factory: str) -> ExactIndex | ApproxIndex:
+    def _wrap(self, index: faiss.Index, kind: str, factory: str, trained_for: int) -> ExactIndex | ApproxIndex:
         if kind == ExactIndex.kind:
             return ExactIndex(index.d, index)
-        return ApproxIndex(index, self.settings.shortlist, self.settings.nprobe, factory)
+        return ApproxIndex(index, self.settings.shortlist, self.settings.nprobe, factory, trained_for)
 
     def _replay(self, seq: int) -> int:
+        """Apply the store's changes after ``seq`` to the faiss index; returns how many there were."""
         changes = self.store.changes_after(seq)
-        adds = [label for _, op, label in changes if op == OP_ADD]
-        live = set(self.store.labels_existing(adds)) if adds else set()
-        n = 0
-        for _, op, label in changes:
-            if op == OP_ADD:
-                if label in live:
-                    lab = np.asarray([label], np.int64)
-                    self._faiss.add(lab, self.transform(self.store.vectors([label], self.dim)))
-            else:
-                self._faiss.remove(np.asarray([label], np.int64))
-            n += 1
-        return n
+        self._apply_changes(changes, self._faiss)
+        return len(changes)
+
+    def _apply_changes(self, changes: list[tuple[int, int, int]], index: ExactIndex | ApproxIndex) -> None:
+        """Apply (seq, op, label) changes to ``index``. Labels are never reused, so they
+        coalesce: an image added and deleted within the window never reaches the index, and the
+        rest are applied in batches."""
+        added = {label for _, op, label in changes if op == OP_ADD}
+        removed = [label for _, op, label in changes if op != OP_ADD and label not in added]
+        index.remove(np.asarray(removed, np.int64))
+        live = sorted(self.store.labels_existing(sorted(added)))
+        for start in range(0, len(live), 4096):
+            chunk = live[start : start + 4096]
+            index.add(np.asarray(chunk, np.int64), self.transform(self.store.vectors(chunk, self.dim)))
 
     def _rebuild(self) -> None:
         """Re-create the exact index from every stored vector (the approximate one follows in
@@ -369,10 +372,12 @@ class ShardIndex:
             busy = self._worker is not None and self._worker.is_alive()
             if busy or self._faiss is None:
                 return
-            need_approx = (
-                self.settings.approximate
-                and isinstance(self._faiss, ExactIndex)
-                and self._faiss.ntotal >= self.settings.approx_min_images
+            need_approx = self.settings.approximate and (
+                (isinstance(self._faiss, ExactIndex) and self._faiss.ntotal >= self.settings.approx_min_images)
+                or (  # grown well past what its lists were sized for: retrain (the old index serves meanwhile)
+                    isinstance(self._faiss, ApproxIndex) and self.settings.factory == "auto"
+                    and self._faiss.ntotal >= self.settings.retrain_growth * self._faiss.trained_for
+                )
             )
             seq = self.store.counters()["seq"]
             need_snapshot = seq - self._last_snapshot_seq >= self.settings.snapshot_every
@@ -405,8 +410,9 @@ class ShardIndex:
             blob = serialize(self._faiss.index)
             kind, dim, wcrc = self._faiss.kind, self.indexed_dim, self._whitening_crc()
             factory = getattr(self._faiss, "factory", "Flat")
+            trained_for = getattr(self._faiss, "trained_for", 0)
         record = write_blob(blob, os.path.join(self.store.path, SNAPSHOT_FILE))
-        record.update(seq=seq, kind=kind, dim=dim, whitening_crc32=wcrc, factory=factory)
+        record.update(seq=seq, kind=kind, dim=dim, whitening_crc32=wcrc, factory=factory, trained_for=trained_for)
         with self._lock.write():
             if wcrc != self._whitening_crc():
                 return self._last_snapshot_seq  # whitening changed while writing: the file is stale
@@ -430,15 +436,25 @@ class ShardIndex:
         try:
             sample = self._indexed_vectors(sample_labels)
             built = ApproxIndex.train(factory, sample, self.settings.shortlist, self.settings.nprobe)
+            built.trained_for = n
             del sample
             seen: list[int] = []
             for chunk_labels, vecs in self.store.iter_vectors(self.dim, on_open=seen.append):
                 built.add(chunk_labels, self.transform(vecs))
+            # catch up with the writes made meanwhile outside the lock (the new index is not
+            # serving yet), then take the lock only for the last few and the swap
+            seq = seen[0]
+            while True:
+                pending = self.store.changes_after(seq)
+                if len(pending) < 4096:
+                    break
+                self._apply_changes(pending, built)
+                seq = pending[-1][0]
             with self._lock.write():
                 if self._closed or wcrc != self._whitening_crc():
                     return
+                self._apply_changes(self.store.changes_after(seq), built)
                 self._faiss, exact = built, self._faiss
-                self._replay(seen[0])
                 del exact
             log.info("shard store %s: approximate index %s trained on %d vectors, %d indexed, %.1f s",
                      self.store.path, factory, len(sample_labels), built.ntotal, time.perf_counter() - t0)

@@ -37,6 +37,9 @@ class IndexSettings:
         Vectors the approximate index is trained on (a random sample of the shard).
     snapshot_every : int
         Changes (adds + deletes) after which the faiss index is snapshotted in the background.
+    retrain_growth : float
+        With ``factory="auto"``, the approximate index is retrained (in the background, the old
+        one serving meanwhile) once the shard holds this many times the images it was sized for.
     """
 
     factory: str = "auto"
@@ -45,6 +48,7 @@ class IndexSettings:
     nprobe: int = 48
     train_sample: int = 100_000
     snapshot_every: int = 20_000
+    retrain_growth: float = 4.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -53,6 +57,7 @@ class IndexSettings:
             "nprobe": self.nprobe >= 1,
             "train_sample": self.train_sample >= 1000,
             "snapshot_every": self.snapshot_every >= 1,
+            "retrain_growth": self.retrain_growth > 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -108,9 +113,10 @@ class ApproxIndex:
 
     kind = "approximate"
 
-    def __init__(self, index: faiss.Index, shortlist: int, nprobe: int, factory: str = "") -> None:
+    def __init__(self, index: faiss.Index, shortlist: int, nprobe: int, factory: str = "", trained_for: int = 0) -> None:
         self.index = index
         self.factory = factory
+        self.trained_for = trained_for or int(index.ntotal)  # shard size its lists were sized for
         self.dim = index.d
         self.shortlist = shortlist
         self.set_nprobe(nprobe)

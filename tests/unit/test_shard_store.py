@@ -182,3 +182,22 @@ def test_ivfpq_factory_sizes_lists_and_codes():
     assert ivfpq_factory(1_000_000, 1280) == "IVF4096,PQ64np"
     assert ivfpq_factory(100_000, 1280) == "IVF1024,PQ64np"
     assert ivfpq_factory(10, 96) == "IVF256,PQ48np"
+
+
+def test_auto_index_is_retrained_when_the_shard_outgrows_it(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4200, 16)).astype(np.float32)
+    recs = [StoredImage(f"r{i}", v / np.linalg.norm(v), None, None, {}) for i, v in enumerate(x)]
+    idx = open_index(tmp_path, approx_min_images=1000, train_sample=1000, retrain_growth=4.0)
+    idx.add(recs[:1000])
+    first = idx.factory
+    assert first.startswith("IVF") and idx._faiss.trained_for == 1000
+    idx.add(recs[1000:3900])
+    assert idx._faiss.trained_for == 1000  # 3.9x: not yet
+    idx.add(recs[3900:])
+    assert idx._faiss.trained_for == 4200 and idx._faiss.ntotal == 4200
+    assert idx.search(recs[4100].vector, 1).ids == ["r4100"]
+    idx.close()
+    again = open_index(tmp_path, approx_min_images=1000)
+    assert again._faiss.trained_for == 4200 and again.factory == idx.factory
+    again.close()
