@@ -166,6 +166,9 @@ class ExtractorActor:
     def address(self) -> str:
         return self.addr
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def metrics_address(self) -> str:
         return self.metrics_addr
 

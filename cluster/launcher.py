@@ -125,21 +125,29 @@ class Cluster:
             ray.init(address=cfg.ray_address, namespace=cfg.namespace, runtime_env=env, log_to_driver=False)
         else:
             local_only = is_loopback(cfg.host)
-            with _ray_on_loopback(local_only):
-                ray.init(
-                    # a loopback-only cluster keeps Ray's own servers (GCS, raylet, workers,
-                    # autoscaler monitor, runtime-env agent) on loopback too; see _ray_on_loopback
-                    _node_ip_address="127.0.0.1" if local_only else None,
-                    namespace=cfg.namespace,
-                    runtime_env=env,
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    object_store_memory=256 * 1024 * 1024,
-                    # a local cluster is its own shard and extractor node
-                    resources=_local_resources(cfg),
-                    configure_logging=True,
-                    logging_level=logging.WARNING,
-                )
+            for attempt in (1, 2):
+                try:
+                    with _ray_on_loopback(local_only):
+                        ray.init(
+                            # a loopback-only cluster keeps Ray's own servers (GCS, raylet, workers,
+                            # autoscaler monitor, runtime-env agent) on loopback too; see _ray_on_loopback
+                            _node_ip_address="127.0.0.1" if local_only else None,
+                            namespace=cfg.namespace,
+                            runtime_env=env,
+                            include_dashboard=False,
+                            log_to_driver=False,
+                            object_store_memory=256 * 1024 * 1024,
+                            # a local cluster is its own shard and extractor node
+                            resources=_local_resources(cfg),
+                            configure_logging=True,
+                            logging_level=logging.WARNING,
+                        )
+                    break
+                except Exception as exc:  # Ray's own startup timeout (30 s, not configurable) on a busy machine
+                    if attempt == 2 or "timed out during startup" not in str(exc):
+                        raise
+                    log.warning("local Ray did not start in time (%s); retrying once", exc)
+                    ray.shutdown()
             self._owns_ray = True
 
     def _load_auth(self) -> None:
@@ -257,7 +265,8 @@ class Cluster:
             self._targets = None
         if self._broker is not None and self._loop is not None:
             try:
-                asyncio.run_coroutine_threadsafe(self._broker.stop(1.0), self._loop).result(timeout=10)
+                grace = self.broker_config.shutdown_grace_s  # NOT_SERVING, then in-flight calls get this long
+                asyncio.run_coroutine_threadsafe(self._broker.stop(grace), self._loop).result(timeout=grace + 10)
             except Exception:  # shutting down: a failing stop must not block the rest
                 log.exception("broker stop failed")
             self._broker = None

@@ -6,12 +6,31 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import grpc
+import json
 import numpy as np
 
 from loupe.tensors import to_tensor
 from loupe.v1 import retrieval_pb2, retrieval_pb2_grpc, types_pb2
 
 MiB = 1024 * 1024
+
+# Retries with jittered exponential backoff (gRPC retry design A6: each wait is random in
+# [0, min(initial * multiplier**n, max)]) on the transient codes only. INVALID_ARGUMENT and the
+# other caller errors are never retried; a RESOURCE_EXHAUSTED for an input over a limit carries
+# the "grpc-retry-pushback-ms: -1" trailer, which stops the retries, while an overloaded
+# broker's carries its hint (e.g. 100 ms), which gRPC waits before the next attempt.
+RETRY_SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": [{"service": "loupe.v1.Retrieval"}],
+        "retryPolicy": {
+            "maxAttempts": 4,
+            "initialBackoff": "0.1s",
+            "maxBackoff": "2s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+        },
+    }]
+})
 
 
 @dataclass(frozen=True)
@@ -39,6 +58,9 @@ class RetrievalClient:
         PEM CA bundle that signed the broker's certificate → TLS. None = plaintext, unless ``tls``.
     tls : bool
         TLS with the system's root certificates (implied by ``tls_ca_file``).
+    retries : bool
+        Retry UNAVAILABLE / RESOURCE_EXHAUSTED with jittered backoff (``RETRY_SERVICE_CONFIG``).
+        Every rpc is safe to retry: AddImages is an idempotent upsert by id.
 
     Attributes
     ----------
@@ -49,13 +71,17 @@ class RetrievalClient:
     """
 
     def __init__(
-        self, address: str, max_message_bytes: int = 64 * MiB, *, token: str | None = None, tls_ca_file: str | None = None, tls: bool = False
+        self, address: str, max_message_bytes: int = 64 * MiB, *, token: str | None = None, tls_ca_file: str | None = None, tls: bool = False,
+        retries: bool = True,
     ) -> None:
         self.address = address
-        options = [
+        options: list[tuple[str, int | str]] = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.enable_retries", 1 if retries else 0),
         ]
+        if retries:
+            options.append(("grpc.service_config", RETRY_SERVICE_CONFIG))
         if tls_ca_file or tls:
             roots = None
             if tls_ca_file:

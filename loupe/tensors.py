@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from loupe.v1 import types_pb2
@@ -54,12 +56,15 @@ def from_tensor(tensor: types_pb2.Tensor, *, field: str = "tensor", dequantize: 
     shape = tuple(int(s) for s in tensor.shape)
     if any(s < 0 for s in shape):
         raise TensorError(f"{field}: negative dimension in shape {list(shape)}")
-    count = int(np.prod(shape)) if shape else 0
+    count = math.prod(shape) if shape else 0  # Python ints: no int64 overflow on hostile shapes
     if count * dtype.itemsize != len(tensor.data):
         raise TensorError(
             f"{field}: shape {list(shape)} needs {count * dtype.itemsize} bytes of data, got {len(tensor.data)}"
         )
-    arr = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    try:
+        arr = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    except ValueError:  # e.g. shape [] with no data
+        raise TensorError(f"{field}: data cannot take shape {list(shape)}") from None
     if tensor.dtype == types_pb2.DTYPE_INT8:
         if not dequantize:
             return arr.astype(np.int8)

@@ -118,8 +118,9 @@ def rows() -> list[tuple[str, list[dict]]]:
               [target(f"max by (namespace) (loupe_shard_images{{{NS}}}) / avg by (namespace) (loupe_shard_images{{{NS}}})", "max / mean")],
               "1.0 = perfectly even. Placement hashes ids, so a large value means a shard lost data or an id scheme collides."),
         panel("Shard health (1 = up)", "short",
-              [target(f'min by (shard) (up{{role="shard", {SHARD}}})', "shard {{shard}}")],
-              "Whether Prometheus reaches each shard's /metrics (alert LoupeShardDown).", max1=True),
+              [target(f"min by (shard) (loupe_shard_up{{{SHARD}}})", "shard {{shard}}")],
+              "Whether each shard answers the broker's health check (a Stats call every 5 s), whichever pods are scraped "
+              "(alert LoupeShardDown).", max1=True),
         panel("Partial answers and shard failures per second", "ops",
               [target(f"sum({_rate('loupe_partial_responses_total')})", "partial answers"),
                target(f"sum by (shard, reason) ({_rate('loupe_shard_failures_total', SHARD)})", "shard {{shard}} {{reason}}")],
@@ -177,6 +178,11 @@ def rows() -> list[tuple[str, list[dict]]]:
         panel("Actor restarts", "short",
               [target(f"max by (role, member) (loupe_actor_restarts{{{INST}}})", "{{role}} {{member}}")],
               "Times Ray restarted each shard actor / extractor replica since the cluster started (alert LoupeActorRestarting)."),
+        panel("Scrape targets up by role", "short",
+              [target(f'sum by (role) (up{{{NS}, role!=""}})', "{{role}} up"),
+               target(f'count by (role) (up{{{NS}, role!=""}})', "{{role}} targets")],
+              "/metrics exporters Prometheus reaches, against the targets it knows, per role. Scrape health only: in Kubernetes "
+              "a spare shard pod is a target that never answers, so shard health is the broker's loupe_shard_up (Shards row)."),
     ]
     return [("Traffic", traffic), ("Latency", latency), ("Rerank", rerank), ("Shards", shards),
             ("Extractors", extractors), ("Storage", storage), ("Resources", resources)]

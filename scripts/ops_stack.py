@@ -211,12 +211,14 @@ def live_stack(workdir: Path, *, interval_s: float = 1.0) -> Iterator[LiveStack]
     from cluster.config import ClusterConfig
     from cluster.launcher import Cluster
     from loupe.client import RetrievalClient
+    from services.broker.servicer import BrokerConfig
 
     workdir = Path(workdir)
     cfg = ClusterConfig(
         shards=2, replicas=1, max_side=256, global_max_side=256, scales=(1.0,), data_dir=str(workdir / "data"), extractor_threads=1,
     )
-    with Cluster(cfg) as cluster:
+    # the broker's shard health check as often as Prometheus scrapes (default every 5 s)
+    with Cluster(cfg, BrokerConfig(shard_health_period_s=interval_s)) as cluster:
         with LocalPrometheus(workdir / "prometheus", cluster.targets_file, [str(ALERTS)], interval_s) as prom:
             with RetrievalClient(cluster.broker_address) as client:
                 client.wait_ready(30)

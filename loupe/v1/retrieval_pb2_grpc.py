@@ -27,6 +27,23 @@ if _version_not_supported:
 
 class RetrievalStub:
     """Instance-level image search over a sharded collection.
+
+    Status-code contract (tests/integration/test_fuzz_status.py fuzzes it):
+    * INVALID_ARGUMENT: the request is wrong and retrying it cannot help: a field out of its
+    limit (the limits are declared once in services/common/limits.py and stated on each field
+    below), NaN/infinite floats, control characters in ids or metadata, an undecodable image,
+    or bytes that do not parse as the request message ("request: cannot be parsed ...").
+    * RESOURCE_EXHAUSTED: either the server is overloaded (admission control: the details say
+    "retry after N ms" and the trailer grpc-retry-pushback-ms carries N, so gRPC retry
+    policies wait N ms), or the input is over a resource limit such as the pixel limit
+    (trailer grpc-retry-pushback-ms: -1, which tells gRPC not to retry).
+    * UNAVAILABLE: no shard or no extractor reachable. Retry with backoff.
+    * DEADLINE_EXCEEDED: the caller's deadline passed.
+    Bad input never yields UNKNOWN, INTERNAL or UNAVAILABLE, and details never carry a
+    traceback. Each shard call gets a budget shorter than the caller's deadline (broker
+    settings shard_budget_fraction, shard_budget_s), so a hung shard yields a partial answer
+    listing it, not a DEADLINE_EXCEEDED.
+    Retrying any rpc is safe: AddImages is an idempotent upsert by id.
     """
 
     def __init__(self, channel):
@@ -69,6 +86,23 @@ class RetrievalStub:
 
 class RetrievalServicer:
     """Instance-level image search over a sharded collection.
+
+    Status-code contract (tests/integration/test_fuzz_status.py fuzzes it):
+    * INVALID_ARGUMENT: the request is wrong and retrying it cannot help: a field out of its
+    limit (the limits are declared once in services/common/limits.py and stated on each field
+    below), NaN/infinite floats, control characters in ids or metadata, an undecodable image,
+    or bytes that do not parse as the request message ("request: cannot be parsed ...").
+    * RESOURCE_EXHAUSTED: either the server is overloaded (admission control: the details say
+    "retry after N ms" and the trailer grpc-retry-pushback-ms carries N, so gRPC retry
+    policies wait N ms), or the input is over a resource limit such as the pixel limit
+    (trailer grpc-retry-pushback-ms: -1, which tells gRPC not to retry).
+    * UNAVAILABLE: no shard or no extractor reachable. Retry with backoff.
+    * DEADLINE_EXCEEDED: the caller's deadline passed.
+    Bad input never yields UNKNOWN, INTERNAL or UNAVAILABLE, and details never carry a
+    traceback. Each shard call gets a budget shorter than the caller's deadline (broker
+    settings shard_budget_fraction, shard_budget_s), so a hung shard yields a partial answer
+    listing it, not a DEADLINE_EXCEEDED.
+    Retrying any rpc is safe: AddImages is an idempotent upsert by id.
     """
 
     def Search(self, request, context):
@@ -84,7 +118,14 @@ class RetrievalServicer:
 
     def AddImages(self, request_iterator, context):
         """Adds (or replaces) images, streamed in batches. Acknowledged once every image of the
-        stream is stored on its shard. Errors: INVALID_ARGUMENT naming the offending id/field.
+        stream is stored on its shard. Errors: INVALID_ARGUMENT naming the offending id/field
+        (nothing of that batch is written: it is validated and extracted before any write).
+        When a shard fails mid-batch, the error (UNAVAILABLE, DEADLINE_EXCEEDED, ...) lists the
+        ids of that batch that were stored and those not confirmed, and counts the images of
+        earlier batches that were stored. Re-adding an id replaces it (idempotent upsert), so
+        resending the whole stream, or just the unconfirmed ids, is safe.
+        Limits: at most 256 images per batch message; each batch message within the broker's
+        message limit (64 MiB by default).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,7 +133,7 @@ class RetrievalServicer:
 
     def Delete(self, request, context):
         """Deletes images by id. Errors: NOT_FOUND when none of the ids exists (the others are
-        deleted and listed), INVALID_ARGUMENT for an empty id list.
+        deleted and listed), INVALID_ARGUMENT for an empty id list or more than 1000 ids.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -169,6 +210,23 @@ def add_RetrievalServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Retrieval:
     """Instance-level image search over a sharded collection.
+
+    Status-code contract (tests/integration/test_fuzz_status.py fuzzes it):
+    * INVALID_ARGUMENT: the request is wrong and retrying it cannot help: a field out of its
+    limit (the limits are declared once in services/common/limits.py and stated on each field
+    below), NaN/infinite floats, control characters in ids or metadata, an undecodable image,
+    or bytes that do not parse as the request message ("request: cannot be parsed ...").
+    * RESOURCE_EXHAUSTED: either the server is overloaded (admission control: the details say
+    "retry after N ms" and the trailer grpc-retry-pushback-ms carries N, so gRPC retry
+    policies wait N ms), or the input is over a resource limit such as the pixel limit
+    (trailer grpc-retry-pushback-ms: -1, which tells gRPC not to retry).
+    * UNAVAILABLE: no shard or no extractor reachable. Retry with backoff.
+    * DEADLINE_EXCEEDED: the caller's deadline passed.
+    Bad input never yields UNKNOWN, INTERNAL or UNAVAILABLE, and details never carry a
+    traceback. Each shard call gets a budget shorter than the caller's deadline (broker
+    settings shard_budget_fraction, shard_budget_s), so a hung shard yields a partial answer
+    listing it, not a DEADLINE_EXCEEDED.
+    Retrying any rpc is safe: AddImages is an idempotent upsert by id.
     """
 
     @staticmethod

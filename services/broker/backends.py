@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from typing import Protocol, Sequence
 
 import grpc
 
 from loupe.v1 import extractor_pb2, extractor_pb2_grpc, shard_pb2, shard_pb2_grpc
 from services.common.auth import AioBearerInterceptor
-from services.common.errors import Unavailable
+from services.common.errors import DeadlineExceeded, Overloaded, Unavailable
 from services.common.tls import InternalTls
 
 
@@ -96,10 +97,15 @@ class ExtractorPool:
         Cluster-internal token sent with every call ("" = none).
     tls : InternalTls or None
         Mutual TLS to the replicas (None = plaintext).
+    max_queue : int
+        Calls allowed to wait for a slot (0 = unbounded); beyond it ``extract`` raises
+        ``Overloaded`` at once with ``retry_after_ms`` (admission control).
+    retry_after_ms : int
+        Retry hint of that answer.
     """
 
     def __init__(self, addresses: Sequence[str], channel_options: Sequence[tuple[str, int]] = (), max_concurrency_per_replica: int = 2,
-                 internal_token: str = "", tls: InternalTls | None = None) -> None:
+                 internal_token: str = "", tls: InternalTls | None = None, max_queue: int = 0, retry_after_ms: int = 100) -> None:
         if not addresses:
             raise ValueError("extractor addresses: at least one replica is required")
         self.addresses = list(addresses)
@@ -108,10 +114,30 @@ class ExtractorPool:
         self._rr = itertools.cycle(range(len(self._stubs)))
         self.concurrency = max_concurrency_per_replica * len(self._stubs)
         self._slots = asyncio.Semaphore(self.concurrency)
+        self.max_queue = max_queue
+        self.retry_after_ms = retry_after_ms
+        self.waiting = 0
 
     async def extract(self, request: extractor_pb2.ExtractRequest, timeout_s: float) -> extractor_pb2.ExtractResponse:
-        """Extract on the next replica; on UNAVAILABLE try the others once each."""
-        async with self._slots:
+        """Extract on the next replica; on UNAVAILABLE try the others once each.
+
+        Raises ``Overloaded`` without waiting when ``max_queue`` callers already wait for a slot."""
+        if self.max_queue and self._slots.locked() and self.waiting >= self.max_queue:
+            raise Overloaded(
+                f"extractors: {self.waiting} images wait for {self.concurrency} extraction slots, the limit is "
+                f"broker.max_extract_queue={self.max_queue}; retry after {self.retry_after_ms} ms",
+                retry_after_ms=self.retry_after_ms,
+            )
+        self.waiting += 1
+        t0 = time.monotonic()
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout_s)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("deadline exceeded while waiting for an extraction slot") from None
+        finally:
+            self.waiting -= 1
+        timeout_s = max(0.001, timeout_s - (time.monotonic() - t0))
+        try:
             last: grpc.aio.AioRpcError | None = None
             for _ in range(len(self._stubs)):
                 stub = self._stubs[next(self._rr)]
@@ -122,6 +148,8 @@ class ExtractorPool:
                         raise
                     last = exc
             raise Unavailable(f"no extractor replica reachable ({last.details() if last else 'none'})")
+        finally:
+            self._slots.release()
 
     async def describe(self, timeout_s: float) -> extractor_pb2.DescribeResponse:
         """Model description from the first reachable replica."""

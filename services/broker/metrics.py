@@ -24,6 +24,7 @@ class BrokerMetrics:
     shard_vectors: Gauge
     shard_failures: Counter
     shard_store_bytes: Gauge
+    shard_up: Gauge
     images_added: Counter
     diffusion_iterations: Histogram
     graph_images: Gauge
@@ -58,6 +59,10 @@ class BrokerMetrics:
                 ["shard", "reason"], registry=r,
             ),
             shard_store_bytes=Gauge("loupe_shard_store_bytes", "Bytes each shard's store occupies on disk.", ["shard"], registry=r),
+            shard_up=Gauge(
+                "loupe_shard_up", "1 when the shard answered the broker's last health check (Stats call), else 0 (by shard).",
+                ["shard"], registry=r,
+            ),
             images_added=Counter("loupe_images_added", "Images stored through AddImages.", registry=r),
             diffusion_iterations=Histogram(
                 "loupe_diffusion_cg_iterations", "Conjugate-gradient iterations per diffusion solve.",

@@ -17,6 +17,7 @@ from loupe.tensors import from_tensor, to_tensor
 from loupe.v1 import extractor_pb2, retrieval_pb2, retrieval_pb2_grpc, shard_pb2, types_pb2
 from services.broker.backends import ExtractorPool, GrpcShardClient, ShardClient
 from services.broker.metrics import BrokerMetrics
+from services.broker.shard_health import ShardHealth
 from services.broker.topk import Hit, ids_by_shard, merge_topk
 from services.common.errors import (
     DeadlineExceeded,
@@ -25,6 +26,7 @@ from services.common.errors import (
     NotFound,
     Overloaded,
     Unavailable,
+    retry_trailer,
     status_for,
 )
 from services.common.grpc_server import RunningAioServer, ServerOptions, create_aio_server
@@ -38,6 +40,7 @@ from services.rerank.diffusion import DiffusionParams
 from services.rerank.verify import VerifyParams
 from services.space.placement import shard_for
 from services.space.ids import check_id
+from services.common import limits
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,6 +80,28 @@ class BrokerConfig:
         αQE / DBA neighbours and weight exponent.
     dba_neighbourhood : int
         Neighbourhood augmented by DBA.
+    shard_budget_fraction : float
+        Each shard call (search, features) gets this fraction of the caller's remaining time;
+        a shard slower than that is listed in ``missing_shards`` of a partial answer.
+    shard_budget_s : float
+        Absolute cap on a shard call's budget (0 = only the fraction); a shard search or a
+        features batch takes milliseconds, so 2 s is slack, not a limit on healthy shards.
+    max_inflight : int
+        Calls the broker handles at once; beyond it RESOURCE_EXHAUSTED at once, with a retry hint.
+    max_extract_queue : int
+        Images allowed to wait for an extraction slot (2 per replica run at once); beyond it
+        RESOURCE_EXHAUSTED at once, with a retry hint (0 = unbounded).
+    retry_after_ms : int
+        The hint: ``grpc-retry-pushback-ms`` trailer and message of an overload answer.
+    shutdown_grace_s : float
+        On SIGTERM/SIGINT the broker turns NOT_SERVING and lets calls in flight finish for up
+        to this long before the actors stop.
+    features_batch : int
+        Ids per GetFeatures call (local/regional features of one image can be ~0.3 MB, so a
+        batch of this size stays far below the message limit).
+    shard_health_period_s, shard_health_timeout_s : float
+        Every ``period`` the broker calls each shard's Stats (``timeout`` each) and sets
+        ``loupe_shard_up{shard}`` (services/broker/shard_health.py).
     """
 
     default_timeout_s: float = 30.0
@@ -101,8 +126,22 @@ class BrokerConfig:
     qe_n: int = 2
     qe_alpha: float = 3.0
     dba_neighbourhood: int = 1000
+    shard_budget_fraction: float = 0.5
+    shard_budget_s: float = 2.0
+    max_inflight: int = 128
+    max_extract_queue: int = 8  # measured: ~4 image searches/s per replica here → ≤ ~2 s of queueing
+    retry_after_ms: int = 100
+    features_batch: int = 32
+    shutdown_grace_s: float = 5.0
+    shard_health_period_s: float = 5.0
+    shard_health_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
+        if not 0 < self.shard_budget_fraction <= 1:
+            raise ValueError(f"broker.shard_budget_fraction must be in (0, 1], got {self.shard_budget_fraction}")
+        for name in ("max_inflight", "features_batch"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"broker.{name} must be > 0, got {getattr(self, name)}")
         for name in ("default_timeout_s", "max_k", "max_batch_images", "whitening_sample", "verify_candidates", "verify_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"broker.{name} must be > 0, got {getattr(self, name)}")
@@ -153,15 +192,18 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         self.config = config
         self.collection = CollectionModel(config.data_dir)
         self.metrics.graph_images.set_function(lambda: len(self.collection.graph) if self.collection.graph is not None else 0)
+        self._inflight = 0
         self._verify_pool = ThreadPoolExecutor(max_workers=config.verify_threads, thread_name_prefix="loupe-verify")
 
     # --- plumbing -------------------------------------------------------------------------
     async def _observe(self, method: str, context: grpc.aio.ServicerContext, body: Callable[[], Awaitable[T]]) -> T:
         """Run an RPC body with in-flight/latency/status metrics and the error → status table."""
         self.metrics.inflight.labels(method).inc()
+        self._inflight += 1
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
+            self._admit()
             return await body()
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -173,12 +215,34 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
                 code = grpc.StatusCode.INTERNAL
                 await context.abort(code, "internal error (see broker log)")
             code = mapped
+            trailer = retry_trailer(exc, code)
+            if trailer:
+                context.set_trailing_metadata(trailer)
             await context.abort(code, str(exc))
             raise  # unreachable: abort raises
         finally:
+            self._inflight -= 1
             self.metrics.inflight.labels(method).dec()
             self.metrics.request_seconds.labels(method).observe(time.perf_counter() - t0)
             self.metrics.requests.labels(method, code.name).inc()
+
+    def _admit(self) -> None:
+        """Admission control: beyond ``max_inflight`` calls, RESOURCE_EXHAUSTED at once, with a retry hint."""
+        if self._inflight > self.config.max_inflight:
+            raise Overloaded(
+                f"broker: {self._inflight - 1} requests in flight, the limit is broker.max_inflight={self.config.max_inflight}; "
+                f"retry after {self.config.retry_after_ms} ms",
+                retry_after_ms=self.config.retry_after_ms,
+            )
+
+    def _shard_timeout(self, deadline: Deadline | PerCallBudget) -> float:
+        """Budget of one shard call: a fraction of the caller's remaining time, so that a hung
+        shard is reported missing (partial answer) while the caller still waits."""
+        left = deadline.remaining()
+        budget = left * self.config.shard_budget_fraction
+        if self.config.shard_budget_s > 0:
+            budget = min(budget, self.config.shard_budget_s)
+        return max(budget, min(left, 0.05))
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
         return Deadline(context.time_remaining(), self.config.default_timeout_s)
@@ -211,8 +275,14 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         which = request.WhichOneof("query")
         if which is None:
             raise InvalidArgument("query: set either image or vector")
-        if which == "image" and not request.image:
-            raise InvalidArgument("image: empty image bytes")
+        if which == "image":
+            limits.check_image_bytes(request.image, "image")
+        else:
+            limits.check_vector(request.vector, "vector")
+        if request.HasField("crop"):
+            if which != "image":
+                raise InvalidArgument("crop: only an image query can be cropped")
+            limits.check_crop(request.crop)
 
     async def _search(self, request: retrieval_pb2.SearchRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.SearchResponse:
         deadline = self._deadline(context)
@@ -310,8 +380,11 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             d = ro.diffuse
             if d.neighbourhood < 0 or d.neighbourhood > self.config.max_neighbourhood:
                 raise InvalidArgument(f"rerank.diffuse.neighbourhood: must be in 0..{self.config.max_neighbourhood}, got {d.neighbourhood}")
-            if d.k < 0:
-                raise InvalidArgument(f"rerank.diffuse.k: must be >= 0, got {d.k}")
+            limits.check_int_range(d.k, "rerank.diffuse.k", 0, self.config.max_graph_k)
+            if d.alpha:
+                limits.check_finite_range(d.alpha, "rerank.diffuse.alpha", 0.0, 1.0, lo_open=True, hi_open=True)
+            if d.gamma:
+                limits.check_finite_range(d.gamma, "rerank.diffuse.gamma", 0.0, limits.MAX_DIFFUSION_GAMMA, lo_open=True)
             regional = d.regional
             online_graph = d.online_graph
             base = self.config.regional_diffusion if regional else self.config.diffusion
@@ -322,8 +395,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
                 raise InvalidArgument(f"rerank.diffuse: {exc}") from None
             neighbourhood = d.neighbourhood or (self.config.regional_neighbourhood if regional else self.config.neighbourhood)
         e = ro.expand
-        if e.n < 0 or e.alpha < 0:
-            raise InvalidArgument("rerank.expand: n and alpha must be >= 0")
+        limits.check_int_range(e.n, "rerank.expand.n", 0, self.config.max_neighbourhood)
+        limits.check_finite_range(e.alpha, "rerank.expand.alpha", 0.0, limits.MAX_EXPANSION_ALPHA)
         n_verify = (ro.verify.candidates or self.config.verify_candidates) if verify is not None else 0
         qe_n = e.n or self.config.qe_n
         depth = max(n_verify, neighbourhood, qe_n if e.query_expansion else 0, self.config.dba_neighbourhood if e.database_augmentation else 0)
@@ -400,14 +473,16 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
     async def _get_features(
         self, hits: Sequence[Hit], deadline: Deadline, *, want_local: bool = False, want_regional: bool = False
     ) -> dict[str, types_pb2.ImageFeatures]:
-        """Stored features of ``hits``, one GetFeatures call per owning shard (id → features).
+        """Stored features of ``hits``, GetFeatures calls of ``features_batch`` ids per owning
+        shard (id → features), so that no response nears the message limit.
 
         A shard that fails is skipped: its images simply have no features here (the fan-out
         has already reported the shard as missing)."""
+        timeout, n = self._shard_timeout(deadline), self.config.features_batch
         responses = await asyncio.gather(
             *(self.shards[sid].get_features(
-                shard_pb2.GetFeaturesRequest(shard_id=sid, ids=ids, want_local=want_local, want_regional=want_regional), deadline.remaining()
-            ) for sid, ids in ids_by_shard(hits).items()),
+                shard_pb2.GetFeaturesRequest(shard_id=sid, ids=ids[i : i + n], want_local=want_local, want_regional=want_regional), timeout
+            ) for sid, ids in ids_by_shard(hits).items() for i in range(0, len(ids), n)),
             return_exceptions=True,
         )
         return {
@@ -435,6 +510,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             raise InvalidArgument(f"rerank.verify.min_inliers: must be >= 0, got {opts.min_inliers}")
         changes: dict[str, object] = {}
         if opts.model:
+            if opts.model not in limits.VERIFY_MODELS:
+                raise InvalidArgument(f"rerank.verify.model: must be one of {list(limits.VERIFY_MODELS)}, got {opts.model[:32]!r}")
             changes["model"] = opts.model
         if opts.min_inliers:
             changes["min_inliers"] = opts.min_inliers
@@ -460,7 +537,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         tensor = to_tensor(query.astype(np.float32))
 
         async def one(shard: ShardClient) -> list[Hit]:
-            timeout = deadline.remaining()
+            timeout = self._shard_timeout(deadline)
             req = shard_pb2.ShardSearchRequest(
                 shard_id=shard.shard_id, query=tensor, top_k=depth, timeout_s=timeout,
                 return_vectors=return_vectors, query_transformed=transformed,
@@ -513,8 +590,11 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
                 )
             try:
                 added += await self._add_batch(batch, batch_no, deadline)
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"{exc} ({added} images of earlier batches were stored)") from None
+            except (InvalidArgument, Unavailable, Overloaded, DeadlineExceeded, FailedPrecondition) as exc:
+                err = type(exc)(f"{exc} ({added} images of earlier batches were stored)")
+                if isinstance(exc, Overloaded):
+                    err.retry_after_ms = exc.retry_after_ms
+                raise err from None
             batch_no += 1
         return retrieval_pb2.AddImagesResponse(added=added, seconds=time.perf_counter() - t0)
 
@@ -526,8 +606,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             if rec.id in seen:
                 raise InvalidArgument(f"images[{i}].id: duplicate id {rec.id!r} in one batch")
             seen.add(rec.id)
-            if not rec.image:
-                raise InvalidArgument(f"images[{i}].image: empty image bytes (id {rec.id!r})")
+            limits.check_image_bytes(rec.image, f"images[{i}].image (id {rec.id!r})")
+            limits.check_metadata(rec.metadata, f"images[{i}].metadata (id {rec.id!r})")
         # Extract everything first: a bad image fails the batch before any of it is written.
         sem = asyncio.Semaphore(self.extractors.concurrency)
 
@@ -557,9 +637,12 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
                 raise _from_rpc_error(exc, f"shard {sid}") from None
 
         self.collection.graph_forget([rec.id for rec in batch.images])  # replaced images leave the graph
-        stored = await asyncio.gather(*(write(s, r) for s, r in by_shard.items()))
-        n = int(sum(stored))
+        outcomes = await asyncio.gather(*(write(s, r) for s, r in by_shard.items()), return_exceptions=True)
+        n = int(sum(o for o in outcomes if not isinstance(o, BaseException)))
         self.metrics.images_added.inc(n)
+        failed = [(sid, o) for sid, o in zip(by_shard, outcomes) if isinstance(o, BaseException)]
+        if failed:
+            raise _partial_write_error(by_shard, outcomes, failed[0][1])
         return n
 
     def _project_local(self, features: Sequence[types_pb2.ImageFeatures]) -> None:
@@ -582,6 +665,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         deadline = self._deadline(context)
         if not request.ids:
             raise InvalidArgument("ids: at least one id is required")
+        if len(request.ids) > limits.MAX_DELETE_IDS:
+            raise InvalidArgument(f"ids: {len(request.ids)} ids, the limit is {limits.MAX_DELETE_IDS} per request")
         by_shard: dict[int, list[str]] = {}
         for i, image_id in enumerate(request.ids):
             check_id(image_id, f"ids[{i}]")
@@ -639,8 +724,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
 
     async def _fit_whitening(self, request: retrieval_pb2.FitWhiteningRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.FitWhiteningResponse:
         deadline = self._deadline(context)
-        if request.max_vectors < 0 or request.dim < 0:
-            raise InvalidArgument("max_vectors and dim: must be >= 0")
+        limits.check_int_range(request.max_vectors, "max_vectors", 0, limits.MAX_WHITENING_SAMPLE)
+        limits.check_int_range(request.dim, "dim", 0, limits.MAX_VECTOR_DIM)
         payload = b""
         sample = 0
         dim = 0
@@ -653,6 +738,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             x = np.concatenate([from_tensor(s.vectors, field="vectors") for s in samples if s.vectors.shape])
             if len(x) < 2:
                 raise FailedPrecondition(f"collection: {len(x)} images indexed, whitening needs at least 2")
+            if request.dim > x.shape[1]:
+                raise InvalidArgument(f"dim: must be <= the indexed dimension {x.shape[1]}, got {request.dim}")
             w = PCAWhitening()
             w.fit(x, dim=request.dim or None)
             payload, sample, dim = w.to_bytes(), len(x), w.output_dim
@@ -730,6 +817,24 @@ def _padded(seq: Sequence[T], n: int) -> list[T | None]:
     return out + [None] * (n - len(out))
 
 
+def _partial_write_error(by_shard: dict[int, shard_pb2.ShardAddRequest], outcomes: Sequence[object], first: BaseException) -> BaseException:
+    """The first shard failure of a batch, its message extended by which ids were stored.
+
+    A batch is split by shard; shards that answered stored their ids (idempotent upsert: the
+    caller may resend the whole request, or only the ids listed as not stored)."""
+    if not isinstance(first, Exception) or status_for(first) is None:
+        return first
+    stored = [r.id for req, o in zip(by_shard.values(), outcomes) if not isinstance(o, BaseException) for r in req.records]
+    lost = [r.id for req, o in zip(by_shard.values(), outcomes) if isinstance(o, BaseException) for r in req.records]
+    cap = 50
+    msg = (f"{first}; of this batch {len(stored)} images were stored: {stored[:cap]}{' ...' if len(stored) > cap else ''}; "
+           f"not confirmed (resend them): {lost[:cap]}{' ...' if len(lost) > cap else ''}")
+    err = type(first)(msg)
+    if isinstance(first, Overloaded):
+        err.retry_after_ms = first.retry_after_ms
+    return err
+
+
 def _from_rpc_error(exc: grpc.aio.AioRpcError, what: str) -> Exception:
     """Re-raise a backend's status as the matching domain error, prefixed with ``what``."""
     code = exc.code()
@@ -737,7 +842,8 @@ def _from_rpc_error(exc: grpc.aio.AioRpcError, what: str) -> Exception:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument(exc.details() or msg)  # backends already name the field
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return Overloaded(exc.details() or msg)
+        busy = "concurrent rpc limit" in (exc.details() or "").lower()  # the backend's gRPC admission limit: transient
+        return Overloaded(exc.details() or msg, retry_after_ms=100 if busy else None)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(msg)
     if code == grpc.StatusCode.NOT_FOUND:
@@ -752,6 +858,7 @@ class RunningBroker:
     server: RunningAioServer
     servicer: RetrievalServicer
     metrics_port: int
+    shard_health: ShardHealth | None = None
 
     @property
     def port(self) -> int:
@@ -760,6 +867,8 @@ class RunningBroker:
     async def stop(self, grace_s: float = 2.0) -> None:
         """Graceful stop: NOT_SERVING, drain, close backend channels and the exporter."""
         await self.server.stop(grace_s)
+        if self.shard_health is not None:
+            await self.shard_health.stop()
         self.servicer._verify_pool.shutdown(wait=False)
         await self.servicer.extractors.close()
         for s in self.servicer.shards:
@@ -786,7 +895,8 @@ async def create_server(
     channel_opts = opts.channel_options()
     metrics = BrokerMetrics.create()
     servicer = RetrievalServicer(
-        ExtractorPool(extractor_addresses, channel_opts, internal_token=internal_token, tls=internal_tls),
+        ExtractorPool(extractor_addresses, channel_opts, internal_token=internal_token, tls=internal_tls,
+                      max_queue=config.max_extract_queue, retry_after_ms=config.retry_after_ms),
         [GrpcShardClient(i, a, channel_opts, internal_token, internal_tls) for i, a in enumerate(shard_addresses)],
         metrics,
         config,
@@ -795,4 +905,5 @@ async def create_server(
         lambda s: retrieval_pb2_grpc.add_RetrievalServicer_to_server(servicer, s), ["loupe.v1.Retrieval"], opts
     )
     mport = metrics.serve(metrics_host, metrics_port)
-    return RunningBroker(server, servicer, mport)
+    health = ShardHealth(servicer.shards, metrics, config.shard_health_period_s, config.shard_health_timeout_s).start()
+    return RunningBroker(server, servicer, mport, health)

@@ -35,7 +35,16 @@ class NotFound(LoupeError):
 
 
 class Overloaded(LoupeError):
-    """The server is at capacity or the input exceeds a resource limit."""
+    """The server is at capacity or the input exceeds a resource limit.
+
+    ``retry_after_ms`` set = transient overload: sent as the ``grpc-retry-pushback-ms``
+    trailer, which gRPC clients with a retry policy honour. None = a limit that a retry
+    cannot cure: the trailer says "do not retry" (-1).
+    """
+
+    def __init__(self, message: str, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
 
 
 class Unavailable(LoupeError):
@@ -76,6 +85,14 @@ def status_for(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
+def retry_trailer(exc: BaseException, code: grpc.StatusCode) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata telling gRPC's retry machinery whether (and when) to retry."""
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ()
+    ms = getattr(exc, "retry_after_ms", None)
+    return (("grpc-retry-pushback-ms", str(int(ms)) if ms is not None else "-1"),)
+
+
 def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate a servicer method (sync or async) so domain errors become gRPC statuses."""
 
@@ -94,6 +111,9 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
                         raise
                     log.exception("internal error in %s", method.__qualname__)
                     await context.abort(grpc.StatusCode.INTERNAL, "internal error (see server log)")
+                trailer = retry_trailer(exc, code)
+                if trailer:
+                    context.set_trailing_metadata(trailer)
                 await context.abort(code, str(exc))
 
         return async_wrapper
@@ -109,6 +129,9 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
                     raise
                 log.exception("internal error in %s", method.__qualname__)
                 context.abort(grpc.StatusCode.INTERNAL, "internal error (see server log)")
+            trailer = retry_trailer(exc, code)
+            if trailer:
+                context.set_trailing_metadata(trailer)
             context.abort(code, str(exc))
 
     return wrapper

@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.auth import AioAuthInterceptor, AuthInterceptor, AuthPolicy
+from services.common.decode_guard import AioDecodeGuardInterceptor, DecodeGuardInterceptor
 
 MiB = 1024 * 1024
 
@@ -50,10 +51,11 @@ class ServerOptions:
     auth: AuthPolicy | None = None
 
     def interceptors(self, aio: bool) -> list:
-        """Server interceptors for these options (the token check when ``auth`` is set)."""
+        """Server interceptors: the token check when ``auth`` is set, then the decode guard."""
+        guard = AioDecodeGuardInterceptor() if aio else DecodeGuardInterceptor()  # unparseable → INVALID_ARGUMENT
         if self.auth is None:
-            return []
-        return [AioAuthInterceptor(self.auth) if aio else AuthInterceptor(self.auth)]
+            return [guard]
+        return [AioAuthInterceptor(self.auth) if aio else AuthInterceptor(self.auth), guard]
 
     def channel_options(self) -> list[tuple[str, int]]:
         """gRPC channel arguments for these message-size limits."""

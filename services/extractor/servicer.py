@@ -15,6 +15,7 @@ import torch
 from loupe.tensors import to_tensor
 from loupe.v1 import extractor_pb2, extractor_pb2_grpc, types_pb2
 from services.common.errors import InvalidArgument, grpc_errors
+from services.common.limits import MAX_IMAGE_PIXELS, check_crop
 from services.common.grpc_server import RunningServer, ServerOptions, create_sync_server
 from services.common.images import ImageTooLarge, InvalidImage, decode_image
 from services.common.metrics import ExtractorMetrics
@@ -58,7 +59,7 @@ class ExtractorConfig:
 
     weights_path: str = ""
     global_config: GlobalConfig = GlobalConfig()
-    max_pixels: int = 40_000_000
+    max_pixels: int = MAX_IMAGE_PIXELS  # services/common/limits.py
     local_config: LocalConfig = LocalConfig()
     attention_path: str = ""
     regional_max_side: int = 1024
@@ -76,6 +77,7 @@ class ExtractorConfig:
 def crop_and_resize(image: np.ndarray, crop: types_pb2.Box | None, max_side: int) -> np.ndarray:
     """Crop (H, W, 3) ``image`` to ``crop`` (original pixels) then shrink so max(H, W) <= max_side."""
     if crop is not None:
+        check_crop(crop)  # NaN/inf/unordered boxes are INVALID_ARGUMENT, not an internal error
         h, w = image.shape[:2]
         x1, y1 = max(0, int(np.floor(crop.x1))), max(0, int(np.floor(crop.y1)))
         x2, y2 = min(w, int(np.ceil(crop.x2))), min(h, int(np.ceil(crop.y2)))

@@ -2,14 +2,6 @@
 
 from __future__ import annotations
 
-from services.common.errors import InvalidArgument
+from services.common.limits import MAX_ID_BYTES, check_id
 
-MAX_ID_BYTES = 512
-
-
-def check_id(image_id: str, field: str) -> None:
-    """Raise InvalidArgument unless ``image_id`` is a 1..512-byte string."""
-    if not image_id:
-        raise InvalidArgument(f"{field}: image id must not be empty")
-    if len(image_id.encode("utf-8")) > MAX_ID_BYTES:
-        raise InvalidArgument(f"{field}: image id longer than {MAX_ID_BYTES} bytes")
+__all__ = ["MAX_ID_BYTES", "check_id"]

@@ -31,7 +31,7 @@ PRODUCTION: dict[str, Any] = {
     "imagePullSecrets": [{"name": "regcred"}],
     "loupe": {"shards": 8, "replicas": 4, "port": 443, "metricsPort": 9100, "indexFactory": "IVF4096,PQ64",
               "extraArgs": ["--max-side", "768"]},
-    "shardWorkers": {"replicas": 5, "slotsPerPod": 2, "resources": {"requests": {"cpu": "4", "memory": "32Gi"}},
+    "shardWorkers": {"replicas": 9, "slotsPerPod": 1, "resources": {"requests": {"cpu": "4", "memory": "32Gi"}},
                      "nodeSelector": {"pool": "memory"}, "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "loupe", "effect": "NoSchedule"}]},
     "extractorWorkers": {"replicas": 4, "slotsPerPod": 1, "resources": {"requests": {"cpu": "8", "memory": "8Gi"}}},
     "auth": {"enabled": True, "existingSecret": "loupe-tokens"},

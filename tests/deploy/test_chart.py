@@ -171,6 +171,8 @@ def test_head_runs_ray_start_then_loupe_up_with_the_values_as_flags(rendered):
     assert _flag(args, "--host") == "0.0.0.0"
     assert _flag(args, "--port") == str(v["loupe"]["port"])
     assert _flag(args, "--metrics-port") == str(v["loupe"]["metricsPort"])
+    assert _flag(args, "--shard-metrics-port") == str(v["metrics"]["shardPort"])
+    assert _flag(args, "--extractor-metrics-port") == str(v["metrics"]["extractorPort"])
     assert _flag(args, "--shards") == str(v["loupe"]["shards"])
     assert _flag(args, "--replicas") == str(v["loupe"]["replicas"])
     assert _flag(args, "--index-factory") == v["loupe"]["indexFactory"]
@@ -180,6 +182,8 @@ def test_head_runs_ray_start_then_loupe_up_with_the_values_as_flags(rendered):
 
     parsed = build_parser().parse_known_args(args[1:])[0]
     assert parsed.shard_resource == v["loupe"]["shardResource"]
+    assert parsed.shard_metrics_port == v["metrics"]["shardPort"]
+    assert parsed.extractor_metrics_port == v["metrics"]["extractorPort"]
     assert parsed.extractor_resource == v["loupe"]["extractorResource"]
 
 
@@ -191,7 +195,11 @@ def test_container_ports_match_the_flags_and_the_service(rendered):
     assert ports["grpc"] == int(_flag(head["args"], "--port")) == v["loupe"]["port"]
     assert ports["broker-metrics"] == int(_flag(head["args"], "--metrics-port"))
     assert {ports["gcs-server"], ports["dashboard"], ports["client"]} == {6379, 8265, 10001}
-    assert ports["metrics"] == v["metrics"]["rayExportPort"]
+    assert set(ports) == {"gcs-server", "dashboard", "client", "grpc", "broker-metrics"}  # no Ray metrics export (8080)
+    rc = one(objs, "RayCluster")
+    for group, flag in (("shards", "--shard-metrics-port"), ("extractors", "--extractor-metrics-port")):
+        worker_ports = [p["containerPort"] for p in _group(rc, group)["template"]["spec"]["containers"][0]["ports"]]
+        assert worker_ports == [int(_flag(head["args"], flag))], (group, worker_ports)
     svc = one(objs, "Service")
     assert svc["spec"]["selector"]["ray.io/node-type"] == "head"
     assert svc["spec"]["selector"]["ray.io/cluster"] == one(objs, "RayCluster")["metadata"]["name"]
@@ -211,7 +219,7 @@ def test_ray_resources_reach_ray_start_params_and_match_the_flags(rendered):
     assert shards["replicas"] * v["shardWorkers"]["slotsPerPod"] >= int(_flag(args, "--shards"))
     assert extractors["replicas"] * v["extractorWorkers"]["slotsPerPod"] >= int(_flag(args, "--replicas"))
     for spec in [rc["spec"]["headGroupSpec"], shards, extractors]:
-        assert spec["rayStartParams"]["metrics-export-port"] == str(v["metrics"]["rayExportPort"])
+        assert "metrics-export-port" not in spec["rayStartParams"]  # Ray's export needs ray[default]: not used
         assert spec["rayStartParams"]["num-cpus"] == "0"
 
 
@@ -347,27 +355,86 @@ def test_helm_test_pod_checks_health_and_searches(rendered):
     assert ("LOUPE_TLS_CA_FILE" in env) == v["tls"]["enabled"]
 
 
+# the `loupe up` flag that sets the /metrics port of the process each pod hosts
+METRICS_FLAG = {"head": "--metrics-port", "shards": "--shard-metrics-port", "extractors": "--extractor-metrics-port"}
+ROLE = {"head": "broker", "shards": "shard", "extractors": "extractor"}
+
+
+def _pods(rc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Pod template of the head and of each worker group, by group name ("head" for the head)."""
+    return {"head": rc["spec"]["headGroupSpec"]["template"], **{g["groupName"]: g["template"] for g in rc["spec"]["workerGroupSpecs"]}}
+
+
+def _metrics_port(template: dict[str, Any]) -> tuple[str, int]:
+    """(name, number) of the pod's one *-metrics container port."""
+    (port,) = [p for p in template["spec"]["containers"][0]["ports"] if p["name"].endswith("-metrics")]
+    return port["name"], port["containerPort"]
+
+
 def test_scraping_by_annotations_and_monitors(rendered):
     _, values, objs = rendered
     v = _merged(values)
     rc = one(objs, "RayCluster")
+    args = _head(rc)["args"]
     svc = one(objs, "Service")
     annotated = v["metrics"]["scrapeAnnotations"]
-    assert (svc["metadata"].get("annotations") or {}).get("prometheus.io/port") == (str(v["loupe"]["metricsPort"]) if annotated else None)
-    for group in [rc["spec"]["headGroupSpec"]] + rc["spec"]["workerGroupSpecs"]:
-        ann = group["template"]["metadata"]["annotations"]
-        assert ann.get("prometheus.io/port") == (str(v["metrics"]["rayExportPort"]) if annotated else None)
-        ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
-        assert ports["metrics"] == v["metrics"]["rayExportPort"]
+    # the head pod's annotation scrapes the broker: none on the Service (it would scrape it twice)
+    assert not any(k.startswith("prometheus.io/") for k in (svc["metadata"].get("annotations") or {}))
+    pods = _pods(rc)
+    assert set(pods) == set(METRICS_FLAG)
+    for group, template in pods.items():
+        name, number = _metrics_port(template)
+        assert number == int(_flag(args, METRICS_FLAG[group])), group
+        ann = template["metadata"]["annotations"]
+        assert ann.get("prometheus.io/port") == (str(number) if annotated else None), group
+        assert ann.get("prometheus.io/scrape") == ("true" if annotated else None), group
     kinds = {o["kind"]: o for o in objs}
     assert ("ServiceMonitor" in kinds) == v["metrics"]["serviceMonitor"]["enabled"]
     assert ("PodMonitor" in kinds) == v["metrics"]["podMonitor"]["enabled"]
     if "ServiceMonitor" in kinds:
         sm = kinds["ServiceMonitor"]
-        assert sm["spec"]["endpoints"][0]["port"] == "broker-metrics"
+        (ep,) = sm["spec"]["endpoints"]
+        assert ep["port"] == "broker-metrics" and ep["honorLabels"] is True
+        assert ep["relabelings"] == [{"action": "replace", "targetLabel": "role", "replacement": "broker"}]
         assert all(svc["metadata"]["labels"].get(k) == val for k, val in sm["spec"]["selector"]["matchLabels"].items())
     if "PodMonitor" in kinds:
-        assert kinds["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+        pm = kinds["PodMonitor"]["spec"]
+        assert pm["selector"]["matchLabels"] == {"ray.io/cluster": rc["metadata"]["name"]}
+        endpoints = {e["port"]: e for e in pm["podMetricsEndpoints"]}
+        # one endpoint per named metrics port of the pods, the broker's unless the ServiceMonitor has it
+        wanted = {group: _metrics_port(t)[0] for group, t in pods.items() if group != "head" or "ServiceMonitor" not in kinds}
+        assert set(endpoints) == set(wanted.values())
+        for group, port_name in wanted.items():
+            ep = endpoints[port_name]
+            assert ep["honorLabels"] is True and ep["path"] == "/metrics"
+            assert ep["relabelings"] == [{"action": "replace", "targetLabel": "role", "replacement": ROLE[group]}]
+
+
+def test_podmonitor_leaves_the_broker_to_the_servicemonitor():
+    both = render({"metrics": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}}})
+    assert [e["port"] for e in one(both, "PodMonitor")["spec"]["podMetricsEndpoints"]] == ["shard-metrics", "extract-metrics"]
+    alone = render({"metrics": {"podMonitor": {"enabled": True}}})
+    assert [e["port"] for e in one(alone, "PodMonitor")["spec"]["podMetricsEndpoints"]] == ["broker-metrics", "shard-metrics", "extract-metrics"]
+
+
+def test_metrics_ports_follow_the_values():
+    objs = render({"metrics": {"shardPort": 19091, "extractorPort": 19092, "podMonitor": {"enabled": True}}})
+    rc = one(objs, "RayCluster")
+    args = _head(rc)["args"]
+    assert _flag(args, "--shard-metrics-port") == "19091" and _flag(args, "--extractor-metrics-port") == "19092"
+    assert _metrics_port(_pods(rc)["shards"]) == ("shard-metrics", 19091)
+    assert _metrics_port(_pods(rc)["extractors"]) == ("extract-metrics", 19092)
+    assert _pods(rc)["extractors"]["metadata"]["annotations"]["prometheus.io/port"] == "19092"
+
+
+def test_one_actor_per_pod_by_default_and_notes_warn_otherwise():
+    v = _merged({})
+    assert v["shardWorkers"]["slotsPerPod"] == 1 and v["extractorWorkers"]["slotsPerPod"] == 1
+    assert v["shardWorkers"]["replicas"] > v["loupe"]["shards"]  # spare capacity = a spare pod
+    assert "random port" not in notes({})
+    assert "random port" in notes({"shardWorkers": {"slotsPerPod": 2}})
+    text = notes({})
+    assert "port 9091 of each shard pod" in text and "port 9092 of each extractor pod" in text and "loupe_shard_up" in text
 
 
 def test_pdbs_select_the_worker_groups_only(rendered):
@@ -440,6 +507,9 @@ def test_the_projects_dashboard_and_rules_render_when_present():
         ({"shards": 3}, "additional properties 'shards' not allowed"),
         ({"loupe": {"shard": 3}}, "additional properties 'shard' not allowed"),
         ({"service": {"type": "Ingress"}}, "/service/type"),
+        ({"metrics": {"shardPort": 0}}, "/metrics/shardPort"),
+        ({"metrics": {"extractorPort": "9092"}}, "/metrics/extractorPort"),
+        ({"metrics": {"rayExportPort": 8080}}, "additional properties 'rayExportPort' not allowed"),
     ],
 )
 def test_schema_rejects_bad_values_with_a_message_naming_the_key(values, message):

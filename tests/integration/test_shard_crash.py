@@ -155,6 +155,14 @@ def crash_loop(tmp_path: Path, kills: int, seed: int) -> list[dict]:
     work = Workload(seed)
     startups = []
     shard.start()
+    try:
+        return _crash_loop(shard, work, rng, kills, startups)
+    finally:
+        if shard.proc is not None and shard.proc.poll() is None:
+            shard.proc.kill()
+
+
+def _crash_loop(shard: "ShardProcess", work: "Workload", rng: random.Random, kills: int, startups: list[dict]) -> list[dict]:
     for _ in range(kills):
         stop = threading.Event()
         writer = threading.Thread(target=work.run, args=(shard, stop))
@@ -193,8 +201,8 @@ def test_disk_full_fails_writes_keeps_reads_and_recovers(tmp_path):
     mnt.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("mounting a small tmpfs needs root: the disk-full test cannot run here")
+    shard = ShardProcess(mnt / "shard", snapshot_every=10_000, log_path=tmp_path / "shard.log")
     try:
-        shard = ShardProcess(mnt / "shard", snapshot_every=10_000, log_path=tmp_path / "shard.log")
         shard.start()
         work = Workload(3, ids=1_000_000, pad_bytes=200_000)
         (mnt / "filler").write_bytes(b"\0" * (12 << 20))  # leaves the shard ~12 MiB
@@ -222,4 +230,6 @@ def test_disk_full_fails_writes_keeps_reads_and_recovers(tmp_path):
         check(shard, work)
         assert shard.terminate() == 0
     finally:
+        if shard.proc is not None and shard.proc.poll() is None:
+            shard.proc.kill()
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -53,3 +53,9 @@ def test_alerts_name_severity_and_explain():
 def test_alerts_use_only_exported_metrics(exported):
     for r in _rules():
         assert metric_names(r["expr"]) <= exported, (r["alert"], metric_names(r["expr"]) - exported)
+
+
+def test_shard_down_follows_the_brokers_health_check_not_scrape_targets():
+    """Spare or deleted shard pods make ``up{role="shard"}`` meaningless (see shard_health.py)."""
+    (rule,) = [r for r in _rules() if r["alert"] == "LoupeShardDown"]
+    assert metric_names(rule["expr"]) == {"loupe_shard_up"}

@@ -57,3 +57,9 @@ def test_every_role_is_on_the_dashboard():
 def test_metric_names_of_promql():
     assert metric_names('histogram_quantile(0.99, sum by (le, shard) (rate(a_bucket{x="y(z)"}[5m]))) > 2.5e3') == {"a_bucket"}
     assert metric_names("max_over_time(b[30m]) - min_over_time(b[30m]) >= 3 and on (job) up == 1") == {"b", "up"}
+
+
+def test_shard_health_panel_reads_the_brokers_gauge():
+    panels = {p["title"]: p for p in build_dashboard()["panels"] if p["type"] != "row"}
+    health = panels["Shard health (1 = up)"]
+    assert set().union(*(metric_names(t["expr"]) for t in health["targets"])) == {"loupe_shard_up"}

@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -79,6 +80,16 @@ def test_targets_file_names_every_exporter(stack):
     assert health[("shard", "1")] == "down"  # killed by the workload
 
 
+def _eventually(stack, expr: str, timeout_s: float = 30.0) -> list[dict]:
+    """The latest result of ``expr``, polled until it is non-empty or ``timeout_s`` passes (a bound, not a timing assertion)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = stack.prometheus.query(expr)
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
+
+
 def test_workload_left_its_marks(stack):
     end = stack.workload.end
     q = stack.prometheus.query
@@ -86,6 +97,9 @@ def test_workload_left_its_marks(stack):
     assert float(q("loupe_partial_responses_total", end)[0]["value"][1]) >= stack.workload.counts["partial"] >= 1
     assert float(q('sum(loupe_shard_failures_total{shard="1"})', end)[0]["value"][1]) >= 1
     assert q('up{role="shard", shard="1"} == 0', end)
+    # the broker's own health check: shard 1 (killed) down, shard 0 (restarted by Ray) up
+    assert _eventually(stack, 'loupe_shard_up{shard="1"} == 0'), "the broker never marked the killed shard 1 down"
+    assert _eventually(stack, 'loupe_shard_up{shard="0"} == 1'), "the broker does not see the restarted shard 0 up"
     # the shards' counters restart with their process: the most each one reached
     assert float(q(f'sum(max_over_time(loupe_shard_writes_total{{op="delete"}}[{_window(stack)}]))', end)[0]["value"][1]) == 1
     assert float(q(f'sum(max_over_time(loupe_shard_writes_total{{op="add"}}[{_window(stack)}]))', end)[0]["value"][1]) == 8

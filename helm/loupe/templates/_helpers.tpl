@@ -107,6 +107,10 @@ tests/integration/test_multinode.py runs the same list against a multi-node Ray 
 - {{ .Values.loupe.port | quote }}
 - --metrics-port
 - {{ .Values.loupe.metricsPort | quote }}
+- --shard-metrics-port
+- {{ .Values.metrics.shardPort | quote }}
+- --extractor-metrics-port
+- {{ .Values.metrics.extractorPort | quote }}
 - --data-dir
 - /data
 - --shards

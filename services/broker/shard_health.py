@@ -1,0 +1,106 @@
+"""The broker's view of shard health: ``loupe_shard_up{shard}``, whatever Prometheus scrapes.
+
+Why in the broker: in Kubernetes the shard pods' scrape targets are pods, not shards: a spare pod
+(no shard on it) answers nothing, a shard that moved leaves a dead target behind, and a deleted
+pod leaves no target at all, so ``up{role="shard"}`` says little about the shards. The broker
+always knows every shard (id → address) and is always scraped, so it checks them itself: every
+``period_s`` it calls each shard's ``Stats`` (the internal token and TLS of the broker's own
+channel; ``timeout_s`` each, all shards at once) and sets ``loupe_shard_up`` to 1 (answered)
+or 0 (failed or timed out). The same answer refreshes ``loupe_shard_vectors`` and
+``loupe_shard_store_bytes``, which otherwise move only on GetStats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Sequence
+
+from services.broker.backends import ShardClient
+from services.broker.metrics import BrokerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class ShardHealth:
+    """Periodic health check of every shard, published as broker gauges.
+
+    Parameters
+    ----------
+    shards : sequence of ShardClient
+        The broker's shard clients (``shard_id`` and ``stats(timeout_s)``).
+    metrics : BrokerMetrics
+        Gauges ``shard_up``, ``shard_vectors``, ``shard_store_bytes`` are set here.
+    period_s : float
+        Seconds between two rounds (> 0).
+    timeout_s : float
+        Deadline of one shard's Stats call (> 0); capped at ``period_s``.
+    """
+
+    def __init__(self, shards: Sequence[ShardClient], metrics: BrokerMetrics, period_s: float = 5.0, timeout_s: float = 2.0) -> None:
+        if period_s <= 0:
+            raise ValueError(f"broker.shard_health_period_s must be > 0, got {period_s}")
+        if timeout_s <= 0:
+            raise ValueError(f"broker.shard_health_timeout_s must be > 0, got {timeout_s}")
+        self.shards = list(shards)
+        self.metrics = metrics
+        self.period_s = period_s
+        self.timeout_s = min(timeout_s, period_s)
+        self.rounds = 0
+        self._task: asyncio.Task | None = None
+        self._last: dict[int, bool] = {}
+
+    async def check(self) -> dict[int, bool]:
+        """One round: every shard's Stats at once; sets the gauges. Returns {shard id: up}."""
+        results = await asyncio.gather(*(s.stats(self.timeout_s) for s in self.shards), return_exceptions=True)
+        up: dict[int, bool] = {}
+        for shard, res in zip(self.shards, results):
+            sid = str(shard.shard_id)
+            ok = not isinstance(res, BaseException)
+            up[shard.shard_id] = ok
+            self.metrics.shard_up.labels(sid).set(1 if ok else 0)
+            if ok:
+                self.metrics.shard_vectors.labels(sid).set(res.images)
+                self.metrics.shard_store_bytes.labels(sid).set(res.store_bytes)
+            if self._last.get(shard.shard_id, True) != ok:
+                if ok:
+                    log.info("shard %s at %s answers again", sid, getattr(shard, "address", "?"))
+                else:
+                    log.warning("shard %s at %s failed its health check: %s", sid, getattr(shard, "address", "?"), _reason(res))
+        self._last = up
+        self.rounds += 1
+        return up
+
+    def start(self) -> "ShardHealth":
+        """Run rounds every ``period_s`` on the running event loop (the first one now)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="loupe-shard-health")
+        return self
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not stop the checks; the gauges keep their last value
+                log.exception("shard health round failed")
+            await asyncio.sleep(self.period_s)
+
+    async def stop(self) -> None:
+        """Cancel the background rounds and wait for them to end (idempotent)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _reason(exc: BaseException) -> str:
+    code = getattr(exc, "code", None)
+    if callable(code):
+        with contextlib.suppress(Exception):
+            return f"{code().name}: {exc.details()}"  # grpc.aio.AioRpcError
+    return f"{type(exc).__name__}: {exc}"

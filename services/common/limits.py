@@ -1,0 +1,125 @@
+"""Every limit on what a caller may send, declared once, with the checks the broker runs.
+
+The broker runs these checks before any work (no extractor or shard call is made for a
+request that breaks one); each failure is an ``InvalidArgument`` whose message names the
+field, so it maps to INVALID_ARGUMENT in ``services.common.errors``. The same numbers are
+documented in protos/loupe/v1/retrieval.proto and docs/faults.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+from loupe.v1 import types_pb2
+from services.common.errors import InvalidArgument
+
+MiB = 1024 * 1024
+
+# ids
+MAX_ID_BYTES = 512
+# metadata of one image (checked at write time, so no stored record can grow a response)
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_KEY_BYTES = 128
+MAX_METADATA_VALUE_BYTES = 4096
+MAX_METADATA_BYTES = 4 * 1024  # x 5000 neighbours = 20 MB: a full-depth shard response stays under 64 MiB
+# images
+MAX_IMAGE_BYTES = 32 * MiB
+MAX_IMAGE_PIXELS = 24_000_000  # a 6000x4000 camera frame; was 40 MP (~4 s to decode)
+MAX_CROP_COORD = 1_000_000.0
+# vectors
+MAX_VECTOR_DIM = 4096
+# batches
+MAX_DELETE_IDS = 1000
+MAX_WHITENING_SAMPLE = 1_000_000
+# rerank parameters
+MAX_DIFFUSION_GAMMA = 100.0
+MAX_EXPANSION_ALPHA = 100.0
+VERIFY_MODELS = ("affine", "homography")
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text)
+
+
+def check_text(value: str, field: str, max_bytes: int, *, allow_empty: bool = False) -> None:
+    """A string from the caller: length in UTF-8 bytes, no control characters, no lone surrogates.
+
+    (Invalid UTF-8 never gets here: the request then cannot be parsed at all.)
+    """
+    if not value and not allow_empty:
+        raise InvalidArgument(f"{field}: must not be empty")
+    try:
+        n = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{field}: not valid UTF-8") from None
+    if n > max_bytes:
+        raise InvalidArgument(f"{field}: {n} bytes, the limit is {max_bytes}")
+    if _has_control(value):
+        raise InvalidArgument(f"{field}: control characters are not allowed")
+
+
+def check_id(image_id: str, field: str) -> None:
+    """An image id: 1..MAX_ID_BYTES bytes of UTF-8 without control characters."""
+    check_text(image_id, field, MAX_ID_BYTES)
+
+
+def check_metadata(metadata: Mapping[str, str], field: str) -> None:
+    """Metadata of one image: entry count, key/value sizes and the total in bytes."""
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        raise InvalidArgument(f"{field}: {len(metadata)} entries, the limit is {MAX_METADATA_ENTRIES}")
+    total = 0
+    for key, value in metadata.items():
+        check_text(key, f"{field} key", MAX_METADATA_KEY_BYTES)
+        check_text(value, f"{field}[{key[:32]!r}]", MAX_METADATA_VALUE_BYTES, allow_empty=True)
+        total += len(key.encode("utf-8")) + len(value.encode("utf-8"))
+    if total > MAX_METADATA_BYTES:
+        raise InvalidArgument(f"{field}: {total} bytes in all, the limit is {MAX_METADATA_BYTES}")
+
+
+def check_image_bytes(data: bytes, field: str) -> None:
+    """Encoded image bytes: present and at most MAX_IMAGE_BYTES."""
+    if not data:
+        raise InvalidArgument(f"{field}: empty image bytes")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise InvalidArgument(f"{field}: {len(data)} bytes, the limit is {MAX_IMAGE_BYTES}")
+
+
+def check_vector(tensor: types_pb2.Tensor, field: str) -> None:
+    """A query descriptor: shape (D,) with 1 <= D <= MAX_VECTOR_DIM and matching data size.
+
+    Finiteness is checked after decoding (``services.broker.servicer._unit_vector``).
+    """
+    shape = list(tensor.shape)
+    if len(shape) != 1 or not 1 <= shape[0] <= MAX_VECTOR_DIM:
+        raise InvalidArgument(f"{field}: shape must be [D] with 1 <= D <= {MAX_VECTOR_DIM}, got {shape[:4]}")
+    itemsize = {types_pb2.DTYPE_FLOAT32: 4, types_pb2.DTYPE_FLOAT16: 2, types_pb2.DTYPE_INT8: 1}.get(tensor.dtype)
+    if itemsize is None:
+        raise InvalidArgument(f"{field}: dtype must be FLOAT32, FLOAT16 or INT8")
+    if len(tensor.data) != shape[0] * itemsize:
+        raise InvalidArgument(f"{field}: shape {shape} needs {shape[0] * itemsize} bytes of data, got {len(tensor.data)}")
+    if not math.isfinite(tensor.scale):
+        raise InvalidArgument(f"{field}.scale: must be finite")
+
+
+def check_crop(box: types_pb2.Box, field: str = "crop") -> None:
+    """A crop box: finite, 0 <= x1 < x2 <= MAX_CROP_COORD, likewise y."""
+    coords = (box.x1, box.y1, box.x2, box.y2)
+    if not all(math.isfinite(c) for c in coords):
+        raise InvalidArgument(f"{field}: coordinates must be finite, got {list(coords)}")
+    if not (0 <= box.x1 < box.x2 <= MAX_CROP_COORD and 0 <= box.y1 < box.y2 <= MAX_CROP_COORD):
+        raise InvalidArgument(f"{field}: need 0 <= x1 < x2 <= {MAX_CROP_COORD:g} and 0 <= y1 < y2, got {list(coords)}")
+
+
+def check_finite_range(value: float, field: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
+    """A float parameter in [lo, hi] (ends open when asked); NaN and infinities are refused."""
+    ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise InvalidArgument(f"{field}: must be in {left}{lo:g}, {hi:g}{right}, got {value}")
+
+
+def check_int_range(value: int, field: str, lo: int, hi: int) -> None:
+    """An integer parameter in lo..hi."""
+    if not lo <= value <= hi:
+        raise InvalidArgument(f"{field}: must be in {lo}..{hi}, got {value}")

@@ -1,0 +1,174 @@
+"""Clean shutdown of ``loupe up``: SIGTERM/SIGINT to the pid or to its process group.
+
+Expected: health goes NOT_SERVING (or the port closes), in-flight work drains, every actor
+and Ray process stops, the process exits 0, and the log shows no crash dump.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CRASH_MARKS = ("SIGABRT", "Aborted", "*** SIG", "Fatal Python error", "core dumped", "Traceback")
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _descendants(root: int) -> set[int]:
+    """Every process below ``root`` (Ray's workers run in process groups of their own)."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            pid = int(d.name)
+            while pid > 1 and pid != root:
+                pid = _parent(pid)
+            if pid == root and int(d.name) != root:
+                out.add(int(d.name))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _processes_in_group(pgid: int) -> list[str]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(d.name)) == pgid:
+                out.append(f"{d.name} {(d / 'cmdline').read_bytes()[:120]!r}")
+        except (ProcessLookupError, PermissionError, FileNotFoundError):
+            continue
+    return out
+
+
+@pytest.mark.parametrize("sig, target", [(signal.SIGTERM, "group"), (signal.SIGTERM, "pid"), (signal.SIGINT, "group")])
+def test_loupe_up_stops_cleanly(tmp_path, sig, target):
+    loupe = Path(sys.executable).with_name("loupe")
+    log_path = tmp_path / "up.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(loupe), "up", "--port", "0", "--json", "--shards", "1", "--replicas", "1", "--max-side", "128",
+             "--global-max-side", "128", "--scales", "1", "--data-dir", str(tmp_path / "data")],
+            stdout=subprocess.PIPE, stderr=log, start_new_session=True,  # its own process group, as a terminal gives it
+        )
+        try:
+            line = proc.stdout.readline()  # the JSON line once serving
+            assert line, log_path.read_text(errors="replace")[-3000:]
+            info = json.loads(line)
+            assert info["broker"]
+            time.sleep(1.0)
+            children = _descendants(proc.pid)
+            assert any(b"ShardActor" in Path(f"/proc/{p}/cmdline").read_bytes() for p in children if _alive(p)), children
+            if target == "group":
+                os.killpg(proc.pid, sig)
+            else:
+                os.kill(proc.pid, sig)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = log_path.read_text(errors="replace")
+    assert rc == 0, f"exit {rc}\n{text[-3000:]}"
+    marks = [m for m in CRASH_MARKS if m in text]
+    assert not marks, f"{marks} in the log:\n{text[-3000:]}"
+    for _ in range(100):  # every process of the group is gone (Ray's included)
+        if not _group_alive(proc.pid):
+            break
+        time.sleep(0.1)
+    else:
+        left = _processes_in_group(proc.pid)
+        for p in left:
+            os.kill(int(p.split()[0]), signal.SIGKILL)
+        pytest.fail(f"processes left in the group: {left}")
+    for _ in range(100):  # and every process it started (actors included)
+        left = [p for p in children if _alive(p)]
+        if not left:
+            break
+        time.sleep(0.1)
+    else:
+        for p in left:
+            os.kill(p, signal.SIGKILL)
+        pytest.fail(f"processes left: {left}")
+
+
+def test_sigterm_drains_a_call_in_flight(tmp_path):
+    """A search held up by a SIGSTOPped shard is in flight when SIGTERM arrives: it still
+    answers (partial, within its shard budget and the grace period), then the process exits 0."""
+    import threading
+
+    from cluster.demo import encode_jpeg, load_photo
+    from loupe.client import RetrievalClient
+
+    loupe = Path(sys.executable).with_name("loupe")
+    log_path = tmp_path / "up.log"
+    shard_pid = 0
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(loupe), "up", "--port", "0", "--json", "--shards", "2", "--replicas", "1", "--max-side", "128",
+             "--global-max-side", "128", "--scales", "1", "--data-dir", str(tmp_path / "data")],
+            stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+        )
+        try:
+            info = json.loads(proc.stdout.readline() or b"{}")
+            assert info.get("broker"), log_path.read_text(errors="replace")[-3000:]
+            shards = sorted(p for p in _descendants(proc.pid) if _alive(p) and b"ShardActor" in Path(f"/proc/{p}/cmdline").read_bytes())
+            assert len(shards) == 2, shards
+            image = encode_jpeg(load_photo("coffee")[::4, ::4].copy())
+            outcome: dict = {}
+            with RetrievalClient(info["broker"], retries=False) as client:
+                client.wait_ready(30)
+                client.search(image=image, k=1, timeout_s=60)  # warm: extractor loaded
+                shard_pid = shards[-1]
+                os.kill(shard_pid, signal.SIGSTOP)
+
+                def search() -> None:
+                    try:
+                        outcome["resp"] = client.search(image=image, k=1, timeout_s=8)
+                    except Exception as exc:  # reported below
+                        outcome["error"] = exc
+
+                t = threading.Thread(target=search)
+                t.start()
+                time.sleep(0.5)  # the search now waits for the stopped shard (its budget: 2 s)
+                os.kill(proc.pid, signal.SIGTERM)
+                t.join(timeout=30)
+            os.kill(shard_pid, signal.SIGCONT)
+            shard_pid = 0
+            rc = proc.wait(timeout=120)
+        finally:
+            if shard_pid:
+                os.kill(shard_pid, signal.SIGCONT)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["resp"].partial and len(outcome["resp"].missing_shards) == 1
+    assert rc == 0, log_path.read_text(errors="replace")[-3000:]
