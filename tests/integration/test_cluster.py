@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 import urllib.request
 import zlib
 
@@ -261,7 +262,11 @@ def test_whitening_fit_and_remove(client):
 def test_restarted_shard_reloads_its_store(cluster, client):
     before = client.stats().images
     cluster.restart_shard(0)
+    deadline = time.monotonic() + 30  # the broker's channel reconnects with gRPC's backoff
     after = client.stats()
+    while not all(s.healthy for s in after.shards) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        after = client.stats()
     assert after.images == before and all(s.healthy for s in after.shards)
     assert client.search(image=query("coffee"), k=1).results[0].id.startswith("coffee/")
 
