@@ -73,14 +73,10 @@ class IndexSettings:
         return self.factory != "Flat" and self.approx_min_images > 0
 
 
-class ExactIndex:
-    """Flat inner product over every vector (ids = labels)."""
+class _LabelledIndex:
+    """A faiss index whose ids are the store's labels (shared by the exact and approximate ones)."""
 
-    kind = "exact"
-
-    def __init__(self, dim: int, index: faiss.Index | None = None) -> None:
-        self.dim = dim
-        self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    index: faiss.Index
 
     @property
     def ntotal(self) -> int:
@@ -92,8 +88,19 @@ class ExactIndex:
             self.index.add_with_ids(np.ascontiguousarray(vecs, np.float32), np.asarray(labels, np.int64))
 
     def remove(self, labels: np.ndarray) -> None:
+        """Remove (n,) labels (absent ones are ignored)."""
         if len(labels):
-            self.index.remove_ids(np.asarray(labels, np.int64))
+            self.index.remove_ids(faiss.IDSelectorBatch(np.asarray(labels, np.int64)))
+
+
+class ExactIndex(_LabelledIndex):
+    """Flat inner product over every vector (ids = labels)."""
+
+    kind = "exact"
+
+    def __init__(self, dim: int, index: faiss.Index | None = None) -> None:
+        self.dim = dim
+        self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
     def search(self, q: np.ndarray, k: int, rescore: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(D',) query → labels (n,), scores (n,), and their vectors (n, D') when cheap (None here)."""
@@ -108,7 +115,7 @@ class ExactIndex:
         return np.stack([self.index.reconstruct(int(l)) for l in labels]) if len(labels) else np.zeros((0, self.dim), np.float32)
 
 
-class ApproxIndex:
+class ApproxIndex(_LabelledIndex):
     """A trained faiss index whose shortlist is re-scored exactly from the stored vectors."""
 
     kind = "approximate"
@@ -134,18 +141,6 @@ class ApproxIndex:
             index = faiss.IndexIDMap2(index)
         index.train(np.ascontiguousarray(sample, np.float32))
         return ApproxIndex(index, shortlist, nprobe, factory)
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
-
-    def add(self, labels: np.ndarray, vecs: np.ndarray) -> None:
-        if len(labels):
-            self.index.add_with_ids(np.ascontiguousarray(vecs, np.float32), np.asarray(labels, np.int64))
-
-    def remove(self, labels: np.ndarray) -> None:
-        if len(labels):
-            self.index.remove_ids(faiss.IDSelectorBatch(np.asarray(labels, np.int64)))
 
     def search(self, q: np.ndarray, k: int, rescore: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Shortlist by the compressed codes, then exact inner products of ``rescore(labels)``
