@@ -157,7 +157,6 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         if self.failure is not None:
             raise self.failure
         s = self.index.stats()
-        c = self.index.store.counters()
         return shard_pb2.ShardStatsResponse(
             shard_id=self.shard_id,
             images=s["images"],
@@ -171,7 +170,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             index_bytes=s["index_bytes"],
             startup_seconds=self.index.startup.seconds,
             startup_replayed=self.index.startup.replayed,
-            sequence=c["seq"],
+            sequence=s["sequence"],
             snapshot_sequence=self.index.snapshot_sequence,
         )
 

@@ -345,13 +345,14 @@ class ShardIndex:
 
     def stats(self) -> dict[str, int]:
         """Counts and bytes: images, regional_vectors, local_features, feature_bytes, store_bytes,
-        index_bytes (RAM of the faiss index)."""
+        index_bytes (RAM of the faiss index), and the store's sequence number."""
         c = self.store.counters()
         with self._lock.read():
             index_bytes = self._index_bytes_estimate()
         return {
             "images": c["images"], "regional_vectors": c["regional_vectors"], "local_features": c["local_features"],
             "feature_bytes": c["feature_bytes"], "store_bytes": self.store.size_bytes(), "index_bytes": index_bytes,
+            "sequence": c["seq"],
         }
 
     def _index_bytes_estimate(self) -> int:

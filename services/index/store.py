@@ -483,6 +483,8 @@ class _WriteTxn:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.txn.abort()
+            if issubclass(exc_type, lmdb.MapFullError):  # a put inside the write ran out of map
+                raise self._map_full() from exc
             return
         try:
             for k, v in self.c.items():
@@ -492,12 +494,15 @@ class _WriteTxn:
             if self.store.on_commit is not None:
                 self.store.on_commit(time.perf_counter() - t0)
         except lmdb.MapFullError as err:
-            raise StoreFull(f"shard store {self.store.path} reached its map size of {self.store.map_size_bytes} bytes") from err
+            raise self._map_full() from err
         except lmdb.Error as err:
             # LMDB reports a short write at a full disk as EIO: judge by the space left
             if _is_enospc(err) or _disk_nearly_full(self.store.path):
                 raise StoreFull(f"shard store {self.store.path}: no space left on device") from err
             raise Unavailable(f"shard store {self.store.path}: write failed ({err})") from err
+
+    def _map_full(self) -> StoreFull:
+        return StoreFull(f"shard store {self.store.path} reached its map size of {self.store.map_size_bytes} bytes")
 
     def _change(self, op: int, label: int) -> None:
         self.txn.put(_U64.pack((self.seq << _CHANGE_BITS) + self.change_no), _CHANGE.pack(op, label), db=self.dbs["changes"])
@@ -511,18 +516,15 @@ class _WriteTxn:
         label = self.c["next_label"]
         self.c["next_label"] += 1
         key = _label_key(label)
-        try:
-            self.txn.put(img.image_id.encode("utf-8"), key, db=self.dbs["ids"])
-            self.txn.put(key, _encode_info(img), db=self.dbs["info"])
-            self.txn.put(key, _sealed(np.ascontiguousarray(img.vector, np.float32).tobytes()), db=self.dbs["vec"])
-            if img.regional is not None:
-                self.txn.put(key, _sealed(np.ascontiguousarray(img.regional, np.float16).tobytes()), db=self.dbs["reg"])
-                self.c["regional_vectors"] += len(img.regional)
-            if img.local is not None:
-                self.txn.put(key, _encode_local(img.local), db=self.dbs["loc"])
-                self.c["local_features"] += len(img.local.keypoints)
-        except lmdb.MapFullError as err:
-            raise StoreFull(f"shard store {self.store.path} reached its map size of {self.store.map_size_bytes} bytes") from err
+        self.txn.put(img.image_id.encode("utf-8"), key, db=self.dbs["ids"])
+        self.txn.put(key, _encode_info(img), db=self.dbs["info"])
+        self.txn.put(key, _sealed(np.ascontiguousarray(img.vector, np.float32).tobytes()), db=self.dbs["vec"])
+        if img.regional is not None:
+            self.txn.put(key, _sealed(np.ascontiguousarray(img.regional, np.float16).tobytes()), db=self.dbs["reg"])
+            self.c["regional_vectors"] += len(img.regional)
+        if img.local is not None:
+            self.txn.put(key, _encode_local(img.local), db=self.dbs["loc"])
+            self.c["local_features"] += len(img.local.keypoints)
         self.c["images"] += 1
         self.c["feature_bytes"] += img.nbytes
         self._change(OP_ADD, label)
