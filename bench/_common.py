@@ -57,3 +57,40 @@ def load_as_served(data: bytes, box: Sequence[float] | None, max_side: int) -> n
 
     img = decode_image(data, max_side=None if box else max_side)
     return crop_and_resize(img, types_pb2.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]) if box else None, max_side)
+
+
+def _parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def actor_pids(root: int, title: str) -> list[int]:
+    """Processes descending from ``root`` whose command line contains ``title`` (Ray titles actor
+    processes ``ray::ShardActor...``, ``ray::ExtractorActor...``)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if title.encode() not in (d / "cmdline").read_bytes():
+                continue
+            pid = int(d.name)
+            while pid > 1 and pid != root:
+                pid = _parent_pid(pid)
+            if pid == root:
+                pids.append(int(d.name))
+        except (OSError, ValueError):
+            continue
+    return sorted(pids)
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of ``pid`` in MiB (NaN once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")

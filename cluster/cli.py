@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import grpc
 
-from loupe.rerank_spec import STAGES, parse_rerank
+from loupe.rerank_spec import PARAMS, STAGES, parse_rerank
 
 DESCRIPTION = """loupe: instance-level image retrieval on a sharded gRPC cluster (Ray).
 
@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument(
         "--rerank", default=DEFAULT_SEARCH_RERANK,
         help=f"rerank stages, comma-joined (default {DEFAULT_SEARCH_RERANK}: regional diffusion, then verification of the "
-        f"diffused top-100 — the best verified composition measured, BENCHMARKS.md): {', '.join(STAGES)}",
+        f"diffused top-100 — the best verified composition measured, BENCHMARKS.md): {', '.join(STAGES)}; "
+        f"parameters as key=value items: {', '.join(PARAMS)} (e.g. diffuse-regional,k=30,alpha=0.95)",
     )
     se.add_argument("--show", default=None, metavar="OUT.png", help="draw the query beside the top results with inlier lines (implies --rerank verify)")
     se.add_argument("--show-top", type=int, default=4, help="results drawn by --show")
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--whiten", action="store_true", help="learn PCA-whitening on the indexed database before searching")
     ev.add_argument("--no-graph", action="store_true", help="do not build the collection's kNN graphs (diffusion builds one per query)")
     ev.add_argument("--batch", type=int, default=16)
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     _add_common(ev)
 
     de = sub.add_parser("demo", help="self-contained demo on photos bundled with scikit-image")
@@ -362,9 +364,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for r in reranks:
         parse_rerank(r)  # fail fast on a bad name
 
-    def progress(stage: str, done: int, total: int) -> None:
-        if not args.json and (done == total or done % 50 == 0):
-            print(f"  {stage}: {done}/{total}", flush=True)
+    progress = None if args.no_progress else _progress_bars()
 
     with _connect(args) as client:
         if args.whiten and args.skip_index:
@@ -380,7 +380,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{run['rerank']:<22} {run['easy']['map']:>6.2f} {run['medium']['map']:>6.2f} {run['hard']['map']:>6.2f}  "
             f"{run['medium']['mp@10']:>7.2f}  {run['latency_ms']['p50']:>7.1f}"
         )
+    _print_per_query(result["runs"])
     return 0
+
+
+def _progress_bars():
+    """A progress callback drawing one tqdm bar per stage on stderr (stdout stays clean for --json)."""
+    from tqdm import tqdm
+
+    bars: dict = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            unit = "img" if stage == "index" else "query"
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return progress
+
+
+def _print_per_query(runs: list[dict]) -> None:
+    """Per-query AP table: one row per query, Medium (Hard) AP per rerank configuration; "—" where
+    the query has no positives under that protocol (it is skipped by the mean)."""
+    if not runs:
+        return
+    width = max(12, *(len(r["rerank"]) for r in runs))
+    print("\nper-query AP, Medium (Hard)")
+    print(f"{'query':<28} " + " ".join(f"{r['rerank']:>{width}}" for r in runs))
+    for qi, q in enumerate(runs[0]["queries"]):
+        cells = []
+        for r in runs:
+            ap = r["queries"][qi]["ap"]
+            med = "—" if ap["medium"] is None else f"{ap['medium']:.1f}"
+            hard = "—" if ap["hard"] is None else f"{ap['hard']:.1f}"
+            cells.append(f"{med + ' (' + hard + ')':>{width}}")
+        print(f"{q['name']:<28} " + " ".join(cells))
 
 
 def _run_eval_with_whitening(client, args, reranks, progress, run_eval) -> dict:

@@ -3,6 +3,9 @@
 A configuration is a comma-joined list of stage names; each maps to fields of
 ``loupe.v1.RerankOptions``. Stages always run in the server's fixed order. ``verify:N`` sets
 the number of verified candidates V, ``diffuse:N`` / ``diffuse-regional:N`` the neighbourhood R.
+Parameters ride along as ``key=value`` items: ``k=`` (kNN graph size), ``alpha=`` and ``gamma=``
+for diffusion, ``inliers=`` (verification threshold) — e.g.
+``verify,diffuse-regional,diffuse-first,k=30,alpha=0.95``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ def parse_rerank(spec: str) -> retrieval_pb2.RerankOptions:
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
         raise ValueError("rerank: empty configuration (use 'none')")
+    params = [n for n in names if "=" in n]
+    names = [n for n in names if "=" not in n]
+    if not names:
+        raise ValueError("rerank: parameters without a stage (add e.g. 'diffuse-regional')")
     for item in names:
         name, _, arg = item.partition(":")
         if name not in STAGES:
@@ -63,4 +70,34 @@ def parse_rerank(spec: str) -> retrieval_pb2.RerankOptions:
         elif name == "diffuse-first":
             opts.diffuse.enabled = True
             opts.diffuse_first = True
+    for item in params:
+        _set_param(opts, item)
     return opts
+
+
+PARAMS = {
+    "k": "diffusion: neighbours per node of the kNN graph",
+    "alpha": "diffusion: alpha in (0, 1)",
+    "gamma": "diffusion: affinity exponent > 0",
+    "inliers": "verification: inliers needed to count as verified",
+}
+
+
+def _set_param(opts: retrieval_pb2.RerankOptions, item: str) -> None:
+    """Apply one ``key=value`` item (range checks are the server's: it names the field)."""
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key not in PARAMS:
+        raise ValueError(f"rerank: unknown parameter {key!r}; known: {', '.join(PARAMS)}")
+    try:
+        number = float(value) if key in ("alpha", "gamma") else int(value)
+    except ValueError:
+        raise ValueError(f"rerank: {item!r}: {key} takes a {'number' if key in ('alpha', 'gamma') else 'whole number'}") from None
+    if key == "inliers":
+        if not opts.verify.enabled:
+            raise ValueError(f"rerank: {item!r} needs the verify stage")
+        opts.verify.min_inliers = number
+        return
+    if not opts.diffuse.enabled:
+        raise ValueError(f"rerank: {item!r} needs a diffusion stage")
+    setattr(opts.diffuse, key, number)

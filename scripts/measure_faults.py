@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import actor_pids  # noqa: E402
 from cluster.demo import encode_jpeg, load_photo  # noqa: E402
 from loupe.client import ImageToAdd, RetrievalClient  # noqa: E402
 
@@ -48,28 +49,8 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
 def _shard_pids(root: int) -> list[int]:
-    """Shard actor processes (Ray titles them ``ray::ShardActor...``) descending from ``root``."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            if b"ShardActor" not in (d / "cmdline").read_bytes():
-                continue
-            pid = int(d.name)
-            while pid > 1 and pid != root:
-                pid = _parent(pid)
-            if pid == root:
-                pids.append(int(d.name))
-        except (OSError, ValueError):
-            continue
-    return sorted(pids)
+    return actor_pids(root, "ShardActor")
 
 
 def _search(client: RetrievalClient, image: bytes, timeout: float) -> tuple[str, float]:

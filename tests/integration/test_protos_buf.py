@@ -17,21 +17,17 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+from binaries import venv_binary
 
 REPO = Path(__file__).resolve().parents[2]
-BUF = Path(sys.executable).with_name("buf")
 
 
 def _buf() -> str:
-    path = str(BUF) if BUF.exists() else shutil.which("buf")
-    if not path:
-        pytest.fail("buf binary not found: install the `buf-bin` package (test extra of pyproject)")
-    return path
+    return venv_binary("buf", "buf-bin")
 
 
 def _git(*args: str) -> subprocess.CompletedProcess:

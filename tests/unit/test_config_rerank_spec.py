@@ -45,3 +45,19 @@ def test_parse_rerank_online_graph():
     assert not parse_rerank("diffuse").diffuse.online_graph
     r = parse_rerank("diffuse-regional,diffuse-online")
     assert r.diffuse.regional and r.diffuse.online_graph
+
+
+def test_parse_rerank_parameters():
+    o = parse_rerank("verify,diffuse-regional,diffuse-first,k=30,alpha=0.95,gamma=2,inliers=12")
+    assert (o.diffuse.k, o.diffuse.gamma, o.verify.min_inliers) == (30, 2.0, 12)
+    assert abs(o.diffuse.alpha - 0.95) < 1e-6 and o.diffuse.regional and o.diffuse_first
+    with pytest.raises(ValueError, match="unknown parameter 'beta'"):
+        parse_rerank("diffuse,beta=1")
+    with pytest.raises(ValueError, match="needs a diffusion stage"):
+        parse_rerank("verify,alpha=0.5")
+    with pytest.raises(ValueError, match="needs the verify stage"):
+        parse_rerank("diffuse,inliers=10")
+    with pytest.raises(ValueError, match="whole number"):
+        parse_rerank("diffuse,k=3.5")
+    with pytest.raises(ValueError, match="without a stage"):
+        parse_rerank("k=3")
