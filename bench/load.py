@@ -34,11 +34,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import ROXFORD, actor_pids, machine, rss_mib  # noqa: E402
+from cluster.cli import DEFAULT_SEARCH_RERANK  # noqa: E402
 from cluster.demo import HELD_OUT, INDEXED, PHOTOS, encode_jpeg, load_photo  # noqa: E402
 from loupe.client import ImageToAdd, RetrievalClient  # noqa: E402
 from loupe.rerank_spec import parse_rerank  # noqa: E402
 
-KINDS = {"none": "none", "default": "verify,diffuse-regional,diffuse-first"}
+KINDS = {"none": "none", "default": DEFAULT_SEARCH_RERANK}
 
 
 def _images(collection: int) -> tuple[list[tuple[str, bytes]], list[tuple[bytes, tuple | None]], str]:
@@ -127,7 +128,7 @@ def main() -> int:
     loupe = Path(sys.executable).with_name("loupe")
     data = tempfile.mkdtemp(prefix="loupe-load-")
     proc = subprocess.Popen(
-        [str(loupe), "up", "--port", "0", "--json", "--data-dir", data, "--shards", str(args.shards), "--replicas", str(args.replicas),
+        [str(loupe), "up", "--port", "0", "--metrics-port", "0", "--json", "--data-dir", data, "--shards", str(args.shards), "--replicas", str(args.replicas),
          *args.up_args],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import ray
@@ -153,7 +154,10 @@ class ExtractorActor:
         from services.extractor.servicer import create_server
 
         _normal_priority()
-        torch.set_num_threads(threads)
+        # the backbone runtime gets ``threads``; torch keeps one thread for the small tensor
+        # work around it unless torch runs the backbone itself
+        torch.set_num_threads(threads if getattr(config, "runtime", "torch") == "torch" else 1)
+        config = dataclasses.replace(config, threads=threads)  # type: ignore[type-var]
         self._starts = 1
         metrics = ExtractorMetrics.create(replica_id, capacity=opts.workers, restarts=lambda: self._starts - 1)
         self.running, self.servicer = create_server(config, opts, metrics)
@@ -174,4 +178,5 @@ class ExtractorActor:
 
     def stop(self) -> None:
         self.running.stop(1.0)
+        self.servicer.close()
         self.metrics_server.close()

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 import grpc
 
 from loupe.rerank_spec import PARAMS, STAGES, parse_rerank
+from loupe.client import parse_filter
 
 DESCRIPTION = """loupe: instance-level image retrieval on a sharded gRPC cluster (Ray).
 
@@ -26,7 +27,13 @@ def _add_cluster_flags(p: argparse.ArgumentParser, *, temporary: bool) -> None:
     g = p.add_argument_group("cluster" + (" (when no --address is given)" if temporary else ""))
     g.add_argument("--shards", type=int, default=None, help="index shards (default 2)")
     g.add_argument("--replicas", type=int, default=None, help="extractor replicas (default 1)")
-    g.add_argument("--extractor-threads", type=int, default=None, help="torch threads per replica (default cores/replicas)")
+    g.add_argument("--extractor-threads", type=int, default=None, help="backbone threads per replica (default cores/replicas)")
+    g.add_argument("--extractor-runtime", default=None, choices=["torch", "onnxruntime", "openvino"],
+                   help="what runs the backbone in each replica (default openvino; env LOUPE_EXTRACTOR_RUNTIME)")
+    g.add_argument("--extractor-batch-images", type=int, default=None,
+                   help="most same-size images a replica describes in one batch (default 4; 1 = no batching)")
+    g.add_argument("--extractor-batch-wait-ms", type=float, default=None,
+                   help="longest a replica's batch waits for more images after its first, ms (default 2)")
     g.add_argument("--data-dir", default=None, help="where shards keep their stores and the broker its collection model" + ("" if temporary else " (default ./loupe-data)"))
     g.add_argument("--index-factory", default=None,
                    help="each shard's index: auto (default: exact, then IVF-PQ from --approx-min-images), Flat (always exact) or a faiss factory string")
@@ -49,10 +56,12 @@ def _add_cluster_flags(p: argparse.ArgumentParser, *, temporary: bool) -> None:
                    help="custom Ray resource each extractor replica asks 1 unit of (default none)")
 
 
-DEFAULT_SEARCH_RERANK = "verify,diffuse-regional,diffuse-first"
-"""Measured on ROxford (BENCHMARKS.md): E/M/H 83.4 / 57.0 / 22.8 against verify alone 81.3 / 53.2 /
-19.6 and verify-then-diffuse 80.3 / 54.0 / 31.9; diffusion alone scores 57.97 Medium but gives
-no match confidence."""
+DEFAULT_SEARCH_RERANK = "verify,diffuse-regional,diffuse-first,verify-global"
+"""Chosen with the selection protocol of bench/select_defaults.py (BENCHMARKS.md, "Choosing
+defaults"): on 12 held-out queries it gains +4.3 Medium over the previous default
+(verify,diffuse-regional,diffuse-first) with no landmark worse, and equals it on the 9 known
+queries (E/M/H 83.6 / 57.1 / 22.8 on the full subset): verifying the global top-V as well as the
+diffused one rescues queries whose diffusion drifts away from the true matches."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start a cluster and serve until Ctrl-C/SIGTERM")
+    lim = up.add_argument_group("broker limits (defaults measured on 2 cores: docs/faults.md)")
+    lim.add_argument("--max-inflight", type=int, default=None, help="requests the broker works on at once; more → RESOURCE_EXHAUSTED (default 128)")
+    lim.add_argument("--max-extract-queue", type=int, default=None,
+                     help="images waiting for extraction per replica; more → RESOURCE_EXHAUSTED (default 8)")
+    lim.add_argument("--shard-budget-s", type=float, default=None, help="longest a shard may take per call before the answer goes partial (default 2.0)")
+    lim.add_argument("--shard-budget-fraction", type=float, default=None,
+                     help="a shard call gets at most this fraction of the caller's remaining deadline (default 0.5)")
+    lim.add_argument("--default-timeout-s", type=float, default=None, help="deadline of a call that sets none (default 30)")
+    lim.add_argument("--shutdown-grace-s", type=float, default=None, help="in-flight calls drain this long after SIGTERM (default 5)")
     up.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 in a real cluster)")
     up.add_argument("--port", type=int, default=50051, help="broker gRPC port (0 = any)")
     up.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 = any)")
@@ -97,20 +115,35 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--remove", action="store_true", help="remove the graphs (diffusion builds one per query again)")
     _add_common(gr)
 
-    se = sub.add_parser("search", help="search with an image")
-    se.add_argument("image")
+    se = sub.add_parser("search", help="search with an image, or with an indexed image's id (--id)")
+    se.add_argument("image", nargs="?", help="query image file (or give --id)")
+    se.add_argument("--id", default=None, help="search with the stored features of this indexed image ('more like this')")
+    se.add_argument("--include-query", action="store_true", help="with --id: keep the query image in the results")
+    se.add_argument("--filter", action="append", default=[], metavar="SPEC",
+                    help="metadata filter, repeatable (AND): key=value, key=a|b, key>=x, key>x, key<=x, key<x (numbers or ISO dates)")
     se.add_argument("--k", type=int, default=10)
     se.add_argument("--offset", type=int, default=0)
     se.add_argument("--crop", default=None, help="x1,y1,x2,y2 box of the query in pixels")
     se.add_argument(
         "--rerank", default=DEFAULT_SEARCH_RERANK,
         help=f"rerank stages, comma-joined (default {DEFAULT_SEARCH_RERANK}: regional diffusion, then verification of the "
-        f"diffused top-100 — the best verified composition measured, BENCHMARKS.md): {', '.join(STAGES)}; "
+        f"diffused top-100 and the global top-100 — chosen on held-out queries, BENCHMARKS.md): {', '.join(STAGES)}; "
         f"parameters as key=value items: {', '.join(PARAMS)} (e.g. diffuse-regional,k=30,alpha=0.95)",
     )
     se.add_argument("--show", default=None, metavar="OUT.png", help="draw the query beside the top results with inlier lines (implies --rerank verify)")
     se.add_argument("--show-top", type=int, default=4, help="results drawn by --show")
     _add_common(se)
+
+    gt = sub.add_parser("get", help="stored records of image ids (metadata, size, shard)")
+    gt.add_argument("ids", nargs="+")
+    gt.add_argument("--vector", action="store_true", help="also print each stored global descriptor's dimension and first values")
+    _add_common(gt)
+
+    ls = sub.add_parser("ls", help="list the collection in id order, optionally filtered")
+    ls.add_argument("--filter", action="append", default=[], metavar="SPEC", help="metadata filter, as for search --filter")
+    ls.add_argument("--page-size", type=int, default=0, help="images per page (default 100, at most 1000)")
+    ls.add_argument("--limit", type=int, default=0, help="stop after this many images (default: all)")
+    _add_common(ls)
 
     st = sub.add_parser("stats", help="collection and cluster statistics")
     _add_common(st)
@@ -152,6 +185,9 @@ def _cluster_config(args: argparse.Namespace, **extra: Any):
         "shards": args.shards,
         "replicas": args.replicas,
         "extractor_threads": args.extractor_threads,
+        "extractor_runtime": getattr(args, "extractor_runtime", None),
+        "extractor_batch_images": getattr(args, "extractor_batch_images", None),
+        "extractor_batch_wait_ms": getattr(args, "extractor_batch_wait_ms", None),
         "data_dir": args.data_dir,
         "index_factory": args.index_factory,
         "weights": args.weights,
@@ -200,6 +236,16 @@ def _log(args: argparse.Namespace, msg: str) -> None:
     print(msg, file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
 
 
+BROKER_LIMIT_FLAGS = ("max_inflight", "max_extract_queue", "shard_budget_s", "shard_budget_fraction", "default_timeout_s", "shutdown_grace_s")
+
+
+def _broker_config(args: argparse.Namespace):
+    """BrokerConfig with the limits given on the command line (ValueError names the setting)."""
+    from services.broker.config import BrokerConfig
+
+    return BrokerConfig(**{name: getattr(args, name) for name in BROKER_LIMIT_FLAGS if getattr(args, name, None) is not None})
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from cluster.launcher import Cluster
 
@@ -214,10 +260,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         insecure_no_auth=args.insecure_no_auth, internal_tls_cert_file=args.internal_tls_cert_file,
         internal_tls_key_file=args.internal_tls_key_file, internal_tls_ca_file=args.internal_tls_ca_file,
     )
+    broker_config = _broker_config(args)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with Cluster(cfg) as cluster:
+    with Cluster(cfg, broker_config) as cluster:
         # ray.init (joining a cluster) installs Ray's C++ SIGTERM handler, which ends the process
         # with status 15 and skips the graceful stop: take the signals back once Ray is up
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -277,8 +324,14 @@ def cmd_build_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    with open(args.image, "rb") as f:
-        data = f.read()
+    if (args.image is None) == (args.id is None):
+        raise ValueError("search: give a query image file or --id (one of them)")
+    data = None
+    if args.image is not None:
+        with open(args.image, "rb") as f:
+            data = f.read()
+    if args.show and data is None:
+        raise ValueError("--show: needs a query image file")
     crop = [float(v) for v in args.crop.split(",")] if args.crop else None
     if crop is not None and len(crop) != 4:
         raise ValueError("--crop: expected x1,y1,x2,y2")
@@ -286,7 +339,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.show:
         rerank.verify.enabled = True
     with _connect(args) as client:
-        resp = client.search(image=data, k=args.k, offset=args.offset, crop=crop, rerank=rerank, return_matches=bool(args.show))
+        resp = client.search(image=data, image_id=args.id, include_query=args.include_query, filter=parse_filter(args.filter) if args.filter else None,
+                             k=args.k, offset=args.offset, crop=crop, rerank=rerank, return_matches=bool(args.show))
         if args.show:
             _show(args, data, crop, resp, client)
     results = [
@@ -334,6 +388,48 @@ def _show(args: argparse.Namespace, data: bytes, crop, resp, client) -> None:
     canvas = render_matches(decode_image(data, max_side=None), results, crop=crop, max_side=max_side)
     cv2.imwrite(args.show, cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
     _log(args, f"wrote {args.show}")
+
+
+def _stored(img) -> dict:
+    out = {"id": img.id, "shard": img.shard_id, "width": img.width, "height": img.height, "metadata": dict(img.metadata)}
+    if img.HasField("vector"):
+        from loupe.tensors import from_tensor
+
+        v = from_tensor(img.vector)
+        out["vector_dim"], out["vector_head"] = int(v.shape[0]), [round(float(x), 4) for x in v[:4]]
+    return out
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        resp = client.get_images(args.ids, with_vector=args.vector)
+    images = [_stored(i) for i in resp.images]
+    if args.json:
+        print(json.dumps({"images": images, "missing": list(resp.missing), "unavailable": list(resp.unavailable)}))
+    else:
+        for i in images:
+            vec = f"  vector D={i['vector_dim']} {i['vector_head']}..." if "vector_dim" in i else ""
+            print(f"{i['id']}  shard {i['shard']}  {i['width']}x{i['height']}  {json.dumps(i['metadata'], ensure_ascii=False)}{vec}")
+        for m in resp.missing:
+            print(f"{m}  (missing)")
+        for m in resp.unavailable:
+            print(f"{m}  (shard unavailable)")
+    return 0 if not resp.missing and not resp.unavailable else 1
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    n = 0
+    with _connect(args) as client:
+        for img in client.iter_images(page_size=args.page_size, filter=parse_filter(args.filter) if args.filter else None):
+            i = _stored(img)
+            if args.json:
+                print(json.dumps(i, ensure_ascii=False))
+            else:
+                print(f"{i['id']}  shard {i['shard']}  {i['width']}x{i['height']}  {json.dumps(i['metadata'], ensure_ascii=False)}")
+            n += 1
+            if args.limit and n >= args.limit:
+                break
+    return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -407,9 +503,11 @@ def _print_per_query(runs: list[dict]) -> None:
     the query has no positives under that protocol (it is skipped by the mean)."""
     if not runs:
         return
-    width = max(12, *(len(r["rerank"]) for r in runs))
+    width = 13
     print("\nper-query AP, Medium (Hard)")
-    print(f"{'query':<28} " + " ".join(f"{r['rerank']:>{width}}" for r in runs))
+    for i, r in enumerate(runs, 1):
+        print(f"  [{i}] {r['rerank']}")
+    print(f"{'query':<28} " + " ".join(f"{'[' + str(i) + ']':>{width}}" for i in range(1, len(runs) + 1)))
     for qi, q in enumerate(runs[0]["queries"]):
         cells = []
         for r in runs:
@@ -451,7 +549,7 @@ def cmd_train_attention(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "up": cmd_up, "index": cmd_index, "search": cmd_search, "stats": cmd_stats, "eval": cmd_eval, "demo": cmd_demo,
+    "up": cmd_up, "index": cmd_index, "search": cmd_search, "get": cmd_get, "ls": cmd_ls, "stats": cmd_stats, "eval": cmd_eval, "demo": cmd_demo,
     "build-graph": cmd_build_graph, "train": cmd_train, "train-attention": cmd_train_attention,
 }
 

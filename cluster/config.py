@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from services.extractor.global_descriptor import GlobalConfig
+from services.extractor.servicer import ExtractorConfig
 from services.extractor.local_features import LocalConfig
 from services.index.vector_index import IndexSettings
 from services.rerank.regions import MAX_REGIONS_PER_IMAGE
@@ -49,7 +50,11 @@ class ClusterConfig:
     metrics_port : int
         Broker Prometheus port (0 = pick one).
     extractor_threads : int
-        torch threads per extractor replica (0 = cores // replicas).
+        Backbone threads per extractor replica (0 = cores // replicas).
+    extractor_runtime : {"torch", "onnxruntime", "openvino"}
+        What runs the backbone in each replica (``ExtractorConfig.runtime``).
+    extractor_batch_images, extractor_batch_wait_ms : int, float
+        Dynamic batching in each replica (``ExtractorConfig.batch_images`` / ``batch_wait_ms``).
     index_factory : str
         Each shard's global index: "auto" (exact below ``approx_min_images``, then an IVF-PQ
         index sized to the shard, trained in the background), "Flat" (always exact), or a faiss
@@ -119,6 +124,9 @@ class ClusterConfig:
     port: int = 0
     metrics_port: int = 0
     extractor_threads: int = 0
+    extractor_runtime: str = ExtractorConfig.runtime
+    extractor_batch_images: int = ExtractorConfig.batch_images
+    extractor_batch_wait_ms: float = ExtractorConfig.batch_wait_ms
     index_factory: str = "auto"
     approx_min_images: int = IndexSettings().approx_min_images
     data_dir: str = ""
@@ -180,12 +188,21 @@ class ClusterConfig:
                 "give --auth-tokens-file (LOUPE_AUTH_TOKENS_FILE), or --insecure-no-auth to serve without authentication"
             )
         self.global_config()  # validates pooling/scales/max_side
+        self.extractor_config()  # validates the extractor's runtime and batching
         self.index_settings()
         self.local_config()
 
     def global_config(self) -> GlobalConfig:
         """The extractor's global-descriptor settings."""
         return GlobalConfig(pooling=self.pooling, scales=tuple(self.scales), max_side=self.global_max_side)
+
+    def extractor_config(self) -> ExtractorConfig:
+        """What each extractor replica computes, and how."""
+        return ExtractorConfig(
+            weights_path=self.weights, global_config=self.global_config(), local_config=self.local_config(), attention_path=self.attention,
+            regional_max_side=self.regional_max_side(), regions_per_image=self.regions_per_image, runtime=self.extractor_runtime,
+            batch_images=self.extractor_batch_images, batch_wait_ms=self.extractor_batch_wait_ms,
+        )
 
     def regional_max_side(self) -> int:
         """The extractor's ``regional_max_side`` (0 = from the global descriptor's largest scale)."""

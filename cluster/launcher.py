@@ -25,7 +25,6 @@ from services.broker.servicer import BrokerConfig, RunningBroker, create_server
 from services.common.auth import AuthPolicy, new_internal_token, read_token_file, read_tokens_file
 from services.common.grpc_server import ServerOptions
 from services.common.tls import InternalTls
-from services.extractor.servicer import ExtractorConfig
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +191,7 @@ class Cluster:
                     name=f"loupe-shard-{i}", namespace=cfg.namespace, num_cpus=0, max_restarts=-1, max_task_retries=0, **shard_res
                 ).remote(i, opts, cfg.index_settings(), store_dir, cfg.namespace, cfg.metrics_host, cfg.shard_metrics_port)
             )
-        ext_cfg = ExtractorConfig(
-            weights_path=cfg.weights, global_config=cfg.global_config(), local_config=cfg.local_config(), attention_path=cfg.attention,
-            regional_max_side=cfg.regional_max_side(), regions_per_image=cfg.regions_per_image,
-        )
+        ext_cfg = cfg.extractor_config()
         ext_cls = ray.remote(ExtractorActor)
         ext_opts = ServerOptions(host=cfg.host, port=0, workers=4, max_concurrent_rpcs=64, **self._internal_server_fields())
         for i in range(cfg.replicas):

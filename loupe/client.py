@@ -118,18 +118,42 @@ class RetrievalClient:
         rerank: retrieval_pb2.RerankOptions | None = None,
         return_matches: bool = False,
         timeout_s: float | None = 30.0,
+        image_id: str | None = None,
+        include_query: bool = False,
+        filter: types_pb2.Filter | Sequence[str] | None = None,
     ) -> retrieval_pb2.SearchResponse:
-        """Search by encoded image bytes or by a (D,) raw descriptor; ``crop`` = (x1, y1, x2, y2)."""
-        req = retrieval_pb2.SearchRequest(k=k, offset=offset, return_matches=return_matches)
-        if image is not None:
-            req.image = image
-        if vector is not None:
-            req.vector.CopyFrom(to_tensor(np.asarray(vector, dtype=np.float32)))
-        if crop is not None:
-            req.crop.CopyFrom(types_pb2.Box(x1=crop[0], y1=crop[1], x2=crop[2], y2=crop[3]))
-        if rerank is not None:
-            req.rerank.CopyFrom(rerank)
+        """Search by encoded image bytes, a (D,) raw descriptor or the id of an indexed image
+        (``image_id``: "more like this"; the image itself is left out unless ``include_query``);
+        ``crop`` = (x1, y1, x2, y2); ``filter``: a Filter or ``parse_filter`` specs."""
+        req = search_request(image=image, vector=vector, image_id=image_id, k=k, offset=offset, crop=crop, rerank=rerank,
+                             return_matches=return_matches, include_query=include_query, filter=filter)
         return self.stub.Search(req, timeout=timeout_s, metadata=self.metadata)
+
+    def search_batch(self, queries: Sequence[retrieval_pb2.SearchRequest], timeout_s: float | None = 60.0) -> retrieval_pb2.SearchBatchResponse:
+        """Many searches in one call (build each with ``search_request``); answers in order, each
+        with its own ``status`` (code 0 = OK)."""
+        return self.stub.SearchBatch(retrieval_pb2.SearchBatchRequest(queries=list(queries)), timeout=timeout_s, metadata=self.metadata)
+
+    def get_images(self, ids: Sequence[str], with_vector: bool = False, timeout_s: float = 30.0) -> retrieval_pb2.GetImagesResponse:
+        """Stored records of ``ids`` (unknown ids in ``missing``); ``with_vector`` adds each global descriptor."""
+        return self.stub.GetImages(retrieval_pb2.GetImagesRequest(ids=list(ids), with_vector=with_vector), timeout=timeout_s, metadata=self.metadata)
+
+    def list_images(self, page_size: int = 0, cursor: str = "", filter: types_pb2.Filter | Sequence[str] | None = None,
+                    timeout_s: float = 30.0) -> retrieval_pb2.ListImagesResponse:
+        """One page of the collection in id order; pass its ``next_cursor`` back for the next ("" = done)."""
+        req = retrieval_pb2.ListImagesRequest(page_size=page_size, cursor=cursor, filter=_as_filter(filter))
+        return self.stub.ListImages(req, timeout=timeout_s, metadata=self.metadata)
+
+    def iter_images(self, page_size: int = 0, filter: types_pb2.Filter | Sequence[str] | None = None,
+                    timeout_s: float = 30.0) -> Iterator[retrieval_pb2.StoredImage]:
+        """Every stored image (matching ``filter``), page by page."""
+        cursor = ""
+        while True:
+            page = self.list_images(page_size, cursor, filter, timeout_s)
+            yield from page.images
+            if not page.next_cursor:
+                return
+            cursor = page.next_cursor
 
     def add_images(
         self, images: Iterable[ImageToAdd], batch_size: int = 16, timeout_s: float | None = None
@@ -163,6 +187,70 @@ class RetrievalClient:
     def fit_whitening(self, max_vectors: int = 0, dim: int = 0, remove: bool = False, timeout_s: float = 300.0) -> retrieval_pb2.FitWhiteningResponse:
         """Learn and install the collection's PCA-whitening (or remove it)."""
         return self.stub.FitWhitening(retrieval_pb2.FitWhiteningRequest(max_vectors=max_vectors, dim=dim, remove=remove), timeout=timeout_s, metadata=self.metadata)
+
+
+def search_request(
+    *, image: bytes | None = None, vector: np.ndarray | None = None, image_id: str | None = None, k: int = 10, offset: int = 0,
+    crop: Sequence[float] | None = None, rerank: retrieval_pb2.RerankOptions | None = None, return_matches: bool = False,
+    include_query: bool = False, filter: types_pb2.Filter | Sequence[str] | None = None,
+) -> retrieval_pb2.SearchRequest:
+    """A SearchRequest (for ``search`` or one query of ``search_batch``)."""
+    req = retrieval_pb2.SearchRequest(k=k, offset=offset, return_matches=return_matches, include_query=include_query)
+    if image is not None:
+        req.image = image
+    if vector is not None:
+        req.vector.CopyFrom(to_tensor(np.asarray(vector, dtype=np.float32)))
+    if image_id is not None:
+        req.id = image_id
+    if crop is not None:
+        req.crop.CopyFrom(types_pb2.Box(x1=crop[0], y1=crop[1], x2=crop[2], y2=crop[3]))
+    if rerank is not None:
+        req.rerank.CopyFrom(rerank)
+    if filter is not None:
+        req.filter.CopyFrom(_as_filter(filter))
+    return req
+
+
+_RANGE_OPS = (">=", "<=", ">", "<")
+
+
+def parse_filter(specs: Sequence[str]) -> types_pb2.Filter:
+    """``["customer=acme", "colour=red|blue", "year>=2020", "taken<2021-06-01"]`` → a Filter (AND).
+
+    ``key=value``: equality; ``key=a|b|c``: one of the values; ``key>=x``, ``key>x``, ``key<=x``,
+    ``key<x``: numeric/date range (two conditions on one key make a closed range). Raises
+    ValueError naming the spec that does not parse.
+    """
+    flt = types_pb2.Filter()
+    ranges: dict[str, types_pb2.Range] = {}
+    for spec in specs:
+        for op in _RANGE_OPS:
+            key, sep, value = spec.partition(op)
+            if sep and key and "=" not in key and (op not in (">", "<") or not value.startswith("=")):
+                r = ranges.setdefault(key.strip(), types_pb2.Range())
+                if op[0] == ">":
+                    r.min, r.min_exclusive = value.strip(), op == ">"
+                else:
+                    r.max, r.max_exclusive = value.strip(), op == "<"
+                break
+        else:
+            key, sep, value = spec.partition("=")
+            if not sep or not key:
+                raise ValueError(f"filter {spec!r}: expected key=value, key=a|b, key>=x, key>x, key<=x or key<x")
+            values = value.split("|")
+            if len(values) > 1:
+                flt.all.add(key=key, any_of=types_pb2.ValueSet(values=values))
+            else:
+                flt.all.add(key=key, equals=value)
+    for key, r in ranges.items():
+        flt.all.add(key=key, range=r)
+    return flt
+
+
+def _as_filter(filter: types_pb2.Filter | Sequence[str] | None) -> types_pb2.Filter | None:
+    if filter is None or isinstance(filter, types_pb2.Filter):
+        return filter
+    return parse_filter(filter)
 
 
 def token_from_env(token_file: str | None = None) -> str | None:

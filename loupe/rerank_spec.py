@@ -21,6 +21,9 @@ STAGES = {
     "diffuse-regional": "diffusion over regional descriptors of the neighbourhood",
     "verify": "DELF local features + RANSAC geometric verification of the top candidates",
     "diffuse-first": "with verify: diffuse first, then verify the diffused top-V (default: verify, then diffuse seeded by verified images)",
+    "verify-global": "with verify,diffuse-first: also verify the global top-V (the union of both shortlists)",
+    "reseed": "with verify,diffuse-first: diffuse again after verification, seeded by the verified images",
+    "qe-verified": "with verify: alpha-QE from the verified images only (second search), verified stay on top",
 }
 
 
@@ -70,6 +73,12 @@ def parse_rerank(spec: str) -> retrieval_pb2.RerankOptions:
         elif name == "diffuse-first":
             opts.diffuse.enabled = True
             opts.diffuse_first = True
+        elif name == "verify-global":
+            opts.verify_global_too = True
+        elif name == "reseed":
+            opts.reseed_after_verify = True
+        elif name == "qe-verified":
+            opts.expand_verified = True
     for item in params:
         _set_param(opts, item)
     return opts

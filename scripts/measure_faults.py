@@ -69,7 +69,7 @@ def main() -> int:
     args = ap.parse_args()
     loupe = Path(sys.executable).with_name("loupe")
     data = tempfile.mkdtemp(prefix="loupe-faults-")
-    proc = subprocess.Popen([str(loupe), "up", "--port", "0", "--json", "--data-dir", data, *args.up_args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([str(loupe), "up", "--port", "0", "--metrics-port", "0", "--json", "--data-dir", data, *args.up_args], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         info = json.loads(proc.stdout.readline())

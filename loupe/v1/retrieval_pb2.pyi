@@ -81,34 +81,46 @@ class ExpansionOptions(_message.Message):
     def __init__(self, query_expansion: _Optional[bool] = ..., database_augmentation: _Optional[bool] = ..., n: _Optional[int] = ..., alpha: _Optional[float] = ...) -> None: ...
 
 class RerankOptions(_message.Message):
-    __slots__ = ("verify", "diffuse", "expand", "diffuse_first")
+    __slots__ = ("verify", "diffuse", "expand", "diffuse_first", "verify_global_too", "reseed_after_verify", "expand_verified")
     VERIFY_FIELD_NUMBER: _ClassVar[int]
     DIFFUSE_FIELD_NUMBER: _ClassVar[int]
     EXPAND_FIELD_NUMBER: _ClassVar[int]
     DIFFUSE_FIRST_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_GLOBAL_TOO_FIELD_NUMBER: _ClassVar[int]
+    RESEED_AFTER_VERIFY_FIELD_NUMBER: _ClassVar[int]
+    EXPAND_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     verify: VerifyOptions
     diffuse: DiffusionOptions
     expand: ExpansionOptions
     diffuse_first: bool
-    def __init__(self, verify: _Optional[_Union[VerifyOptions, _Mapping]] = ..., diffuse: _Optional[_Union[DiffusionOptions, _Mapping]] = ..., expand: _Optional[_Union[ExpansionOptions, _Mapping]] = ..., diffuse_first: _Optional[bool] = ...) -> None: ...
+    verify_global_too: bool
+    reseed_after_verify: bool
+    expand_verified: bool
+    def __init__(self, verify: _Optional[_Union[VerifyOptions, _Mapping]] = ..., diffuse: _Optional[_Union[DiffusionOptions, _Mapping]] = ..., expand: _Optional[_Union[ExpansionOptions, _Mapping]] = ..., diffuse_first: _Optional[bool] = ..., verify_global_too: _Optional[bool] = ..., reseed_after_verify: _Optional[bool] = ..., expand_verified: _Optional[bool] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("image", "vector", "k", "offset", "crop", "rerank", "return_matches")
+    __slots__ = ("image", "vector", "id", "k", "offset", "crop", "rerank", "return_matches", "include_query", "filter")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     CROP_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
     RETURN_MATCHES_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_QUERY_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     vector: _types_pb2.Tensor
+    id: str
     k: int
     offset: int
     crop: _types_pb2.Box
     rerank: RerankOptions
     return_matches: bool
-    def __init__(self, image: _Optional[bytes] = ..., vector: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., k: _Optional[int] = ..., offset: _Optional[int] = ..., crop: _Optional[_Union[_types_pb2.Box, _Mapping]] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ..., return_matches: _Optional[bool] = ...) -> None: ...
+    include_query: bool
+    filter: _types_pb2.Filter
+    def __init__(self, image: _Optional[bytes] = ..., vector: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., id: _Optional[str] = ..., k: _Optional[int] = ..., offset: _Optional[int] = ..., crop: _Optional[_Union[_types_pb2.Box, _Mapping]] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ..., return_matches: _Optional[bool] = ..., include_query: _Optional[bool] = ..., filter: _Optional[_Union[_types_pb2.Filter, _Mapping]] = ...) -> None: ...
 
 class StageScores(_message.Message):
     __slots__ = ("diffusion", "inliers")
@@ -273,3 +285,92 @@ class FitWhiteningResponse(_message.Message):
     sample_size: int
     dim: int
     def __init__(self, sample_size: _Optional[int] = ..., dim: _Optional[int] = ...) -> None: ...
+
+class GetImagesRequest(_message.Message):
+    __slots__ = ("ids", "with_vector")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    WITH_VECTOR_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    with_vector: bool
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., with_vector: _Optional[bool] = ...) -> None: ...
+
+class StoredImage(_message.Message):
+    __slots__ = ("id", "metadata", "width", "height", "shard_id", "vector")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    metadata: _containers.ScalarMap[str, str]
+    width: int
+    height: int
+    shard_id: int
+    vector: _types_pb2.Tensor
+    def __init__(self, id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., shard_id: _Optional[int] = ..., vector: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class GetImagesResponse(_message.Message):
+    __slots__ = ("images", "missing", "unavailable")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[StoredImage]
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    unavailable: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, images: _Optional[_Iterable[_Union[StoredImage, _Mapping]]] = ..., missing: _Optional[_Iterable[str]] = ..., unavailable: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListImagesRequest(_message.Message):
+    __slots__ = ("page_size", "cursor", "filter")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    cursor: str
+    filter: _types_pb2.Filter
+    def __init__(self, page_size: _Optional[int] = ..., cursor: _Optional[str] = ..., filter: _Optional[_Union[_types_pb2.Filter, _Mapping]] = ...) -> None: ...
+
+class ListImagesResponse(_message.Message):
+    __slots__ = ("images", "next_cursor")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CURSOR_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[StoredImage]
+    next_cursor: str
+    def __init__(self, images: _Optional[_Iterable[_Union[StoredImage, _Mapping]]] = ..., next_cursor: _Optional[str] = ...) -> None: ...
+
+class SearchBatchRequest(_message.Message):
+    __slots__ = ("queries",)
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedCompositeFieldContainer[SearchRequest]
+    def __init__(self, queries: _Optional[_Iterable[_Union[SearchRequest, _Mapping]]] = ...) -> None: ...
+
+class QueryStatus(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class SearchBatchResult(_message.Message):
+    __slots__ = ("status", "response")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    status: QueryStatus
+    response: SearchResponse
+    def __init__(self, status: _Optional[_Union[QueryStatus, _Mapping]] = ..., response: _Optional[_Union[SearchResponse, _Mapping]] = ...) -> None: ...
+
+class SearchBatchResponse(_message.Message):
+    __slots__ = ("results", "timings")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SearchBatchResult]
+    timings: _containers.RepeatedCompositeFieldContainer[_types_pb2.StageTiming]
+    def __init__(self, results: _Optional[_Iterable[_Union[SearchBatchResult, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[_types_pb2.StageTiming, _Mapping]]] = ...) -> None: ...

@@ -82,6 +82,21 @@ class RetrievalStub:
                 request_serializer=loupe_dot_v1_dot_retrieval__pb2.BuildGraphRequest.SerializeToString,
                 response_deserializer=loupe_dot_v1_dot_retrieval__pb2.BuildGraphResponse.FromString,
                 _registered_method=True)
+        self.GetImages = channel.unary_unary(
+                '/loupe.v1.Retrieval/GetImages',
+                request_serializer=loupe_dot_v1_dot_retrieval__pb2.GetImagesRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_retrieval__pb2.GetImagesResponse.FromString,
+                _registered_method=True)
+        self.ListImages = channel.unary_unary(
+                '/loupe.v1.Retrieval/ListImages',
+                request_serializer=loupe_dot_v1_dot_retrieval__pb2.ListImagesRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_retrieval__pb2.ListImagesResponse.FromString,
+                _registered_method=True)
+        self.SearchBatch = channel.unary_unary(
+                '/loupe.v1.Retrieval/SearchBatch',
+                request_serializer=loupe_dot_v1_dot_retrieval__pb2.SearchBatchRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_retrieval__pb2.SearchBatchResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServicer:
@@ -126,6 +141,14 @@ class RetrievalServicer:
         resending the whole stream, or just the unconfirmed ids, is safe.
         Limits: at most 256 images per batch message; each batch message within the broker's
         message limit (64 MiB by default).
+        Upsert: adding an id that exists replaces its whole record: features, metadata (not
+        merged: keys absent from the new record are gone) and its place in the list order is
+        kept (ListImages orders by id). Read-your-writes: a batch is acknowledged (the stream
+        continues / the response arrives) only once its images are durable on their shards and in
+        their search indexes, so any Search, SearchBatch, GetImages or ListImages that starts after
+        the acknowledgement sees them (and no longer sees a replaced record's old features or
+        metadata). The collection kNN graph (BuildGraph) drops replaced ids; they join diffusion
+        online until the next build.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -167,6 +190,41 @@ class RetrievalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetImages(self, request, context):
+        """Fetches stored images by id: metadata, the image's size as extracted, the shard holding
+        it and, with with_vector, its stored global descriptor. Ids that do not exist are listed in
+        `missing` (not an error); ids whose shard did not answer are listed in `unavailable`.
+        Errors: INVALID_ARGUMENT (no ids, more than 1000 ids, an invalid id),
+        UNAVAILABLE (no shard answered).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListImages(self, request, context):
+        """Pages through the collection in id order (bytewise UTF-8), optionally filtered by
+        metadata. The cursor is opaque and stays valid while images are added, replaced or
+        deleted: an id that exists during the whole scan is returned exactly once; an id added
+        during the scan is returned iff it sorts after the page being read when it is added.
+        Errors: INVALID_ARGUMENT (page_size out of range, a cursor not returned by ListImages, a
+        bad filter), UNAVAILABLE (a shard did not answer: a page cannot be complete without it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchBatch(self, request, context):
+        """Many searches in one call, answered in order with a status per query: one bad query
+        (corrupt image, unknown id, bad option) fails only itself. Image queries are extracted
+        concurrently (the extractors batch them) and the first-stage fan-out is one call per shard
+        for the whole batch; rerank stages then run per query.
+        Errors of the whole call: INVALID_ARGUMENT (no queries or more than 64),
+        RESOURCE_EXHAUSTED (overload), DEADLINE_EXCEEDED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,6 +257,21 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.BuildGraph,
                     request_deserializer=loupe_dot_v1_dot_retrieval__pb2.BuildGraphRequest.FromString,
                     response_serializer=loupe_dot_v1_dot_retrieval__pb2.BuildGraphResponse.SerializeToString,
+            ),
+            'GetImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetImages,
+                    request_deserializer=loupe_dot_v1_dot_retrieval__pb2.GetImagesRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_retrieval__pb2.GetImagesResponse.SerializeToString,
+            ),
+            'ListImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListImages,
+                    request_deserializer=loupe_dot_v1_dot_retrieval__pb2.ListImagesRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_retrieval__pb2.ListImagesResponse.SerializeToString,
+            ),
+            'SearchBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchBatch,
+                    request_deserializer=loupe_dot_v1_dot_retrieval__pb2.SearchBatchRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_retrieval__pb2.SearchBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -381,6 +454,87 @@ class Retrieval:
             '/loupe.v1.Retrieval/BuildGraph',
             loupe_dot_v1_dot_retrieval__pb2.BuildGraphRequest.SerializeToString,
             loupe_dot_v1_dot_retrieval__pb2.BuildGraphResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Retrieval/GetImages',
+            loupe_dot_v1_dot_retrieval__pb2.GetImagesRequest.SerializeToString,
+            loupe_dot_v1_dot_retrieval__pb2.GetImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Retrieval/ListImages',
+            loupe_dot_v1_dot_retrieval__pb2.ListImagesRequest.SerializeToString,
+            loupe_dot_v1_dot_retrieval__pb2.ListImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Retrieval/SearchBatch',
+            loupe_dot_v1_dot_retrieval__pb2.SearchBatchRequest.SerializeToString,
+            loupe_dot_v1_dot_retrieval__pb2.SearchBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,20 +25,22 @@ class ShardRecord(_message.Message):
     def __init__(self, id: _Optional[str] = ..., features: _Optional[_Union[_types_pb2.ImageFeatures, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ShardSearchRequest(_message.Message):
-    __slots__ = ("shard_id", "query", "top_k", "return_vectors", "timeout_s", "query_transformed")
+    __slots__ = ("shard_id", "query", "top_k", "return_vectors", "timeout_s", "query_transformed", "filter")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RETURN_VECTORS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     QUERY_TRANSFORMED_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     query: _types_pb2.Tensor
     top_k: int
     return_vectors: bool
     timeout_s: float
     query_transformed: bool
-    def __init__(self, shard_id: _Optional[int] = ..., query: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., return_vectors: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., query_transformed: _Optional[bool] = ...) -> None: ...
+    filter: _types_pb2.Filter
+    def __init__(self, shard_id: _Optional[int] = ..., query: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., return_vectors: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., query_transformed: _Optional[bool] = ..., filter: _Optional[_Union[_types_pb2.Filter, _Mapping]] = ...) -> None: ...
 
 class ShardSearchResponse(_message.Message):
     __slots__ = ("ids", "scores", "vectors", "metadata", "seconds")
@@ -100,18 +102,20 @@ class ShardDeleteResponse(_message.Message):
     def __init__(self, deleted: _Optional[_Iterable[str]] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetFeaturesRequest(_message.Message):
-    __slots__ = ("shard_id", "ids", "want_global", "want_regional", "want_local")
+    __slots__ = ("shard_id", "ids", "want_global", "want_regional", "want_local", "want_raw_global")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     WANT_GLOBAL_FIELD_NUMBER: _ClassVar[int]
     WANT_REGIONAL_FIELD_NUMBER: _ClassVar[int]
     WANT_LOCAL_FIELD_NUMBER: _ClassVar[int]
+    WANT_RAW_GLOBAL_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     ids: _containers.RepeatedScalarFieldContainer[str]
     want_global: bool
     want_regional: bool
     want_local: bool
-    def __init__(self, shard_id: _Optional[int] = ..., ids: _Optional[_Iterable[str]] = ..., want_global: _Optional[bool] = ..., want_regional: _Optional[bool] = ..., want_local: _Optional[bool] = ...) -> None: ...
+    want_raw_global: bool
+    def __init__(self, shard_id: _Optional[int] = ..., ids: _Optional[_Iterable[str]] = ..., want_global: _Optional[bool] = ..., want_regional: _Optional[bool] = ..., want_local: _Optional[bool] = ..., want_raw_global: _Optional[bool] = ...) -> None: ...
 
 class GetFeaturesResponse(_message.Message):
     __slots__ = ("ids", "features", "seconds")
@@ -224,3 +228,94 @@ class ShardStatsResponse(_message.Message):
     sequence: int
     snapshot_sequence: int
     def __init__(self, shard_id: _Optional[int] = ..., images: _Optional[int] = ..., regional_vectors: _Optional[int] = ..., local_features: _Optional[int] = ..., feature_bytes: _Optional[int] = ..., dim: _Optional[int] = ..., index: _Optional[str] = ..., whitened: _Optional[bool] = ..., wal_bytes: _Optional[int] = ..., store_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., startup_seconds: _Optional[float] = ..., startup_replayed: _Optional[int] = ..., sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ...) -> None: ...
+
+class ShardSearchBatchRequest(_message.Message):
+    __slots__ = ("shard_id", "queries", "timeout_s")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    queries: _containers.RepeatedCompositeFieldContainer[ShardSearchRequest]
+    timeout_s: float
+    def __init__(self, shard_id: _Optional[int] = ..., queries: _Optional[_Iterable[_Union[ShardSearchRequest, _Mapping]]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class ShardSearchBatchResult(_message.Message):
+    __slots__ = ("code", "message", "response")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    response: ShardSearchResponse
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., response: _Optional[_Union[ShardSearchResponse, _Mapping]] = ...) -> None: ...
+
+class ShardSearchBatchResponse(_message.Message):
+    __slots__ = ("results", "seconds")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ShardSearchBatchResult]
+    seconds: float
+    def __init__(self, results: _Optional[_Iterable[_Union[ShardSearchBatchResult, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class GetInfoRequest(_message.Message):
+    __slots__ = ("shard_id", "ids", "want_vector")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    WANT_VECTOR_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    want_vector: bool
+    def __init__(self, shard_id: _Optional[int] = ..., ids: _Optional[_Iterable[str]] = ..., want_vector: _Optional[bool] = ...) -> None: ...
+
+class ShardImageInfo(_message.Message):
+    __slots__ = ("id", "metadata", "width", "height", "vector")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    metadata: _containers.ScalarMap[str, str]
+    width: int
+    height: int
+    vector: _types_pb2.Tensor
+    def __init__(self, id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., vector: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class GetInfoResponse(_message.Message):
+    __slots__ = ("images", "missing")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[ShardImageInfo]
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, images: _Optional[_Iterable[_Union[ShardImageInfo, _Mapping]]] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListIdsRequest(_message.Message):
+    __slots__ = ("shard_id", "after", "limit", "filter", "max_scan")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCAN_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    after: str
+    limit: int
+    filter: _types_pb2.Filter
+    max_scan: int
+    def __init__(self, shard_id: _Optional[int] = ..., after: _Optional[str] = ..., limit: _Optional[int] = ..., filter: _Optional[_Union[_types_pb2.Filter, _Mapping]] = ..., max_scan: _Optional[int] = ...) -> None: ...
+
+class ListIdsResponse(_message.Message):
+    __slots__ = ("images", "done", "scanned_to")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    SCANNED_TO_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[ShardImageInfo]
+    done: bool
+    scanned_to: str
+    def __init__(self, images: _Optional[_Iterable[_Union[ShardImageInfo, _Mapping]]] = ..., done: _Optional[bool] = ..., scanned_to: _Optional[str] = ...) -> None: ...

@@ -75,6 +75,21 @@ class ShardStub:
                 request_serializer=loupe_dot_v1_dot_shard__pb2.ShardStatsRequest.SerializeToString,
                 response_deserializer=loupe_dot_v1_dot_shard__pb2.ShardStatsResponse.FromString,
                 _registered_method=True)
+        self.SearchBatch = channel.unary_unary(
+                '/loupe.v1.Shard/SearchBatch',
+                request_serializer=loupe_dot_v1_dot_shard__pb2.ShardSearchBatchRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_shard__pb2.ShardSearchBatchResponse.FromString,
+                _registered_method=True)
+        self.GetInfo = channel.unary_unary(
+                '/loupe.v1.Shard/GetInfo',
+                request_serializer=loupe_dot_v1_dot_shard__pb2.GetInfoRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_shard__pb2.GetInfoResponse.FromString,
+                _registered_method=True)
+        self.ListIds = channel.unary_unary(
+                '/loupe.v1.Shard/ListIds',
+                request_serializer=loupe_dot_v1_dot_shard__pb2.ListIdsRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_shard__pb2.ListIdsResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -141,6 +156,28 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchBatch(self, request, context):
+        """Several searches in one call (a batch's first-stage fan-out), answered in order; each
+        query fails alone (its status in the response), unfiltered queries share one faiss search.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInfo(self, request, context):
+        """Id, size, metadata (and optionally the raw global vector) of the given ids.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListIds(self, request, context):
+        """Ids after a given id, in id order (bytewise UTF-8), optionally filtered by metadata.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -183,6 +220,21 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=loupe_dot_v1_dot_shard__pb2.ShardStatsRequest.FromString,
                     response_serializer=loupe_dot_v1_dot_shard__pb2.ShardStatsResponse.SerializeToString,
+            ),
+            'SearchBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchBatch,
+                    request_deserializer=loupe_dot_v1_dot_shard__pb2.ShardSearchBatchRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_shard__pb2.ShardSearchBatchResponse.SerializeToString,
+            ),
+            'GetInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInfo,
+                    request_deserializer=loupe_dot_v1_dot_shard__pb2.GetInfoRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_shard__pb2.GetInfoResponse.SerializeToString,
+            ),
+            'ListIds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListIds,
+                    request_deserializer=loupe_dot_v1_dot_shard__pb2.ListIdsRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_shard__pb2.ListIdsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -402,6 +454,87 @@ class Shard:
             '/loupe.v1.Shard/Stats',
             loupe_dot_v1_dot_shard__pb2.ShardStatsRequest.SerializeToString,
             loupe_dot_v1_dot_shard__pb2.ShardStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Shard/SearchBatch',
+            loupe_dot_v1_dot_shard__pb2.ShardSearchBatchRequest.SerializeToString,
+            loupe_dot_v1_dot_shard__pb2.ShardSearchBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Shard/GetInfo',
+            loupe_dot_v1_dot_shard__pb2.GetInfoRequest.SerializeToString,
+            loupe_dot_v1_dot_shard__pb2.GetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListIds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Shard/ListIds',
+            loupe_dot_v1_dot_shard__pb2.ListIdsRequest.SerializeToString,
+            loupe_dot_v1_dot_shard__pb2.ListIdsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14loupe/v1/types.proto\x12\x08loupe.v1\"T\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x05\x12\x1e\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0f.loupe.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x01(\x02\"5\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"[\n\rLocalFeatures\x12#\n\tkeypoints\x18\x01 \x01(\x0b\x32\x10.loupe.v1.Tensor\x12%\n\x0b\x64\x65scriptors\x18\x02 \x01(\x0b\x32\x10.loupe.v1.Tensor\"\x9c\x01\n\rImageFeatures\x12 \n\x06global\x18\x01 \x01(\x0b\x32\x10.loupe.v1.Tensor\x12\"\n\x08regional\x18\x02 \x01(\x0b\x32\x10.loupe.v1.Tensor\x12&\n\x05local\x18\x03 \x01(\x0b\x32\x17.loupe.v1.LocalFeatures\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\"-\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01*T\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0e\n\nDTYPE_INT8\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14loupe/v1/types.proto\x12\x08loupe.v1\"T\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x05\x12\x1e\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0f.loupe.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x01(\x02\"5\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"[\n\rLocalFeatures\x12#\n\tkeypoints\x18\x01 \x01(\x0b\x32\x10.loupe.v1.Tensor\x12%\n\x0b\x64\x65scriptors\x18\x02 \x01(\x0b\x32\x10.loupe.v1.Tensor\"\x9c\x01\n\rImageFeatures\x12 \n\x06global\x18\x01 \x01(\x0b\x32\x10.loupe.v1.Tensor\x12\"\n\x08regional\x18\x02 \x01(\x0b\x32\x10.loupe.v1.Tensor\x12&\n\x05local\x18\x03 \x01(\x0b\x32\x17.loupe.v1.LocalFeatures\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\"-\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"*\n\x06\x46ilter\x12 \n\x03\x61ll\x18\x01 \x03(\x0b\x32\x13.loupe.v1.Condition\"z\n\tCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x06\x65quals\x18\x02 \x01(\tH\x00\x12$\n\x06\x61ny_of\x18\x03 \x01(\x0b\x32\x12.loupe.v1.ValueSetH\x00\x12 \n\x05range\x18\x04 \x01(\x0b\x32\x0f.loupe.v1.RangeH\x00\x42\x06\n\x04test\"\x1a\n\x08ValueSet\x12\x0e\n\x06values\x18\x01 \x03(\t\"O\n\x05Range\x12\x0b\n\x03min\x18\x01 \x01(\t\x12\x0b\n\x03max\x18\x02 \x01(\t\x12\x15\n\rmin_exclusive\x18\x03 \x01(\x08\x12\x15\n\rmax_exclusive\x18\x04 \x01(\x08*T\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0e\n\nDTYPE_INT8\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loupe.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=474
-  _globals['_DTYPE']._serialized_end=558
+  _globals['_DTYPE']._serialized_start=751
+  _globals['_DTYPE']._serialized_end=835
   _globals['_TENSOR']._serialized_start=34
   _globals['_TENSOR']._serialized_end=118
   _globals['_BOX']._serialized_start=120
@@ -43,4 +43,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGEFEATURES']._serialized_end=425
   _globals['_STAGETIMING']._serialized_start=427
   _globals['_STAGETIMING']._serialized_end=472
+  _globals['_FILTER']._serialized_start=474
+  _globals['_FILTER']._serialized_end=516
+  _globals['_CONDITION']._serialized_start=518
+  _globals['_CONDITION']._serialized_end=640
+  _globals['_VALUESET']._serialized_start=642
+  _globals['_VALUESET']._serialized_end=668
+  _globals['_RANGE']._serialized_start=670
+  _globals['_RANGE']._serialized_end=749
 # @@protoc_insertion_point(module_scope)

@@ -15,7 +15,7 @@ import grpc
 
 from loupe.v1 import extractor_pb2, extractor_pb2_grpc, shard_pb2, shard_pb2_grpc
 from services.common.auth import AioBearerInterceptor
-from services.common.errors import DeadlineExceeded, Overloaded, Unavailable
+from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, Overloaded, Unavailable
 from services.common.tls import InternalTls
 
 
@@ -43,6 +43,9 @@ class ShardClient(Protocol):
     async def list_vectors(self, request: shard_pb2.ListVectorsRequest, timeout_s: float) -> shard_pb2.ListVectorsResponse: ...
     async def set_whitening(self, request: shard_pb2.SetWhiteningRequest, timeout_s: float) -> shard_pb2.SetWhiteningResponse: ...
     async def stats(self, timeout_s: float) -> shard_pb2.ShardStatsResponse: ...
+    async def search_batch(self, request: shard_pb2.ShardSearchBatchRequest, timeout_s: float) -> shard_pb2.ShardSearchBatchResponse: ...
+    async def get_info(self, request: shard_pb2.GetInfoRequest, timeout_s: float) -> shard_pb2.GetInfoResponse: ...
+    async def list_ids(self, request: shard_pb2.ListIdsRequest, timeout_s: float) -> shard_pb2.ListIdsResponse: ...
     async def close(self) -> None: ...
 
 
@@ -79,6 +82,15 @@ class GrpcShardClient:
 
     async def stats(self, timeout_s: float) -> shard_pb2.ShardStatsResponse:
         return await self._stub.Stats(shard_pb2.ShardStatsRequest(shard_id=self.shard_id), timeout=timeout_s)
+
+    async def search_batch(self, request: shard_pb2.ShardSearchBatchRequest, timeout_s: float) -> shard_pb2.ShardSearchBatchResponse:
+        return await self._stub.SearchBatch(request, timeout=timeout_s)
+
+    async def get_info(self, request: shard_pb2.GetInfoRequest, timeout_s: float) -> shard_pb2.GetInfoResponse:
+        return await self._stub.GetInfo(request, timeout=timeout_s)
+
+    async def list_ids(self, request: shard_pb2.ListIdsRequest, timeout_s: float) -> shard_pb2.ListIdsResponse:
+        return await self._stub.ListIds(request, timeout=timeout_s)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -163,3 +175,19 @@ class ExtractorPool:
     async def close(self) -> None:
         for c in self._channels:
             await c.close()
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError, what: str) -> Exception:
+    """A backend's status as the matching domain error, prefixed with ``what`` (e.g. "shard 1")."""
+    code = exc.code()
+    msg = f"{what}: {exc.details()}"
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(exc.details() or msg)  # backends already name the field
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        busy = "concurrent rpc limit" in (exc.details() or "").lower()  # the backend's gRPC admission limit: transient
+        return Overloaded(exc.details() or msg, retry_after_ms=100 if busy else None)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(msg)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(msg)
+    return Unavailable(msg)

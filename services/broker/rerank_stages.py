@@ -107,3 +107,31 @@ def order_by(hits: Sequence[Hit], scores: np.ndarray) -> list[Hit]:
     """Hits re-sorted by ``scores`` (stable), with ``score`` replaced."""
     order = np.argsort(-np.asarray(scores), kind="stable")
     return [dataclasses.replace(hits[i], score=float(scores[i])) for i in order]
+
+
+def union_candidates(diffused: list[Hit], global_order: list[Hit], n: int) -> tuple[list[Hit], int]:
+    """Verification candidates from two shortlists: the diffused top-``n``, then the global
+    top-``n`` not among them.
+
+    Returns
+    -------
+    (hits, m)
+        ``diffused`` reordered so that its first ``m`` entries are the union (diffused order
+        first), then the rest in diffused order; ``m`` ≤ 2n.
+    """
+    head = diffused[:n]
+    ids = {h.image_id for h in head}
+    by_id = {h.image_id: h for h in diffused}
+    extra = [by_id.get(h.image_id, h) for h in global_order[:n] if h.image_id not in ids]
+    extra_ids = {h.image_id for h in extra}
+    rest = [h for h in diffused[n:] if h.image_id not in extra_ids]
+    return head + extra + rest, len(head) + len(extra)
+
+
+def verified_first(ranked: list[Hit], verified: dict, order: list[Hit]) -> list[Hit]:
+    """Verified hits in ``ranked``'s (inlier) order, then every other hit of ``order`` in its order.
+
+    ``verified`` maps image id → an object with a boolean ``verified`` attribute."""
+    top = [h for h in ranked if h.image_id in verified and verified[h.image_id].verified]
+    ids = {h.image_id for h in top}
+    return top + [h for h in order if h.image_id not in ids]

@@ -4,7 +4,7 @@ Every call carries ``authorization: Bearer <token>`` metadata. A server holds an
 ``AuthPolicy``: the SHA-256 digests of the tokens it accepts, each with the roles it grants.
 The method → role table (``METHOD_ROLES``) is declared once, here:
 
-- ``read``: ``Retrieval/Search``, ``Retrieval/GetStats`` and server reflection (so that an
+- ``read``: ``Retrieval/Search``, ``SearchBatch``, ``GetImages``, ``ListImages``, ``GetStats`` and server reflection (so that an
   anonymous caller cannot even list the services when auth is on);
 - ``write`` (implies read): ``Retrieval/AddImages``, ``Delete``, ``FitWhitening``, ``BuildGraph``;
 - ``internal``: every method of the internal ``Shard`` and ``Extractor`` services; only the
@@ -40,6 +40,9 @@ _RETRIEVAL = "/loupe.v1.Retrieval/"
 METHOD_ROLES: Mapping[str, str] = {
     _RETRIEVAL + "Search": READ,
     _RETRIEVAL + "GetStats": READ,
+    _RETRIEVAL + "SearchBatch": READ,
+    _RETRIEVAL + "GetImages": READ,
+    _RETRIEVAL + "ListImages": READ,
     _RETRIEVAL + "AddImages": WRITE,
     _RETRIEVAL + "Delete": WRITE,
     _RETRIEVAL + "FitWhitening": WRITE,

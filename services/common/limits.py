@@ -8,6 +8,7 @@ documented in protos/loupe/v1/retrieval.proto and docs/faults.md.
 
 from __future__ import annotations
 
+import datetime as _dt
 import math
 from typing import Mapping
 
@@ -88,7 +89,7 @@ def check_image_bytes(data: bytes, field: str) -> None:
 def check_vector(tensor: types_pb2.Tensor, field: str) -> None:
     """A query descriptor: shape (D,) with 1 <= D <= MAX_VECTOR_DIM and matching data size.
 
-    Finiteness is checked after decoding (``services.broker.servicer._unit_vector``).
+    Finiteness is checked after decoding (``services.broker.search_pipeline.unit_vector``).
     """
     shape = list(tensor.shape)
     if len(shape) != 1 or not 1 <= shape[0] <= MAX_VECTOR_DIM:
@@ -123,3 +124,73 @@ def check_int_range(value: int, field: str, lo: int, hi: int) -> None:
     """An integer parameter in lo..hi."""
     if not lo <= value <= hi:
         raise InvalidArgument(f"{field}: must be in {lo}..{hi}, got {value}")
+
+
+# --- public API of issue 13: get, list, batch search, filters ------------------------------
+MAX_GET_IDS = 1000
+MAX_LIST_PAGE = 1000
+DEFAULT_LIST_PAGE = 100
+MAX_CURSOR_BYTES = 2048
+MAX_BATCH_QUERIES = 64
+MAX_FILTER_CONDITIONS = 16
+MAX_FILTER_VALUES = 256
+
+
+def parse_filter_number(text: str) -> float:
+    """A metadata value or range bound read as a number: a finite decimal number, or an ISO-8601
+    date / date-time (naive = UTC) as its Unix time in seconds. Raises ValueError otherwise."""
+    s = text.strip()
+    try:
+        x = float(s)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(x):
+            raise ValueError(f"{text[:32]!r} is not a finite number")
+        return x
+    if len(s) < 10 or not s[:4].isdigit() or s[4] != "-":
+        raise ValueError(f"{text[:32]!r} is neither a number nor an ISO-8601 date")
+    try:
+        t = _dt.datetime.fromisoformat(s)
+    except ValueError:
+        raise ValueError(f"{text[:32]!r} is neither a number nor an ISO-8601 date") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.timezone.utc)
+    return t.timestamp()
+
+
+def check_filter(flt: types_pb2.Filter, field: str = "filter") -> None:
+    """A metadata filter: condition count, keys, values, ranges (bounds readable, satisfiable)."""
+    if len(flt.all) > MAX_FILTER_CONDITIONS:
+        raise InvalidArgument(f"{field}.all: {len(flt.all)} conditions, the limit is {MAX_FILTER_CONDITIONS}")
+    for i, c in enumerate(flt.all):
+        f = f"{field}.all[{i}]"
+        check_text(c.key, f"{f}.key", MAX_METADATA_KEY_BYTES)
+        which = c.WhichOneof("test")
+        if which is None:
+            raise InvalidArgument(f"{f}: set one of equals, any_of or range")
+        if which == "equals":
+            check_text(c.equals, f"{f}.equals", MAX_METADATA_VALUE_BYTES, allow_empty=True)
+        elif which == "any_of":
+            values = c.any_of.values
+            if not 1 <= len(values) <= MAX_FILTER_VALUES:
+                raise InvalidArgument(f"{f}.any_of.values: must hold 1..{MAX_FILTER_VALUES} values, got {len(values)}")
+            for j, v in enumerate(values):
+                check_text(v, f"{f}.any_of.values[{j}]", MAX_METADATA_VALUE_BYTES, allow_empty=True)
+        else:
+            r = c.range
+            if not r.min and not r.max:
+                raise InvalidArgument(f"{f}.range: set min, max or both")
+            bounds = {}
+            for name in ("min", "max"):
+                text = getattr(r, name)
+                if text:
+                    check_text(text, f"{f}.range.{name}", 64)
+                    try:
+                        bounds[name] = parse_filter_number(text)
+                    except ValueError as exc:
+                        raise InvalidArgument(f"{f}.range.{name}: {exc}") from None
+            if "min" in bounds and "max" in bounds:
+                lo, hi = bounds["min"], bounds["max"]
+                if lo > hi or (lo == hi and (r.min_exclusive or r.max_exclusive)):
+                    raise InvalidArgument(f"{f}.range: unsatisfiable, min {r.min!r} is not below max {r.max!r}")

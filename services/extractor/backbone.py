@@ -90,11 +90,17 @@ class _SamePadConv2d(nn.Conv2d):
     """Conv2d with TensorFlow "SAME" padding (no dilation).
 
     Stride 1: symmetric padding ``k // 2`` inside the conv. Stride 2: the total padding
-    ``max((ceil(n / s) - 1) * s + k - n, 0)`` is split ``(total // 2, total - total // 2)``
+    ``max((ceil(n / 2) - 1) * 2 + k - n, 0)`` is split ``(total // 2, total - total // 2)``
     (the extra pixel goes right/bottom) and applied with ``F.pad`` from the actual input size.
+    For an odd kernel ``k >= 3`` that total is ``k - 2 + n % 2``, i.e. ``(k - 3) // 2 + n % 2``
+    before and ``(k - 1) // 2`` after: written that way, the padding stays a function of the
+    input size when the model is traced for export (``services.extractor.runtime``: one ONNX
+    graph with dynamic height and width, not one per size).
     """
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> None:
+        if stride not in (1, 2) or kernel % 2 == 0 or (stride == 2 and kernel < 3):
+            raise ValueError(f"_SamePadConv2d supports odd kernels, stride 1, or stride 2 with kernel >= 3; got k={kernel}, s={stride}")
         super().__init__(
             cin, cout, kernel, stride=stride, groups=groups, bias=False,
             padding=kernel // 2 if stride == 1 else 0,
@@ -103,12 +109,9 @@ class _SamePadConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride[0] == 1:
             return super().forward(x)
-        k, s = self.kernel_size[0], self.stride[0]
-        ih, iw = x.shape[-2:]
-        ph = max((math.ceil(ih / s) - 1) * s + k - ih, 0)
-        pw = max((math.ceil(iw / s) - 1) * s + k - iw, 0)
-        if ph or pw:
-            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        k = self.kernel_size[0]
+        ih, iw = x.shape[-2], x.shape[-1]
+        x = F.pad(x, ((k - 3) // 2 + iw % 2, (k - 1) // 2, (k - 3) // 2 + ih % 2, (k - 1) // 2))
         return super().forward(x)
 
 

@@ -50,6 +50,11 @@ class SharedPasses:
         self.computed += 1
         return {t: maps[t] for t in taps}
 
+    def prefill(self, x: torch.Tensor, maps: dict[str, torch.Tensor]) -> None:
+        """Remember ``maps`` (``{tap: (1, C, h, w)}``) as the pass of ``x`` (computed elsewhere,
+        e.g. in a stacked batch); a later request for ``x`` and those taps is served from them."""
+        self._passes.append((x, maps))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Last conv map ``(1, 1280, H/32, W/32)``, as ``EfficientNetLite0.forward_features``."""
         return self.forward_taps(x, ["head"])["head"]

@@ -11,9 +11,10 @@ from grpc_health.v1 import health_pb2
 
 from loupe.tensors import from_tensor, to_tensor
 from loupe.v1 import shard_pb2, shard_pb2_grpc
-from services.common.errors import DataLoss, InvalidArgument, grpc_errors
+from services.common.errors import DataLoss, InvalidArgument, grpc_errors, status_for
 from services.common.grpc_server import RunningServer, ServerOptions, create_sync_server
 from services.common.metrics import ShardMetrics, shard_state
+from services.index.metadata_filter import CompiledCondition, compile_filter
 from services.index.records import record_to_stored, stored_to_features
 from services.index.shard_index import ShardIndex
 from services.index.store import ShardStore, StoreCorrupt
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 MAX_TOP_K = 100_000
 MAX_LIST_PAGE = 65_536
+MAX_BATCH_QUERIES = 1024
+DEFAULT_MAX_SCAN = 100_000
 
 
 class ShardServicer(shard_pb2_grpc.ShardServicer):
@@ -62,24 +65,97 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
 
-    @grpc_errors
-    def Search(self, request: shard_pb2.ShardSearchRequest, context: grpc.ServicerContext) -> shard_pb2.ShardSearchResponse:
-        t0 = time.perf_counter()
-        self._check_shard(request.shard_id)
+    @staticmethod
+    def _search_args(request: shard_pb2.ShardSearchRequest) -> tuple[np.ndarray, int, bool, bool, list[CompiledCondition] | None]:
+        """A search request decoded and validated (InvalidArgument naming the field)."""
         if not 1 <= request.top_k <= MAX_TOP_K:
             raise InvalidArgument(f"top_k: must be in 1..{MAX_TOP_K}, got {request.top_k}")
         query = from_tensor(request.query, field="query")
         if query.ndim != 1:
             raise InvalidArgument(f"query: expected a (D,) vector, got shape {list(query.shape)}")
-        hits = self._valid(self.index.search, query, request.top_k, request.return_vectors, request.query_transformed)
+        conditions = compile_filter(request.filter) if request.filter.all else None
+        return query, request.top_k, request.return_vectors, request.query_transformed, conditions
+
+    @staticmethod
+    def _search_response(hits) -> shard_pb2.ShardSearchResponse:
         resp = shard_pb2.ShardSearchResponse(ids=hits.ids, scores=hits.scores.tolist())
         for md in hits.metadata:
             resp.metadata.add().values.update(md)
         if hits.vectors is not None:
             resp.vectors.CopyFrom(to_tensor(hits.vectors))
+        return resp
+
+    @grpc_errors
+    def Search(self, request: shard_pb2.ShardSearchRequest, context: grpc.ServicerContext) -> shard_pb2.ShardSearchResponse:
+        t0 = time.perf_counter()
+        self._check_shard(request.shard_id)
+        hits = self._valid(self.index.search, *self._search_args(request))
+        resp = self._search_response(hits)
         resp.seconds = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.search_seconds.labels(self.metrics.shard).observe(resp.seconds)
+        return resp
+
+    @grpc_errors
+    def SearchBatch(self, request: shard_pb2.ShardSearchBatchRequest, context: grpc.ServicerContext) -> shard_pb2.ShardSearchBatchResponse:
+        t0 = time.perf_counter()
+        self._check_shard(request.shard_id)
+        if len(request.queries) > MAX_BATCH_QUERIES:
+            raise InvalidArgument(f"queries: {len(request.queries)} queries, the limit is {MAX_BATCH_QUERIES}")
+        resp = shard_pb2.ShardSearchBatchResponse()
+        results = [resp.results.add() for _ in request.queries]
+        args, where = [], []
+        for i, q in enumerate(request.queries):
+            try:
+                args.append(self._search_args(q))
+                where.append(i)
+            except Exception as exc:  # a bad query (InvalidArgument, TensorError) fails alone
+                if status_for(exc) != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                results[i].code, results[i].message = grpc.StatusCode.INVALID_ARGUMENT.value[0], str(exc)
+        for i, hits in zip(where, self.index.search_many(args) if args else []):
+            if isinstance(hits, ValueError):
+                results[i].code, results[i].message = grpc.StatusCode.INVALID_ARGUMENT.value[0], str(hits)
+            else:
+                results[i].response.CopyFrom(self._search_response(hits))
+        resp.seconds = time.perf_counter() - t0
+        if self.metrics is not None:
+            self.metrics.search_seconds.labels(self.metrics.shard).observe(resp.seconds)
+        return resp
+
+    @grpc_errors
+    def GetInfo(self, request: shard_pb2.GetInfoRequest, context: grpc.ServicerContext) -> shard_pb2.GetInfoResponse:
+        self._check_shard(request.shard_id)
+        for i, image_id in enumerate(request.ids):
+            check_id(image_id, f"ids[{i}]")
+        resp = shard_pb2.GetInfoResponse()
+        for image_id, found in zip(request.ids, self.index.get_infos(list(request.ids), request.want_vector)):
+            if found is None:
+                resp.missing.append(image_id)
+                continue
+            info, vector = found
+            out = resp.images.add(id=info.image_id, metadata=info.metadata, width=info.width, height=info.height)
+            if vector is not None:
+                out.vector.CopyFrom(to_tensor(vector.astype(np.float32)))
+        return resp
+
+    @grpc_errors
+    def ListIds(self, request: shard_pb2.ListIdsRequest, context: grpc.ServicerContext) -> shard_pb2.ListIdsResponse:
+        self._check_shard(request.shard_id)
+        if not 1 <= request.limit <= MAX_LIST_PAGE:
+            raise InvalidArgument(f"limit: must be in 1..{MAX_LIST_PAGE}, got {request.limit}")
+        if request.max_scan < 0:
+            raise InvalidArgument(f"max_scan: must be >= 0, got {request.max_scan}")
+        if request.after:
+            check_id(request.after, "after")
+        conditions = compile_filter(request.filter) if request.filter.all else None
+        max_scan = request.max_scan or DEFAULT_MAX_SCAN
+        if conditions is None:
+            max_scan = min(max_scan, request.limit)
+        infos, done, last = self.index.list_ids(request.after, request.limit, conditions, max_scan)
+        resp = shard_pb2.ListIdsResponse(done=done, scanned_to="" if done else last)
+        for info in infos:
+            resp.images.add(id=info.image_id, metadata=info.metadata, width=info.width, height=info.height)
         return resp
 
     @grpc_errors
@@ -110,7 +186,9 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             img = self.index.get(image_id, regional=request.want_regional, local=request.want_local)
             if img is None:
                 continue
-            g = self.index.transform(img.vector[None, :])[0] if request.want_global else None
+            g = None
+            if request.want_global:
+                g = img.vector if request.want_raw_global else self.index.transform(img.vector[None, :])[0]
             r = None
             if request.want_regional and img.regional is not None:
                 r = self.index.transform(img.regional.astype(np.float32))

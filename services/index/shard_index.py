@@ -24,7 +24,8 @@ from typing import Iterator
 import faiss
 import numpy as np
 
-from services.index.store import OP_ADD, ShardStore, StoredImage
+from services.index.metadata_filter import CompiledCondition, MetadataIndex
+from services.index.store import OP_ADD, ImageInfo, ShardStore, StoredImage
 from services.index.vector_index import (
     ApproxIndex,
     ExactIndex,
@@ -140,6 +141,7 @@ class ShardIndex:
         self.dim = int(raw_d) if raw_d else 0
         self._faiss: ExactIndex | ApproxIndex | None = None
         self._last_snapshot_seq = 0
+        self._meta: MetadataIndex | None = None  # built on the first filtered call
         self.startup = self._load()
         self._maybe_maintain()
 
@@ -253,7 +255,15 @@ class ShardIndex:
             if self.dim == 0:
                 self.store.put_setting("dim", str(records[0].vector.shape[0]).encode())
                 self.dim = int(records[0].vector.shape[0])
+            old = self.store.id_infos([r.image_id for r in records]) if self._meta is not None else []
             labels, replaced, _ = self.store.put(records)
+            if self._meta is not None:
+                for found in old:
+                    if found is not None:
+                        self._meta.remove(found[0], found[1].metadata)
+                last = {rec.image_id: (label, rec) for label, rec in zip(labels, records)}  # an id twice in one write: the last wins
+                for label, rec in last.values():
+                    self._meta.add(label, rec.metadata)
             if self._faiss is None:
                 self._faiss = ExactIndex(self.indexed_dim)
             self._faiss.remove(np.asarray(replaced, np.int64))
@@ -264,7 +274,12 @@ class ShardIndex:
     def delete(self, ids: list[str]) -> tuple[list[str], list[str]]:
         """Remove ids durably; returns (deleted, missing)."""
         with self._lock.write():
+            old = self.store.id_infos(ids) if self._meta is not None else []
             deleted, missing, labels, _ = self.store.delete(ids)
+            if self._meta is not None:
+                for found in old:
+                    if found is not None:
+                        self._meta.remove(found[0], found[1].metadata)
             if self._faiss is not None:
                 self._faiss.remove(np.asarray(labels, np.int64))
         self._maybe_maintain()
@@ -280,23 +295,135 @@ class ShardIndex:
     def _indexed_vectors(self, labels: np.ndarray) -> np.ndarray:
         return self.transform(self.store.vectors([int(l) for l in labels], self.dim))
 
-    def search(self, query: np.ndarray, top_k: int, return_vectors: bool = False, transformed: bool = False) -> SearchHits:
-        """Top-k images for one (D,) raw query vector (or (D',) when ``transformed``), by inner product."""
-        query = np.asarray(query, dtype=np.float32).reshape(-1)
+    def search(self, query: np.ndarray, top_k: int, return_vectors: bool = False, transformed: bool = False,
+               conditions: list[CompiledCondition] | None = None) -> SearchHits:
+        """Top-k images for one (D,) raw query vector (or (D',) when ``transformed``), by inner
+        product; with ``conditions``, only among the images whose metadata satisfies them."""
+        return self.search_many([(query, top_k, return_vectors, transformed, conditions)])[0]
+
+    def search_many(
+        self, queries: list[tuple[np.ndarray, int, bool, bool, list[CompiledCondition] | None]]
+    ) -> list[SearchHits | ValueError]:
+        """Several searches under one read lock: (query, top_k, return_vectors, transformed,
+        conditions) each; unfiltered queries of the exact index share one faiss search. A query
+        that is wrong (dimension) yields its ValueError in its place (raised when alone)."""
+        if any(c for *_, c in queries):
+            self._ensure_metadata_index()
+        out: list[SearchHits | ValueError | None] = [None] * len(queries)
         with self._lock.read():
-            expected = self.indexed_dim if transformed else self.dim
-            if expected and query.shape[0] != expected:
-                raise ValueError(f"query: dimension {query.shape[0]} != index dimension {expected}")
-            if self._faiss is None or self._faiss.ntotal == 0:
-                return SearchHits([], np.zeros(0, np.float32), None, [])
-            q = (to_indexed_space(query, None) if transformed else self.transform(query))[0]
-            labels, scores, vectors = self._faiss.search(q, top_k, self._indexed_vectors)
-            if return_vectors and vectors is None:
-                vectors = self._faiss.reconstruct(labels) if isinstance(self._faiss, ExactIndex) else self._indexed_vectors(labels)
-            infos = self.store.infos([int(l) for l in labels])
+            prepared: list[tuple[int, np.ndarray]] = []
+            for i, (query, top_k, _, transformed, _c) in enumerate(queries):
+                query = np.asarray(query, dtype=np.float32).reshape(-1)
+                expected = self.indexed_dim if transformed else self.dim
+                if expected and query.shape[0] != expected:
+                    out[i] = ValueError(f"query: dimension {query.shape[0]} != index dimension {expected}")
+                    continue
+                if self._faiss is None or self._faiss.ntotal == 0:
+                    out[i] = SearchHits([], np.zeros(0, np.float32), None, [])
+                    continue
+                prepared.append((i, (to_indexed_space(query, None) if transformed else self.transform(query))[0]))
+            shared = [(i, q) for i, q in prepared if not queries[i][4] and isinstance(self._faiss, ExactIndex)]
+            if len(shared) > 1:
+                k = max(queries[i][1] for i, _ in shared)
+                labels, scores = self._faiss.search_many(np.stack([q for _, q in shared]), k)
+                for row, (i, _) in enumerate(shared):
+                    keep = labels[row] >= 0
+                    n = queries[i][1]
+                    out[i] = self._hits(labels[row][keep][:n], scores[row][keep][:n], None, queries[i][2])
+            for i, q in prepared:
+                if out[i] is not None:
+                    continue
+                _, top_k, return_vectors, _, conditions = queries[i]
+                if conditions:
+                    labels, scores, vectors = self._filtered_search(q, top_k, self._meta.match(conditions))
+                else:
+                    labels, scores, vectors = self._faiss.search(q, top_k, self._indexed_vectors)
+                out[i] = self._hits(labels, scores, vectors, return_vectors)
+        if len(out) == 1 and isinstance(out[0], ValueError):
+            raise out[0]
+        return out  # type: ignore[return-value]
+
+    def _hits(self, labels: np.ndarray, scores: np.ndarray, vectors: np.ndarray | None, return_vectors: bool) -> SearchHits:
+        """Ids, metadata (and vectors when asked) of ranked labels; call under the read lock."""
+        if return_vectors and vectors is None:
+            vectors = self._faiss.reconstruct(labels) if isinstance(self._faiss, ExactIndex) else self._indexed_vectors(labels)
+        infos = self.store.infos([int(l) for l in labels])
         return SearchHits(
             [i.image_id for i in infos], scores.astype(np.float32), vectors if return_vectors else None, [i.metadata for i in infos]
         )
+
+    def _filtered_search(self, q: np.ndarray, top_k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Top-k among the ``allowed`` labels (sorted), so that k results come back when k match.
+
+        Exact index: one faiss search restricted by an id selector (exact by construction).
+        Approximate index: exact scoring over the allowed images' stored vectors when they are
+        at most ``settings.filter_exact_max``; otherwise the IVF search restricted by the
+        selector (then re-scored exactly), falling back to exact scoring in chunks when the
+        probed lists held fewer than k allowed images."""
+        k = min(top_k, len(allowed))
+        if k == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32), None
+        if isinstance(self._faiss, ExactIndex) or len(allowed) > self.settings.filter_exact_max:
+            labels, scores, vectors = self._faiss.search(q, k, self._indexed_vectors, allowed=allowed)
+            if len(labels) >= k:
+                return labels, scores, vectors
+        best_l, best_s = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        for start in range(0, len(allowed), self.settings.filter_exact_max):
+            chunk = allowed[start : start + self.settings.filter_exact_max]
+            scores = self._indexed_vectors(chunk) @ q
+            best_l, best_s = np.concatenate([best_l, chunk]), np.concatenate([best_s, scores.astype(np.float32)])
+            if len(best_l) > k:
+                top = np.argsort(-best_s, kind="stable")[:k]
+                best_l, best_s = best_l[top], best_s[top]
+        order = np.argsort(-best_s, kind="stable")[:k]
+        return best_l[order], best_s[order], None
+
+    def _ensure_metadata_index(self) -> None:
+        """Build the metadata inverted index from the store (first filtered call only)."""
+        if self._meta is not None:
+            return
+        with self._lock.write():
+            if self._meta is not None:
+                return
+            t0 = time.perf_counter()
+            meta = MetadataIndex()
+            for label, info in self.store.iter_infos():
+                meta.add(label, info.metadata)
+            self._meta = meta
+        log.info("shard store %s: metadata index built over %d keys in %.2f s", self.store.path, len(meta.postings), time.perf_counter() - t0)
+
+    def get_infos(self, ids: list[str], want_vector: bool = False) -> list[tuple[ImageInfo, np.ndarray | None] | None]:
+        """Id, size, metadata and (when asked) the raw global vector of each id; None when absent."""
+        found = self.store.id_infos(ids)
+        if not want_vector:
+            return [None if f is None else (f[1], None) for f in found]
+        out: list[tuple[ImageInfo, np.ndarray | None] | None] = []
+        for f in found:
+            img = self.store.get(f[1].image_id, regional=False, local=False) if f is not None else None
+            out.append(None if img is None else (f[1], img.vector))
+        return out
+
+    def list_ids(self, after: str, limit: int, conditions: list[CompiledCondition] | None, max_scan: int) -> tuple[list[ImageInfo], bool, str]:
+        """Images with id > ``after`` in id order (bytewise UTF-8), at most ``limit`` of them,
+        examining at most ``max_scan`` ids; returns (infos, done, last id examined)."""
+        if conditions:
+            self._ensure_metadata_index()
+        with self._lock.read():
+            pairs, done = self.store.ids_after(after, max_scan)
+            if conditions:
+                allowed = self._meta.match(conditions)
+                labels = np.asarray([l for _, l in pairs], np.int64)
+                keep = np.isin(labels, allowed, assume_unique=False) if len(labels) else np.zeros(0, bool)
+                picked = [p for p, k in zip(pairs, keep) if k]
+            else:
+                picked = pairs
+            if len(picked) > limit:
+                picked = picked[:limit]
+                done, last = False, picked[-1][0]
+            else:
+                last = pairs[-1][0] if pairs else after
+            infos = self.store.infos([l for _, l in picked])
+        return [i for i in infos if i is not None], done, last
 
     def get(self, image_id: str, *, regional: bool = True, local: bool = True) -> StoredImage | None:
         """The stored record of an id (only the parts asked for), or None."""

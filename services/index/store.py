@@ -417,6 +417,43 @@ class ShardStore:
                     break
         return out
 
+    def id_infos(self, ids: list[str]) -> list[tuple[int, ImageInfo] | None]:
+        """(label, info) of each id, None where it does not exist (one read snapshot)."""
+        with self.env.begin(buffers=True) as txn:
+            out: list[tuple[int, ImageInfo] | None] = []
+            for image_id in ids:
+                raw = txn.get(image_id.encode("utf-8"), db=self.dbs["ids"])
+                if raw is None:
+                    out.append(None)
+                    continue
+                label = _U64.unpack(raw)[0]
+                out.append((label, _decode_info(txn.get(_label_key(label), db=self.dbs["info"]), f"info of {image_id!r}")))
+            return out
+
+    def ids_after(self, after: str, max_scan: int) -> tuple[list[tuple[str, int]], bool]:
+        """Up to ``max_scan`` (id, label) pairs with id > ``after`` in bytewise UTF-8 order (the
+        ``ids`` sub-database's key order), and whether they reach the last id."""
+        out: list[tuple[str, int]] = []
+        start = after.encode("utf-8")
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.dbs["ids"])
+            if not cur.set_range(start):
+                return out, True
+            for key, value in cur.iternext(keys=True, values=True):
+                if key == start:
+                    continue
+                if len(out) >= max_scan:
+                    return out, False
+                out.append((bytes(key).decode("utf-8"), _U64.unpack(value)[0]))
+        return out, True
+
+    def iter_infos(self) -> Iterator[tuple[int, ImageInfo]]:
+        """Every (label, info) in label order, from one read snapshot."""
+        with self.env.begin(buffers=True) as txn:
+            for key, value in txn.cursor(db=self.dbs["info"]):
+                label = _U64.unpack(key)[0]
+                yield label, _decode_info(value, f"info of label {label}")
+
     def iter_vectors(
         self, dim: int, chunk: int = 4096, on_open: Callable[[int], None] | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

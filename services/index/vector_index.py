@@ -40,6 +40,10 @@ class IndexSettings:
     retrain_growth : float
         With ``factory="auto"``, the approximate index is retrained (in the background, the old
         one serving meanwhile) once the shard holds this many times the images it was sized for.
+    filter_exact_max : int
+        With the approximate index, a metadata filter that keeps at most this many images is
+        answered by exact scoring over their stored vectors (tens of ms); above it, by the IVF
+        search restricted to them (exact scoring again when the probed lists hold fewer than k).
     """
 
     factory: str = "auto"
@@ -49,6 +53,7 @@ class IndexSettings:
     train_sample: int = 100_000
     snapshot_every: int = 20_000
     retrain_growth: float = 4.0
+    filter_exact_max: int = 20_000
 
     def __post_init__(self) -> None:
         checks = {
@@ -58,6 +63,7 @@ class IndexSettings:
             "train_sample": self.train_sample >= 1000,
             "snapshot_every": self.snapshot_every >= 1,
             "retrain_growth": self.retrain_growth > 1,
+            "filter_exact_max": self.filter_exact_max >= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -102,14 +108,23 @@ class ExactIndex(_LabelledIndex):
         self.dim = dim
         self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
-    def search(self, q: np.ndarray, k: int, rescore: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(D',) query → labels (n,), scores (n,), and their vectors (n, D') when cheap (None here)."""
+    def search(self, q: np.ndarray, k: int, rescore: Callable[[np.ndarray], np.ndarray],
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(D',) query → labels (n,), scores (n,), and their vectors (n, D') when cheap (None here);
+        ``allowed`` (labels) restricts the search to them."""
         k = min(k, self.ntotal)
         if k == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32), None
-        scores, labels = self.index.search(q[None, :], k)
+        params = None if allowed is None else faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.asarray(allowed, np.int64)))
+        scores, labels = self.index.search(q[None, :], k, params=params)
         keep = labels[0] >= 0
         return labels[0][keep], scores[0][keep], None
+
+    def search_many(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(n, D') queries → (n, k) labels (-1 padded) and scores, in one faiss call."""
+        k = min(k, self.ntotal)
+        scores, labels = self.index.search(np.ascontiguousarray(queries, np.float32), k)
+        return labels, scores
 
     def reconstruct(self, labels: np.ndarray) -> np.ndarray:
         return np.stack([self.index.reconstruct(int(l)) for l in labels]) if len(labels) else np.zeros((0, self.dim), np.float32)
@@ -142,13 +157,20 @@ class ApproxIndex(_LabelledIndex):
         index.train(np.ascontiguousarray(sample, np.float32))
         return ApproxIndex(index, shortlist, nprobe, factory)
 
-    def search(self, q: np.ndarray, k: int, rescore: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def search(self, q: np.ndarray, k: int, rescore: Callable[[np.ndarray], np.ndarray],
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Shortlist by the compressed codes, then exact inner products of ``rescore(labels)``
-        ((n,) labels → (n, D') stored vectors in the indexed space)."""
+        ((n,) labels → (n, D') stored vectors in the indexed space); ``allowed`` (labels)
+        restricts the shortlist to them."""
         n = min(max(k, self.shortlist), self.ntotal)
         if n == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32), None
-        _, labels = self.index.search(q[None, :], n)
+        params = None
+        if allowed is not None:
+            sel = faiss.IDSelectorBatch(np.asarray(allowed, np.int64))
+            ivf = faiss.try_extract_index_ivf(self.index)
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe) if ivf is not None else faiss.SearchParameters(sel=sel)
+        _, labels = self.index.search(q[None, :], n, params=params)
         labels = labels[0][labels[0] >= 0]
         vecs = rescore(labels)
         scores = vecs @ q

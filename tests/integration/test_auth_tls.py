@@ -17,7 +17,7 @@ from secure_setup import make_pki, make_tokens
 from cluster.config import ClusterConfig
 from cluster.demo import INDEXED, PHOTOS, encode_jpeg, load_photo
 from cluster.launcher import Cluster
-from loupe.client import ImageToAdd, RetrievalClient
+from loupe.client import ImageToAdd, RetrievalClient, search_request
 from loupe.tensors import to_tensor
 from loupe.v1 import extractor_pb2, extractor_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc, shard_pb2, shard_pb2_grpc
 from services.common.auth import PERMISSION_DENIED_DETAIL, UNAUTHENTICATED_DETAIL
@@ -90,6 +90,9 @@ def _public_calls(client: RetrievalClient) -> dict:
         "Delete": lambda: client.delete(["x"]),
         "FitWhitening": lambda: client.fit_whitening(),
         "BuildGraph": lambda: client.build_graph(),
+        "GetImages": lambda: client.get_images(["x"]),
+        "ListImages": lambda: client.list_images(),
+        "SearchBatch": lambda: client.search_batch([search_request(image_id="x", k=1)]),
     }
 
 
@@ -132,6 +135,8 @@ def test_read_token_searches_but_cannot_write(cluster, secrets_dir, writer, read
     calls = _public_calls(reader)
     for name in ("AddImages", "Delete", "FitWhitening", "BuildGraph"):
         assert _code(calls[name]) == (DENIED, PERMISSION_DENIED_DETAIL), name
+    for name in ("GetImages", "ListImages", "SearchBatch"):  # read role (issue 13)
+        calls[name]()
     assert writer.stats().images == 6
     pki, tokens = secrets_dir
     with _tls_channel(cluster.broker_address, pki.ca) as ch:

@@ -192,7 +192,9 @@ def test_unrelated_query_has_low_confidence(client):
     assert not any(r.confidence > 0.5 for r in resp.results)
 
 
-@pytest.mark.parametrize("spec", ["qe", "dba", "diffuse", "diffuse-regional", "verify,diffuse", "verify,diffuse-first", "qe,verify,diffuse"])
+@pytest.mark.parametrize("spec", ["qe", "dba", "diffuse", "diffuse-regional", "verify,diffuse", "verify,diffuse-first", "qe,verify,diffuse",
+                                  "verify,diffuse-regional,diffuse-first,verify-global", "verify,diffuse-regional,diffuse-first,reseed",
+                                  "verify,qe-verified", "verify,diffuse-regional,diffuse-first,verify-global,reseed,qe-verified"])
 def test_every_rerank_configuration_runs_end_to_end(client, spec):
     resp = client.search(image=query("coffee"), k=5, rerank=parse_rerank(spec))
     assert len(resp.results) == 5
@@ -209,6 +211,11 @@ def test_bad_rerank_options_are_rejected(client):
     with pytest.raises(grpc.RpcError) as err:
         client.search(vector=np.ones(1280, np.float32), k=5, rerank=parse_rerank("verify"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rerank.verify" in err.value.details()
+    for spec, field in (("verify,diffuse,reseed", "rerank.reseed_after_verify"), ("verify,verify-global", "rerank.verify_global_too"),
+                        ("diffuse,qe-verified", "rerank.expand_verified")):
+        with pytest.raises(grpc.RpcError) as err:
+            client.search(image=query("coffee"), k=5, rerank=parse_rerank(spec))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details(), spec
 
 
 def test_collection_graph_serves_global_diffusion(client):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import re
 
 import grpc
 import numpy as np
@@ -36,7 +37,7 @@ from loupe.v1 import retrieval_pb2, types_pb2
 FORBIDDEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 LEAKS = ("Traceback", "google.protobuf", "numpy", "np.", "faiss", "torch", "File \"", "Error(", "grpc._")
 RSS_GROWTH_MIB = 300
-METHODS = ("Search", "AddImages", "Delete", "GetStats", "FitWhitening", "BuildGraph")
+METHODS = ("Search", "AddImages", "Delete", "GetStats", "FitWhitening", "BuildGraph", "SearchBatch", "GetImages", "ListImages")
 TIMEOUT_S = 60.0
 
 HISTOGRAM: collections.Counter = collections.Counter()
@@ -89,7 +90,8 @@ def _check(exc: grpc.RpcError | None) -> None:
     code, details = exc.code(), exc.details() or ""
     HISTOGRAM[code.name] += 1
     assert code not in FORBIDDEN, f"{code.name}: {details}"
-    leaked = [w for w in LEAKS if w in details]
+    own_words = re.sub(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"", "''", details)  # quoted text is the caller's own input (ids, keys)
+    leaked = [w for w in LEAKS if w in own_words]
     assert not leaked, f"{code.name} detail leaks {leaked}: {details}"
 
 
@@ -142,16 +144,38 @@ def rerank(draw) -> retrieval_pb2.RerankOptions:
     )
 
 
+_bound = st.one_of(_text, st.sampled_from(["", "1", "-2.5", "1e308", "1e309", "nan", "2020-01-01", "2020-02-30", "9999-12-31T23:59:59Z"]))
+
+
+@st.composite
+def filters(draw) -> types_pb2.Filter:
+    f = types_pb2.Filter()
+    for _ in range(draw(st.sampled_from([0, 1, 2, 3, 17]))):
+        c = f.all.add(key=draw(st.one_of(_text, st.sampled_from(["photo", "n"]))))
+        which = draw(st.sampled_from(["equals", "any_of", "range", "none"]))
+        if which == "equals":
+            c.equals = draw(_text)
+        elif which == "any_of":
+            c.any_of.values.extend(draw(st.lists(_text, max_size=3)))
+        elif which == "range":
+            c.range.CopyFrom(types_pb2.Range(min=draw(_bound), max=draw(_bound), min_exclusive=draw(st.booleans()), max_exclusive=draw(st.booleans())))
+    return f
+
+
 @st.composite
 def search_requests(draw, jpeg: bytes) -> retrieval_pb2.SearchRequest:
-    req = retrieval_pb2.SearchRequest(k=draw(_i32), offset=draw(_i32), return_matches=draw(st.booleans()))
-    which = draw(st.sampled_from(["image", "bad_image", "vector", "none"]))
+    req = retrieval_pb2.SearchRequest(k=draw(_i32), offset=draw(_i32), return_matches=draw(st.booleans()), include_query=draw(st.booleans()))
+    which = draw(st.sampled_from(["image", "bad_image", "vector", "none", "id"]))
     if which == "image":
         req.image = jpeg
     elif which == "bad_image":
         req.image = draw(st.binary(min_size=1, max_size=64))
     elif which == "vector":
         req.vector.CopyFrom(draw(tensors()))
+    elif which == "id":
+        req.id = draw(st.one_of(_text, st.just("coffee/0")))
+    if draw(st.booleans()):
+        req.filter.CopyFrom(draw(filters()))
     if draw(st.booleans()):
         req.crop.CopyFrom(types_pb2.Box(x1=draw(_f32), y1=draw(_f32), x2=draw(_f32), y2=draw(_f32)))
     if draw(st.booleans()):
@@ -238,6 +262,41 @@ def run_writes(env, n: int) -> None:
     _assert_serving(env)
 
 
+def _check_batch(resp: retrieval_pb2.SearchBatchResponse) -> None:
+    """Per-query statuses obey the same contract as rpc statuses."""
+    forbidden = {c.value[0] for c in FORBIDDEN}
+    for r in resp.results:
+        assert r.status.code not in forbidden, f"query status {r.status.code}: {r.status.message}"
+        leaked = [w for w in LEAKS if w in r.status.message]
+        assert not leaked, f"query status detail leaks {leaked}: {r.status.message}"
+
+
+def run_reads(env, n: int) -> None:
+    stub = env["client"].stub
+
+    @settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(which=st.sampled_from(["get", "list", "batch"]), ids=st.lists(st.one_of(_text, st.just("coffee/0")), max_size=4),
+           flag=st.booleans(), size=_i32, cursor=st.one_of(_text, st.just("bG91cGUtbGlzdC0xAGNvZmZlZS8w")), flt=filters(),
+           queries=st.lists(search_requests(env["jpeg"]), max_size=3), many=st.booleans())
+    def body(which, ids, flag, size, cursor, flt, queries, many):
+        if which == "get":
+            _call(stub.GetImages, retrieval_pb2.GetImagesRequest(ids=ids, with_vector=flag), timeout=TIMEOUT_S)
+        elif which == "list":
+            _call(stub.ListImages, retrieval_pb2.ListImagesRequest(page_size=size, cursor=cursor, filter=flt), timeout=TIMEOUT_S)
+        else:
+            req = retrieval_pb2.SearchBatchRequest(queries=queries * (22 if many and len(queries) == 3 else 1))  # 66: over the limit
+            try:
+                resp = stub.SearchBatch(req, timeout=TIMEOUT_S)
+            except grpc.RpcError as exc:
+                _check(exc)
+            else:
+                _check(None)
+                _check_batch(resp)
+
+    body()
+    _assert_serving(env)
+
+
 def _run_all(env, scale: int) -> dict[str, tuple[float, float]]:
     pids = _pids(env["cluster"])
     before = {name: _rss_mib(pid) for name, pid in pids.items()}
@@ -246,6 +305,7 @@ def _run_all(env, scale: int) -> dict[str, tuple[float, float]]:
         run_raw(env, _budget(700))
         run_search(env, _budget(800))
         run_writes(env, _budget(550))
+        run_reads(env, _budget(300))
     after = {name: _rss_mib(pid) for name, pid in pids.items()}
     print(f"\nfuzz: {sum(HISTOGRAM.values())} requests, status histogram {dict(HISTOGRAM.most_common())}")
     print("fuzz: RSS MiB before → after " + ", ".join(f"{n} {before[n]:.0f} → {after[n]:.0f}" for n in pids))

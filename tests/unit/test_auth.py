@@ -21,7 +21,7 @@ def test_every_public_rpc_has_a_declared_role():
     """A new Retrieval rpc must be put in METHOD_ROLES (else it is refused for everybody)."""
     roles = {m.rsplit("/", 1)[1]: required_role(m) for m in _methods(retrieval_pb2, "Retrieval")}
     assert roles == {
-        "Search": READ, "GetStats": READ,
+        "Search": READ, "GetStats": READ, "SearchBatch": READ, "GetImages": READ, "ListImages": READ,
         "AddImages": WRITE, "Delete": WRITE, "FitWhitening": WRITE, "BuildGraph": WRITE,
     }
 

@@ -34,3 +34,14 @@ def test_bad_values_exit_2_with_the_field_named(capsys, tmp_path) -> None:
     assert "loupe search: rerank: unknown stage 'bogus'" in capsys.readouterr().err
     assert main(["index", str(tmp_path / "missing")]) == 2
     assert "loupe index: images:" in capsys.readouterr().err
+
+
+def test_broker_limit_flags_reach_the_broker_config(capsys) -> None:
+    from cluster.cli import _broker_config
+
+    args = build_parser().parse_args(["up", "--max-inflight", "16", "--shard-budget-s", "0.5", "--shutdown-grace-s", "0"])
+    cfg = _broker_config(args)
+    assert (cfg.max_inflight, cfg.shard_budget_s, cfg.shutdown_grace_s) == (16, 0.5, 0.0)
+    assert cfg.max_extract_queue == 8 and cfg.shard_budget_fraction == 0.5  # unset flags keep the defaults
+    assert main(["up", "--shard-budget-fraction", "1.5"]) == 2
+    assert "shard_budget_fraction" in capsys.readouterr().err

@@ -56,3 +56,20 @@ def test_final_score_orders_verified_above_unverified():
     assert final_score(-1.0, 4, True) > final_score(1.0, 0, False)
     assert final_score(0.2, 11, True) > final_score(0.9, 10, True)
     assert final_score(0.9, 10, True) > final_score(0.2, 10, True)
+
+
+def test_union_candidates_and_verified_first():
+    from types import SimpleNamespace
+
+    from services.broker.rerank_stages import union_candidates, verified_first
+    from services.broker.topk import Hit
+
+    diffused = [Hit(1.0 - i / 10, f"d{i}") for i in range(6)]  # d0..d5
+    global_order = [Hit(0.9, "d4"), Hit(0.8, "d0"), Hit(0.7, "d5")]
+    hits, m = union_candidates(diffused, global_order, 2)
+    assert [h.image_id for h in hits[:m]] == ["d0", "d1", "d4"] and m == 3  # diffused top-2, then the global top-2 not in it
+    assert [h.image_id for h in hits] == ["d0", "d1", "d4", "d2", "d3", "d5"]
+    assert hits[2] is diffused[4]  # the diffused Hit object (its diffusion score) is kept
+    verified = {"d4": SimpleNamespace(verified=True), "d1": SimpleNamespace(verified=False)}
+    ranked = [diffused[4], diffused[0], diffused[1]]
+    assert [h.image_id for h in verified_first(ranked, verified, diffused)] == ["d4", "d0", "d1", "d2", "d3", "d5"]

@@ -54,7 +54,7 @@ def test_same_input_is_served_from_memory(backbone) -> None:
 def test_servicer_shares_passes_and_matches_separate_extraction(backbone) -> None:
     g_cfg = GlobalConfig(pooling="rmac", max_side=128)
     l_cfg = LocalConfig(max_side=256, max_keypoints=200)
-    svc = ExtractorServicer(ExtractorConfig(global_config=g_cfg, local_config=l_cfg, regional_max_side=256, regions_per_image=0))
+    svc = ExtractorServicer(ExtractorConfig(global_config=g_cfg, local_config=l_cfg, regional_max_side=256, regions_per_image=0, runtime="torch"))
     image = _image()  # 192 x 256: the working image itself
     counting = _Counting(svc.backbone)
     svc.backbone = counting  # type: ignore[assignment]
@@ -74,7 +74,7 @@ def test_servicer_shares_passes_and_matches_separate_extraction(backbone) -> Non
 
 def test_regional_from_the_global_scale_when_asked(backbone) -> None:
     g_cfg = GlobalConfig(pooling="rmac", max_side=128)
-    svc = ExtractorServicer(ExtractorConfig(global_config=g_cfg, local_config=LocalConfig(max_side=256), regional_max_side=0, regions_per_image=0))
+    svc = ExtractorServicer(ExtractorConfig(global_config=g_cfg, local_config=LocalConfig(max_side=256), regional_max_side=0, regions_per_image=0, runtime="torch"))
     _, regional, loc = svc._describe(_image(), want_local=False)
     assert loc is None
     np.testing.assert_allclose(regional, GlobalExtractor(backbone, g_cfg).extract(_image()).regional, atol=1e-6)

@@ -40,9 +40,20 @@ export interface SearchOptions {
   crop?: [number, number, number, number];
   rerank?: RerankOptions;
   returnMatches?: boolean;
+  /** Id of an indexed image: search with its stored features ("more like this"). */
+  id?: string;
+  /** With id: keep the query image in the results. */
+  includeQuery?: boolean;
+  /** Metadata filter, evaluated in the shards before the top-k. */
+  filter?: Filter;
   /** Deadline in ms from now (default: the client's). */
   deadlineMs?: number;
 }
+
+export interface Range { min?: string; max?: string; min_exclusive?: boolean; max_exclusive?: boolean }
+export interface Condition { key: string; equals?: string; any_of?: { values: string[] }; range?: Range }
+export interface Filter { all: Condition[] }
+export interface StoredImage { id: string; metadata: Record<string, string>; width: number; height: number; shard_id: number; vector: Tensor | null }
 
 export interface Tensor { shape: number[]; dtype: 'DTYPE_UNSPECIFIED' | 'DTYPE_FLOAT32' | 'DTYPE_FLOAT16' | 'DTYPE_INT8'; data: Buffer; scale: number }
 export interface StageScores { global: number; diffusion: number; inliers: number }
@@ -72,6 +83,11 @@ export class LoupeClient {
   addImages(images: Iterable<ImageToAdd>, opts?: { batchSize?: number; deadlineMs?: number }): Promise<{ added: number; seconds: number }>;
   delete(ids: string[], opts?: { deadlineMs?: number }): Promise<{ deleted: string[]; missing: string[] }>;
   stats(opts?: { deadlineMs?: number }): Promise<GetStatsResponse>;
+  searchBatch(queries: Omit<SearchOptions, 'deadlineMs'>[], opts?: { deadlineMs?: number }): Promise<{
+    results: { status: { code: number; message: string }; response: SearchResponse | null }[]; timings: { stage: string; seconds: number }[];
+  }>;
+  getImages(ids: string[], opts?: { withVector?: boolean; deadlineMs?: number }): Promise<{ images: StoredImage[]; missing: string[]; unavailable: string[] }>;
+  listImages(opts?: { pageSize?: number; cursor?: string; filter?: Filter; deadlineMs?: number }): Promise<{ images: StoredImage[]; next_cursor: string }>;
   buildGraph(opts?: { k?: number; remove?: boolean; deadlineMs?: number }): Promise<{ images: number; k: number; bytes: number; seconds: number; regions: number }>;
   fitWhitening(opts?: { maxVectors?: number; dim?: number; remove?: boolean; deadlineMs?: number }): Promise<{ sample_size: number; dim: number }>;
   health(service?: string, opts?: { deadlineMs?: number }): Promise<'UNKNOWN' | 'SERVING' | 'NOT_SERVING' | 'SERVICE_UNKNOWN'>;

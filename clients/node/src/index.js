@@ -130,7 +130,40 @@ class LoupeClient {
     if (opts.vector !== undefined) req.vector = float32Tensor(opts.vector);
     if (opts.crop) req.crop = { x1: opts.crop[0], y1: opts.crop[1], x2: opts.crop[2], y2: opts.crop[3] };
     if (opts.rerank) req.rerank = opts.rerank;
+    if (opts.id !== undefined) req.id = opts.id;
+    if (opts.includeQuery) req.include_query = true;
+    if (opts.filter) req.filter = opts.filter;
     return this._unary('Search', req, opts.deadlineMs);
+  }
+
+  /**
+   * Many searches in one call; answers in order, each with its own status (code 0 = OK).
+   * @param {import('./index').SearchOptions[]} queries
+   */
+  searchBatch(queries, opts = {}) {
+    const reqs = queries.map((q) => {
+      const req = { k: q.k === undefined ? 10 : q.k, offset: q.offset || 0, return_matches: !!q.returnMatches };
+      if (q.image !== undefined) req.image = q.image;
+      if (q.vector !== undefined) req.vector = float32Tensor(q.vector);
+      if (q.id !== undefined) req.id = q.id;
+      if (q.includeQuery) req.include_query = true;
+      if (q.rerank) req.rerank = q.rerank;
+      if (q.filter) req.filter = q.filter;
+      return req;
+    });
+    return this._unary('SearchBatch', { queries: reqs }, opts.deadlineMs);
+  }
+
+  /** Stored records of ids (metadata, size, shard; the global vector with withVector); unknown ids in `missing`. */
+  getImages(ids, opts = {}) {
+    return this._unary('GetImages', { ids, with_vector: !!opts.withVector }, opts.deadlineMs);
+  }
+
+  /** One page of the collection in id order; pass next_cursor back ("" = done). */
+  listImages(opts = {}) {
+    const req = { page_size: opts.pageSize || 0, cursor: opts.cursor || '' };
+    if (opts.filter) req.filter = opts.filter;
+    return this._unary('ListImages', req, opts.deadlineMs);
   }
 
   /** Search with the image stored in a file. */

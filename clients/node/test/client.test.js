@@ -104,6 +104,18 @@ test('index, search, verify, delete', { skip }, async (t) => {
   const page = (await r.searchFile(images.queries[0].path, { k: 2, offset: 2 })).results.map((x) => x.id);
   assert.deepEqual(page, full.slice(2, 4));
 
+  // issue 13: get by id, list with a filter, search by stored id, a batch with one bad query
+  const got = await r.getImages([db[0].id, 'no-such-id'], { withVector: true });
+  assert.deepEqual(got.images.map((x) => x.id), [db[0].id]);
+  assert.deepEqual(got.missing, ['no-such-id']);
+  assert.equal(got.images[0].vector.dtype, 'DTYPE_FLOAT32');
+  const listed = await r.listImages({ pageSize: 100, filter: { all: [{ key: 'photo', equals: db[0].metadata.photo }] } });
+  assert.ok(listed.images.length >= 1 && listed.images.every((x) => x.metadata.photo === db[0].metadata.photo));
+  const like = await r.search({ id: db[0].id, k: 2 });
+  assert.ok(!like.results.some((x) => x.id === db[0].id));
+  const batch = await r.searchBatch([{ id: db[0].id, k: 2 }, { image: Buffer.from('not an image'), k: 2 }]);
+  assert.deepEqual(batch.results.map((x) => x.status.code), [0, 3]);
+
   const del = await w.delete([db[db.length - 1].id, 'no-such-id']);
   assert.deepEqual(del.deleted, [db[db.length - 1].id]);
   assert.deepEqual(del.missing, ['no-such-id']);

@@ -123,8 +123,26 @@ tests/integration/test_multinode.py runs the same list against a multi-node Ray 
 - {{ .Values.loupe.extractorResource | quote }}
 - --extractor-threads
 - {{ .Values.loupe.extractorThreads | quote }}
+- --extractor-runtime
+- {{ .Values.loupe.extractorRuntime | quote }}
+- --extractor-batch-images
+- {{ .Values.loupe.extractorBatchImages | quote }}
+- --extractor-batch-wait-ms
+- {{ .Values.loupe.extractorBatchWaitMs | quote }}
 - --index-factory
 - {{ .Values.loupe.indexFactory | quote }}
+- --max-inflight
+- {{ .Values.loupe.limits.maxInflight | quote }}
+- --max-extract-queue
+- {{ .Values.loupe.limits.maxExtractQueue | quote }}
+- --shard-budget-s
+- {{ .Values.loupe.limits.shardBudgetS | quote }}
+- --shard-budget-fraction
+- {{ .Values.loupe.limits.shardBudgetFraction | quote }}
+- --default-timeout-s
+- {{ .Values.loupe.limits.defaultTimeoutS | quote }}
+- --shutdown-grace-s
+- {{ .Values.loupe.limits.shutdownGraceS | quote }}
 {{- if .Values.auth.enabled }}
 - --auth-tokens-file
 - /etc/loupe/auth/tokens

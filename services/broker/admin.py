@@ -1,0 +1,117 @@
+"""Collection administration: statistics, the collection whitening, the offline kNN graphs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Sequence
+
+import grpc
+import numpy as np
+
+from loupe.tensors import from_tensor
+from loupe.v1 import retrieval_pb2, shard_pb2
+from services.broker.backends import ExtractorPool, ShardClient, from_rpc_error
+from services.broker.collection_model import CollectionModel
+from services.broker.config import BrokerConfig
+from services.broker.deadlines import Deadline
+from services.broker.graph_build import build_graphs
+from services.broker.metrics import BrokerMetrics
+from services.common import limits
+from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.space.whitening import PCAWhitening
+
+log = logging.getLogger(__name__)
+
+
+class Admin:
+    """GetStats, FitWhitening and BuildGraph over every shard."""
+
+    def __init__(self, extractors: ExtractorPool, shards: Sequence[ShardClient], collection: CollectionModel,
+                 metrics: BrokerMetrics, config: BrokerConfig) -> None:
+        self.extractors = extractors
+        self.shards = shards
+        self.collection = collection
+        self.metrics = metrics
+        self.config = config
+
+    async def stats(self, deadline: Deadline) -> retrieval_pb2.GetStatsResponse:
+        """Collection and per-shard statistics (an unreachable shard is listed unhealthy)."""
+        results = await asyncio.gather(*(s.stats(min(5.0, deadline.remaining())) for s in self.shards), return_exceptions=True)
+        graph, regional = self.collection.graph, self.collection.regional_graph
+        resp = retrieval_pb2.GetStatsResponse(
+            extractors=self.extractors.addresses,
+            graph_images=len(graph) if graph is not None else 0,
+            graph_regions=len(regional) if regional is not None else 0,
+        )
+        for shard, res in zip(self.shards, results):
+            st = resp.shards.add(shard_id=shard.shard_id, address=shard.address, healthy=not isinstance(res, BaseException))
+            if isinstance(res, BaseException):
+                continue
+            st.images, st.feature_bytes = res.images, res.feature_bytes
+            st.regional_vectors, st.local_features = res.regional_vectors, res.local_features
+            st.store_bytes, st.index_bytes, st.index, st.startup_seconds = res.store_bytes, res.index_bytes, res.index, res.startup_seconds
+            resp.images += res.images
+            resp.dim = max(resp.dim, res.dim)
+            resp.whitened = resp.whitened or res.whitened
+            self.metrics.shard_vectors.labels(str(shard.shard_id)).set(res.images)
+            self.metrics.shard_store_bytes.labels(str(shard.shard_id)).set(res.store_bytes)
+        with contextlib.suppress(Unavailable, grpc.aio.AioRpcError):
+            d = await self.extractors.describe(min(5.0, deadline.remaining()))
+            resp.model = f"{d.backbone} {d.pooling} D={d.dim} scales={[round(s, 3) for s in d.scales]} max_side={d.max_side}"
+        return resp
+
+    async def fit_whitening(self, request: retrieval_pb2.FitWhiteningRequest, deadline: Deadline) -> retrieval_pb2.FitWhiteningResponse:
+        """Learn the PCA-whitening on a sample of every shard and install it everywhere (or remove it)."""
+        limits.check_int_range(request.max_vectors, "max_vectors", 0, limits.MAX_WHITENING_SAMPLE)
+        limits.check_int_range(request.dim, "dim", 0, limits.MAX_VECTOR_DIM)
+        payload = b""
+        sample = 0
+        dim = 0
+        if not request.remove:
+            per_shard = max(1, (request.max_vectors or self.config.whitening_sample) // len(self.shards))
+            samples = await asyncio.gather(
+                *(s.sample_vectors(shard_pb2.SampleVectorsRequest(shard_id=s.shard_id, max_vectors=per_shard, seed=i), deadline.remaining())
+                  for i, s in enumerate(self.shards))
+            )
+            x = np.concatenate([from_tensor(s.vectors, field="vectors") for s in samples if s.vectors.shape])
+            if len(x) < 2:
+                raise FailedPrecondition(f"collection: {len(x)} images indexed, whitening needs at least 2")
+            if request.dim > x.shape[1]:
+                raise InvalidArgument(f"dim: must be <= the indexed dimension {x.shape[1]}, got {request.dim}")
+            w = PCAWhitening()
+            w.fit(x, dim=request.dim or None)
+            payload, sample, dim = w.to_bytes(), len(x), w.output_dim
+        await asyncio.gather(
+            *(s.set_whitening(shard_pb2.SetWhiteningRequest(shard_id=s.shard_id, whitening=payload), deadline.remaining()) for s in self.shards)
+        )
+        self.collection.set_whitening(PCAWhitening.from_bytes(payload) if payload else None)
+        return retrieval_pb2.FitWhiteningResponse(sample_size=sample, dim=dim)
+
+    async def build_graph(self, request: retrieval_pb2.BuildGraphRequest, deadline: Deadline) -> retrieval_pb2.BuildGraphResponse:
+        """Build (or remove) the collection's global and regional kNN graphs."""
+        if request.k < 0 or request.k > self.config.max_graph_k:
+            raise InvalidArgument(f"k: must be in 0..{self.config.max_graph_k}, got {request.k}")
+        if request.remove:
+            self.collection.set_graph(None)
+            return retrieval_pb2.BuildGraphResponse()
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        k = request.k or self.config.diffusion.k
+        graph, regional, how = await build_graphs(
+            self.shards, self.collection.transform, k=k, regional_k=request.k or self.config.regional_diffusion.k,
+            page=self.config.graph_page, timeout=deadline.remaining,
+            on_error=lambda exc, shard: from_rpc_error(exc, f"shard {shard.shard_id}"),
+            run=lambda fn, *args: loop.run_in_executor(None, fn, *args),
+        )
+        if graph is None:
+            raise FailedPrecondition("collection: fewer than 2 images indexed, a graph needs at least 2")
+        log.info("collection graphs built in %.1f s: global %s (%d images), regional %s", time.perf_counter() - t0,
+                 how["global"], len(graph), how["regional"])
+        self.collection.set_graph(graph, regional)
+        return retrieval_pb2.BuildGraphResponse(
+            images=len(graph), k=graph.k, bytes=graph.nbytes + (regional.nbytes if regional else 0),
+            seconds=time.perf_counter() - t0, regions=len(regional) if regional else 0,
+        )

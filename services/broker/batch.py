@@ -1,0 +1,132 @@
+"""SearchBatch: many queries in one call, answered in order, each with its own status.
+
+The batch shares what can be shared and keeps per-query failures apart:
+
+1. every query is validated and planned alone (a bad option fails that query only);
+2. queries are prepared concurrently: image queries go to the extractors together (at most
+   the pool's concurrency in flight, so a batch never trips the extraction-queue admission
+   limit by itself; the replicas batch concurrent images), id queries read their stored
+   features;
+3. the first-stage fan-out is one ``SearchBatch`` call per shard for all queries;
+4. merge and rerank stages then run per query, concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from loupe.v1 import retrieval_pb2, types_pb2
+from services.broker.config import BrokerConfig
+from services.broker.deadlines import Deadline
+from services.broker.search_pipeline import Query, SearchPipeline
+from services.broker.search_plan import SearchPlan, build_plan, validate_search
+from services.common import limits
+from services.common.errors import InvalidArgument, status_for
+
+log = logging.getLogger(__name__)
+
+
+def query_status(exc: BaseException | None) -> retrieval_pb2.QueryStatus:
+    """A query's outcome as a google.rpc.Status-like message (the code Search would answer)."""
+    if exc is None:
+        return retrieval_pb2.QueryStatus(code=grpc.StatusCode.OK.value[0])
+    code = status_for(exc)
+    if code is None:
+        log.error("internal error in a SearchBatch query", exc_info=exc)
+        return retrieval_pb2.QueryStatus(code=grpc.StatusCode.INTERNAL.value[0], message="internal error (see broker log)")
+    return retrieval_pb2.QueryStatus(code=code.value[0], message=str(exc))
+
+
+class BatchSearcher:
+    """Runs SearchBatch requests over a ``SearchPipeline``."""
+
+    def __init__(self, pipeline: SearchPipeline, config: BrokerConfig) -> None:
+        self.pipeline = pipeline
+        self.config = config
+
+    async def search(self, request: retrieval_pb2.SearchBatchRequest, deadline: Deadline) -> retrieval_pb2.SearchBatchResponse:
+        """Answer every query of ``request`` in order."""
+        n = len(request.queries)
+        if not 1 <= n <= limits.MAX_BATCH_QUERIES:
+            raise InvalidArgument(f"queries: must hold 1..{limits.MAX_BATCH_QUERIES} queries, got {n}")
+        t_total = time.perf_counter()
+        p = self.pipeline
+        timings: list[types_pb2.StageTiming] = []
+        errors: list[BaseException | None] = [None] * n
+        plans: dict[int, SearchPlan] = {}
+        for i, q in enumerate(request.queries):
+            try:
+                validate_search(q, self.config)
+                plans[i] = build_plan(q.rerank, self.config)
+            except Exception as exc:  # this query's own error; the others go on
+                errors[i] = _prefixed(exc, i)
+        query_timings: dict[int, list[types_pb2.StageTiming]] = {i: [] for i in plans}
+        sem = asyncio.Semaphore(max(1, p.extractors.concurrency))
+
+        async def prepare(i: int) -> Query:
+            async with sem:
+                return await p.prepare(request.queries[i], plans[i], deadline, query_timings[i])
+
+        with p.stage("batch_prepare", timings):
+            prepared = await asyncio.gather(*(prepare(i) for i in plans), return_exceptions=True)
+        queries: dict[int, Query] = {}
+        for i, res in zip(list(plans), prepared):
+            if isinstance(res, BaseException):
+                _reraise_cancel(res)
+                errors[i] = _prefixed(res, i)
+            else:
+                queries[i] = res
+        order = list(queries)
+        with p.stage("batch_fanout", timings):
+            fanned = await p.fanout_batch(
+                [(queries[i], queries[i].depth(request.queries[i], plans[i]), plans[i].need_vectors) for i in order], deadline
+            ) if order else []
+
+        async def finish(i: int, got) -> retrieval_pb2.SearchResponse:
+            per_shard, missing = got
+            return await p.finish(request.queries[i], plans[i], queries[i], per_shard, missing, deadline, query_timings[i], t_total)
+
+        jobs = {i: got for i, got in zip(order, fanned) if not isinstance(got, BaseException)}
+        for i, got in zip(order, fanned):
+            if isinstance(got, BaseException):
+                errors[i] = _prefixed(got, i)
+        with p.stage("batch_rerank", timings):
+            finished = await asyncio.gather(*(finish(i, got) for i, got in jobs.items()), return_exceptions=True)
+        responses: dict[int, retrieval_pb2.SearchResponse] = {}
+        for i, res in zip(list(jobs), finished):
+            if isinstance(res, BaseException):
+                _reraise_cancel(res)
+                errors[i] = _prefixed(res, i)
+            else:
+                responses[i] = res
+        out = retrieval_pb2.SearchBatchResponse()
+        for i in range(n):
+            r = out.results.add(status=query_status(errors[i]))
+            if i in responses:
+                r.response.CopyFrom(responses[i])
+        dt = time.perf_counter() - t_total
+        timings.append(types_pb2.StageTiming(stage="total", seconds=dt))
+        out.timings.extend(timings)
+        return out
+
+
+def _reraise_cancel(exc: BaseException) -> None:
+    if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+        raise exc
+
+
+def _prefixed(exc: BaseException, i: int) -> BaseException:
+    """The error with the query's position in its message (``queries[3].k: ...``), same type."""
+    if status_for(exc) is None:
+        return exc
+    try:
+        err = type(exc)(f"queries[{i}].{exc}")
+    except TypeError:
+        return exc
+    if hasattr(exc, "retry_after_ms"):
+        err.retry_after_ms = exc.retry_after_ms  # type: ignore[attr-defined]
+    return err

@@ -1,0 +1,116 @@
+"""The broker's settings: limits and defaults of the public API, rerank defaults, budgets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.rerank.diffusion import DiffusionParams
+from services.rerank.verify import VerifyParams
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Limits and defaults of the public API.
+
+    Attributes
+    ----------
+    default_timeout_s : float
+        Budget of a call that arrives without a deadline.
+    max_k, max_offset : int
+        Upper bounds of ``k`` and ``offset``.
+    max_batch_images : int
+        Largest AddImages batch message.
+    whitening_sample : int
+        Default sample size of FitWhitening.
+    index_local : bool
+        Extract and store local features of every added image (needed by verification).
+    verify_candidates : int
+        Default number V of top candidates geometrically verified.
+    max_verify_candidates : int
+        Upper bound of a request's V.
+    verify_threads : int
+        Threads verifying candidate pairs in parallel.
+    verify : VerifyParams
+        Matching/RANSAC defaults.
+    data_dir : str
+        Where the collection model (local PCA, whitening) is persisted ("" = memory only).
+    diffusion, regional_diffusion : DiffusionParams
+        Defaults of global and regional diffusion.
+    neighbourhood, regional_neighbourhood, max_neighbourhood : int
+        Default (and maximum) truncated neighbourhood R diffused over.
+    qe_n, qe_alpha : int, float
+        αQE / DBA neighbours and weight exponent.
+    dba_neighbourhood : int
+        Neighbourhood augmented by DBA.
+    shard_budget_fraction : float
+        Each shard call (search, features) gets this fraction of the caller's remaining time;
+        a shard slower than that is listed in ``missing_shards`` of a partial answer.
+    shard_budget_s : float
+        Absolute cap on a shard call's budget (0 = only the fraction); a shard search or a
+        features batch takes milliseconds, so 2 s is slack, not a limit on healthy shards.
+    max_inflight : int
+        Calls the broker handles at once; beyond it RESOURCE_EXHAUSTED at once, with a retry hint.
+    max_extract_queue : int
+        Images allowed to wait for an extraction slot (2 per replica run at once); beyond it
+        RESOURCE_EXHAUSTED at once, with a retry hint (0 = unbounded).
+    retry_after_ms : int
+        The hint: ``grpc-retry-pushback-ms`` trailer and message of an overload answer.
+    shutdown_grace_s : float
+        On SIGTERM/SIGINT the broker turns NOT_SERVING and lets calls in flight finish for up
+        to this long before the actors stop.
+    features_batch : int
+        Ids per GetFeatures call (local/regional features of one image can be ~0.3 MB, so a
+        batch of this size stays far below the message limit).
+    shard_health_period_s, shard_health_timeout_s : float
+        Every ``period`` the broker calls each shard's Stats (``timeout`` each) and sets
+        ``loupe_shard_up{shard}`` (services/broker/shard_health.py).
+    """
+
+    default_timeout_s: float = 30.0
+    max_k: int = 1000
+    max_offset: int = 10_000
+    max_batch_images: int = 256
+    whitening_sample: int = 20_000
+    index_local: bool = True
+    verify_candidates: int = 100
+    max_verify_candidates: int = 1000
+    verify_threads: int = 2
+    # min_inliers 16 measured best on the ROxford subset (4 → Medium 37.6, 10 → 43.1, 16 → 44.0)
+    verify: VerifyParams = VerifyParams(min_inliers=16)
+    data_dir: str = ""
+    diffusion: DiffusionParams = DiffusionParams(k=50, kq=10, alpha=0.99, gamma=3.0)
+    regional_diffusion: DiffusionParams = DiffusionParams(k=50, kq=10, alpha=0.99, gamma=3.0, aggregate="max")
+    neighbourhood: int = 1000
+    regional_neighbourhood: int = 1000
+    max_neighbourhood: int = 5000
+    max_graph_k: int = 200
+    graph_page: int = 4096
+    qe_n: int = 2
+    qe_alpha: float = 3.0
+    dba_neighbourhood: int = 1000
+    shard_budget_fraction: float = 0.5
+    shard_budget_s: float = 2.0
+    max_inflight: int = 128
+    max_extract_queue: int = 8  # measured: ~4 image searches/s per replica here → ≤ ~2 s of queueing
+    retry_after_ms: int = 100
+    features_batch: int = 32
+    shutdown_grace_s: float = 5.0
+    shard_health_period_s: float = 5.0
+    shard_health_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.shard_budget_fraction <= 1:
+            raise ValueError(f"broker.shard_budget_fraction must be in (0, 1], got {self.shard_budget_fraction}")
+        for name in ("max_inflight", "features_batch"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"broker.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_extract_queue", "shard_budget_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"broker.{name} must be > 0, got {getattr(self, name)}")
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"broker.shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        for name in ("default_timeout_s", "max_k", "max_batch_images", "whitening_sample", "verify_candidates", "verify_threads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"broker.{name} must be > 0, got {getattr(self, name)}")
+
+

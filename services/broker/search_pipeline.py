@@ -1,0 +1,484 @@
+"""How a search runs: query → fan-out → merge → expand → verify / diffuse → result assembly.
+
+One ``SearchPipeline`` per broker. ``search`` runs one validated request end to end; its parts
+(``prepare``, ``fanout``, ``finish``) are public so that a batch of queries can share
+extraction and one fan-out per shard (``services.broker.batch``). Every stage is timed into
+``loupe_broker_stage_seconds{stage}`` and into the response's ``timings``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Iterator, Sequence, TypeVar
+
+import grpc
+import numpy as np
+
+from loupe.tensors import from_tensor, to_tensor
+from loupe.v1 import extractor_pb2, retrieval_pb2, shard_pb2, types_pb2
+from services.broker.backends import ExtractorPool, ShardClient, from_rpc_error
+from services.broker.collection_model import CollectionModel, region_node
+from services.broker.config import BrokerConfig
+from services.broker.deadlines import Deadline, PerCallBudget, shard_timeout
+from services.broker.metrics import BrokerMetrics
+from services.broker.rerank_stages import (
+    DiffusionOutcome,
+    dba_rescore,
+    diffusion_scores,
+    expand_query,
+    hit_vectors,
+    order_by,
+    union_candidates,
+    verified_first,
+)
+from services.broker.search_plan import SearchPlan
+from services.broker.topk import Hit, ids_by_shard, merge_topk
+from services.broker.verification import VerifiedHit, candidate_locals, confidence, query_confidence, verify_hits
+from services.common.errors import InvalidArgument, NotFound, Unavailable
+from services.rerank.verify import VerifyParams
+from services.space.placement import shard_for
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Budget = Deadline | PerCallBudget
+
+
+@dataclass(frozen=True)
+class Query:
+    """A query ready for the fan-out.
+
+    Attributes
+    ----------
+    vector : np.ndarray
+        (D,) raw L2-normalised global descriptor (the shards whiten it).
+    local : tuple of np.ndarray or None
+        (N, 4) keypoints and (N, C') collection-PCA local descriptors, for verification.
+    regions : np.ndarray or None
+        (R, D') regional descriptors in the indexed space, for regional diffusion.
+    exclude : str or None
+        Id left out of the results (the query image of a search by stored id).
+    filter : types_pb2.Filter or None
+        Metadata filter every shard applies before its top-k.
+    """
+
+    vector: np.ndarray
+    local: tuple[np.ndarray, np.ndarray] | None = None
+    regions: np.ndarray | None = None
+    exclude: str | None = None
+    filter: types_pb2.Filter | None = None
+
+    def depth(self, request: retrieval_pb2.SearchRequest, plan: SearchPlan) -> int:
+        """Candidates asked of each shard: enough for the page and every rerank stage (one
+        more when the query image itself will be dropped)."""
+        return max(request.offset + request.k, plan.depth) + (1 if self.exclude is not None else 0)
+
+
+def unit_vector(v: np.ndarray, field: str = "vector") -> np.ndarray:
+    """Validate a client-supplied raw descriptor and L2-normalise it."""
+    if v.ndim != 1 or not np.all(np.isfinite(v)):
+        raise InvalidArgument(f"{field}: expected a finite (D,) vector, got shape {list(v.shape)}")
+    norm = float(np.linalg.norm(v))
+    if norm == 0:
+        raise InvalidArgument(f"{field}: must not be all zeros")
+    return v / norm
+
+
+def _padded(seq: Sequence[T], n: int) -> list[T | None]:
+    out: list[T | None] = list(seq)[:n]
+    return out + [None] * (n - len(out))
+
+
+def hits_of(resp: shard_pb2.ShardSearchResponse, shard_id: int, with_vectors: bool) -> list[Hit]:
+    """A shard's answer as Hits, best first."""
+    vectors = from_tensor(resp.vectors, field="vectors") if with_vectors and resp.vectors.shape else None
+    return [
+        Hit(score, image_id, shard_id, dict(md.values) if md is not None and md.values else None,
+            vectors[i] if vectors is not None else None)
+        for i, (image_id, score, md) in enumerate(zip(resp.ids, resp.scores, _padded(resp.metadata, len(resp.ids))))
+    ]
+
+
+class SearchPipeline:
+    """Runs searches over the broker's backends.
+
+    Parameters
+    ----------
+    extractors : ExtractorPool
+        Where image queries are described.
+    shards : sequence of ShardClient
+        Every shard, index = shard id.
+    collection : CollectionModel
+        Whitening, local PCA and kNN graphs of the collection.
+    metrics : BrokerMetrics
+        Stage histograms, shard failures, verification counters.
+    config : BrokerConfig
+        Defaults and budgets.
+    verify_pool : Executor
+        Threads that verify candidate pairs.
+    """
+
+    def __init__(self, extractors: ExtractorPool, shards: Sequence[ShardClient], collection: CollectionModel,
+                 metrics: BrokerMetrics, config: BrokerConfig, verify_pool: Executor) -> None:
+        self.extractors = extractors
+        self.shards = shards
+        self.collection = collection
+        self.metrics = metrics
+        self.config = config
+        self.verify_pool = verify_pool
+
+    @contextlib.contextmanager
+    def stage(self, name: str, timings: list[types_pb2.StageTiming]) -> Iterator[None]:
+        """Time a stage into the stage histogram and the response's timings."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.metrics.stage_seconds.labels(name).observe(dt)
+            timings.append(types_pb2.StageTiming(stage=name, seconds=dt))
+
+    # --- one whole search ------------------------------------------------------------------
+    async def search(self, request: retrieval_pb2.SearchRequest, plan: SearchPlan, deadline: Budget) -> retrieval_pb2.SearchResponse:
+        """Run a validated request end to end."""
+        timings: list[types_pb2.StageTiming] = []
+        t_total = time.perf_counter()
+        query = await self.prepare(request, plan, deadline, timings)
+        with self.stage("fanout", timings):
+            per_shard, missing = await self.fanout(query.vector, query.depth(request, plan), deadline, plan.need_vectors, flt=query.filter)
+        return await self.finish(request, plan, query, per_shard, missing, deadline, timings, t_total)
+
+    # --- the query ---------------------------------------------------------------------------
+    async def extract(self, request: extractor_pb2.ExtractRequest, deadline: Budget) -> extractor_pb2.ExtractResponse:
+        """Describe one image on an extractor replica."""
+        try:
+            return await self.extractors.extract(request, deadline.remaining())
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "image") from None
+
+    async def prepare(self, request: retrieval_pb2.SearchRequest, plan: SearchPlan, deadline: Budget,
+                      timings: list[types_pb2.StageTiming]) -> Query:
+        """The request's query: extracted from its image, read from a stored image, or its raw vector."""
+        flt = request.filter if request.filter.all else None
+        which = request.WhichOneof("query")
+        if which == "id":
+            with self.stage("lookup", timings):
+                query = await self.stored_query(request.id, plan, deadline)
+            return Query(query.vector, query.local, query.regions, None if request.include_query else request.id, flt)
+        if which == "image":
+            with self.stage("extract", timings):
+                ext = await self.extract(
+                    extractor_pb2.ExtractRequest(
+                        image=request.image,
+                        crop=request.crop if request.HasField("crop") else None,
+                        want_local=plan.verify is not None,
+                        want_regional=plan.regional,
+                    ),
+                    deadline,
+                )
+            query = self.query_of_features(ext.features, plan)
+            return Query(query.vector, query.local, query.regions, None, flt)
+        if plan.verify is not None:
+            raise InvalidArgument("rerank.verify: needs an image query (a vector has no local features)")
+        if plan.regional:
+            raise InvalidArgument("rerank.diffuse.regional: needs an image query (a vector has no regions)")
+        return Query(unit_vector(from_tensor(request.vector, field="vector")), filter=flt)
+
+    async def stored_query(self, image_id: str, plan: SearchPlan, deadline: Budget) -> Query:
+        """The query of a search by stored id: the image's stored raw global vector, its indexed
+        regional vectors and its (collection-PCA) local features, read from its shard."""
+        sid = shard_for(image_id, len(self.shards))
+        req = shard_pb2.GetFeaturesRequest(shard_id=sid, ids=[image_id], want_global=True, want_raw_global=True,
+                                           want_regional=plan.regional, want_local=plan.verify is not None)
+        try:
+            resp = await self.shards[sid].get_features(req, shard_timeout(deadline, self.config))
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, f"shard {sid}") from None
+        if not resp.ids:
+            raise NotFound(f"id: no image {image_id!r} is indexed")
+        feats = resp.features[0]
+        vector = from_tensor(feats.__getattribute__("global"), field="features.global").astype(np.float32)
+        local = None
+        if plan.verify is not None:
+            c = candidate_locals({image_id: feats}).get(image_id)
+            local = (c.keypoints.astype(np.float32), c.descriptors.astype(np.float32)) if c is not None else None
+        regions = from_tensor(feats.regional, field="regional").astype(np.float32) if plan.regional and feats.regional.shape else None
+        return Query(vector, local, regions)
+
+    def query_of_features(self, feats: types_pb2.ImageFeatures, plan: SearchPlan) -> Query:
+        """A query from freshly extracted features (raw local descriptors are PCA-projected here)."""
+        vector = from_tensor(feats.__getattribute__("global"), field="features.global")
+        local = regions = None
+        if plan.verify is not None and feats.local.keypoints.shape and self.collection.local_pca is not None:
+            local = (
+                from_tensor(feats.local.keypoints, field="keypoints"),
+                self.collection.project(from_tensor(feats.local.descriptors, field="descriptors")),
+            )
+        if plan.regional and feats.regional.shape:
+            regions = self.collection.transform(from_tensor(feats.regional, field="regional"))
+        return Query(vector, local, regions)
+
+    # --- fan-out -----------------------------------------------------------------------------
+    async def fanout(
+        self, query: np.ndarray, depth: int, deadline: Budget, return_vectors: bool = False, transformed: bool = False,
+        flt: types_pb2.Filter | None = None,
+    ) -> tuple[list[list[Hit]], list[int]]:
+        """Ask every shard for its top-``depth`` (among the images ``flt`` keeps); returns
+        per-shard hit lists and missing shard ids."""
+        tensor = to_tensor(query.astype(np.float32))
+
+        async def one(shard: ShardClient) -> list[Hit]:
+            timeout = shard_timeout(deadline, self.config)
+            req = shard_pb2.ShardSearchRequest(
+                shard_id=shard.shard_id, query=tensor, top_k=depth, timeout_s=timeout,
+                return_vectors=return_vectors, query_transformed=transformed, filter=flt,
+            )
+            return hits_of(await shard.search(req, timeout), shard.shard_id, return_vectors)
+
+        results = await asyncio.gather(*(one(s) for s in self.shards), return_exceptions=True)
+        return self.sort_out(results, deadline)
+
+    async def fanout_batch(
+        self, items: Sequence[tuple[Query, int, bool]], deadline: Budget
+    ) -> list[tuple[list[list[Hit]], list[int]] | Exception]:
+        """The first-stage fan-out of many queries ((query, depth, return_vectors) each): one
+        SearchBatch call per shard. Returns, per query, its per-shard hit lists and missing
+        shard ids, or the error that query alone gets (INVALID_ARGUMENT from a shard,
+        UNAVAILABLE when no shard answered)."""
+
+        async def one(shard: ShardClient) -> shard_pb2.ShardSearchBatchResponse:
+            timeout = shard_timeout(deadline, self.config)
+            req = shard_pb2.ShardSearchBatchRequest(shard_id=shard.shard_id, timeout_s=timeout)
+            for query, depth, return_vectors in items:
+                req.queries.add(shard_id=shard.shard_id, query=to_tensor(query.vector.astype(np.float32)), top_k=depth,
+                                return_vectors=return_vectors, filter=query.filter)
+            return await shard.search_batch(req, timeout)
+
+        answers = await asyncio.gather(*(one(s) for s in self.shards), return_exceptions=True)
+        out: list[tuple[list[list[Hit]], list[int]] | Exception] = []
+        for i, (_, _, return_vectors) in enumerate(items):
+            per_query = []
+            for shard, res in zip(self.shards, answers):
+                if isinstance(res, BaseException):
+                    per_query.append(res)
+                    continue
+                r = res.results[i]
+                if r.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]:
+                    per_query.append(grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(), r.message))
+                elif r.code:
+                    per_query.append(Unavailable(f"shard {shard.shard_id}: {r.message}"))
+                else:
+                    per_query.append(hits_of(r.response, shard.shard_id, return_vectors))
+            try:
+                out.append(self.sort_out(per_query, deadline, count_failures=i == 0))
+            except Exception as exc:  # this query's own error (bad query, no shard answered)
+                out.append(exc)
+        return out
+
+    def sort_out(self, results: Sequence[T | BaseException], deadline: Budget, count_failures: bool = True) -> tuple[list[T], list[int]]:
+        """Per-shard outcomes → (answers, missing shard ids); a shard's INVALID_ARGUMENT is the
+        caller's, every other failure makes the shard missing (UNAVAILABLE when all are).
+        ``count_failures`` counts shard failures in the metrics (once per fan-out)."""
+        lists, missing = [], []
+        for shard, res in zip(self.shards, results):
+            if isinstance(res, BaseException):
+                if isinstance(res, grpc.aio.AioRpcError) and res.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidArgument(res.details() or "invalid query") from None
+                reason = res.code().name if isinstance(res, grpc.aio.AioRpcError) else type(res).__name__
+                if count_failures:
+                    self.metrics.shard_failures.labels(str(shard.shard_id), reason).inc()
+                    log.warning("shard %d failed: %s", shard.shard_id, reason)
+                missing.append(shard.shard_id)
+            else:
+                lists.append(res)
+        if len(missing) == len(self.shards):
+            deadline.remaining()  # a deadline that ran out is reported as such
+            raise Unavailable("no shard answered the search")
+        return lists, missing
+
+    # --- rerank and assembly ----------------------------------------------------------------
+    async def finish(
+        self, request: retrieval_pb2.SearchRequest, plan: SearchPlan, query: Query, per_shard: list[list[Hit]], missing: list[int],
+        deadline: Budget, timings: list[types_pb2.StageTiming], t_total: float,
+    ) -> retrieval_pb2.SearchResponse:
+        """Merge the shards' answers, run the rerank stages, assemble the response."""
+        depth = query.depth(request, plan)
+        with self.stage("merge", timings):
+            hits = [h for h in merge_topk(per_shard, depth) if h.image_id != query.exclude]
+        global_scores = {h.image_id: h.score for h in hits}
+        if plan.qe or plan.dba:
+            with self.stage("expand", timings):
+                hits, more_missing = await self._expand(query, hits, plan, depth, deadline)
+                missing = sorted(set(missing) | set(more_missing))
+                global_scores = {h.image_id: h.score for h in hits} | global_scores
+        verified: dict[str, VerifiedHit] = {}
+        global_order = hits
+        if plan.verify is not None and plan.diffuse_first and plan.diffusion is not None and hits:
+            with self.stage("diffuse", timings):
+                hits = await self._diffuse(query, hits, plan, {}, deadline)
+        if plan.verify is not None and query.local is not None and hits:
+            with self.stage("verify", timings):
+                if plan.verify_global_too:
+                    candidates, n_verify = union_candidates(hits, global_order, plan.n_verify)
+                    ranked, verified = await self._verify(query.local, candidates, n_verify, plan.verify, deadline)
+                    hits = verified_first(ranked, verified, hits)
+                else:
+                    hits, verified = await self._verify(query.local, hits, plan.n_verify, plan.verify, deadline)
+            if plan.expand_verified and any(v.verified for v in verified.values()):
+                with self.stage("expand", timings):
+                    hits, more_missing = await self._expand_verified(query, hits, verified, depth, deadline)
+                    missing = sorted(set(missing) | set(more_missing))
+        rediffuse = plan.diffuse_first and plan.reseed_after_verify and any(v.verified for v in verified.values())
+        if plan.diffusion is not None and (not plan.diffuse_first or rediffuse) and hits:
+            with self.stage("diffuse", timings):
+                hits = await self._diffuse(query, hits, plan, verified, deadline)
+        resp = retrieval_pb2.SearchResponse(partial=bool(missing), missing_shards=missing)
+        if missing:
+            self.metrics.partial_responses.inc()
+        if plan.verify is not None:
+            resp.query_confidence = query_confidence(verified.values(), plan.verify.min_inliers)
+            self.metrics.query_confidence.observe(resp.query_confidence)
+        for hit in hits[request.offset : request.offset + request.k]:
+            self._add_result(resp, hit, global_scores, verified.get(hit.image_id), plan, request.return_matches, query.local)
+        dt = time.perf_counter() - t_total
+        self.metrics.stage_seconds.labels("total").observe(dt)
+        timings.append(types_pb2.StageTiming(stage="total", seconds=dt))
+        resp.timings.extend(timings)
+        return resp
+
+    @staticmethod
+    def _add_result(resp: retrieval_pb2.SearchResponse, hit: Hit, global_scores: dict[str, float], v: VerifiedHit | None,
+                    plan: SearchPlan, return_matches: bool, query_local: tuple[np.ndarray, np.ndarray] | None) -> None:
+        r = resp.results.add(id=hit.image_id, score=hit.score, shard_id=hit.shard_id)
+        r.stages.__setattr__("global", global_scores.get(hit.image_id, hit.score))
+        if plan.diffusion is not None:
+            r.stages.diffusion = hit.score if v is None or not v.verified else 0.0
+        if hit.payload:
+            r.metadata.update(hit.payload)
+        if v is None or v.result is None:
+            return
+        r.score = v.score
+        r.stages.inliers = v.result.inliers
+        r.verified = v.verified
+        r.confidence = confidence(v.result, plan.verify.min_inliers)
+        if return_matches and r.verified and v.candidate_points is not None and query_local is not None:
+            pairs = v.result.inlier_pairs
+            r.matches.query_points.CopyFrom(to_tensor(query_local[0][pairs[:, 0], :2].astype(np.float32)))
+            r.matches.result_points.CopyFrom(to_tensor(v.candidate_points[pairs[:, 1]].astype(np.float32)))
+
+    async def _expand(self, query: Query, hits: list[Hit], plan: SearchPlan, depth: int, deadline: Budget) -> tuple[list[Hit], list[int]]:
+        """αQE (second fan-out with the expanded query) and/or DBA re-scoring of the neighbourhood."""
+        missing: list[int] = []
+        q_w = self.collection.transform(query.vector[None, :])[0]
+        if plan.qe and hits:
+            q_w = expand_query(q_w, hits, plan.qe_n, plan.qe_alpha)
+            per_shard, missing = await self.fanout(q_w, depth, deadline, True, transformed=True, flt=query.filter)
+            hits = [h for h in merge_topk(per_shard, depth) if h.image_id != query.exclude]
+        if plan.dba and hits:
+            n = min(len(hits), self.config.dba_neighbourhood)
+            hits = dba_rescore(q_w, hits[:n], plan.qe_n, plan.qe_alpha) + hits[n:]
+        return hits, missing
+
+    async def _expand_verified(self, query: Query, hits: list[Hit], verified: dict[str, VerifiedHit], depth: int,
+                               deadline: Budget) -> tuple[list[Hit], list[int]]:
+        """αQE from the verified images only: the (whitened) query plus their vectors searches the
+        shards again; verified images stay first (inlier order), the rest follows the new scores."""
+        good = [h for h in hits if h.image_id in verified and verified[h.image_id].verified and h.vector is not None]
+        if not good:
+            return hits, []
+        q_w = self.collection.transform(query.vector[None, :])[0]
+        q_new = q_w + np.sum([h.vector for h in good], axis=0)
+        q_new = (q_new / max(float(np.linalg.norm(q_new)), 1e-12)).astype(np.float32)
+        per_shard, missing = await self.fanout(q_new, depth, deadline, True, transformed=True, flt=query.filter)
+        kept = {h.image_id for h in good}
+        on_top = [h for h in hits if h.image_id in verified and verified[h.image_id].verified]
+        kept |= {h.image_id for h in on_top}
+        rest = [h for h in merge_topk(per_shard, depth) if h.image_id not in kept and h.image_id != query.exclude]
+        return on_top + rest, missing
+
+    async def _diffuse(self, query: Query, hits: list[Hit], plan: SearchPlan, verified: dict[str, VerifiedHit], deadline: Budget) -> list[Hit]:
+        """Rerank the top-R by diffusion; verified images (if any) seed it and stay on top."""
+        head, tail = hits[: plan.neighbourhood], hits[plan.neighbourhood :]
+        is_verified = [h.image_id in verified and verified[h.image_id].verified for h in head]
+        seeds = {i: 1.0 for i, v in enumerate(is_verified) if v}
+        loop = asyncio.get_running_loop()
+        if plan.regional:
+            regions = await self._regional_nodes(head, deadline)
+            if query.regions is None or not regions:
+                return hits
+            graph = None if plan.online_graph else self.collection.regional_graph
+            query_regions = query.regions
+
+            def run_regional() -> DiffusionOutcome:
+                nodes = np.concatenate([r for _, r in regions])
+                owner = np.repeat([i for i, _ in regions], [len(r) for _, r in regions])
+                edges = None
+                if graph is not None:
+                    names = [region_node(head[i].image_id, j) for i, r in regions for j in range(len(r))]
+                    edges = graph.neighbourhood_lists(names, nodes, plan.diffusion.k)
+                # the query's (k-means-reduced) regions seed it jointly: one solve
+                return diffusion_scores(query_regions, nodes, owner, len(head), plan.diffusion, seeds, edges)
+
+            outcome = await loop.run_in_executor(None, run_regional)
+        else:
+            q = self.collection.transform(query.vector[None, :])[0]
+            vectors = hit_vectors(head)
+            graph = None if plan.online_graph else self.collection.graph
+
+            def run() -> DiffusionOutcome:
+                edges = None if graph is None else graph.neighbourhood_lists([h.image_id for h in head], vectors, plan.diffusion.k)
+                return diffusion_scores(q, vectors, None, len(head), plan.diffusion, seeds, edges)
+
+            outcome = await loop.run_in_executor(None, run)
+        self.metrics.diffusion_iterations.observe(outcome.iterations)
+        if not verified:
+            return order_by(head, outcome.scores) + tail
+        # verified keep their (inlier) order on top; the rest follow by diffusion score
+        top = [h for h, v in zip(head, is_verified) if v]
+        rest_idx = [i for i, v in enumerate(is_verified) if not v]
+        rest = order_by([head[i] for i in rest_idx], outcome.scores[rest_idx])
+        return top + rest + tail
+
+    async def get_features(
+        self, hits: Sequence[Hit], deadline: Budget, *, want_local: bool = False, want_regional: bool = False
+    ) -> dict[str, types_pb2.ImageFeatures]:
+        """Stored features of ``hits``, GetFeatures calls of ``features_batch`` ids per owning
+        shard (id → features), so that no response nears the message limit.
+
+        A shard that fails is skipped: its images simply have no features here (the fan-out
+        has already reported the shard as missing)."""
+        timeout, n = shard_timeout(deadline, self.config), self.config.features_batch
+        responses = await asyncio.gather(
+            *(self.shards[sid].get_features(
+                shard_pb2.GetFeaturesRequest(shard_id=sid, ids=ids[i : i + n], want_local=want_local, want_regional=want_regional), timeout
+            ) for sid, ids in ids_by_shard(hits).items() for i in range(0, len(ids), n)),
+            return_exceptions=True,
+        )
+        return {
+            image_id: f
+            for resp in responses if not isinstance(resp, BaseException)
+            for image_id, f in zip(resp.ids, resp.features)
+        }
+
+    async def _regional_nodes(self, hits: list[Hit], deadline: Budget) -> list[tuple[int, np.ndarray]]:
+        """Whitened ``(R_i, D')`` regional vectors of ``hits``, with the position of their image in ``hits``."""
+        features = await self.get_features(hits, deadline, want_regional=True)
+        return [
+            (i, from_tensor(features[h.image_id].regional, field="regional").astype(np.float32))
+            for i, h in enumerate(hits)
+            if h.image_id in features and features[h.image_id].regional.shape
+        ]
+
+    async def _verify(self, query_local: tuple[np.ndarray, np.ndarray], hits: list[Hit], n_verify: int, params: VerifyParams,
+                      deadline: Budget) -> tuple[list[Hit], dict[str, VerifiedHit]]:
+        """Verify the top ``n_verify`` hits; returns (reordered hits, id → VerifiedHit)."""
+        head, tail = hits[:n_verify], hits[n_verify:]
+        local = candidate_locals(await self.get_features(head, deadline, want_local=True))
+        ranked = await verify_hits(query_local, head, local, params, self.verify_pool)
+        self.metrics.verify_candidates.inc(sum(1 for v in ranked if v.result is not None))
+        self.metrics.verify_verified.inc(sum(1 for v in ranked if v.verified))
+        return [v.hit for v in ranked] + tail, {v.hit.image_id: v for v in ranked}
