@@ -227,7 +227,10 @@ class Cluster:
                 ),
                 metrics_host=cfg.metrics_host or cfg.host,
                 metrics_port=cfg.metrics_port,
-                config=dataclasses.replace(self.broker_config, data_dir=self.broker_config.data_dir or cfg.data_dir),
+                config=dataclasses.replace(
+                    self.broker_config, data_dir=self.broker_config.data_dir or cfg.data_dir,
+                    extract_slots_per_replica=max(self.broker_config.extract_slots_per_replica, cfg.extractor_batch_images),
+                ),
                 internal_token=self._internal_token,
                 internal_tls=self._internal_tls(),
             ),

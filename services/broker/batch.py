@@ -14,6 +14,7 @@ The batch shares what can be shared and keeps per-query failures apart:
 from __future__ import annotations
 
 import asyncio
+import re
 import logging
 import time
 
@@ -73,13 +74,7 @@ class BatchSearcher:
 
         with p.stage("batch_prepare", timings):
             prepared = await asyncio.gather(*(prepare(i) for i in plans), return_exceptions=True)
-        queries: dict[int, Query] = {}
-        for i, res in zip(list(plans), prepared):
-            if isinstance(res, BaseException):
-                _reraise_cancel(res)
-                errors[i] = _prefixed(res, i)
-            else:
-                queries[i] = res
+        queries: dict[int, Query] = _successes(list(plans), prepared, errors)
         order = list(queries)
         with p.stage("batch_fanout", timings):
             fanned = await p.fanout_batch(
@@ -90,19 +85,10 @@ class BatchSearcher:
             per_shard, missing = got
             return await p.finish(request.queries[i], plans[i], queries[i], per_shard, missing, deadline, query_timings[i], t_total)
 
-        jobs = {i: got for i, got in zip(order, fanned) if not isinstance(got, BaseException)}
-        for i, got in zip(order, fanned):
-            if isinstance(got, BaseException):
-                errors[i] = _prefixed(got, i)
+        jobs = _successes(order, fanned, errors)
         with p.stage("batch_rerank", timings):
             finished = await asyncio.gather(*(finish(i, got) for i, got in jobs.items()), return_exceptions=True)
-        responses: dict[int, retrieval_pb2.SearchResponse] = {}
-        for i, res in zip(list(jobs), finished):
-            if isinstance(res, BaseException):
-                _reraise_cancel(res)
-                errors[i] = _prefixed(res, i)
-            else:
-                responses[i] = res
+        responses: dict[int, retrieval_pb2.SearchResponse] = _successes(list(jobs), finished, errors)
         out = retrieval_pb2.SearchBatchResponse()
         for i in range(n):
             r = out.results.add(status=query_status(errors[i]))
@@ -112,6 +98,22 @@ class BatchSearcher:
         timings.append(types_pb2.StageTiming(stage="total", seconds=dt))
         out.timings.extend(timings)
         return out
+
+
+_FIELD_FIRST = re.compile(r"^[A-Za-z_][\w.\[\]]*:")  # "k: must be ..." → "queries[3].k: must be ..."
+
+
+def _successes(indices: list[int], results: list, errors: list[BaseException | None]) -> dict:
+    """Query position → result for the results that are not exceptions; each exception goes to
+    ``errors`` under its position, prefixed with it (cancellation propagates)."""
+    out = {}
+    for i, res in zip(indices, results):
+        if isinstance(res, BaseException):
+            _reraise_cancel(res)
+            errors[i] = _prefixed(res, i)
+        else:
+            out[i] = res
+    return out
 
 
 def _reraise_cancel(exc: BaseException) -> None:
@@ -124,7 +126,8 @@ def _prefixed(exc: BaseException, i: int) -> BaseException:
     if status_for(exc) is None:
         return exc
     try:
-        err = type(exc)(f"queries[{i}].{exc}")
+        text = str(exc)
+        err = type(exc)(f"queries[{i}].{text}" if _FIELD_FIRST.match(text) else f"queries[{i}]: {text}")
     except TypeError:
         return exc
     if hasattr(exc, "retry_after_ms"):

@@ -51,8 +51,11 @@ class BrokerConfig:
     max_inflight : int
         Calls the broker handles at once; beyond it RESOURCE_EXHAUSTED at once, with a retry hint.
     max_extract_queue : int
-        Images allowed to wait for an extraction slot (2 per replica run at once); beyond it
-        RESOURCE_EXHAUSTED at once, with a retry hint (0 = unbounded).
+        Images allowed to wait for an extraction slot (``extract_slots_per_replica`` per replica
+        run at once); beyond it RESOURCE_EXHAUSTED at once, with a retry hint (0 = unbounded).
+    extract_slots_per_replica : int
+        Extract calls in flight per extractor replica; the launcher raises it to the replicas'
+        batch size so that their dynamic batches can fill.
     retry_after_ms : int
         The hint: ``grpc-retry-pushback-ms`` trailer and message of an overload answer.
     shutdown_grace_s : float
@@ -92,6 +95,7 @@ class BrokerConfig:
     shard_budget_s: float = 2.0
     max_inflight: int = 128
     max_extract_queue: int = 8  # measured: ~4 image searches/s per replica here → ≤ ~2 s of queueing
+    extract_slots_per_replica: int = 2
     retry_after_ms: int = 100
     features_batch: int = 32
     shutdown_grace_s: float = 5.0
@@ -104,7 +108,7 @@ class BrokerConfig:
         for name in ("max_inflight", "features_batch"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"broker.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_extract_queue", "shard_budget_s"):
+        for name in ("max_extract_queue", "shard_budget_s", "extract_slots_per_replica"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"broker.{name} must be > 0, got {getattr(self, name)}")
         if self.shutdown_grace_s < 0:

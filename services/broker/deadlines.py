@@ -32,11 +32,13 @@ class PerCallBudget:
         return self.budget_s
 
 
-def shard_timeout(deadline: Deadline | PerCallBudget, config: BrokerConfig) -> float:
+def shard_timeout(deadline: Deadline | PerCallBudget, config: BrokerConfig, queries: int = 1) -> float:
     """Budget of one shard call: a fraction of the caller's remaining time, so that a hung
-    shard is reported missing (partial answer) while the caller still waits."""
+    shard is reported missing (partial answer) while the caller still waits. A call carrying
+    ``queries`` searches (SearchBatch) may take ``shard_budget_s`` per query, still within the
+    fraction of the caller's deadline."""
     left = deadline.remaining()
     budget = left * config.shard_budget_fraction
     if config.shard_budget_s > 0:
-        budget = min(budget, config.shard_budget_s)
+        budget = min(budget, config.shard_budget_s * max(1, queries))
     return max(budget, min(left, 0.05))

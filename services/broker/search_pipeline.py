@@ -251,7 +251,7 @@ class SearchPipeline:
         UNAVAILABLE when no shard answered)."""
 
         async def one(shard: ShardClient) -> shard_pb2.ShardSearchBatchResponse:
-            timeout = shard_timeout(deadline, self.config)
+            timeout = shard_timeout(deadline, self.config, queries=len(items))
             req = shard_pb2.ShardSearchBatchRequest(shard_id=shard.shard_id, timeout_s=timeout)
             for query, depth, return_vectors in items:
                 req.queries.add(shard_id=shard.shard_id, query=to_tensor(query.vector.astype(np.float32)), top_k=depth,

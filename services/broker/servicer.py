@@ -240,7 +240,8 @@ async def create_server(
     metrics = BrokerMetrics.create()
     servicer = RetrievalServicer(
         ExtractorPool(extractor_addresses, channel_opts, internal_token=internal_token, tls=internal_tls,
-                      max_queue=config.max_extract_queue, retry_after_ms=config.retry_after_ms),
+                      max_concurrency_per_replica=config.extract_slots_per_replica, max_queue=config.max_extract_queue,
+                      retry_after_ms=config.retry_after_ms),
         [GrpcShardClient(i, a, channel_opts, internal_token, internal_tls) for i, a in enumerate(shard_addresses)],
         metrics,
         config,
