@@ -387,18 +387,15 @@ class SearchPipeline:
                                deadline: Budget) -> tuple[list[Hit], list[int]]:
         """αQE from the verified images only: the (whitened) query plus their vectors searches the
         shards again; verified images stay first (inlier order), the rest follows the new scores."""
-        good = [h for h in hits if h.image_id in verified and verified[h.image_id].verified and h.vector is not None]
+        good = [h.vector for h in hits if h.image_id in verified and verified[h.image_id].verified and h.vector is not None]
         if not good:
             return hits, []
         q_w = self.collection.transform(query.vector[None, :])[0]
-        q_new = q_w + np.sum([h.vector for h in good], axis=0)
+        q_new = q_w + np.sum(good, axis=0)
         q_new = (q_new / max(float(np.linalg.norm(q_new)), 1e-12)).astype(np.float32)
         per_shard, missing = await self.fanout(q_new, depth, deadline, True, transformed=True, flt=query.filter)
-        kept = {h.image_id for h in good}
-        on_top = [h for h in hits if h.image_id in verified and verified[h.image_id].verified]
-        kept |= {h.image_id for h in on_top}
-        rest = [h for h in merge_topk(per_shard, depth) if h.image_id not in kept and h.image_id != query.exclude]
-        return on_top + rest, missing
+        new_order = [h for h in merge_topk(per_shard, depth) if h.image_id != query.exclude]
+        return verified_first(hits, verified, new_order), missing
 
     async def _diffuse(self, query: Query, hits: list[Hit], plan: SearchPlan, verified: dict[str, VerifiedHit], deadline: Budget) -> list[Hit]:
         """Rerank the top-R by diffusion; verified images (if any) seed it and stay on top."""
