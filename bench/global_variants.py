@@ -31,6 +31,7 @@ from services.eval.ground_truth import load_ground_truth  # noqa: E402
 from services.eval.revisitop import evaluate_protocols  # noqa: E402
 from services.extractor.backbone import load_backbone  # noqa: E402
 from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor  # noqa: E402
+from services.extractor.runtime import RUNTIMES, BackboneRunner  # noqa: E402
 from services.space.whitening import PCAWhitening  # noqa: E402
 from bench.select_defaults import summarise  # noqa: E402
 
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("--split", default=None, help="split.json of select_defaults.py make-set: score known and held-out queries apart")
     ap.add_argument("--flip", action="store_true", help="also extract the mirrored image (variants '+flip': the two averaged)")
     ap.add_argument("--whitening", default="none,pcaw", help=f"comma-separated, of {','.join(WHITENINGS)}")
+    ap.add_argument("--runtime", default="openvino", choices=RUNTIMES, help="backbone runtime (descriptors match eager torch)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = require_roxford()
@@ -80,7 +82,9 @@ def main() -> None:
         q = {k[2:]: z[k] for k in z.files if k.startswith("q:")}
         db_s = float(z["db_seconds"])
     else:
-        ext = GlobalExtractor(load_backbone(), GlobalConfig(max_side=args.max_side))
+        model = load_backbone(fuse_bn=True)
+        backbone = BackboneRunner(model, ["head"], args.runtime, threads=args.threads) if args.runtime != "torch" else model
+        ext = GlobalExtractor(backbone, GlobalConfig(max_side=args.max_side))  # type: ignore[arg-type]
         db, db_s = extract_set(ext, [img(n) for n in gt.imlist], None, args.max_side, args.flip)
         q, _ = extract_set(ext, [img(n) for n in gt.qimlist], [g["bbx"] for g in gt.gnd], args.max_side, args.flip)
         np.savez(args.cache, db_seconds=db_s, **{f"db:{k}": v for k, v in db.items()}, **{f"q:{k}": v for k, v in q.items()})

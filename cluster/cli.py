@@ -476,6 +476,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{run['rerank']:<22} {run['easy']['map']:>6.2f} {run['medium']['map']:>6.2f} {run['hard']['map']:>6.2f}  "
             f"{run['medium']['mp@10']:>7.2f}  {run['latency_ms']['p50']:>7.1f}"
         )
+    print("broker stage p50 ms:")
+    for run in result["runs"]:
+        print(f"  {run['rerank']:<22} " + ", ".join(f"{k} {v:.0f}" for k, v in run["stage_ms_p50"].items()))
     _print_per_query(result["runs"])
     return 0
 

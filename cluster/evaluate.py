@@ -65,15 +65,16 @@ def run_eval(
             queries.append((qname, f.read(), gt.gnd[qi]["bbx"]))
     runs = []
     for name, opts in specs:
-        ranked_lists, lat = [], []
+        ranked_lists, lat, stages = [], [], []
         for qi, (qname, data, bbx) in enumerate(queries):
             t0 = time.perf_counter()
             resp = client.search(image=data, k=k, crop=bbx, rerank=opts, timeout_s=120)
             lat.append(time.perf_counter() - t0)
+            stages.append({t.stage: t.seconds for t in resp.timings})
             ranked_lists.append(_complete_ranking([pos[r.id] for r in resp.results if r.id in pos], len(gt.imlist)))
             if progress:
                 progress(f"search[{name}]", qi + 1, len(queries))
-        runs.append(_run_report(name, np.stack(ranked_lists, axis=1), gt, [q[0] for q in queries], lat))
+        runs.append(_run_report(name, np.stack(ranked_lists, axis=1), gt, [q[0] for q in queries], lat, stages))
     return {
         "settings": {"images": images_dir, "gnd": gnd_path, "database": len(gt.imlist), "queries": len(queries), "k": k, "index_seconds": index_s,
                      "graph_seconds": graph_s},
@@ -81,8 +82,10 @@ def run_eval(
     }
 
 
-def _run_report(name: str, ranks: np.ndarray, gt, query_names: list[str], lat: list[float]) -> dict:
-    """One entry of ``runs``: mAP and mP@k per protocol, per-query AP (None = skipped), latency."""
+def _run_report(name: str, ranks: np.ndarray, gt, query_names: list[str], lat: list[float], stages: list[dict[str, float]]) -> dict:
+    """One entry of ``runs``: mAP and mP@k per protocol, per-query AP (None = skipped), latency
+    (client-observed) and the broker's per-stage median (``stage_ms_p50``; a stage a query
+    skipped counts as 0 for it)."""
     scores = evaluate_protocols(ranks, gt)
     run: dict = {"rerank": name}
     for protocol in ("easy", "medium", "hard"):
@@ -92,6 +95,8 @@ def _run_report(name: str, ranks: np.ndarray, gt, query_names: list[str], lat: l
     ]
     lat_ms = np.asarray(lat) * 1000
     run["latency_ms"] = {"p50": float(np.median(lat_ms)), "p90": float(np.percentile(lat_ms, 90)), "mean": float(lat_ms.mean())}
+    names = list(dict.fromkeys(n for st in stages for n in st))
+    run["stage_ms_p50"] = {n: float(np.median([st.get(n, 0.0) for st in stages]) * 1000) for n in names}
     return run
 
 

