@@ -4,7 +4,8 @@ requests per phase.
 
 Kinds: ``none`` (global descriptor only) and ``default`` (the default rerank composition of
 ``loupe search``); each searcher is a closed loop of image queries. Indexers add batches of 4
-new images in a closed loop. For each N the script reports, per kind: completed requests/s,
+new images in a closed loop. A refused call (RESOURCE_EXHAUSTED) waits the server's retry
+hint before the next, as a well-behaved client does. For each N the script reports, per kind: completed requests/s,
 p50/p95/p99 latency, errors by status code; and RSS (max over the phase) of the broker
 process, the shards and the extractors.
 
@@ -57,8 +58,9 @@ def _images(collection: int) -> tuple[list[tuple[str, bytes]], list[tuple[bytes,
     return db, qs, f"scikit-image photos: {len(db)} database images, {len(qs)} queries"
 
 
-def _pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(xs), q)) * 1000 if xs else float("nan")
+def _pct(xs: list[float], q: float) -> int | None:
+    """``q``-th percentile of ``xs`` seconds, in whole ms (None when nothing completed)."""
+    return round(float(np.percentile(np.asarray(xs), q)) * 1000) if xs else None
 
 
 class Phase:
@@ -81,6 +83,15 @@ class Phase:
             self.count += 1
             return True
 
+    @staticmethod
+    def _back_off(exc: grpc.RpcError) -> None:
+        """Wait as a well-behaved client does after RESOURCE_EXHAUSTED: the server's
+        ``grpc-retry-pushback-ms`` hint (100 ms when absent)."""
+        if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return
+        hint = dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+        time.sleep(int(hint) / 1000 if hint and str(hint).isdigit() else 0.1)
+
     def _record(self, kind: str, code: str, dt: float, images: int = 0) -> None:
         with self.lock:
             self.codes[kind][code] = self.codes[kind].get(code, 0) + 1
@@ -99,6 +110,7 @@ class Phase:
                 self._record(kind, "OK", time.perf_counter() - t0)
             except grpc.RpcError as exc:
                 self._record(kind, exc.code().name, time.perf_counter() - t0)
+                self._back_off(exc)
 
     def indexer(self, w: int) -> None:
         n = 0
@@ -111,6 +123,7 @@ class Phase:
                 self._record("index", "OK", time.perf_counter() - t0, len(batch))
             except grpc.RpcError as exc:
                 self._record("index", exc.code().name, time.perf_counter() - t0)
+                self._back_off(exc)
 
 
 def main() -> int:
@@ -164,8 +177,8 @@ def main() -> int:
                        "load_average": round(os.getloadavg()[0], 1), "rss_peak_mib": {k: round(v) for k, v in peak.items()}}
                 for kind in [*KINDS, "index"]:
                     lat = phase.latency[kind]
-                    row[kind] = {"per_s": round(len(lat) / wall, 2), "p50_ms": round(_pct(lat, 50)), "p95_ms": round(_pct(lat, 95)),
-                                 "p99_ms": round(_pct(lat, 99)), "codes": phase.codes[kind]}
+                    row[kind] = {"per_s": round(len(lat) / wall, 2), "p50_ms": _pct(lat, 50), "p95_ms": _pct(lat, 95),
+                                 "p99_ms": _pct(lat, 99), "codes": phase.codes[kind]}
                 row["index"]["images_per_s"] = round(phase.added / wall, 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -94,14 +94,17 @@ class ShardActor:
 
     def __init__(
         self, shard_id: int, opts: ServerOptions, settings: object, data_dir: str, namespace: str,
-        metrics_host: str = "", metrics_port: int = 0,
+        metrics_host: str = "", metrics_port: int = 0, threads: int = 1,
     ) -> None:
         import tempfile
+
+        import faiss
 
         from services.common.metrics import ShardMetrics
         from services.index.servicer import create_server
 
         _normal_priority()
+        faiss.omp_set_num_threads(threads)  # Ray starts workers with OMP_NUM_THREADS=1
         self._starts = 1
         metrics = ShardMetrics.create(shard_id, restarts=lambda: self._starts - 1)
         # no data directory: a private temporary one, gone with the cluster (and with a restart)

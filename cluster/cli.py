@@ -28,6 +28,7 @@ def _add_cluster_flags(p: argparse.ArgumentParser, *, temporary: bool) -> None:
     g.add_argument("--shards", type=int, default=None, help="index shards (default 2)")
     g.add_argument("--replicas", type=int, default=None, help="extractor replicas (default 1)")
     g.add_argument("--extractor-threads", type=int, default=None, help="backbone threads per replica (default cores/replicas)")
+    g.add_argument("--shard-threads", type=int, default=None, help="faiss search threads per shard (default cores/shards)")
     g.add_argument("--extractor-runtime", default=None, choices=["torch", "onnxruntime", "openvino"],
                    help="what runs the backbone in each replica (default openvino; env LOUPE_EXTRACTOR_RUNTIME)")
     g.add_argument("--extractor-batch-images", type=int, default=None,
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     lim = up.add_argument_group("broker limits (defaults measured on 2 cores: docs/faults.md)")
     lim.add_argument("--max-inflight", type=int, default=None, help="requests the broker works on at once; more → RESOURCE_EXHAUSTED (default 128)")
     lim.add_argument("--max-extract-queue", type=int, default=None,
-                     help="images waiting for extraction per replica; more → RESOURCE_EXHAUSTED (default 8)")
+                     help="search images, and indexing images, that may wait for extraction (each; searches go first); more → RESOURCE_EXHAUSTED (default 8)")
     lim.add_argument("--shard-budget-s", type=float, default=None, help="longest a shard may take per call before the answer goes partial (default 2.0)")
     lim.add_argument("--shard-budget-fraction", type=float, default=None,
                      help="a shard call gets at most this fraction of the caller's remaining deadline (default 0.5)")
@@ -185,6 +186,7 @@ def _cluster_config(args: argparse.Namespace, **extra: Any):
         "shards": args.shards,
         "replicas": args.replicas,
         "extractor_threads": args.extractor_threads,
+        "shard_threads": args.shard_threads,
         "extractor_runtime": getattr(args, "extractor_runtime", None),
         "extractor_batch_images": getattr(args, "extractor_batch_images", None),
         "extractor_batch_wait_ms": getattr(args, "extractor_batch_wait_ms", None),

@@ -51,6 +51,10 @@ class ClusterConfig:
         Broker Prometheus port (0 = pick one).
     extractor_threads : int
         Backbone threads per extractor replica (0 = cores // replicas).
+    shard_threads : int
+        faiss (OpenMP) threads of each shard's searches (0 = cores // shards). Ray starts
+        its workers with ``OMP_NUM_THREADS=1``, so without this a shard searches on one core
+        whatever its node has.
     extractor_runtime : {"torch", "onnxruntime", "openvino"}
         What runs the backbone in each replica (``ExtractorConfig.runtime``).
     extractor_batch_images, extractor_batch_wait_ms : int, float
@@ -124,6 +128,7 @@ class ClusterConfig:
     port: int = 0
     metrics_port: int = 0
     extractor_threads: int = 0
+    shard_threads: int = 0
     extractor_runtime: str = ExtractorConfig.runtime
     extractor_batch_images: int = ExtractorConfig.batch_images
     extractor_batch_wait_ms: float = ExtractorConfig.batch_wait_ms
@@ -167,6 +172,7 @@ class ClusterConfig:
             "shard_metrics_port": 0 <= self.shard_metrics_port <= 65535,
             "extractor_metrics_port": 0 <= self.extractor_metrics_port <= 65535,
             "extractor_threads": self.extractor_threads >= 0,
+            "shard_threads": self.shard_threads >= 0,
             "max_side": 32 <= self.max_side <= 8192,
             "global_max_side": 32 <= self.global_max_side <= self.max_side,
             "regional_from": self.regional_from in ("working", "global"),
@@ -219,6 +225,10 @@ class ClusterConfig:
     def threads_per_replica(self) -> int:
         """torch threads of each extractor replica."""
         return self.extractor_threads or max(1, (os.cpu_count() or 1) // self.replicas)
+
+    def threads_per_shard(self) -> int:
+        """faiss threads of each shard."""
+        return self.shard_threads or max(1, (os.cpu_count() or 1) // self.shards)
 
     @classmethod
     def build(cls, values: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> "ClusterConfig":

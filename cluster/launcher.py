@@ -189,7 +189,8 @@ class Cluster:
             self.shard_actors.append(
                 shard_cls.options(
                     name=f"loupe-shard-{i}", namespace=cfg.namespace, num_cpus=0, max_restarts=-1, max_task_retries=0, **shard_res
-                ).remote(i, opts, cfg.index_settings(), store_dir, cfg.namespace, cfg.metrics_host, cfg.shard_metrics_port)
+                ).remote(i, opts, cfg.index_settings(), store_dir, cfg.namespace, cfg.metrics_host, cfg.shard_metrics_port,
+                         cfg.threads_per_shard())
             )
         ext_cfg = cfg.extractor_config()
         ext_cls = ray.remote(ExtractorActor)

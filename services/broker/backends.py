@@ -7,6 +7,7 @@ clients. Every call takes the caller's remaining time as ``timeout_s``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import time
 from typing import Protocol, Sequence
@@ -96,6 +97,60 @@ class GrpcShardClient:
         await self._channel.close()
 
 
+class ExtractionSlots:
+    """``capacity`` slots shared by two classes of callers: queries and bulk (indexing).
+
+    A freed slot goes to the longest-waiting query first, then to bulk work, so a stream of
+    AddImages calls cannot make searches wait behind it; each class has its own bound on
+    waiters (``max_waiting``, 0 = unbounded), so indexing that fills its queue gets
+    RESOURCE_EXHAUSTED while searches are still admitted.
+    """
+
+    def __init__(self, capacity: int, max_waiting: int = 0) -> None:
+        self.capacity = capacity
+        self.max_waiting = max_waiting
+        self.in_use = 0
+        self._waiters: dict[bool, collections.deque[asyncio.Future[None]]] = {True: collections.deque(), False: collections.deque()}
+
+    def waiting(self, query: bool | None = None) -> int:
+        """Callers waiting for a slot (of one class, or all)."""
+        if query is None:
+            return len(self._waiters[True]) + len(self._waiters[False])
+        return len(self._waiters[query])
+
+    def full(self, query: bool) -> bool:
+        """Whether a caller of this class would be refused (all slots busy and its queue full)."""
+        return bool(self.max_waiting) and self.in_use >= self.capacity and self.waiting(query) >= self.max_waiting
+
+    async def acquire(self, query: bool) -> None:
+        """Wait for a slot (cancellable; a cancelled waiter gives up its place)."""
+        if self.in_use < self.capacity and not self.waiting():
+            self.in_use += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self._waiters[query]
+        queue.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # the slot was handed over just as the caller gave up: pass it on
+            elif fut in queue:
+                queue.remove(fut)
+            raise
+
+    def release(self) -> None:
+        """Hand the slot to the next waiter (queries first) or free it."""
+        for cls in (True, False):
+            queue = self._waiters[cls]
+            while queue:
+                fut = queue.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+                    return
+        self.in_use -= 1
+
+
 class ExtractorPool:
     """Round-robin over extractor replicas; a replica that is unreachable is skipped.
 
@@ -110,8 +165,9 @@ class ExtractorPool:
     tls : InternalTls or None
         Mutual TLS to the replicas (None = plaintext).
     max_queue : int
-        Calls allowed to wait for a slot (0 = unbounded); beyond it ``extract`` raises
-        ``Overloaded`` at once with ``retry_after_ms`` (admission control).
+        Calls of each class (queries, indexing) allowed to wait for a slot (0 = unbounded);
+        beyond it ``extract`` raises ``Overloaded`` at once with ``retry_after_ms`` (admission
+        control). Queries take freed slots before indexing (:class:`ExtractionSlots`).
     retry_after_ms : int
         Retry hint of that answer.
     """
@@ -125,29 +181,32 @@ class ExtractorPool:
         self._stubs = [extractor_pb2_grpc.ExtractorStub(c) for c in self._channels]
         self._rr = itertools.cycle(range(len(self._stubs)))
         self.concurrency = max_concurrency_per_replica * len(self._stubs)
-        self._slots = asyncio.Semaphore(self.concurrency)
+        self._slots = ExtractionSlots(self.concurrency, max_queue)
         self.max_queue = max_queue
         self.retry_after_ms = retry_after_ms
-        self.waiting = 0
 
-    async def extract(self, request: extractor_pb2.ExtractRequest, timeout_s: float) -> extractor_pb2.ExtractResponse:
+    @property
+    def waiting(self) -> int:
+        """Images waiting for an extraction slot (queries and indexing)."""
+        return self._slots.waiting()
+
+    async def extract(self, request: extractor_pb2.ExtractRequest, timeout_s: float, *, query: bool = False) -> extractor_pb2.ExtractResponse:
         """Extract on the next replica; on UNAVAILABLE try the others once each.
 
-        Raises ``Overloaded`` without waiting when ``max_queue`` callers already wait for a slot."""
-        if self.max_queue and self._slots.locked() and self.waiting >= self.max_queue:
+        ``query``: a search's image (waits ahead of indexing, in its own queue). Raises
+        ``Overloaded`` without waiting when ``max_queue`` callers of its class already wait."""
+        if self._slots.full(query):
+            kind = "search" if query else "indexing"
             raise Overloaded(
-                f"extractors: {self.waiting} images wait for {self.concurrency} extraction slots, the limit is "
+                f"extractors: {self._slots.waiting(query)} {kind} images wait for {self.concurrency} extraction slots, the limit is "
                 f"broker.max_extract_queue={self.max_queue}; retry after {self.retry_after_ms} ms",
                 retry_after_ms=self.retry_after_ms,
             )
-        self.waiting += 1
         t0 = time.monotonic()
         try:
-            await asyncio.wait_for(self._slots.acquire(), timeout_s)
+            await asyncio.wait_for(self._slots.acquire(query), timeout_s)
         except asyncio.TimeoutError:
             raise DeadlineExceeded("deadline exceeded while waiting for an extraction slot") from None
-        finally:
-            self.waiting -= 1
         timeout_s = max(0.001, timeout_s - (time.monotonic() - t0))
         try:
             last: grpc.aio.AioRpcError | None = None

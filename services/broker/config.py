@@ -51,8 +51,9 @@ class BrokerConfig:
     max_inflight : int
         Calls the broker handles at once; beyond it RESOURCE_EXHAUSTED at once, with a retry hint.
     max_extract_queue : int
-        Images allowed to wait for an extraction slot (``extract_slots_per_replica`` per replica
-        run at once); beyond it RESOURCE_EXHAUSTED at once, with a retry hint (0 = unbounded).
+        Images of each class (search images, indexing images) allowed to wait for an extraction
+        slot (``extract_slots_per_replica`` per replica run at once; searches take freed slots
+        first); beyond it RESOURCE_EXHAUSTED at once, with a retry hint (0 = unbounded).
     extract_slots_per_replica : int
         Extract calls in flight per extractor replica; the launcher raises it to the replicas'
         batch size so that their dynamic batches can fill.

@@ -156,7 +156,7 @@ class SearchPipeline:
     async def extract(self, request: extractor_pb2.ExtractRequest, deadline: Budget) -> extractor_pb2.ExtractResponse:
         """Describe one image on an extractor replica."""
         try:
-            return await self.extractors.extract(request, deadline.remaining())
+            return await self.extractors.extract(request, deadline.remaining(), query=True)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, "image") from None
 

@@ -124,6 +124,53 @@ def test_overload_is_refused_fast_with_a_retry_hint(cluster):
     assert all("retry after" in r[2] and "max_extract_queue" in r[2] for r in refused), refused[0][2]
 
 
+def test_searches_are_admitted_while_indexing_fills_its_queue(cluster):
+    """Indexing in closed loops keeps more images in flight than the extraction slots plus the
+    queue hold, so some of it is refused; searches meanwhile have a queue of their own and take
+    freed slots first: every one is answered."""
+    image = _jpeg("rocket")
+    indexers = 2 + EXTRACT_QUEUE + 6
+    stop_at = time.perf_counter() + 4.0
+    clients = [RetrievalClient(cluster.broker_address, retries=False) for _ in range(indexers + 1)]
+    for c in clients:
+        c.wait_ready(30)
+
+    def flood(t: int) -> dict[str, int]:
+        codes: dict[str, int] = {}
+        n = 0
+        while time.perf_counter() < stop_at and n < 200:
+            try:
+                clients[t].add_images([ImageToAdd(f"flood/{t}/{n}", _jpeg(PHOTOS[n % len(PHOTOS)], 150))], timeout_s=30)
+                codes["OK"] = codes.get("OK", 0) + 1
+            except grpc.RpcError as exc:
+                codes[exc.code().name] = codes.get(exc.code().name, 0) + 1
+                time.sleep(0.02)
+            n += 1
+        return codes
+
+    searches = []
+    with ThreadPoolExecutor(indexers) as pool:
+        futures = [pool.submit(flood, t) for t in range(indexers)]
+        time.sleep(0.5)  # the flood is under way
+        while time.perf_counter() < stop_at - 0.5:
+            t0 = time.perf_counter()
+            try:
+                clients[-1].search(image=image, k=3, timeout_s=30)
+                searches.append(("OK", time.perf_counter() - t0))
+            except grpc.RpcError as exc:
+                searches.append((exc.code().name, time.perf_counter() - t0))
+        index_codes: dict[str, int] = {}
+        for f in futures:
+            for code, n in f.result().items():
+                index_codes[code] = index_codes.get(code, 0) + n
+    for c in clients:
+        c.close()
+    print(f"\nsearch under an indexing flood: {len(searches)} searches {sorted({s[0] for s in searches})}, "
+          f"p50 {_pct([s[1] for s in searches], 50) * 1000:.0f} ms; indexing {index_codes}")
+    assert index_codes.get("RESOURCE_EXHAUSTED", 0) > 0, index_codes  # the flood did fill indexing's queue
+    assert searches and all(code == "OK" for code, _ in searches), searches
+
+
 def test_a_failed_write_lists_the_ids_it_stored(cluster):
     """Last in the module: shard 1 is killed for good."""
     from services.space.placement import shard_for

@@ -123,6 +123,8 @@ tests/integration/test_multinode.py runs the same list against a multi-node Ray 
 - {{ .Values.loupe.extractorResource | quote }}
 - --extractor-threads
 - {{ .Values.loupe.extractorThreads | quote }}
+- --shard-threads
+- {{ .Values.loupe.shardThreads | quote }}
 - --extractor-runtime
 - {{ .Values.loupe.extractorRuntime | quote }}
 - --extractor-batch-images
