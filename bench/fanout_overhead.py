@@ -13,7 +13,11 @@ Vectors: real served global descriptors of the ROxford subset (``--cache`` from
 bench/shard_scale.py) plus Gaussian noise, L2-normalised; a 64-cluster Gaussian mixture when the
 cache is absent.
 
-    .venv/bin/python bench/fanout_overhead.py [--vectors 100000] [--shards 1,2,4] [--queries 200] [--batch 32]
+    .venv/bin/python bench/fanout_overhead.py [--vectors 100000] [--shards 1,2,4] [--queries 200] [--batch 32] [--index-factory Flat]
+
+The shards' index is exact (``Flat``) by default, like the baseline; with ``--index-factory auto``
+(the served policy) shards of ≥ ``approx_min_images`` vectors answer from a trained IVF-PQ index
+with exact re-scoring, one query at a time.
 """
 
 from __future__ import annotations
@@ -120,18 +124,20 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--cache", default="/tmp/loupe-roxford-global-512.npz")
+    ap.add_argument("--index-factory", default="Flat",
+                    help="the shards' index (default Flat: exact, as the in-process baseline; 'auto' = the served policy)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     x, what = vectors(args.vectors, args.cache, rng)
     queries = x[rng.integers(0, len(x), args.queries)] + 0.02 * rng.standard_normal((args.queries, D)).astype(np.float32)
     queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
-    print(f"machine: {machine()}; {args.vectors} vectors ({what}); k={args.k}; {args.queries} queries; "
+    print(f"machine: {machine()}; {args.vectors} vectors ({what}); shards' index {args.index_factory}; k={args.k}; {args.queries} queries; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     base = in_process(x, queries, args.k, args.batch)
     print(f"in-process faiss Flat: p50 {base['p50_ms']:.2f} ms, p95 {base['p95_ms']:.2f} ms, batched {base['batched_qps']:.0f} q/s", flush=True)
     rows = []
     for s in (int(v) for v in args.shards.split(",")):
-        with tempfile.TemporaryDirectory(prefix="loupe-fanout-") as data, Cluster(ClusterConfig(shards=s, replicas=1, data_dir=data)) as cluster:
+        with tempfile.TemporaryDirectory(prefix="loupe-fanout-") as data, Cluster(ClusterConfig(shards=s, replicas=1, data_dir=data, index_factory=args.index_factory)) as cluster:
             with RetrievalClient(cluster.broker_address, retries=False) as client:
                 client.wait_ready(120)
                 fill_shards(client, x, s)
