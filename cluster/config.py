@@ -35,6 +35,11 @@ def _parse_bool(raw: str) -> bool:
     raise ValueError(raw)
 
 
+def _threads(explicit: int, members: int) -> int:
+    """``explicit`` threads per member, or (0) this machine's cores shared among ``members``."""
+    return explicit or max(1, (os.cpu_count() or 1) // members)
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """Everything ``loupe up`` (or a temporary cluster) needs.
@@ -224,11 +229,11 @@ class ClusterConfig:
 
     def threads_per_replica(self) -> int:
         """torch threads of each extractor replica."""
-        return self.extractor_threads or max(1, (os.cpu_count() or 1) // self.replicas)
+        return _threads(self.extractor_threads, self.replicas)
 
     def threads_per_shard(self) -> int:
         """faiss threads of each shard."""
-        return self.shard_threads or max(1, (os.cpu_count() or 1) // self.shards)
+        return _threads(self.shard_threads, self.shards)
 
     @classmethod
     def build(cls, values: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> "ClusterConfig":

@@ -182,7 +182,6 @@ class ExtractorPool:
         self._rr = itertools.cycle(range(len(self._stubs)))
         self.concurrency = max_concurrency_per_replica * len(self._stubs)
         self._slots = ExtractionSlots(self.concurrency, max_queue)
-        self.max_queue = max_queue
         self.retry_after_ms = retry_after_ms
 
     @property
@@ -199,7 +198,7 @@ class ExtractorPool:
             kind = "search" if query else "indexing"
             raise Overloaded(
                 f"extractors: {self._slots.waiting(query)} {kind} images wait for {self.concurrency} extraction slots, the limit is "
-                f"broker.max_extract_queue={self.max_queue}; retry after {self.retry_after_ms} ms",
+                f"broker.max_extract_queue={self._slots.max_waiting}; retry after {self.retry_after_ms} ms",
                 retry_after_ms=self.retry_after_ms,
             )
         t0 = time.monotonic()
