@@ -53,7 +53,7 @@ def load_as_served(data: bytes, box: Sequence[float] | None, max_side: int) -> n
     (a revisitop query's bbx, original pixels) when given, shrunk to ``max_side``."""
     from loupe.v1 import types_pb2
     from services.common.images import decode_image
-    from services.extractor.servicer import crop_and_resize
+    from services.extractor.describer import crop_and_resize
 
     img = decode_image(data, max_side=None if box else max_side)
     return crop_and_resize(img, types_pb2.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]) if box else None, max_side)

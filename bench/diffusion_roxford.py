@@ -32,7 +32,7 @@ from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor  
 from services.extractor.pooling import regional_vectors  # noqa: E402
 from services.rerank.diffusion import DiffusionParams  # noqa: E402
 from services.rerank.graph import CollectionGraph  # noqa: E402
-from services.rerank.regions import reduce_each  # noqa: E402
+from services.space.regions import reduce_regions  # noqa: E402
 
 WORKING_SIDE = 1024
 
@@ -64,6 +64,25 @@ def extract(root, gt) -> dict[str, np.ndarray]:
 def split_regions(flat: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
     """Flat ``(sum counts, D)`` → one ``(count_i, D)`` array per image."""
     return np.split(flat, np.cumsum(counts)[:-1])
+
+
+def reduce_each(per_image: list[np.ndarray], n: int, iterations: int = 10) -> list[np.ndarray]:
+    """``reduce_regions`` over images with different region counts (batched by count).
+
+    ``per_image``: ``(R_i, D)`` arrays; returns ``(min(n, R_i), D)`` float32 arrays, aligned.
+    """
+    out: list[np.ndarray] = [np.zeros((0, 0), np.float32)] * len(per_image)
+    counts = np.array([len(r) for r in per_image])
+    for c in np.unique(counts):
+        idx = np.flatnonzero(counts == c)
+        if c == 0:
+            for i in idx:
+                out[i] = np.asarray(per_image[i], dtype=np.float32)
+            continue
+        reduced = reduce_regions(np.stack([per_image[i] for i in idx]), n, iterations)
+        for j, i in enumerate(idx):
+            out[i] = reduced[j]
+    return out
 
 
 def main() -> None:
@@ -165,3 +184,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

@@ -48,7 +48,8 @@ def serve(batch: int, wait_ms: float, runtime: str, threads: int) -> None:
 
     from services.common.grpc_server import ServerOptions
     from services.extractor.global_descriptor import GlobalConfig
-    from services.extractor.servicer import ExtractorConfig, create_server
+    from services.extractor.config import ExtractorConfig
+    from services.extractor.servicer import create_server
 
     torch.set_num_threads(threads if runtime == "torch" else 1)
     cfg = ExtractorConfig(global_config=GlobalConfig(pooling="rmac", max_side=512), runtime=runtime, threads=threads,

@@ -3,8 +3,8 @@
 For each runtime (eager torch, ONNX Runtime, OpenVINO) it times, on the same images, interleaved:
 
 * **bare passes**: only the backbone passes the served descriptor set needs (the 1024-, 512-,
-  362- and 256-px levels of ``ExtractorServicer._levels``, to the local tap and the head);
-* **served**: ``ExtractorServicer._describe`` with the default descriptor set (R-MAC 3 scales
+  362- and 256-px levels of ``Describer.levels``, to the local tap and the head);
+* **served**: ``Describer.describe`` with the default descriptor set (R-MAC 3 scales
   at 512 px, regions at 1024 px reduced to 5 centroids, local features 0.25/0.5/1);
 * **global only**: the global descriptor alone (3 passes at 512/362/256 px).
 
@@ -34,7 +34,8 @@ from services.common.images import decode_image  # noqa: E402
 from services.extractor.backbone import preprocess  # noqa: E402
 from services.extractor.global_descriptor import GlobalConfig, resize_max_side  # noqa: E402
 from services.extractor.local_features import LocalConfig  # noqa: E402
-from services.extractor.servicer import ExtractorConfig, ExtractorServicer  # noqa: E402
+from services.extractor.config import ExtractorConfig  # noqa: E402
+from services.extractor.describer import Describer  # noqa: E402
 
 
 def images(n: int) -> tuple[list[np.ndarray], str]:
@@ -50,9 +51,9 @@ def images(n: int) -> tuple[list[np.ndarray], str]:
     return (out * n)[:n], f"{n} scikit-image photos upscaled to 1024 px"
 
 
-def served_servicer(runtime: str, threads: int) -> ExtractorServicer:
+def served_servicer(runtime: str, threads: int) -> Describer:
     """The cluster's default descriptor set (``ClusterConfig`` defaults) on ``runtime``."""
-    return ExtractorServicer(
+    return Describer(
         ExtractorConfig(global_config=GlobalConfig(pooling="rmac", max_side=512), local_config=LocalConfig(), runtime=runtime, threads=threads)
     )
 
@@ -71,9 +72,9 @@ def as_replica(runtime: str, threads: int, fn):  # noqa: ANN001, ANN201 - bench 
     return run
 
 
-def bare_passes(svc: ExtractorServicer, image: np.ndarray) -> None:
+def bare_passes(svc: Describer, image: np.ndarray) -> None:
     """The backbone passes the served path needs, and nothing else (preprocessing included)."""
-    for level, taps in svc._levels(image, want_local=True, want_regional=True):
+    for level, taps in svc.levels(image, want_local=True, want_regional=True):
         svc.backbone.forward_taps(preprocess(level), taps)
 
 
@@ -92,8 +93,8 @@ def main() -> None:
         svc = served_servicer(rt, args.threads)
         print(f"{rt}: export {svc.backbone.export_s:.1f} s, load/compile {svc.backbone.compile_s:.1f} s", flush=True)
         ways[f"bare passes ({rt})"] = as_replica(rt, args.threads, lambda im, s=svc: bare_passes(s, im))
-        ways[f"served ({rt})"] = as_replica(rt, args.threads, lambda im, s=svc: s._describe(im, want_local=True))
-        ways[f"global only ({rt})"] = as_replica(rt, args.threads, lambda im, s=svc: s._describe(im, want_local=False, want_regional=False))
+        ways[f"served ({rt})"] = as_replica(rt, args.threads, lambda im, s=svc: s.describe(im, want_local=True))
+        ways[f"global only ({rt})"] = as_replica(rt, args.threads, lambda im, s=svc: s.describe(im, want_local=False, want_regional=False))
     load0 = os.getloadavg()[0]
     print(f"machine: {machine()}; {what}; {args.threads} threads; load average {load0:.1f}", flush=True)
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in ways}

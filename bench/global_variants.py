@@ -1,7 +1,7 @@
 """Global descriptor variants on the ROxford subset: pooling × scales × resolution × whitening
 (plain, shrunk, reduced), and query-time flips.
 
-Extracts every pooling variant in one pass per image (``GlobalExtractor.extract_all``; with
+Extracts every pooling variant in one pass per image (``extract_all`` below; with
 ``--flip`` also of the mirrored image, averaged), caches the descriptors in ``--cache`` (an .npz
 outside the repo), then scores each variant with the revisitop protocol. Whitening is learned
 on the database descriptors (the indexed collection), as the serving path does with
@@ -34,6 +34,31 @@ from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor  
 from services.extractor.runtime import RUNTIMES, BackboneRunner  # noqa: E402
 from services.space.whitening import PCAWhitening  # noqa: E402
 from bench.select_defaults import summarise  # noqa: E402
+from services.extractor.global_descriptor import POOLINGS  # noqa: E402
+from services.extractor.pooling import l2n  # noqa: E402
+from services.extractor.pooling import regional_vectors  # noqa: E402
+
+
+@torch.inference_mode()
+def extract_all(ext: GlobalExtractor, image: np.ndarray) -> dict[str, np.ndarray]:
+    """Every pooling, single- and multi-scale, from one pass over ``ext``'s scales.
+
+    ``image``: ``(H, W, 3)`` uint8 RGB. Returns ``"{pooling}-ss"`` (largest scale only) and
+    ``"{pooling}-ms"`` (all scales) for each pooling in ``POOLINGS``, each ``(D,)`` float32
+    L2-normalised, plus ``"regional"`` ``(R, D)``.
+    """
+    per_scale: dict[str, list[torch.Tensor]] = {name: [] for name in POOLINGS}
+    out: dict[str, np.ndarray] = {}
+    for is_largest, fmap in ext._feature_maps(image):
+        for name in POOLINGS:
+            per_scale[name].append(l2n(ext._pool_fn(name)(fmap)))
+            if is_largest:
+                out[f"{name}-ss"] = per_scale[name][-1][0].numpy().astype(np.float32)
+        if is_largest:
+            out["regional"] = regional_vectors(fmap, ext.config.rmac_levels)[0].numpy().astype(np.float32)
+    for name in POOLINGS:
+        out[f"{name}-ms"] = ext._aggregate(name, torch.cat(per_scale[name])).numpy().astype(np.float32)
+    return out
 
 
 def extract_set(ext: GlobalExtractor, paths: list[str], boxes: list | None, max_side: int, flip: bool = False) -> tuple[dict[str, np.ndarray], float]:
@@ -44,11 +69,11 @@ def extract_set(ext: GlobalExtractor, paths: list[str], boxes: list | None, max_
             data = f.read()
         box = boxes[i] if boxes else None
         img = load_as_served(data, box, max_side)
-        for k, v in ext.extract_all(img).items():
+        for k, v in extract_all(ext, img).items():
             if k != "regional":
                 feats.setdefault(k, []).append(v)
         if flip:
-            for k, v in ext.extract_all(np.ascontiguousarray(img[:, ::-1])).items():
+            for k, v in extract_all(ext, np.ascontiguousarray(img[:, ::-1])).items():
                 if k != "regional":
                     both = feats[k][-1] + v
                     feats.setdefault(f"{k}+flip", []).append(both / np.linalg.norm(both))

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import require_roxford  # noqa: E402
 from services.eval.ground_truth import load_ground_truth  # noqa: E402
-from services.eval.heldout import heldout_split, to_json  # noqa: E402
+from bench.heldout import heldout_split, to_json  # noqa: E402
 
 
 def make_set(out: str) -> None:

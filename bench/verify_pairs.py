@@ -35,7 +35,7 @@ from services.common.images import decode_image  # noqa: E402
 from services.extractor.backbone import load_backbone  # noqa: E402
 from services.extractor.local_features import LocalConfig, LocalExtractor  # noqa: E402
 from services.space.whitening import LocalPCA  # noqa: E402
-from services.rerank.rootsift import ROOTSIFT_RATIO, extract_rootsift  # noqa: E402
+from bench.rootsift import ROOTSIFT_RATIO, extract_rootsift  # noqa: E402
 from services.rerank.verify import VerifyParams, verify_candidates, verify_pair  # noqa: E402
 
 Features = dict[str, tuple[np.ndarray, np.ndarray]]

@@ -45,7 +45,7 @@ from bench._common import landmark, load_as_served, machine, require_roxford  # 
 from services.common.images import decode_image  # noqa: E402
 from services.eval.ground_truth import load_ground_truth  # noqa: E402
 from services.eval.revisitop import evaluate_protocols  # noqa: E402
-from services.broker.servicer import BrokerConfig  # noqa: E402
+from services.broker.config import BrokerConfig  # noqa: E402
 from services.extractor.attention import (  # noqa: E402
     AttentionHead,
     AttentionTrainConfig,
@@ -58,7 +58,7 @@ from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor  
 from services.extractor.local_features import LocalConfig, LocalExtractor  # noqa: E402
 from services.space.whitening import LocalPCA  # noqa: E402
 from services.index.store import LocalStore  # noqa: E402
-from services.rerank.rootsift import ROOTSIFT_RATIO, extract_rootsift  # noqa: E402
+from bench.rootsift import ROOTSIFT_RATIO, extract_rootsift  # noqa: E402
 from services.rerank.verify import rerank_by_inliers, verify_pair  # noqa: E402
 
 WORKING_SIDE = 1024
@@ -83,6 +83,11 @@ class SharedTaps:
         out = self.backbone.forward_taps(x, taps)
         self._memo = (self._memo + [(x, key, out)])[-self.keep :]
         return out
+
+
+def dequantized(stored: LocalStore) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 4) float32 keypoints and (N, C) float32 descriptors of a stored feature set."""
+    return stored.keypoints.astype(np.float32), stored.descriptors.astype(np.float32) * stored.scale
 
 
 def load(root, name: str, box) -> np.ndarray:
@@ -224,7 +229,7 @@ def main() -> None:
             rows = {i: LocalStore.quantize(f.keypoints, pca.apply(f.descriptors)) for i, f in raw[method].items()}
             print(f"{method}: {np.mean([r.nbytes for i, r in rows.items() if i < n_db]) / 1024:.1f} KB per image of local features "
                   f"(mean keypoints {np.mean([len(r.keypoints) for r in rows.values()]):.0f})")
-            feats[method] = {i: r.dequantized() for i, r in rows.items()}
+            feats[method] = {i: dequantized(r) for i, r in rows.items()}
         if args.cache:
             save_cache(args.cache, feats)
     print(f"global-only: {db.shape[1] * 4 / 1024:.1f} KB per image (float32); local features for {len(wanted)} images "

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from services.extractor.global_descriptor import GlobalConfig
-from services.extractor.servicer import ExtractorConfig
+from services.extractor.config import ExtractorConfig
 from services.extractor.local_features import LocalConfig
 from services.index.vector_index import IndexSettings
-from services.rerank.regions import MAX_REGIONS_PER_IMAGE
+from services.space.regions import MAX_REGIONS_PER_IMAGE
 
 GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296"
 

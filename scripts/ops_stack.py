@@ -211,7 +211,7 @@ def live_stack(workdir: Path, *, interval_s: float = 1.0) -> Iterator[LiveStack]
     from cluster.config import ClusterConfig
     from cluster.launcher import Cluster
     from loupe.client import RetrievalClient
-    from services.broker.servicer import BrokerConfig
+    from services.broker.config import BrokerConfig
 
     workdir = Path(workdir)
     cfg = ClusterConfig(

@@ -18,7 +18,7 @@ import numpy as np
 
 from services.space.whitening import LocalPCA, PCAWhitening, to_indexed_space
 from services.rerank.graph import CollectionGraph
-from services.rerank.regions import MAX_REGIONS_PER_IMAGE
+from services.space.regions import MAX_REGIONS_PER_IMAGE
 
 LOCAL_DIM = 40
 MAX_FIT_DESCRIPTORS = 50_000

@@ -24,7 +24,7 @@ from services.broker.deadlines import Deadline, PerCallBudget
 from services.broker.metrics import BrokerMetrics
 from services.common import limits
 from services.common.errors import InvalidArgument, NotFound, Overloaded, status_for
-from services.space.ids import check_id
+from services.common.limits import check_id
 from services.space.placement import shard_for
 
 Budget = Deadline | PerCallBudget

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -259,9 +258,6 @@ class ExtractorMetrics:
         m.queue_wait_seconds.labels(rid)
         return m
 
-    def observe_wait(self, started: float) -> None:
-        """Record the queue wait of a call that started at ``started`` (perf_counter) and got the model now."""
-        self.queue_wait_seconds.labels(self.replica).observe(time.perf_counter() - started)
 
 
 def exported_names(registries: Iterable[CollectorRegistry]) -> set[str]:

@@ -156,51 +156,6 @@ def parse_ground_truth(raw: Any) -> GroundTruth:
     return GroundTruth(imlist=imlist, qimlist=qimlist, gnd=gnd)
 
 
-def query_crop_box(
-    gnd: GroundTruth | Sequence[Mapping[str, Any]],
-    i: int,
-    image_size: tuple[int, int] | None = None,
-) -> tuple[int, int, int, int]:
-    """Integer crop box of query ``i``, to apply before extracting the query descriptor.
-
-    Follows the Python revisitop/cirtorch convention ``PIL.Image.crop(bbx)``: each coordinate
-    is rounded to the nearest integer and the box is half-open, i.e. the crop is
-    ``image[y1:y2, x1:x2]``. (The MATLAB ``crop_qim`` keeps one more row and column:
-    inclusive ends.)
-
-    Parameters
-    ----------
-    gnd : GroundTruth or sequence of dict
-        Ground truth, or its ``gnd`` list.
-    i : int
-        Query index.
-    image_size : (width, height), optional
-        When given, the box is clipped to the image.
-
-    Returns
-    -------
-    (x1, y1, x2, y2) : tuple of int
-
-    Raises
-    ------
-    IndexError
-        ``i`` is not a query index.
-    GroundTruthError
-        The entry has no valid ``bbx``, or the clipped box is empty.
-    """
-    entries = gnd.gnd if isinstance(gnd, GroundTruth) else gnd
-    if not 0 <= i < len(entries):
-        raise IndexError(f"query index {i} out of range [0, {len(entries)})")
-    x1, y1, x2, y2 = (round(v) for v in _bbx(entries[i].get("bbx"), f"gnd[{i}].bbx"))
-    if image_size is not None:
-        width, height = image_size
-        x1, x2 = min(max(x1, 0), width), min(max(x2, 0), width)
-        y1, y2 = min(max(y1, 0), height), min(max(y2, 0), height)
-    if x2 <= x1 or y2 <= y1:
-        raise GroundTruthError(f"gnd[{i}].bbx gives an empty crop {(x1, y1, x2, y2)}")
-    return x1, y1, x2, y2
-
-
 def _names(value: Any, field: str) -> list[str]:
     if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
         raise GroundTruthError(f"{field} must be a list of names, got {type(value).__name__}")

@@ -138,35 +138,6 @@ class GlobalExtractor:
         vector = self._aggregate(cfg.pooling, torch.cat(per_scale))
         return GlobalFeatures(vector=_np(vector), regional=_np(regional))
 
-    @torch.inference_mode()
-    def extract_all(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """Every pooling, single- and multi-scale, from one pass over the scales.
-
-        Parameters
-        ----------
-        image : ndarray ``(H, W, 3)`` uint8 RGB
-
-        Returns
-        -------
-        dict[str, ndarray]
-            ``"{pooling}-ss"`` (largest scale only) and ``"{pooling}-ms"`` (all scales) for
-            each pooling in ``POOLINGS``, each ``(D,)`` float32 L2-normalised, plus
-            ``"regional"`` ``(R, D)``.
-        """
-        cfg = self.config
-        per_scale: dict[str, list[torch.Tensor]] = {name: [] for name in POOLINGS}
-        out: dict[str, np.ndarray] = {}
-        for is_largest, fmap in self._feature_maps(image):
-            for name in POOLINGS:
-                per_scale[name].append(l2n(self._pool_fn(name)(fmap)))
-                if is_largest:
-                    out[f"{name}-ss"] = _np(per_scale[name][-1][0])
-            if is_largest:
-                out["regional"] = _np(regional_vectors(fmap, cfg.rmac_levels)[0])
-        for name in POOLINGS:
-            out[f"{name}-ms"] = _np(self._aggregate(name, torch.cat(per_scale[name])))
-        return out
-
     def _pool_fn(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """``(1, C, h, w) -> (1, C)`` pooling by name."""
         cfg = self.config

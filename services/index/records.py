@@ -7,7 +7,7 @@ import numpy as np
 from loupe.tensors import from_tensor, is_empty, to_tensor
 from loupe.v1 import shard_pb2, types_pb2
 from services.common.errors import InvalidArgument
-from services.space.ids import check_id
+from services.common.limits import check_id
 from services.index.store import LocalStore, StoredImage
 
 def record_to_stored(rec: shard_pb2.ShardRecord, field: str) -> StoredImage:

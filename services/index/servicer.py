@@ -19,7 +19,7 @@ from services.index.records import record_to_stored, stored_to_features
 from services.index.shard_index import ShardIndex
 from services.index.store import ShardStore, StoreCorrupt
 from services.index.vector_index import IndexSettings
-from services.space.ids import check_id
+from services.common.limits import check_id
 from services.space.whitening import PCAWhitening
 
 log = logging.getLogger(__name__)

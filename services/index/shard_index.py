@@ -285,9 +285,6 @@ class ShardIndex:
         self._maybe_maintain()
         return deleted, missing
 
-    def contains(self, image_id: str) -> bool:
-        return self.store.label_of(image_id) is not None
-
     # --- reads ------------------------------------------------------------------------
     def __len__(self) -> int:
         return self.store.counters()["images"]

@@ -98,11 +98,6 @@ class LocalStore:
         q = np.clip(np.rint(d / scale), -127, 127).astype(np.int8)
         return LocalStore(np.asarray(keypoints, dtype=np.float16), q, scale)
 
-    def dequantized(self) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 4) float32 keypoints and (N, C) float32 descriptors."""
-        return self.keypoints.astype(np.float32), self.descriptors.astype(np.float32) * self.scale
-
-
 @dataclass
 class StoredImage:
     """Everything a shard keeps of one image (raw vectors: whitening is applied at index time)."""

@@ -61,10 +61,6 @@ class _PCAProjection:
         self.scale: np.ndarray | None = None
 
     @property
-    def fitted(self) -> bool:
-        return self.components is not None
-
-    @property
     def input_dim(self) -> int:
         """Input dimension ``D``."""
         return self._state()[1].shape[1]

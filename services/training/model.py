@@ -5,7 +5,7 @@ passed through a learned whitening layer (an ``nn.Linear`` initialised from a
 :class:`~services.space.whitening.PCAWhitening` fitted on pooled descriptors of the
 training images) and L2-normalised again.
 
-Model file (:func:`save_model` / :func:`load_model`), a dict loadable with
+Model file (:func:`save_model`; served by ``services.extractor.model_file``), a dict loadable with
 ``torch.load(path, weights_only=True)``::
 
     {
@@ -49,7 +49,6 @@ from services.extractor.backbone import (
     BLOCK_SPECS,
     NUM_FEATURES,
     EfficientNetLite0,
-    load_backbone,
 )
 from services.extractor.pooling import gem, rmac
 from services.space.whitening import PCAWhitening
@@ -254,36 +253,3 @@ def save_model(path: str | Path, model: RetrievalNet, meta: Mapping[str, Any] | 
             "whiten.bias": model.whiten.bias.detach().cpu().clone(),
         }
     torch.save(obj, path)
-
-
-def load_model(path: str | Path) -> RetrievalNet:
-    """Load a model file written by :func:`save_model`.
-
-    Returns
-    -------
-    RetrievalNet
-        On CPU, in eval mode, every parameter frozen (``train_blocks = 0`` and the head
-        frozen too).
-    """
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, Mapping) or "meta" not in obj or "state_dict" not in obj:
-        raise ValueError(f"{str(path)!r} is not a loupe model file (no 'state_dict' / 'meta')")
-    meta = obj["meta"]
-    missing = [k for k in _META_KEYS if k not in meta]
-    if missing:
-        raise ValueError(f"model file {str(path)!r}: meta lacks {missing}")
-    backbone = load_backbone(str(path))
-    model = RetrievalNet(
-        backbone,
-        pooling=meta["pooling"],
-        gem_p=meta["gem_p"] if meta["gem_p"] is not None else 3.0,
-        rmac_levels=int(meta["rmac_levels"]),
-        whitening_dim=int(meta["dim"]) if meta["whitening"] else None,
-        train_blocks=0,
-    )
-    if model.whiten is not None:
-        model.whiten.load_state_dict(
-            {"weight": obj["head"]["whiten.weight"], "bias": obj["head"]["whiten.bias"]}
-        )
-    model.requires_grad_(False)
-    return model.eval()

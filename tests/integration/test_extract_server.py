@@ -18,7 +18,9 @@ from services.common.images import decode_image
 from services.common.metrics import ExtractorMetrics, exported_names
 from services.extractor.global_descriptor import GlobalConfig
 from services.extractor.local_features import LocalConfig
-from services.extractor.servicer import ExtractorConfig, create_server, crop_and_resize
+from services.extractor.config import ExtractorConfig
+from services.extractor.describer import crop_and_resize
+from services.extractor.servicer import create_server
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -63,9 +65,9 @@ def test_concurrent_calls_are_batched_and_each_gets_its_own_features(server) -> 
     assert results[-1] == grpc.StatusCode.INVALID_ARGUMENT
     for photo, feats in zip(photos, results):
         assert not isinstance(feats, grpc.StatusCode), feats
-        side = servicer.working_side  # the image as the server decodes and resizes it, described alone
+        side = servicer.describer.working_side  # the image as the server decodes and resizes it, described alone
         image = crop_and_resize(decode_image(_png(photo), max_side=side), None, side)
-        vector, regional, loc = servicer._describe(image, want_local=True)
+        vector, regional, loc = servicer.describer.describe(image, want_local=True)
         assert (feats.height, feats.width) == image.shape[:2]
         np.testing.assert_allclose(from_tensor(getattr(feats, "global")), vector, atol=1e-4)
         np.testing.assert_allclose(from_tensor(feats.regional).astype(np.float32), regional, atol=2e-3)  # float16 on the wire

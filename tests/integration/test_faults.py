@@ -23,7 +23,7 @@ from cluster.launcher import Cluster
 from loupe.client import ImageToAdd, RetrievalClient
 from loupe.tensors import from_tensor
 from loupe.v1 import extractor_pb2, extractor_pb2_grpc
-from services.broker.servicer import BrokerConfig
+from services.broker.config import BrokerConfig
 
 PHOTOS = ("coffee", "chelsea", "rocket", "camera", "astronaut", "coins")
 EXTRACT_QUEUE = 8

@@ -10,7 +10,7 @@ room for fine-tuning to show.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +24,10 @@ from skimage.color import gray2rgb
 from services.extractor.backbone import load_backbone, preprocess
 from services.space.whitening import PCAWhitening
 from services.training.model import (
+    _META_KEYS,
     RetrievalNet,
     describe_images,
     images_to_batch,
-    load_model,
     save_model,
 )
 from services.training.augment import resize_max_side
@@ -35,6 +35,39 @@ from services.training.trainer import held_out_map, load_image, run_training
 
 PHOTOS = ("hubble_deep_field", "retina", "immunohistochemistry")
 IMAGE_SIZE = 128
+
+
+def load_model(path: str | Path) -> RetrievalNet:
+    """Load a model file written by :func:`save_model`.
+
+    Returns
+    -------
+    RetrievalNet
+        On CPU, in eval mode, every parameter frozen (``train_blocks = 0`` and the head
+        frozen too).
+    """
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, Mapping) or "meta" not in obj or "state_dict" not in obj:
+        raise ValueError(f"{str(path)!r} is not a loupe model file (no 'state_dict' / 'meta')")
+    meta = obj["meta"]
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"model file {str(path)!r}: meta lacks {missing}")
+    backbone = load_backbone(str(path))
+    model = RetrievalNet(
+        backbone,
+        pooling=meta["pooling"],
+        gem_p=meta["gem_p"] if meta["gem_p"] is not None else 3.0,
+        rmac_levels=int(meta["rmac_levels"]),
+        whitening_dim=int(meta["dim"]) if meta["whitening"] else None,
+        train_blocks=0,
+    )
+    if model.whiten is not None:
+        model.whiten.load_state_dict(
+            {"weight": obj["head"]["whiten.weight"], "bias": obj["head"]["whiten.bias"]}
+        )
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def _quadrants(name: str) -> list[np.ndarray]:

@@ -11,7 +11,8 @@ from skimage import data
 from services.extractor.batching import Batcher
 from services.extractor.global_descriptor import GlobalConfig
 from services.extractor.local_features import LocalConfig
-from services.extractor.servicer import ExtractorConfig, ExtractorServicer, _Job
+from services.extractor.config import ExtractorConfig
+from services.extractor.describer import Describer, Job
 
 
 def _submit_all(b: Batcher, items: list) -> list:
@@ -94,12 +95,12 @@ class _Counting:
 
 
 @pytest.fixture(scope="module")
-def svc() -> ExtractorServicer:
+def svc() -> Describer:
     cfg = ExtractorConfig(
         global_config=GlobalConfig(pooling="rmac", max_side=256), local_config=LocalConfig(max_side=384, max_keypoints=300),
         regional_max_side=384, runtime="torch", batch_images=8,
     )
-    return ExtractorServicer(cfg)
+    return Describer(cfg)
 
 
 def _photos() -> list[np.ndarray]:
@@ -108,10 +109,10 @@ def _photos() -> list[np.ndarray]:
     return [a, data.chelsea(), b]
 
 
-def test_batched_descriptors_equal_unbatched_in_order_with_stacked_passes(svc: ExtractorServicer) -> None:
+def test_batched_descriptors_equal_unbatched_in_order_with_stacked_passes(svc: Describer) -> None:
     photos = _photos()
-    jobs = [_Job(im, want_local=True, want_regional=True) for im in photos]
-    single = [svc._describe(im, want_local=True) for im in photos]
+    jobs = [Job(im, want_local=True, want_regional=True) for im in photos]
+    single = [svc.describe(im, want_local=True) for im in photos]
     counting = _Counting(svc.backbone)
     runner, svc.backbone = svc.backbone, counting  # type: ignore[assignment]
     try:
@@ -120,7 +121,7 @@ def test_batched_descriptors_equal_unbatched_in_order_with_stacked_passes(svc: E
         svc.backbone = runner
     # the two 384x320 images share stacked passes (256/181/128 px global, 384 px regional + local,
     # 192/96 px local), chelsea runs alone: one pass per planned level, none computed twice
-    levels = [len(svc._levels(im, want_local=True, want_regional=True)) for im in photos]
+    levels = [len(svc.levels(im, want_local=True, want_regional=True)) for im in photos]
     assert levels[0] == levels[2] == 6
     assert counting.calls == levels[0] + levels[1]
     assert counting.batch.count(2) == levels[0]
@@ -133,11 +134,11 @@ def test_batched_descriptors_equal_unbatched_in_order_with_stacked_passes(svc: E
         np.testing.assert_allclose(l1.descriptors, l0.descriptors, atol=1e-4)
 
 
-def test_an_image_that_fails_fails_alone(svc: ExtractorServicer) -> None:
+def test_an_image_that_fails_fails_alone(svc: Describer) -> None:
     photos = _photos()
     bad = np.zeros((384, 320, 3), np.float32)  # same size as two others, wrong dtype
-    out = svc.describe_batch([_Job(photos[0], False, True), _Job(bad, False, True), _Job(photos[2], False, True)])  # type: ignore[arg-type]
+    out = svc.describe_batch([Job(photos[0], False, True), Job(bad, False, True), Job(photos[2], False, True)])  # type: ignore[arg-type]
     assert isinstance(out[1], ValueError)
     for i in (0, 2):
         assert not isinstance(out[i], BaseException)
-        np.testing.assert_allclose(out[i][0], svc._describe(photos[i], want_local=False)[0], atol=1e-5)
+        np.testing.assert_allclose(out[i][0], svc.describe(photos[i], want_local=False)[0], atol=1e-5)

@@ -20,7 +20,8 @@ from services.extractor.backbone import load_backbone, preprocess
 from services.extractor.global_descriptor import GlobalConfig
 from services.extractor.local_features import LocalConfig
 from services.extractor.runtime import BackboneRunner
-from services.extractor.servicer import ExtractorConfig, ExtractorServicer
+from services.extractor.config import ExtractorConfig
+from services.extractor.describer import Describer
 
 ACCELERATED = [
     "openvino",  # the default: a dependency, never skipped
@@ -48,8 +49,8 @@ def cache_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def eager(cache_dir) -> ExtractorServicer:
-    return ExtractorServicer(_cfg("torch", cache_dir))
+def eager(cache_dir) -> Describer:
+    return Describer(_cfg("torch", cache_dir))
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -94,12 +95,12 @@ def test_unknown_runtime_is_refused_by_name() -> None:
 
 
 @pytest.mark.parametrize("runtime", ACCELERATED)
-def test_descriptors_match_eager_on_real_photos(runtime: str, eager: ExtractorServicer, cache_dir: str) -> None:
-    svc = ExtractorServicer(_cfg(runtime, cache_dir))
+def test_descriptors_match_eager_on_real_photos(runtime: str, eager: Describer, cache_dir: str) -> None:
+    svc = Describer(_cfg(runtime, cache_dir))
     for name in PHOTOS:
         image = getattr(data, name)()
-        v0, r0, l0 = eager._describe(image, want_local=True)
-        v1, r1, l1 = svc._describe(image, want_local=True)
+        v0, r0, l0 = eager.describe(image, want_local=True)
+        v1, r1, l1 = svc.describe(image, want_local=True)
         assert _cos(v0, v1) >= COS_MIN, name
         assert r0.shape == r1.shape and _cos(r0, r1).min() >= COS_MIN, name
         k0 = {tuple(np.round(k[:3], 3)): i for i, k in enumerate(l0.keypoints)}

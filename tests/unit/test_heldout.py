@@ -1,4 +1,4 @@
-"""The confirmation query set built from database images (services.eval.heldout)."""
+"""The confirmation query set built from database images (bench/heldout.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from services.eval.ground_truth import GroundTruth, parse_ground_truth
-from services.eval.heldout import heldout_split, query_landmarks, to_json
+from bench.heldout import heldout_split, query_landmarks, to_json
 
 
 def _gt() -> GroundTruth:

@@ -184,11 +184,14 @@ def _prep(size: tuple[int, int]) -> torch.Tensor:
     return preprocess(image)
 
 
-def test_extract_all_agrees_with_extract() -> None:
+def test_bench_extract_all_agrees_with_extract() -> None:
+    """``bench/global_variants.py`` scores every pooling from one pass: it must match ``extract``."""
+    from bench.global_variants import extract_all
+
     fake: Any = _FakeBackbone()
     image = _image()
     poolings = ("gem", "rmac", "mac", "spoc")
-    out = GlobalExtractor(fake, GlobalConfig(max_side=128)).extract_all(image)
+    out = extract_all(GlobalExtractor(fake, GlobalConfig(max_side=128)), image)
     assert set(out) == {f"{p}-{m}" for p in poolings for m in ("ss", "ms")} | {"regional"}
     for pooling in poolings:
         ms = GlobalExtractor(fake, GlobalConfig(pooling=pooling, max_side=128)).extract(image)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.rerank.regions import reduce_each, reduce_regions
+from services.space.regions import reduce_regions
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -37,10 +37,3 @@ def test_first_centroid_starts_from_the_whole_image_region() -> None:
     x = _unit(np.random.default_rng(2).standard_normal((3, 21, 16))).astype(np.float32)
     np.testing.assert_allclose(reduce_regions(x, 4, iterations=0)[:, 0], x[:, 0], atol=1e-6)
 
-
-def test_reduce_each_handles_different_region_counts() -> None:
-    rng = np.random.default_rng(3)
-    per = [_unit(rng.standard_normal((c, 8))).astype(np.float32) for c in (21, 14, 21, 3)]
-    out = reduce_each(per, 5)
-    assert [o.shape for o in out] == [(5, 8), (5, 8), (5, 8), (3, 8)]
-    np.testing.assert_allclose(out[0], reduce_regions(per[0][None], 5)[0], atol=1e-6)

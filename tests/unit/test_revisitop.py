@@ -15,7 +15,6 @@ from services.eval.ground_truth import (
     GroundTruthError,
     load_ground_truth,
     parse_ground_truth,
-    query_crop_box,
 )
 from services.eval.revisitop import (
     complete_ranks,
@@ -294,19 +293,6 @@ def test_validation_names_the_field(mutate, message):
         parse_ground_truth(raw)
 
 
-def test_query_crop_box():
-    gt = _toy_gnd()
-    assert query_crop_box(gt, 0) == (1, 3, 10, 20)  # round(), half-open box
-    assert query_crop_box(gt, 0, image_size=(8, 15)) == (1, 3, 8, 15)
-    assert query_crop_box(gt.gnd, 1) == (0, 0, 5, 5)
-    with pytest.raises(IndexError):
-        query_crop_box(gt, 2)
-
-
-# ------------------------------------------------------------------------- real ground truth
-
-
-@pytest.mark.data
 def test_roxford_subset_perfect_reversed_and_random():
     if not GND_PKL.exists():
         pytest.skip(f"evaluation data absent: {GND_PKL} (see ../shared/data/README.md)")

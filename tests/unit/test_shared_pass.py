@@ -10,7 +10,8 @@ from services.extractor.backbone import load_backbone, preprocess
 from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor
 from services.extractor.local_features import LocalConfig, LocalExtractor
 from services.extractor.pooling import regional_vectors
-from services.extractor.servicer import ExtractorConfig, ExtractorServicer
+from services.extractor.config import ExtractorConfig
+from services.extractor.describer import Describer
 from services.extractor.shared_pass import SharedPasses
 
 
@@ -54,11 +55,11 @@ def test_same_input_is_served_from_memory(backbone) -> None:
 def test_servicer_shares_passes_and_matches_separate_extraction(backbone) -> None:
     g_cfg = GlobalConfig(pooling="rmac", max_side=128)
     l_cfg = LocalConfig(max_side=256, max_keypoints=200)
-    svc = ExtractorServicer(ExtractorConfig(global_config=g_cfg, local_config=l_cfg, regional_max_side=256, regions_per_image=0, runtime="torch"))
+    svc = Describer(ExtractorConfig(global_config=g_cfg, local_config=l_cfg, regional_max_side=256, regions_per_image=0, runtime="torch"))
     image = _image()  # 192 x 256: the working image itself
     counting = _Counting(svc.backbone)
     svc.backbone = counting  # type: ignore[assignment]
-    vector, regional, loc = svc._describe(image, want_local=True)
+    vector, regional, loc = svc.describe(image, want_local=True)
     # global 128/91/64 px + local 64/128/256 px: the 128 and 64 px levels are shared, the
     # 256 px local level also gives the regional vectors
     assert counting.calls == 4
@@ -74,24 +75,24 @@ def test_servicer_shares_passes_and_matches_separate_extraction(backbone) -> Non
 
 def test_regional_from_the_global_scale_when_asked(backbone) -> None:
     g_cfg = GlobalConfig(pooling="rmac", max_side=128)
-    svc = ExtractorServicer(ExtractorConfig(global_config=g_cfg, local_config=LocalConfig(max_side=256), regional_max_side=0, regions_per_image=0, runtime="torch"))
-    _, regional, loc = svc._describe(_image(), want_local=False)
+    svc = Describer(ExtractorConfig(global_config=g_cfg, local_config=LocalConfig(max_side=256), regional_max_side=0, regions_per_image=0, runtime="torch"))
+    _, regional, loc = svc.describe(_image(), want_local=False)
     assert loc is None
     np.testing.assert_allclose(regional, GlobalExtractor(backbone, g_cfg).extract(_image()).regional, atol=1e-6)
 
 
 def test_regions_are_reduced_to_centroids_by_default() -> None:
-    svc = ExtractorServicer(ExtractorConfig(global_config=GlobalConfig(pooling="rmac", max_side=128), local_config=LocalConfig(max_side=256)))
-    _, regional, _ = svc._describe(_image(), want_local=False)
+    svc = Describer(ExtractorConfig(global_config=GlobalConfig(pooling="rmac", max_side=128), local_config=LocalConfig(max_side=256)))
+    _, regional, _ = svc.describe(_image(), want_local=False)
     assert regional.shape == (5, 1280)
     np.testing.assert_allclose(np.linalg.norm(regional, axis=1), 1.0, atol=1e-5)
 
 
 def test_a_query_without_regions_runs_only_the_global_passes(backbone) -> None:
     g_cfg = GlobalConfig(pooling="rmac", max_side=128)
-    svc = ExtractorServicer(ExtractorConfig(global_config=g_cfg, local_config=LocalConfig(max_side=256), regional_max_side=256))
+    svc = Describer(ExtractorConfig(global_config=g_cfg, local_config=LocalConfig(max_side=256), regional_max_side=256))
     counting = _Counting(svc.backbone)
     svc.backbone = counting  # type: ignore[assignment]
-    vector, regional, loc = svc._describe(_image(), want_local=False, want_regional=False)
+    vector, regional, loc = svc.describe(_image(), want_local=False, want_regional=False)
     assert regional is None and loc is None and vector.shape == (1280,)
     assert counting.calls == 3  # 128/91/64 px: no 256-px pass for regions nobody asked for

@@ -10,8 +10,6 @@ each image's (R, R) Gram matrix, so the D-dimensional work is two batched produc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
 MAX_REGIONS_PER_IMAGE = 64
@@ -64,30 +62,3 @@ def reduce_regions(regions: np.ndarray, n: int, iterations: int = 10) -> np.ndar
     C = np.matmul(M, X)  # (B, n, D)
     C /= np.maximum(np.linalg.norm(C, axis=2, keepdims=True), 1e-12)
     return C.astype(np.float32, copy=False)
-
-
-def reduce_each(per_image: Sequence[np.ndarray], n: int, iterations: int = 10) -> list[np.ndarray]:
-    """:func:`reduce_regions` over images with different region counts (batched by count).
-
-    Parameters
-    ----------
-    per_image : sequence of ndarray ``(R_i, D)``
-    n : int
-        Centroids per image.
-
-    Returns
-    -------
-    list of ndarray ``(min(n, R_i), D)`` float32, aligned with ``per_image``.
-    """
-    out: list[np.ndarray] = [np.zeros((0, 0), np.float32)] * len(per_image)
-    counts = np.array([len(r) for r in per_image])
-    for c in np.unique(counts):
-        idx = np.flatnonzero(counts == c)
-        if c == 0:
-            for i in idx:
-                out[i] = np.asarray(per_image[i], dtype=np.float32)
-            continue
-        reduced = reduce_regions(np.stack([per_image[i] for i in idx]), n, iterations)
-        for j, i in enumerate(idx):
-            out[i] = reduced[j]
-    return out
