@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--shard-budget-fraction", type=float, default=None,
                      help="a shard call gets at most this fraction of the caller's remaining deadline (default 0.5)")
     lim.add_argument("--default-timeout-s", type=float, default=None, help="deadline of a call that sets none (default 30)")
+    lim.add_argument("--extract-hedge-s", type=float, default=None,
+                     help="an extraction with no answer after this long also goes to a second replica (0 = only on failure; default 2.0)")
+    lim.add_argument("--shard-down-grace-s", type=float, default=None,
+                     help="a shard silent this long turns the broker's 'loupe.shards' health NOT_SERVING (default 60)")
     lim.add_argument("--shutdown-grace-s", type=float, default=None, help="in-flight calls drain this long after SIGTERM (default 5)")
     up.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 in a real cluster)")
     up.add_argument("--port", type=int, default=50051, help="broker gRPC port (0 = any)")
@@ -238,7 +242,10 @@ def _log(args: argparse.Namespace, msg: str) -> None:
     print(msg, file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
 
 
-BROKER_LIMIT_FLAGS = ("max_inflight", "max_extract_queue", "shard_budget_s", "shard_budget_fraction", "default_timeout_s", "shutdown_grace_s")
+BROKER_LIMIT_FLAGS = (
+    "max_inflight", "max_extract_queue", "shard_budget_s", "shard_budget_fraction", "default_timeout_s", "shutdown_grace_s",
+    "extract_hedge_s", "shard_down_grace_s",
+)
 
 
 def _broker_config(args: argparse.Namespace):

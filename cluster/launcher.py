@@ -63,6 +63,41 @@ def _ray_on_loopback(enabled: bool) -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = previous
 
 
+LOCAL_RAY_ATTEMPTS = 3
+"""Tries of a local Ray start before giving up (each try can spend Ray's fixed 30 s raylet wait)."""
+GCS_PORT_WAIT_S = 120
+"""How long a local start waits for the GCS to publish its port (Ray's default 30 s is too short
+on a busy 2-core machine: "Timed out waiting for file .../gcs_server_port_..."); an operator's
+own ``RAY_gcs_server_port_wait_time_s`` wins."""
+
+
+def start_local_ray(**init_kwargs: Any) -> None:
+    """``ray.init`` of a new local Ray instance that survives a busy machine.
+
+    A local start can time out in several places (the GCS port file, the raylet registering with
+    the GCS, ...), each with its own message; every failure of a start is logged with its cause
+    and retried after ``ray.shutdown()``, up to ``LOCAL_RAY_ATTEMPTS`` tries. The GCS port wait is
+    raised to ``GCS_PORT_WAIT_S`` for the duration of the start.
+    """
+    previous = os.environ.get("RAY_gcs_server_port_wait_time_s")
+    if previous is None:
+        os.environ["RAY_gcs_server_port_wait_time_s"] = str(GCS_PORT_WAIT_S)
+    try:
+        for attempt in range(1, LOCAL_RAY_ATTEMPTS + 1):
+            try:
+                ray.init(**init_kwargs)
+                return
+            except Exception as exc:  # any start-up failure: Ray raises bare Exception/RuntimeError here
+                if attempt == LOCAL_RAY_ATTEMPTS:
+                    raise RuntimeError(f"local Ray did not start in {LOCAL_RAY_ATTEMPTS} tries; last error: {exc}") from exc
+                log.warning("local Ray start %d of %d failed (%s: %s); retrying", attempt, LOCAL_RAY_ATTEMPTS, type(exc).__name__, exc)
+                ray.shutdown()
+                time.sleep(1.0 * attempt)
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
+
+
 class Cluster:
     """A running loupe cluster. Use as a context manager, or ``start()`` / ``stop()``.
 
@@ -124,29 +159,21 @@ class Cluster:
             ray.init(address=cfg.ray_address, namespace=cfg.namespace, runtime_env=env, log_to_driver=False)
         else:
             local_only = is_loopback(cfg.host)
-            for attempt in (1, 2):
-                try:
-                    with _ray_on_loopback(local_only):
-                        ray.init(
-                            # a loopback-only cluster keeps Ray's own servers (GCS, raylet, workers,
-                            # autoscaler monitor, runtime-env agent) on loopback too; see _ray_on_loopback
-                            _node_ip_address="127.0.0.1" if local_only else None,
-                            namespace=cfg.namespace,
-                            runtime_env=env,
-                            include_dashboard=False,
-                            log_to_driver=False,
-                            object_store_memory=256 * 1024 * 1024,
-                            # a local cluster is its own shard and extractor node
-                            resources=_local_resources(cfg),
-                            configure_logging=True,
-                            logging_level=logging.WARNING,
-                        )
-                    break
-                except Exception as exc:  # Ray's own startup timeout (30 s, not configurable) on a busy machine
-                    if attempt == 2 or "timed out during startup" not in str(exc):
-                        raise
-                    log.warning("local Ray did not start in time (%s); retrying once", exc)
-                    ray.shutdown()
+            with _ray_on_loopback(local_only):
+                start_local_ray(
+                    # a loopback-only cluster keeps Ray's own servers (GCS, raylet, workers,
+                    # autoscaler monitor, runtime-env agent) on loopback too; see _ray_on_loopback
+                    _node_ip_address="127.0.0.1" if local_only else None,
+                    namespace=cfg.namespace,
+                    runtime_env=env,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    object_store_memory=256 * 1024 * 1024,
+                    # a local cluster is its own shard and extractor node
+                    resources=_local_resources(cfg),
+                    configure_logging=True,
+                    logging_level=logging.WARNING,
+                )
             self._owns_ray = True
 
     def _load_auth(self) -> None:
@@ -234,6 +261,7 @@ class Cluster:
                 ),
                 internal_token=self._internal_token,
                 internal_tls=self._internal_tls(),
+                lookup=self._lookup,
             ),
             self._loop,
         )
@@ -244,6 +272,11 @@ class Cluster:
         mhost = mhost if mhost not in ("0.0.0.0", "::") else ray.util.get_node_ip_address()
         self.metrics_address = f"{mhost}:{self._broker.metrics_port}"
 
+    async def _lookup(self, role: str, member_id: int) -> str | None:
+        """A member's current address from the registry (the broker's loop awaits the Ray call)."""
+        ref = self._registry.lookup.remote(role, member_id)
+        return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout=5.0)
+
     def _start_targets(self) -> None:
         """Write ``<data_dir>/prometheus-targets.json`` and keep it current (actors may move)."""
         path = targets_path(self.config.data_dir)
@@ -252,10 +285,6 @@ class Cluster:
         registry = self._registry
         self._targets = TargetsWriter(path, self.metrics_address, lambda: ray.get(registry.metrics_snapshot.remote(), timeout=10)).start()
         self.targets_file = path
-
-    def metrics_targets(self) -> dict[str, dict[int, str]]:
-        """{role: {member id: host:port}} of every actor's ``/metrics`` exporter."""
-        return ray.get(self._registry.metrics_snapshot.remote(), timeout=10)
 
     # --- stop -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -296,7 +325,7 @@ class Cluster:
         ray.kill(self.shard_actors[shard_id], no_restart=True)
 
     def restart_shard(self, shard_id: int) -> None:
-        """Kill a shard actor and wait until Ray has restarted it (WAL replayed, same port)."""
+        """Kill a shard actor and wait until Ray has restarted it (snapshot loaded, later store changes replayed)."""
         actor = self.shard_actors[shard_id]
         old_pid = ray.get(actor.pid.remote(), timeout=30)
         ray.kill(actor, no_restart=False)

@@ -67,7 +67,15 @@ class BrokerConfig:
         batch of this size stays far below the message limit).
     shard_health_period_s, shard_health_timeout_s : float
         Every ``period`` the broker calls each shard's Stats (``timeout`` each) and sets
-        ``loupe_shard_up{shard}`` (services/broker/shard_health.py).
+        ``loupe_shard_up{shard}`` (services/broker/shard_health.py); the same rounds health-check
+        the extractor replicas and look up the address of any backend that failed.
+    shard_down_grace_s : float
+        A shard that has not answered its health checks for this long turns the broker's
+        ``loupe.shards`` health service NOT_SERVING (``loupe.v1.Retrieval`` keeps serving partial
+        answers).
+    extract_hedge_s : float
+        An extraction with no answer after this long is sent to a second replica too, so a hung
+        replica costs latency, not errors (0 = fail over only when a replica fails).
     """
 
     default_timeout_s: float = 30.0
@@ -102,6 +110,8 @@ class BrokerConfig:
     shutdown_grace_s: float = 5.0
     shard_health_period_s: float = 5.0
     shard_health_timeout_s: float = 2.0
+    shard_down_grace_s: float = 60.0
+    extract_hedge_s: float = 2.0
 
     def __post_init__(self) -> None:
         if not 0 < self.shard_budget_fraction <= 1:
@@ -112,6 +122,10 @@ class BrokerConfig:
         for name in ("max_extract_queue", "shard_budget_s", "extract_slots_per_replica"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"broker.{name} must be > 0, got {getattr(self, name)}")
+        if self.shard_down_grace_s <= 0:
+            raise ValueError(f"broker.shard_down_grace_s must be > 0, got {self.shard_down_grace_s}")
+        if self.extract_hedge_s < 0:
+            raise ValueError(f"broker.extract_hedge_s must be >= 0, got {self.extract_hedge_s}")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"broker.shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         for name in ("default_timeout_s", "max_k", "max_batch_images", "whitening_sample", "verify_candidates", "verify_threads"):

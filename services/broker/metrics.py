@@ -25,6 +25,8 @@ class BrokerMetrics:
     shard_failures: Counter
     shard_store_bytes: Gauge
     shard_up: Gauge
+    extractor_up: Gauge
+    backend_moves: Counter
     images_added: Counter
     diffusion_iterations: Histogram
     graph_images: Gauge
@@ -62,6 +64,14 @@ class BrokerMetrics:
             shard_up=Gauge(
                 "loupe_shard_up", "1 when the shard answered the broker's last health check (Stats call), else 0 (by shard).",
                 ["shard"], registry=r,
+            ),
+            extractor_up=Gauge(
+                "loupe_extractor_up", "1 when the extractor replica answered the broker's last health check, else 0 (by replica).",
+                ["replica"], registry=r,
+            ),
+            backend_moves=Counter(
+                "loupe_backend_moves", "Times the broker found a shard or extractor replica at a new address (by role).",
+                ["role"], registry=r,
             ),
             images_added=Counter("loupe_images_added", "Images stored through AddImages.", registry=r),
             diffusion_iterations=Histogram(

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from loupe.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.broker.admin import Admin
 from services.broker.backends import ExtractorPool, GrpcShardClient, ShardClient
+from services.broker.members import Resolve
 from services.broker.batch import BatchSearcher
 from services.broker.collection_model import CollectionModel
 from services.broker.config import BrokerConfig
@@ -52,6 +54,12 @@ __all__ = ["BrokerConfig", "RetrievalServicer", "RunningBroker", "create_server"
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+SHARDS_HEALTH_SERVICE = "loupe.shards"
+"""gRPC health service name: SERVING while every shard answered within ``shard_down_grace_s``."""
+
+Lookup = Callable[[str, int], Awaitable["str | None"]]
+"""``(role, member id) -> current address`` from the cluster's registry."""
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
@@ -230,19 +238,28 @@ async def create_server(
     config: BrokerConfig = BrokerConfig(),
     internal_token: str = "",
     internal_tls: InternalTls | None = None,
+    lookup: Lookup | None = None,
 ) -> RunningBroker:
     """Start the public Retrieval server (asyncio) and its ``/metrics`` exporter.
 
-    ``shard_addresses[i]`` is the address of shard ``i``; ``internal_token`` ("" = none) is
-    sent with every call to shards and extractors, over mutual TLS when ``internal_tls`` is set.
+    ``shard_addresses[i]`` is the address of shard ``i`` at start-up; ``lookup(role, member id)``
+    (role "shard" or "extractor") finds a member's current address when it moved (None = fixed
+    addresses). ``internal_token`` ("" = none) is sent with every call to shards and extractors,
+    over mutual TLS when ``internal_tls`` is set.
     """
     channel_opts = opts.channel_options()
     metrics = BrokerMetrics.create()
+
+    def resolve(role: str, member: int) -> Resolve | None:
+        return (lambda: lookup(role, member)) if lookup is not None else None
+
     servicer = RetrievalServicer(
         ExtractorPool(extractor_addresses, channel_opts, internal_token=internal_token, tls=internal_tls,
                       max_concurrency_per_replica=config.extract_slots_per_replica, max_queue=config.max_extract_queue,
-                      retry_after_ms=config.retry_after_ms),
-        [GrpcShardClient(i, a, channel_opts, internal_token, internal_tls) for i, a in enumerate(shard_addresses)],
+                      retry_after_ms=config.retry_after_ms, resolve=lambda i: resolve("extractor", i),  # type: ignore[arg-type,return-value]
+                      hedge_after_s=config.extract_hedge_s, on_move=metrics.backend_moves.labels("extractor").inc),
+        [GrpcShardClient(i, a, channel_opts, internal_token, internal_tls, resolve("shard", i), metrics.backend_moves.labels("shard").inc)
+         for i, a in enumerate(shard_addresses)],
         metrics,
         config,
     )
@@ -250,5 +267,12 @@ async def create_server(
         lambda s: retrieval_pb2_grpc.add_RetrievalServicer_to_server(servicer, s), ["loupe.v1.Retrieval"], opts
     )
     mport = metrics.serve(metrics_host, metrics_port)
-    health = ShardHealth(servicer.shards, metrics, config.shard_health_period_s, config.shard_health_timeout_s).start()
+    server.health.set(SHARDS_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+
+    def on_complete(complete: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if complete else health_pb2.HealthCheckResponse.NOT_SERVING
+        server.health.set(SHARDS_HEALTH_SERVICE, status)
+
+    health = ShardHealth(servicer.shards, metrics, config.shard_health_period_s, config.shard_health_timeout_s,
+                         extractors=servicer.extractors, down_grace_s=config.shard_down_grace_s, on_complete=on_complete).start()
     return RunningBroker(server, servicer, mport, health)

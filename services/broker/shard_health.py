@@ -8,6 +8,13 @@ always knows every shard (id → address) and is always scraped, so it checks th
 channel; ``timeout_s`` each, all shards at once) and sets ``loupe_shard_up`` to 1 (answered)
 or 0 (failed or timed out). The same answer refreshes ``loupe_shard_vectors`` and
 ``loupe_shard_store_bytes``, which otherwise move only on GetStats.
+
+The same rounds keep the broker's backends reachable when they move: a shard that fails its
+check is looked up again in the registry (a restarted actor may be on another port or node), and
+the extractor replicas get a gRPC health check each (``loupe_extractor_up{replica}``; a failing
+replica is looked up again and tried last). A shard that has not answered for ``down_grace_s``
+makes ``on_complete(False)`` fire (the broker sets its ``loupe.shards`` health service to
+NOT_SERVING, for probes and alerts); ``on_complete(True)`` once every shard answers again.
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Sequence
+import time
+from typing import Callable, Sequence
 
-from services.broker.backends import ShardClient
+from services.broker.backends import ExtractorPool, ShardClient
 from services.broker.metrics import BrokerMetrics
 
 log = logging.getLogger(__name__)
@@ -36,9 +44,17 @@ class ShardHealth:
         Seconds between two rounds (> 0).
     timeout_s : float
         Deadline of one shard's Stats call (> 0); capped at ``period_s``.
+    extractors : ExtractorPool or None
+        Replicas to health-check in the same rounds.
+    down_grace_s : float
+        A shard silent for this long makes the cluster incomplete (``on_complete(False)``).
+    on_complete : callable ``(bool) -> None`` or None
+        Told when completeness changes (and after the first round).
     """
 
-    def __init__(self, shards: Sequence[ShardClient], metrics: BrokerMetrics, period_s: float = 5.0, timeout_s: float = 2.0) -> None:
+    def __init__(self, shards: Sequence[ShardClient], metrics: BrokerMetrics, period_s: float = 5.0, timeout_s: float = 2.0,
+                 extractors: ExtractorPool | None = None, down_grace_s: float = 60.0,
+                 on_complete: Callable[[bool], None] | None = None) -> None:
         if period_s <= 0:
             raise ValueError(f"broker.shard_health_period_s must be > 0, got {period_s}")
         if timeout_s <= 0:
@@ -50,6 +66,12 @@ class ShardHealth:
         self.rounds = 0
         self._task: asyncio.Task | None = None
         self._last: dict[int, bool] = {}
+        self.extractors = extractors
+        self.down_grace_s = down_grace_s
+        self._on_complete = on_complete
+        self._complete: bool | None = None
+        self._started = time.monotonic()
+        self._answered: dict[int, float] = {}
 
     async def check(self) -> dict[int, bool]:
         """One round: every shard's Stats at once; sets the gauges. Returns {shard id: up}."""
@@ -69,8 +91,29 @@ class ShardHealth:
                 else:
                     log.warning("shard %s at %s failed its health check: %s", sid, getattr(shard, "address", "?"), _reason(res))
         self._last = up
+        failed = [s for s in self.shards if not up[s.shard_id]]
+        if failed:  # a shard that moved is reached at its new address from the next round on
+            await asyncio.gather(*(s.refresh() for s in failed), return_exceptions=True)
+        if self.extractors is not None:
+            for i, ok in enumerate(await self.extractors.check(self.timeout_s)):
+                self.metrics.extractor_up.labels(str(i)).set(1 if ok else 0)
+        self._update_complete(up)
         self.rounds += 1
         return up
+
+    def _update_complete(self, up: dict[int, bool]) -> None:
+        now = time.monotonic()
+        for sid, ok in up.items():
+            if ok:
+                self._answered[sid] = now
+        silent = [sid for sid in up if now - self._answered.get(sid, self._started) >= self.down_grace_s]
+        complete = not silent
+        if complete != self._complete:
+            if not complete:
+                log.error("shards %s have not answered for %.0f s or more (broker.shard_down_grace_s)", silent, self.down_grace_s)
+            self._complete = complete
+            if self._on_complete is not None:
+                self._on_complete(complete)
 
     def start(self) -> "ShardHealth":
         """Run rounds every ``period_s`` on the running event loop (the first one now)."""
