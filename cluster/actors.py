@@ -51,6 +51,22 @@ def _advertised(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def _threads_here(explicit: int, resource: str, members: int) -> int:
+    """Threads of one member: ``explicit``, or this pod's CPU limit shared by the members of its
+    role that fit on this node (its total of the role's custom ``resource``; without one, a
+    single local node holds all ``members``). Computed inside the actor, on its own node."""
+    from cluster.cpus import threads_per_member
+
+    here = members
+    if resource and not explicit:
+        node = ray.get_runtime_context().get_node_id()
+        for info in ray.nodes():
+            if info.get("NodeID") == node:
+                here = int(info.get("Resources", {}).get(resource, 1)) or 1
+                break
+    return threads_per_member(explicit, here)
+
+
 def _normal_priority() -> None:
     """Ray starts workers niced; serving processes should compete on equal terms."""
     try:
@@ -94,7 +110,7 @@ class ShardActor:
 
     def __init__(
         self, shard_id: int, opts: ServerOptions, settings: object, data_dir: str, namespace: str,
-        metrics_host: str = "", metrics_port: int = 0, threads: int = 1,
+        metrics_host: str = "", metrics_port: int = 0, threads: int = 0, resource: str = "", members: int = 1,
     ) -> None:
         import tempfile
 
@@ -102,14 +118,19 @@ class ShardActor:
 
         from services.common.metrics import ShardMetrics
         from services.index.servicer import create_server
+        from services.space.layout import Layout, check_layout
 
         _normal_priority()
-        faiss.omp_set_num_threads(threads)  # Ray starts workers with OMP_NUM_THREADS=1
+        self.threads = _threads_here(threads, resource, members)
+        faiss.omp_set_num_threads(self.threads)  # Ray starts workers with OMP_NUM_THREADS=1
         self._starts = 1
         metrics = ShardMetrics.create(shard_id, restarts=lambda: self._starts - 1)
         # no data directory: a private temporary one, gone with the cluster (and with a restart)
         self._temporary = "" if data_dir else tempfile.mkdtemp(prefix=f"loupe-shard-{shard_id}-")
         data_dir = data_dir or self._temporary
+        # the directory (its own volume on Kubernetes) must have been written for this shard of
+        # a collection of this many shards (``members``)
+        check_layout(data_dir, Layout(shards=members, shard=shard_id, replica=0))
         port = _reuse_port("shard", shard_id, namespace)
         try:
             self.running, self.servicer = create_server(
@@ -128,6 +149,10 @@ class ShardActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def thread_count(self) -> int:
+        """faiss threads this shard searches with (from its pod's CPU limit unless set)."""
+        return self.threads
 
     def metrics_address(self) -> str:
         return self.metrics_addr
@@ -149,7 +174,7 @@ class ExtractorActor:
 
     def __init__(
         self, replica_id: int, opts: ServerOptions, config: object, threads: int, namespace: str,
-        metrics_host: str = "", metrics_port: int = 0,
+        metrics_host: str = "", metrics_port: int = 0, resource: str = "", members: int = 1,
     ) -> None:
         import torch
 
@@ -159,6 +184,7 @@ class ExtractorActor:
         _normal_priority()
         # the backbone runtime gets ``threads``; torch keeps one thread for the small tensor
         # work around it unless torch runs the backbone itself
+        threads = self.threads = _threads_here(threads, resource, members)
         torch.set_num_threads(threads if getattr(config, "runtime", "torch") == "torch" else 1)
         config = dataclasses.replace(config, threads=threads)  # type: ignore[type-var]
         self._starts = 1

@@ -27,8 +27,8 @@ def _add_cluster_flags(p: argparse.ArgumentParser, *, temporary: bool) -> None:
     g = p.add_argument_group("cluster" + (" (when no --address is given)" if temporary else ""))
     g.add_argument("--shards", type=int, default=None, help="index shards (default 2)")
     g.add_argument("--replicas", type=int, default=None, help="extractor replicas (default 1)")
-    g.add_argument("--extractor-threads", type=int, default=None, help="backbone threads per replica (default cores/replicas)")
-    g.add_argument("--shard-threads", type=int, default=None, help="faiss search threads per shard (default cores/shards)")
+    g.add_argument("--extractor-threads", type=int, default=None, help="backbone threads per replica (default: the CPU limit of its pod/machine shared by the replicas there)")
+    g.add_argument("--shard-threads", type=int, default=None, help="faiss search threads per shard (default: the CPU limit of its pod/machine shared by the shards there)")
     g.add_argument("--extractor-runtime", default=None, choices=["torch", "onnxruntime", "openvino"],
                    help="what runs the backbone in each replica (default openvino; env LOUPE_EXTRACTOR_RUNTIME)")
     g.add_argument("--extractor-batch-images", type=int, default=None,
@@ -52,7 +52,8 @@ def _add_cluster_flags(p: argparse.ArgumentParser, *, temporary: bool) -> None:
     g.add_argument("--local-scales", default=None, help="comma-separated pyramid scales of the local features")
     g.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     g.add_argument("--shard-resource", default=None, metavar="NAME",
-                   help="custom Ray resource each shard actor asks 1 unit of (places shards on the nodes that advertise it; default none)")
+                   help="custom Ray resource each shard actor asks 1 unit of (places shards on the nodes that advertise it; default none); "
+                        "{shard} and {replica} in it name one resource per shard replica, e.g. loupe_shard_{shard}_r{replica}")
     g.add_argument("--extractor-resource", default=None, metavar="NAME",
                    help="custom Ray resource each extractor replica asks 1 unit of (default none)")
 

@@ -16,8 +16,13 @@ from services.space.regions import MAX_REGIONS_PER_IMAGE
 GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296"
 
 
-def _valid_resource(name: str) -> bool:
-    """A custom Ray resource name: empty (none) or a plain identifier, not one of Ray's own."""
+def _valid_resource(name: str, placeholders: tuple[str, ...] = ()) -> bool:
+    """A custom Ray resource name: empty (none) or a plain identifier, not one of Ray's own;
+    it may contain the ``{placeholder}`` fields named (each filled with a number)."""
+    try:
+        name = name.format(**{p: 0 for p in placeholders})
+    except (KeyError, IndexError, ValueError):
+        return False
     return name == "" or (name.replace("_", "").replace("-", "").isalnum() and name not in ("CPU", "GPU", "memory", "object_store_memory"))
 
 
@@ -35,11 +40,6 @@ def _parse_bool(raw: str) -> bool:
     raise ValueError(raw)
 
 
-def _threads(explicit: int, members: int) -> int:
-    """``explicit`` threads per member, or (0) this machine's cores shared among ``members``."""
-    return explicit or max(1, (os.cpu_count() or 1) // members)
-
-
 @dataclass(frozen=True)
 class ClusterConfig:
     """Everything ``loupe up`` (or a temporary cluster) needs.
@@ -55,9 +55,11 @@ class ClusterConfig:
     metrics_port : int
         Broker Prometheus port (0 = pick one).
     extractor_threads : int
-        Backbone threads per extractor replica (0 = cores // replicas).
+        Backbone threads per extractor replica (0 = the CPU limit of the replica's own pod or
+        machine, shared by the replicas placed there: ``cluster/cpus.py``).
     shard_threads : int
-        faiss (OpenMP) threads of each shard's searches (0 = cores // shards). Ray starts
+        faiss (OpenMP) threads of each shard's searches (0 = the CPU limit of the shard's own pod
+        or machine, shared by the shards placed there). Ray starts
         its workers with ``OMP_NUM_THREADS=1``, so without this a shard searches on one core
         whatever its node has.
     extractor_runtime : {"torch", "onnxruntime", "openvino"}
@@ -97,7 +99,9 @@ class ClusterConfig:
         Custom Ray resource each shard actor / extractor replica asks one unit of ("" = none).
         A KubeRay worker group that advertises e.g. ``loupe_shard: N`` in
         ``rayStartParams.resources`` then receives the shards, and only it (deterministic
-        placement; the Helm chart sets both).
+        placement; the Helm chart sets both). ``shard_resource`` may name each shard replica's
+        own resource with ``{shard}`` and ``{replica}`` fields, e.g. ``loupe_shard_{shard}_r{replica}``:
+        a worker group (and volume) per shard replica.
     metrics_host : str
         Interface of every Prometheus exporter: the broker's and each actor's ("" = same as ``host``).
     shard_metrics_port, extractor_metrics_port : int
@@ -183,7 +187,7 @@ class ClusterConfig:
             "regional_from": self.regional_from in ("working", "global"),
             "regions_per_image": 0 <= self.regions_per_image <= MAX_REGIONS_PER_IMAGE,
             "startup_timeout_s": self.startup_timeout_s > 0,
-            "shard_resource": _valid_resource(self.shard_resource),
+            "shard_resource": _valid_resource(self.shard_resource, ("shard", "replica")),
             "extractor_resource": _valid_resource(self.extractor_resource),
         }
         for name, ok in checks.items():
@@ -207,6 +211,10 @@ class ClusterConfig:
         """The extractor's global-descriptor settings."""
         return GlobalConfig(pooling=self.pooling, scales=tuple(self.scales), max_side=self.global_max_side)
 
+    def shard_resource_of(self, shard: int, replica: int = 0) -> str:
+        """The custom resource shard ``shard``'s replica ``replica`` asks for ("" = none)."""
+        return self.shard_resource.format(shard=shard, replica=replica)
+
     def extractor_config(self) -> ExtractorConfig:
         """What each extractor replica computes, and how."""
         return ExtractorConfig(
@@ -226,14 +234,6 @@ class ClusterConfig:
     def local_config(self) -> LocalConfig:
         """The extractor's local-feature settings."""
         return LocalConfig(layer=self.local_layer, scales=tuple(self.local_scales), max_side=self.max_side)
-
-    def threads_per_replica(self) -> int:
-        """torch threads of each extractor replica."""
-        return _threads(self.extractor_threads, self.replicas)
-
-    def threads_per_shard(self) -> int:
-        """faiss threads of each shard."""
-        return _threads(self.shard_threads, self.shards)
 
     @classmethod
     def build(cls, values: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> "ClusterConfig":

@@ -25,6 +25,7 @@ from services.broker.servicer import BrokerConfig, RunningBroker, create_server
 from services.common.auth import AuthPolicy, new_internal_token, read_token_file, read_tokens_file
 from services.common.grpc_server import ServerOptions
 from services.common.tls import InternalTls
+from services.space.layout import Layout, check_layout
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,12 @@ log = logging.getLogger(__name__)
 def _local_resources(cfg: ClusterConfig) -> dict[str, float]:
     """Custom resources a single-node (local) Ray must advertise so every actor fits."""
     res: dict[str, float] = {}
-    for name, count in ((cfg.shard_resource, cfg.shards), (cfg.extractor_resource, cfg.replicas)):
+    for i in range(cfg.shards):
+        name = cfg.shard_resource_of(i)
         if name:
-            res[name] = res.get(name, 0) + count
+            res[name] = res.get(name, 0) + 1
+    if cfg.extractor_resource:
+        res[cfg.extractor_resource] = res.get(cfg.extractor_resource, 0) + cfg.replicas
     return res
 
 
@@ -139,6 +143,8 @@ class Cluster:
 
     # --- start ------------------------------------------------------------------------
     def start(self) -> "Cluster":
+        if self.config.data_dir:  # refuse before anything starts when the shard count changed
+            check_layout(self.config.data_dir, Layout(shards=self.config.shards))
         self._load_auth()
         self._init_ray()
         try:
@@ -209,15 +215,16 @@ class Cluster:
         self._registry = ray.remote(Registry).options(name=REGISTRY_NAME, namespace=cfg.namespace, num_cpus=0).remote()
         ray.get(self._registry.snapshot.remote())
         shard_cls = ray.remote(ShardActor)
-        shard_res = {"resources": {cfg.shard_resource: 1}} if cfg.shard_resource else {}
         ext_res = {"resources": {cfg.extractor_resource: 1}} if cfg.extractor_resource else {}
         for i in range(cfg.shards):
             store_dir = os.path.join(cfg.data_dir, f"shard-{i:03d}") if cfg.data_dir else ""
+            resource = cfg.shard_resource_of(i)
             self.shard_actors.append(
                 shard_cls.options(
-                    name=f"loupe-shard-{i}", namespace=cfg.namespace, num_cpus=0, max_restarts=-1, max_task_retries=0, **shard_res
+                    name=f"loupe-shard-{i}", namespace=cfg.namespace, num_cpus=0, max_restarts=-1, max_task_retries=0,
+                    **({"resources": {resource: 1}} if resource else {}),
                 ).remote(i, opts, cfg.index_settings(), store_dir, cfg.namespace, cfg.metrics_host, cfg.shard_metrics_port,
-                         cfg.threads_per_shard())
+                         cfg.shard_threads, resource, cfg.shards)
             )
         ext_cfg = cfg.extractor_config()
         ext_cls = ray.remote(ExtractorActor)
@@ -225,7 +232,8 @@ class Cluster:
         for i in range(cfg.replicas):
             self.extractor_actors.append(
                 ext_cls.options(name=f"loupe-extractor-{i}", namespace=cfg.namespace, num_cpus=0, max_restarts=-1, **ext_res).remote(
-                    i, ext_opts, ext_cfg, cfg.threads_per_replica(), cfg.namespace, cfg.metrics_host, cfg.extractor_metrics_port
+                    i, ext_opts, ext_cfg, cfg.extractor_threads, cfg.namespace, cfg.metrics_host, cfg.extractor_metrics_port,
+                    cfg.extractor_resource, cfg.replicas,
                 )
             )
         refs = [a.address.remote() for a in self.shard_actors + self.extractor_actors]

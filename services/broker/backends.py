@@ -111,6 +111,14 @@ class GrpcShardClient:
         await self._member.close()
 
 
+class SlotsFull(Exception):
+    """A class of callers already has its maximum of waiters (admission refused)."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"{waiting} callers already wait")
+        self.waiting = waiting
+
+
 class ExtractionSlots:
     """``capacity`` slots shared by two classes of callers: queries and bulk (indexing).
 
@@ -132,26 +140,41 @@ class ExtractionSlots:
             return len(self._waiters[True]) + len(self._waiters[False])
         return len(self._waiters[query])
 
-    def full(self, query: bool) -> bool:
-        """Whether a caller of this class would be refused (all slots busy and its queue full)."""
-        return bool(self.max_waiting) and self.in_use >= self.capacity and self.waiting(query) >= self.max_waiting
-
-    async def acquire(self, query: bool) -> None:
-        """Wait for a slot (cancellable; a cancelled waiter gives up its place)."""
+    def try_acquire(self, query: bool) -> asyncio.Future[None] | None:
+        """Admit or refuse a caller at once (no await: concurrent callers cannot all pass a check
+        before any of them is counted). Returns None when a free slot was taken, else a future
+        in the class's queue to pass to :meth:`wait`. Raises ``SlotsFull`` when the class already
+        has ``max_waiting`` waiters."""
         if self.in_use < self.capacity and not self.waiting():
             self.in_use += 1
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            return None
         queue = self._waiters[query]
+        if self.max_waiting and len(queue) >= self.max_waiting:
+            raise SlotsFull(len(queue))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue.append(fut)
+        return fut
+
+    async def wait(self, fut: asyncio.Future[None], query: bool, timeout_s: float | None = None) -> None:
+        """Wait until ``fut`` (from :meth:`try_acquire`) is handed a slot. Cancellable and with an
+        optional timeout (``asyncio.TimeoutError``); a caller that gives up gives up its place,
+        or passes on a slot handed to it at that very moment."""
         try:
-            await fut
-        except asyncio.CancelledError:
+            await asyncio.wait_for(fut, timeout_s)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
             if fut.done() and not fut.cancelled():
                 self.release()  # the slot was handed over just as the caller gave up: pass it on
-            elif fut in queue:
-                queue.remove(fut)
+            else:
+                queue = self._waiters[query]
+                if fut in queue:
+                    queue.remove(fut)
             raise
+
+    async def acquire(self, query: bool, timeout_s: float | None = None) -> None:
+        """:meth:`try_acquire`, then :meth:`wait` for the slot if queued."""
+        fut = self.try_acquire(query)
+        if fut is not None:
+            await self.wait(fut, query, timeout_s)
 
     def release(self) -> None:
         """Hand the slot to the next waiter (queries first) or free it."""
@@ -242,18 +265,21 @@ class ExtractorPool:
 
         ``query``: a search's image (waits ahead of indexing, in its own queue). Raises
         ``Overloaded`` without waiting when ``max_queue`` callers of its class already wait."""
-        if self._slots.full(query):
-            kind = "search" if query else "indexing"
-            raise Overloaded(
-                f"extractors: {self._slots.waiting(query)} {kind} images wait for {self.concurrency} extraction slots, the limit is "
-                f"broker.max_extract_queue={self._slots.max_waiting}; retry after {self.retry_after_ms} ms",
-                retry_after_ms=self.retry_after_ms,
-            )
         t0 = time.monotonic()
         try:
-            await asyncio.wait_for(self._slots.acquire(query), timeout_s)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded("deadline exceeded while waiting for an extraction slot") from None
+            ticket = self._slots.try_acquire(query)
+        except SlotsFull as full:
+            kind = "search" if query else "indexing"
+            raise Overloaded(
+                f"extractors: {full.waiting} {kind} images wait for {self.concurrency} extraction slots, the limit is "
+                f"broker.max_extract_queue={self._slots.max_waiting}; retry after {self.retry_after_ms} ms",
+                retry_after_ms=self.retry_after_ms,
+            ) from None
+        if ticket is not None:
+            try:
+                await self._slots.wait(ticket, query, timeout_s)
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded("deadline exceeded while waiting for an extraction slot") from None
         timeout_s = max(0.001, timeout_s - (time.monotonic() - t0))
         try:
             attempts = [self._attempt(i, request) for i in self._order()]

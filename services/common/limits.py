@@ -18,7 +18,7 @@ from services.common.errors import InvalidArgument
 MiB = 1024 * 1024
 
 # ids
-MAX_ID_BYTES = 512
+MAX_ID_BYTES = 511  # LMDB's key limit (the shard store keys records by id): what a shard can really keep
 # metadata of one image (checked at write time, so no stored record can grow a response)
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY_BYTES = 128

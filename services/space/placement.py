@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
+PLACEMENT_VERSION = "blake2b64-mod-v1"
+"""Name of the id → shard rule below; recorded in every data directory's layout file
+(``services/space/layout.py``), so a rule change is a layout change, never a silent one."""
+
 
 def shard_for(image_id: str, num_shards: int) -> int:
     """Shard index of ``image_id`` among ``num_shards``: first 8 bytes of its BLAKE2b digest mod S.

@@ -284,3 +284,21 @@ def test_reflection_lists_the_new_rpcs(cluster):
             if svc.name == "Retrieval":
                 methods |= {m.name for m in svc.method}
     assert {"SearchBatch", "GetImages", "ListImages", "Search"} <= methods
+
+
+@pytest.mark.parametrize("image_id", ["x" * 512, "😀" * 128, "é" * 256])  # 512 bytes: one over the store's key limit
+def test_an_id_over_the_store_limit_is_invalid_on_every_rpc(client, image_id):
+    """LMDB keys hold at most 511 bytes: a longer id is refused up front on every path (it used to be
+    accepted at the broker and fail on the shard as UNAVAILABLE 'internal error', retried forever)."""
+    image = _jpeg(load_photo("coffee"))
+    calls = {
+        "AddImages": lambda: client.add_images([ImageToAdd(image_id, image, {})]),
+        "GetImages": lambda: client.get_images([image_id]),
+        "Delete": lambda: client.delete([image_id]),
+        "Search by id": lambda: client.search(id=image_id, k=3),
+    }
+    for name, call in calls.items():
+        code, details = _code(call)
+        assert code == IA and "the limit is 511" in details, (name, code, details)
+    assert client.add_images([ImageToAdd("y" * 511, image, {})]).added == 1  # the limit itself is stored
+    assert client.delete(["y" * 511]).deleted == 1

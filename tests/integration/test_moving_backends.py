@@ -58,7 +58,7 @@ def _searches_and_adds(client: RetrievalClient, rounds: int, tag: str) -> list[f
         took.append(time.monotonic() - t0)
         assert resp.results[0].id.startswith(photo + "/") and not resp.partial
         t0 = time.monotonic()
-        added = client.add_images([ImageToAdd(f"{tag}-{i}", encode_jpeg(load_photo(photo)), {})], timeout_s=DEADLINE_S)
+        added = client.add_images([ImageToAdd(f"{photo}/{tag}-{i}", encode_jpeg(load_photo(photo)), {})], timeout_s=DEADLINE_S)
         took.append(time.monotonic() - t0)
         assert added.added == 1
     return took

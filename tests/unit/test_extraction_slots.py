@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from services.broker.backends import ExtractionSlots
+from services.broker.backends import ExtractionSlots, SlotsFull
 
 
 async def _settle() -> None:
@@ -43,14 +43,58 @@ def test_a_freed_slot_goes_to_the_waiting_search_before_earlier_indexing() -> No
 def test_each_class_has_its_own_waiting_bound() -> None:
     async def run() -> None:
         slots = ExtractionSlots(capacity=1, max_waiting=1)
-        assert not slots.full(False) and not slots.full(True)  # a free slot: nobody is refused
-        await slots.acquire(query=False)
+        await slots.acquire(query=False)  # a free slot: taken at once
         waiter = asyncio.create_task(slots.acquire(query=False))
         await _settle()
-        assert slots.full(False)  # indexing's queue is full ...
-        assert not slots.full(True)  # ... searches are still admitted
+        with pytest.raises(SlotsFull):  # indexing's queue is full ...
+            slots.try_acquire(query=False)
+        searcher = slots.try_acquire(query=True)  # ... searches are still admitted
+        assert searcher is not None and slots.waiting(True) == 1
+        slots.release()  # the search goes first
+        await slots.wait(searcher, True)
         slots.release()
         await waiter
+        slots.release()
+        assert slots.in_use == 0
+
+    asyncio.run(run())
+
+
+def test_a_burst_admits_no_more_than_the_bound() -> None:
+    """400 concurrent callers: at most capacity + max_waiting are admitted, the rest refused at
+    once (the old check-then-wait admitted every caller that checked before the first one queued)."""
+
+    async def run() -> tuple[int, int, int]:
+        slots = ExtractionSlots(capacity=4, max_waiting=8)
+        admitted = refused = peak = 0
+
+        async def caller() -> None:
+            nonlocal admitted, refused, peak
+            try:
+                await slots.acquire(query=True, timeout_s=5.0)
+            except SlotsFull:
+                refused += 1
+                return
+            admitted += 1
+            peak = max(peak, slots.waiting())
+            await asyncio.sleep(0.001)
+            slots.release()
+
+        await asyncio.gather(*(caller() for _ in range(400)))
+        assert slots.in_use == 0 and slots.waiting() == 0
+        return admitted, refused, peak
+
+    admitted, refused, peak = asyncio.run(run())
+    assert admitted == 12 and refused == 388 and peak <= 8
+
+
+def test_a_waiter_that_times_out_leaves_the_queue() -> None:
+    async def run() -> None:
+        slots = ExtractionSlots(capacity=1)
+        await slots.acquire(query=True)
+        with pytest.raises(asyncio.TimeoutError):
+            await slots.acquire(query=True, timeout_s=0.05)
+        assert slots.waiting() == 0
         slots.release()
         assert slots.in_use == 0
 
