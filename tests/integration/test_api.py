@@ -295,10 +295,10 @@ def test_an_id_over_the_store_limit_is_invalid_on_every_rpc(client, image_id):
         "AddImages": lambda: client.add_images([ImageToAdd(image_id, image, {})]),
         "GetImages": lambda: client.get_images([image_id]),
         "Delete": lambda: client.delete([image_id]),
-        "Search by id": lambda: client.search(id=image_id, k=3),
+        "Search by id": lambda: client.search(image_id=image_id, k=3),
     }
     for name, call in calls.items():
         code, details = _code(call)
         assert code == IA and "the limit is 511" in details, (name, code, details)
     assert client.add_images([ImageToAdd("y" * 511, image, {})]).added == 1  # the limit itself is stored
-    assert client.delete(["y" * 511]).deleted == 1
+    assert list(client.delete(["y" * 511]).deleted) == ["y" * 511]

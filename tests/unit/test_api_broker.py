@@ -16,7 +16,7 @@ from services.common.errors import InvalidArgument
 from services.common.limits import check_filter, parse_filter_number
 
 
-@pytest.mark.parametrize("last", ["a", "coffee/orig", "é/ü/日本", "x" * 512])
+@pytest.mark.parametrize("last", ["a", "coffee/orig", "é/ü/日本", "x" * 511])
 def test_cursor_round_trip(last):
     c = encode_cursor(last)
     assert decode_cursor(c) == last and "=" not in c
