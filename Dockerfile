@@ -20,13 +20,14 @@ RUN groupadd --gid 10001 loupe && useradd --uid 10001 --gid 10001 --create-home 
 
 WORKDIR /opt/loupe
 COPY pyproject.toml README.md ./
-COPY loupe ./loupe
+COPY clients/python ./clients/python
 COPY services ./services
 COPY cluster ./cluster
 COPY protos ./protos
 
-# the one install command: the project and its dependencies as declared in pyproject.toml
-RUN pip install --no-cache-dir .
+# the one install command: the project and its dependencies as declared in pyproject.toml; the
+# thin client (clients/python) is named beside it because its pinned loupe-client is on no index
+RUN pip install --no-cache-dir ./clients/python .
 
 USER 10001:10001
 WORKDIR /home/loupe

@@ -6,9 +6,11 @@ export GLIBC_TUNABLES := glibc.malloc.mmap_threshold=1073741824:glibc.malloc.tri
 
 .PHONY: demo test test-fast soak protos clean
 
-$(STAMP): pyproject.toml
+# the thin client first: the server's `loupe-client==X` requirement is met by it (it is on no index)
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e clients/python
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

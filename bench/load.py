@@ -35,10 +35,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import ROXFORD, actor_pids, machine, rss_mib  # noqa: E402
-from cluster.cli import DEFAULT_SEARCH_RERANK  # noqa: E402
 from cluster.demo import HELD_OUT, INDEXED, PHOTOS, encode_jpeg, load_photo  # noqa: E402
 from loupe.client import ImageToAdd, RetrievalClient  # noqa: E402
-from loupe.rerank_spec import parse_rerank  # noqa: E402
+from loupe.rerank_spec import DEFAULT_SEARCH_RERANK, parse_rerank  # noqa: E402
 
 KINDS = {"none": "none", "default": DEFAULT_SEARCH_RERANK}
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import grpc
 
-from loupe.rerank_spec import PARAMS, STAGES, parse_rerank
+from loupe.rerank_spec import DEFAULT_SEARCH_RERANK, PARAMS, STAGES, parse_rerank
 from loupe.client import parse_filter
 
 DESCRIPTION = """loupe: instance-level image retrieval on a sharded gRPC cluster (Ray).
@@ -56,14 +56,6 @@ def _add_cluster_flags(p: argparse.ArgumentParser, *, temporary: bool) -> None:
                         "{shard} and {replica} in it name one resource per shard replica, e.g. loupe_shard_{shard}_r{replica}")
     g.add_argument("--extractor-resource", default=None, metavar="NAME",
                    help="custom Ray resource each extractor replica asks 1 unit of (default none)")
-
-
-DEFAULT_SEARCH_RERANK = "verify,diffuse-regional,diffuse-first,verify-global"
-"""Chosen with the selection protocol of bench/select_defaults.py (BENCHMARKS.md, "Choosing
-defaults"): on 12 held-out queries it gains +4.3 Medium over the previous default
-(verify,diffuse-regional,diffuse-first) with no landmark worse, and equals it on the 9 known
-queries (E/M/H 83.6 / 57.1 / 22.8 on the full subset): verifying the global top-V as well as the
-diffused one rescues queries whose diffusion drifts away from the true matches."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,7 +42,9 @@ def test_hadolint_would_catch_a_bad_dockerfile(tmp_path):
 def test_one_install_command_installs_the_project_from_pyproject():
     runs = [rest for word, rest in _instructions() if word == "RUN"]
     installs = [r for r in runs if "pip install" in r]
-    assert installs == ["pip install --no-cache-dir ."], installs
+    # the thin client distribution beside the project: it meets the project's loupe-client pin
+    assert installs == ["pip install --no-cache-dir ./clients/python ."], installs
+    assert "COPY clients/python ./clients/python" in DOCKERFILE.read_text()
     copied = " ".join(rest for word, rest in _instructions() if word == "COPY")
     assert "requirements" not in copied  # no second dependency list
     # every package setuptools ships is copied into the build context
@@ -70,4 +72,4 @@ def test_no_registry_or_index_url_is_written_in_the_repository_image_files():
 def test_dockerignore_keeps_the_context_small_but_not_the_sources():
     ignored = {line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")}
     assert {".git", ".venv", "tests"} <= ignored
-    assert not ignored & {"loupe", "services", "cluster", "pyproject.toml", "README.md"}
+    assert not ignored & {"clients", "clients/python", "services", "cluster", "pyproject.toml", "README.md"}

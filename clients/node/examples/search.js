@@ -3,7 +3,7 @@
 // Search a loupe cluster with an image file and print the ranking.
 //   node examples/search.js 127.0.0.1:50051 query.jpg [k] [--verify]
 // Token: env LOUPE_TOKEN or LOUPE_TOKEN_FILE (never on the command line); TLS: env LOUPE_TLS_CA_FILE.
-const { LoupeClient, tokenFromEnv } = require('../src');
+const { LoupeClient, tokenFromEnv, status } = require('@loupe/client');
 
 async function main() {
   const args = process.argv.slice(2);
@@ -24,7 +24,7 @@ async function main() {
     if (resp.partial) console.log(`partial: shards ${resp.missing_shards.join(', ')} did not answer`);
     console.log('timings (ms): ' + resp.timings.map((t) => `${t.stage}=${(t.seconds * 1000).toFixed(1)}`).join(', '));
   } catch (err) {
-    console.error(`search failed: ${err.code !== undefined ? require('@grpc/grpc-js').status[err.code] : ''} ${err.details || err.message}`);
+    console.error(`search failed: ${err.code !== undefined ? status[err.code] : ''} ${err.details || err.message}`);
     process.exitCode = 1;
   } finally {
     client.close();

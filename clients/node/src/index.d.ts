@@ -1,5 +1,6 @@
 // Types of the loupe Node.js client (src/index.js). Message shapes follow protos/loupe/v1 with
 // proto-loader's options: field names as in the .proto, enums as strings, int64 as number.
+/// <reference types="node" />
 import type { Metadata, ServiceError, status as grpcStatus } from '@grpc/grpc-js';
 
 export interface ClientOptions {
@@ -11,7 +12,7 @@ export interface ClientOptions {
   ca?: Buffer;
   /** TLS with the system roots. */
   tls?: boolean;
-  /** Directory holding loupe/v1/*.proto (default: the repository's protos/, env LOUPE_PROTOS_DIR). */
+  /** Directory holding loupe/v1/*.proto (default: the package's protos/, env LOUPE_PROTOS_DIR). */
   protosDir?: string;
   /** Largest message sent or received (default 64 MiB). */
   maxMessageBytes?: number;

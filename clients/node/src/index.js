@@ -2,9 +2,9 @@
 /**
  * Node.js client of loupe's public gRPC API (`loupe.v1.Retrieval`).
  *
- * The service definition is loaded at run time from the repository's `protos/` with
- * @grpc/proto-loader (no generated code to keep in sync: the .proto files are the single
- * source, checked by `buf lint`/`buf breaking`). Field names are kept as in the .proto
+ * The service definition is loaded at run time with @grpc/proto-loader from the .proto files the
+ * package ships in `protos/` (copies of the repository's top-level protos/, the single source,
+ * written by `make protos`; `npm pack` refuses stale copies). Field names are kept as in the .proto
  * (`return_matches`, `missing_shards`), enums are strings (`"DTYPE_FLOAT32"`), bytes are
  * Buffers, int64 values are JavaScript numbers.
  *
@@ -17,7 +17,7 @@ const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
 const MiB = 1024 * 1024;
-const DEFAULT_PROTOS_DIR = path.resolve(__dirname, '..', '..', '..', 'protos');
+const DEFAULT_PROTOS_DIR = path.resolve(__dirname, '..', 'protos');
 const LOADER_OPTIONS = { keepCase: true, longs: Number, enums: String, defaults: true, oneofs: true };
 
 /** gRPC health checking (grpc.health.v1), declared inline: it is not part of loupe's protos. */
@@ -34,8 +34,8 @@ const HEALTH_JSON = {
 
 /**
  * Load the `loupe.v1` package definition.
- * @param {string} [protosDir] directory holding `loupe/v1/*.proto` (default: the repository's protos/;
- *   env LOUPE_PROTOS_DIR overrides)
+ * @param {string} [protosDir] directory holding `loupe/v1/*.proto` (default: the package's protos/;
+ *   env LOUPE_PROTOS_DIR overrides, e.g. to load a newer loupe.v1 than the package ships)
  */
 function loadProtos(protosDir) {
   const dir = protosDir || process.env.LOUPE_PROTOS_DIR || DEFAULT_PROTOS_DIR;

@@ -27,6 +27,14 @@ STAGES = {
 }
 
 
+DEFAULT_SEARCH_RERANK = "verify,diffuse-regional,diffuse-first,verify-global"
+"""Chosen with the selection protocol of bench/select_defaults.py (BENCHMARKS.md, "Choosing
+defaults"): on 12 held-out queries it gains +4.3 Medium over the previous default
+(verify,diffuse-regional,diffuse-first) with no landmark worse, and equals it on the 9 known
+queries (E/M/H 83.6 / 57.1 / 22.8 on the full subset): verifying the global top-V as well as the
+diffused one rescues queries whose diffusion drifts away from the true matches."""
+
+
 def parse_rerank(spec: str) -> retrieval_pb2.RerankOptions:
     """``"verify,diffuse"`` → RerankOptions with both stages enabled.
 
