@@ -141,6 +141,11 @@ def rows() -> list[tuple[str, list[dict]]]:
               [target(_quantile(0.5, "loupe_extractor_extract_duration_seconds", "replica"), "p50 replica {{replica}}"),
                target(_quantile(0.95, "loupe_extractor_extract_duration_seconds", "replica"), "p95 replica {{replica}}")],
               "Seconds of one Extract call inside the replica, queue wait included."),
+        panel("Extractor replica health (1 = up) and backend moves", "short",
+              [target(f"min by (replica) (loupe_extractor_up{{{NS}}})", "replica {{replica}} up"),
+               target(f"sum by (role) (increase(loupe_backend_moves_total{{{NS}}}[$__rate_interval]))", "{{role}} moved")],
+              "Whether each replica answers the broker's gRPC health check (every 5 s; alert LoupeExtractorReplicaDown), and "
+              "shards/replicas the broker found at a new address (an actor restarted on another port or node)."),
         panel("AddImages batch size", "short",
               [target(f"sum({_rate('loupe_add_batch_images_sum')}) / sum({_rate('loupe_add_batch_images_count')})", "mean"),
                target(_quantile(0.95, "loupe_add_batch_images"), "p95")],

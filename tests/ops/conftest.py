@@ -15,6 +15,11 @@ if str(SCRIPTS) not in sys.path:
 
 DASHBOARD = REPO / "helm" / "loupe" / "files" / "dashboard.json"
 ALERTS = REPO / "helm" / "loupe" / "files" / "alerts.yaml"
+# every alert of alerts.yaml, named once for the static and the live tests
+ALERT_NAMES = {
+    "LoupeShardDown", "LoupePartialAnswers", "LoupeErrorRatioHigh", "LoupeSearchLatencyHigh",
+    "LoupeExtractorQueueSaturated", "LoupeStorageNearlyFull", "LoupeStorageFull", "LoupeActorRestarting", "LoupeExtractorReplicaDown",
+}
 ALERT_TESTS = Path(__file__).resolve().parent / "alerts_test.yaml"
 
 

@@ -6,13 +6,9 @@ import subprocess
 
 import yaml
 
-from conftest import ALERT_TESTS, ALERTS, promtool
+from conftest import ALERT_NAMES, ALERT_TESTS, ALERTS, promtool
 from dashboard_queries import metric_names
 
-ALERT_NAMES = {
-    "LoupeShardDown", "LoupePartialAnswers", "LoupeErrorRatioHigh", "LoupeSearchLatencyHigh",
-    "LoupeExtractorQueueSaturated", "LoupeStorageNearlyFull", "LoupeStorageFull", "LoupeActorRestarting",
-}
 
 
 def _rules() -> list[dict]:
