@@ -7,10 +7,14 @@ the public port, the metrics port and the shutdown signal handling.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
 import logging
 import os
+import secrets
+import shutil
+import tempfile
 import threading
 import time
 from typing import Any, Iterator
@@ -102,6 +106,25 @@ def start_local_ray(**init_kwargs: Any) -> None:
             os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
 
 
+def _private_ray_token() -> None:
+    """Give local Ray a token in a 0600 file (``RAY_AUTH_TOKEN_PATH``) unless the caller chose one.
+
+    Left to itself, a local ``ray.init`` enables token auth and writes ``~/.ray/auth_token``
+    world-readable (0644): any local user could join the cluster with it and reach loupe's
+    actors. One token per process (Ray's token loader caches it), in a 0700 directory removed
+    when the process exits.
+    """
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or os.environ.get("RAY_AUTH_MODE", "token") != "token":
+        return
+    directory = tempfile.mkdtemp(prefix="loupe-ray-")  # mode 0700
+    path = os.path.join(directory, "auth_token")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = path
+    atexit.register(shutil.rmtree, directory, True)
+
+
 class Cluster:
     """A running loupe cluster. Use as a context manager, or ``start()`` / ``stop()``.
 
@@ -165,6 +188,7 @@ class Cluster:
             ray.init(address=cfg.ray_address, namespace=cfg.namespace, runtime_env=env, log_to_driver=False)
         else:
             local_only = is_loopback(cfg.host)
+            _private_ray_token()
             with _ray_on_loopback(local_only):
                 start_local_ray(
                     # a loopback-only cluster keeps Ray's own servers (GCS, raylet, workers,
@@ -183,16 +207,18 @@ class Cluster:
             self._owns_ray = True
 
     def _load_auth(self) -> None:
-        """Public tokens from ``auth_tokens_file``; the internal token from its file or generated.
+        """Public tokens from ``auth_tokens_file``; the internal token from its file or, always
+        otherwise, generated for this cluster.
 
         Only digests reach the actors (``AuthPolicy``); the broker keeps the internal token.
         """
         cfg = self.config
         if cfg.auth_tokens_file:
             self._public_auth = AuthPolicy.from_tokens(read_tokens_file(cfg.auth_tokens_file))
+        # always on: without it anyone on the machine (or the network) could write or wipe a shard
         if cfg.internal_token_file:
             self._internal_token = read_token_file(cfg.internal_token_file, "internal_token_file")
-        elif self._public_auth is not None:
+        else:
             self._internal_token = new_internal_token()
 
     def _internal_auth(self) -> AuthPolicy | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import stat
 import struct
 import time
 import urllib.request
@@ -18,14 +21,18 @@ from cluster.demo import HELD_OUT, INDEXED, PHOTOS, encode_jpeg, load_photo
 from cluster.launcher import Cluster
 from loupe.client import ImageToAdd, RetrievalClient
 from loupe.tensors import from_tensor
-from loupe.v1 import extractor_pb2, extractor_pb2_grpc
+from loupe.v1 import extractor_pb2, extractor_pb2_grpc, shard_pb2, shard_pb2_grpc
 
 PHOTO_SUBSET = PHOTOS[:6]
+INTERNAL_TOKEN = secrets.token_urlsafe(32)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cfg = ClusterConfig(shards=2, replicas=1, max_side=320, global_max_side=320, scales=(1.0,), data_dir=str(tmp_path_factory.mktemp("wal")))
+    # the internal token is always on: this test reads it from its own file to call an extractor directly
+    (token_file := tmp_path_factory.mktemp("internal") / "token").write_text(INTERNAL_TOKEN)
+    cfg = ClusterConfig(shards=2, replicas=1, max_side=320, global_max_side=320, scales=(1.0,), data_dir=str(tmp_path_factory.mktemp("data")),
+                        internal_token_file=str(token_file))
     with Cluster(cfg) as c:
         yield c
 
@@ -64,7 +71,8 @@ def test_offset_pages_through_the_same_ranking(client):
 def test_search_by_vector_matches_search_by_image(cluster, client):
     address = ray.get(cluster.extractor_actors[0].address.remote())
     with grpc.insecure_channel(address) as ch:
-        feats = extractor_pb2_grpc.ExtractorStub(ch).Extract(extractor_pb2.ExtractRequest(image=query("chelsea")), timeout=60).features
+        feats = extractor_pb2_grpc.ExtractorStub(ch).Extract(extractor_pb2.ExtractRequest(image=query("chelsea")), timeout=60,
+                                                             metadata=(("authorization", f"Bearer {INTERNAL_TOKEN}"),)).features
     vec = from_tensor(getattr(feats, "global"))
     by_vec = [r.id for r in client.search(vector=vec, k=5).results]
     by_img = [r.id for r in client.search(image=query("chelsea"), k=5).results]
@@ -285,3 +293,27 @@ def test_killed_shard_gives_partial_results(cluster, client):
     assert resp.results and all(r.shard_id == 0 for r in resp.results)
     body = urllib.request.urlopen(f"http://{cluster.metrics_address}/metrics", timeout=10).read().decode()
     assert 'loupe_shard_failures_total{reason="UNAVAILABLE",shard="1"}' in body
+
+
+def test_internal_ports_refuse_callers_without_the_internal_token(cluster):
+    """Even without public tokens, nothing but the broker may write or wipe a shard: the
+    cluster-internal token is always on (generated per cluster when no file is given)."""
+    address = ray.get(cluster.shard_actors[0].address.remote())
+    request = shard_pb2.ShardDeleteRequest(ids=["coffee/orig"])
+    with grpc.insecure_channel(address) as ch:
+        for metadata in ((), (("authorization", "Bearer not-the-token"),)):
+            with pytest.raises(grpc.RpcError) as err:
+                shard_pb2_grpc.ShardStub(ch).Delete(request, timeout=10, metadata=metadata)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value.details()
+        stats = shard_pb2_grpc.ShardStub(ch).Stats(shard_pb2.ShardStatsRequest(shard_id=0), timeout=10,
+                                                  metadata=(("authorization", f"Bearer {INTERNAL_TOKEN}"),))
+    assert stats.images > 0  # nothing was deleted
+
+
+def test_ray_token_is_private_to_this_process_owner():
+    """A local Ray gets its token from a 0600 file in a 0700 directory, not a world-readable
+    ~/.ray/auth_token."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH", "")
+    assert path and os.path.isfile(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700

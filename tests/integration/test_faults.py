@@ -8,6 +8,7 @@ carrying a retry hint), never on timings.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from services.broker.config import BrokerConfig
 
 PHOTOS = ("coffee", "chelsea", "rocket", "camera", "astronaut", "coins")
 EXTRACT_QUEUE = 8
+INTERNAL_TOKEN = secrets.token_urlsafe(32)
 
 
 def _jpeg(name: str, side: int = 160) -> bytes:
@@ -37,7 +39,10 @@ def _jpeg(name: str, side: int = 160) -> bytes:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cfg = ClusterConfig(shards=2, replicas=1, max_side=160, global_max_side=160, scales=(1.0,), data_dir=str(tmp_path_factory.mktemp("faults")))
+    # the internal token is always on: this test reads it from its own file to call an extractor directly
+    (token_file := tmp_path_factory.mktemp("internal") / "token").write_text(INTERNAL_TOKEN)
+    cfg = ClusterConfig(shards=2, replicas=1, max_side=160, global_max_side=160, scales=(1.0,), data_dir=str(tmp_path_factory.mktemp("faults")),
+                        internal_token_file=str(token_file))
     with Cluster(cfg, BrokerConfig(max_extract_queue=EXTRACT_QUEUE)) as c:
         with RetrievalClient(c.broker_address) as client:
             client.wait_ready(30)
@@ -49,7 +54,8 @@ def cluster(tmp_path_factory):
 def vector(cluster):
     address = ray.get(cluster.extractor_actors[0].address.remote())
     with grpc.insecure_channel(address) as ch:
-        feats = extractor_pb2_grpc.ExtractorStub(ch).Extract(extractor_pb2.ExtractRequest(image=_jpeg("coffee")), timeout=60).features
+        feats = extractor_pb2_grpc.ExtractorStub(ch).Extract(extractor_pb2.ExtractRequest(image=_jpeg("coffee")), timeout=60,
+                                                             metadata=(("authorization", f"Bearer {INTERNAL_TOKEN}"),)).features
     return from_tensor(getattr(feats, "global"))
 
 
