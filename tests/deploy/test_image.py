@@ -37,11 +37,12 @@ def _podman(*args: str, timeout: float = 300, check: bool = True) -> subprocess.
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
+def image():
     if not shutil.which("podman"):
         pytest.skip("podman is not installed (apt-get install podman buildah runc debootstrap)")
     if os.environ.get("LOUPE_TEST_IMAGE"):
-        return os.environ["LOUPE_TEST_IMAGE"]
+        yield os.environ["LOUPE_TEST_IMAGE"]
+        return
     name = f"localhost/loupe-test:{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "IMAGE": name, "BUILDER": os.environ.get("BUILDER", "podman")}
     if "BASE_IMAGE" not in env:
