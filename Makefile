@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export GLIBC_TUNABLES := glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296
 
-.PHONY: demo test test-fast soak protos clean
+.PHONY: demo test test-fast soak protos image clean
 
 # the thin client first: the server's `loupe-client==X` requirement is met by it (it is on no index)
 $(STAMP): pyproject.toml clients/python/pyproject.toml
@@ -29,6 +29,11 @@ test-fast: $(STAMP)
 
 protos: $(STAMP)
 	scripts/gen_protos.sh $(VENV)/bin/python
+
+# the container image with a CPU-only torch (scripts/build_image.sh documents IMAGE, BUILDER,
+# BASE_IMAGE, DEBOOTSTRAP_BASE, WHEELS_DIR, TORCH_CPU_INDEX, PIP_CERT_FILE)
+image:
+	scripts/build_image.sh
 
 clean:
 	rm -rf $(VENV) loupe-data

@@ -17,7 +17,6 @@ RELEASE, NAMESPACE = "rel", "search"
 # The value sets the chart is rendered with (besides the defaults).
 MINIMAL: dict[str, Any] = {
     "loupe": {"shards": 1, "replicas": 1},
-    "shardWorkers": {"replicas": 1, "slotsPerPod": 1},
     "extractorWorkers": {"replicas": 1, "slotsPerPod": 1},
     "auth": {"enabled": False},
     "rayAuth": {"enabled": False},
@@ -29,14 +28,15 @@ MINIMAL: dict[str, Any] = {
 PRODUCTION: dict[str, Any] = {
     "image": {"repository": "registry.invalid/search/loupe", "tag": "0.1.0-cpu", "pullPolicy": "Always"},
     "imagePullSecrets": [{"name": "regcred"}],
-    "loupe": {"shards": 8, "replicas": 4, "port": 443, "metricsPort": 9100, "indexFactory": "IVF4096,PQ64",
+    "loupe": {"shards": 8, "replicationFactor": 3, "replicas": 4, "port": 443, "metricsPort": 9100, "indexFactory": "IVF4096,PQ64",
               "extraArgs": ["--max-side", "768"]},
-    "shardWorkers": {"replicas": 9, "slotsPerPod": 1, "resources": {"requests": {"cpu": "4", "memory": "32Gi"}},
+    "shardWorkers": {"resources": {"requests": {"cpu": "4", "memory": "32Gi"}}, "replicaSpread": "DoNotSchedule",
                      "nodeSelector": {"pool": "memory"}, "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "loupe", "effect": "NoSchedule"}]},
     "extractorWorkers": {"replicas": 4, "slotsPerPod": 1, "resources": {"requests": {"cpu": "8", "memory": "8Gi"}}},
     "auth": {"enabled": True, "existingSecret": "loupe-tokens"},
     "rayAuth": {"enabled": True, "existingSecret": "loupe-ray-token"},
-    "persistence": {"enabled": True, "storageClass": "cephfs", "size": "2Ti"},
+    # the ReadWriteMany option: one shared claim
+    "persistence": {"enabled": True, "mode": "shared", "storageClass": "cephfs", "size": "2Ti"},
     "metrics": {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
     "pdb": {"maxUnavailable": 1},
 }
@@ -44,9 +44,28 @@ SECURE: dict[str, Any] = {
     "tls": {"enabled": True, "existingSecret": "loupe-tls"},
     "auth": {"enabled": True, "readToken": "r" * 40, "writeToken": "w" * 40, "internalToken": "i" * 40},
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}},
-    "persistence": {"existingClaim": "loupe-rwx"},
+    "persistence": {"mode": "shared", "existingClaim": "loupe-rwx"},
 }
-VALUE_SETS: dict[str, dict[str, Any]] = {"default": {}, "minimal": MINIMAL, "production": PRODUCTION, "tls-auth-servicemonitor": SECURE}
+# what an operator adds around the pods, and every token given explicitly
+EXTRAS: dict[str, Any] = {
+    "global": {"imageRegistry": "registry.invalid", "storageClass": "fast"},
+    "loupe": {"replicationFactor": 2, "extraEnv": [{"name": "LOUPE_MAX_SIDE", "value": "768"}]},
+    "auth": {"readToken": "R" * 40, "writeToken": "W" * 40, "internalToken": "I" * 40},
+    "rayAuth": {"token": "Y" * 48},
+    "serviceAccount": {"create": True, "annotations": {"iam.example/role": "loupe"}},
+    "priorityClassName": "loupe-high",
+    "head": {"priorityClassName": "loupe-critical"},
+    "podLabels": {"team": "search"},
+    "podAnnotations": {"loupe.io/secret-version": "2"},
+    "extraVolumes": [{"name": "ca-bundle", "configMap": {"name": "corp-ca"}}],
+    "extraVolumeMounts": [{"name": "ca-bundle", "mountPath": "/etc/corp-ca", "readOnly": True}],
+    "extraInitContainers": [{"name": "wait-for-dns", "image": "busybox:1.37", "command": ["sh", "-c", "nslookup kubernetes.default"]}],
+    "persistence": {"fixOwnership": True, "storageClass": "gp3", "accessModes": ["ReadWriteOncePod"]},
+}
+# the example shipped next to values.yaml
+EXAMPLE: dict[str, Any] = yaml.safe_load((CHART_DIR / "values-production.yaml").read_text())
+VALUE_SETS: dict[str, dict[str, Any]] = {"default": {}, "minimal": MINIMAL, "production": PRODUCTION, "tls-auth-servicemonitor": SECURE,
+                                         "extras-explicit-tokens": EXTRAS, "values-production.yaml": EXAMPLE}
 
 
 def render(values: dict[str, Any], chart_dir: Path = CHART_DIR, release: str = RELEASE) -> list[dict[str, Any]]:

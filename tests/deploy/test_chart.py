@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 import yaml
-from chart_render import CHART_DIR, NAMESPACE, RAYCLUSTER_CRD, RELEASE, VALUE_SETS, chart_copy, notes, one, render
+from chart_render import CHART_DIR, NAMESPACE, RAYCLUSTER_CRD, RELEASE, REPO_ROOT, VALUE_SETS, chart_copy, notes, one, render
 
 helm_python = pytest.importorskip("helm_python", reason="helm-python-sdk (test extra) is not installed")
 
-CORE_KINDS = {"Service", "Secret", "PersistentVolumeClaim", "PodDisruptionBudget", "ConfigMap", "Pod"}
+CORE_KINDS = {"Service", "Secret", "PersistentVolumeClaim", "PodDisruptionBudget", "ConfigMap", "Pod", "ServiceAccount"}
 MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 K8S_VERSION = "1.37.0"
 
@@ -37,6 +37,16 @@ def _head(rc: dict[str, Any]) -> dict[str, Any]:
 
 def _group(rc: dict[str, Any], name: str) -> dict[str, Any]:
     return next(g for g in rc["spec"]["workerGroupSpecs"] if g["groupName"] == name)
+
+
+def _shard_groups(rc: dict[str, Any]) -> dict[tuple[int, int], dict[str, Any]]:
+    """Worker groups of the shard replicas by (shard, replica), read from their pod labels."""
+    out = {}
+    for g in rc["spec"]["workerGroupSpecs"]:
+        labels = g["template"]["metadata"]["labels"]
+        if labels["app.kubernetes.io/component"] == "shards":
+            out[(int(labels["loupe.io/shard"]), int(labels["loupe.io/shard-replica"]))] = g
+    return out
 
 
 def _flag(args: list[str], name: str) -> str:
@@ -124,10 +134,12 @@ def test_object_kinds_per_value_set(rendered):
     print(f"{name}: {kinds}")
     assert {"RayCluster", "Service", "Pod"} <= set(kinds)
     expected_extra = {
-        "default": {"Secret", "PersistentVolumeClaim", "PodDisruptionBudget"},
+        "default": {"Secret", "PersistentVolumeClaim"},
         "minimal": set(),
         "production": {"PersistentVolumeClaim", "PodDisruptionBudget", "PodMonitor"},
-        "tls-auth-servicemonitor": {"Secret", "PodDisruptionBudget", "ServiceMonitor"},
+        "tls-auth-servicemonitor": {"Secret", "ServiceMonitor"},
+        "extras-explicit-tokens": {"Secret", "PersistentVolumeClaim", "PodDisruptionBudget", "ServiceAccount"},
+        "values-production.yaml": {"PersistentVolumeClaim", "PodDisruptionBudget", "ServiceAccount", "PodMonitor"},
     }[name]
     assert expected_extra <= set(kinds), (name, kinds)
     if name == "minimal":
@@ -143,7 +155,8 @@ def test_every_name_fits_63_characters_with_the_longest_release_name():
             assert len(str(value)) <= 63, (key, value)
     rc = one(objs, "RayCluster")
     # KubeRay builds "<cluster>-<group>-worker-<5 chars>" pod names and "<cluster>-head-svc"
-    assert len(rc["metadata"]["name"]) + len("-extractors-worker-xxxxx") <= 63
+    for group in rc["spec"]["workerGroupSpecs"]:
+        assert len(rc["metadata"]["name"]) + len(f"-{group['groupName']}-worker-xxxxx") <= 63, group["groupName"]
 
 
 def test_standard_labels_on_every_object(rendered):
@@ -174,6 +187,8 @@ def test_head_runs_ray_start_then_loupe_up_with_the_values_as_flags(rendered):
     assert _flag(args, "--shard-metrics-port") == str(v["metrics"]["shardPort"])
     assert _flag(args, "--extractor-metrics-port") == str(v["metrics"]["extractorPort"])
     assert _flag(args, "--shards") == str(v["loupe"]["shards"])
+    assert _flag(args, "--replication-factor") == str(v["loupe"]["replicationFactor"])
+    assert _flag(args, "--shard-resource") == v["loupe"]["shardResource"] + "_{shard}_r{replica}"
     assert _flag(args, "--replicas") == str(v["loupe"]["replicas"])
     assert _flag(args, "--index-factory") == v["loupe"]["indexFactory"]
     assert args[len(args) - len(v["loupe"]["extraArgs"]):] == v["loupe"]["extraArgs"] or not v["loupe"]["extraArgs"]
@@ -181,7 +196,7 @@ def test_head_runs_ray_start_then_loupe_up_with_the_values_as_flags(rendered):
     from cluster.cli import build_parser
 
     parsed = build_parser().parse_known_args(args[1:])[0]
-    assert parsed.shard_resource == v["loupe"]["shardResource"]
+    assert parsed.shard_resource == v["loupe"]["shardResource"] + "_{shard}_r{replica}"
     assert parsed.shard_metrics_port == v["metrics"]["shardPort"]
     assert parsed.extractor_metrics_port == v["metrics"]["extractorPort"]
     assert parsed.extractor_resource == v["loupe"]["extractorResource"]
@@ -197,9 +212,10 @@ def test_container_ports_match_the_flags_and_the_service(rendered):
     assert {ports["gcs-server"], ports["dashboard"], ports["client"]} == {6379, 8265, 10001}
     assert set(ports) == {"gcs-server", "dashboard", "client", "grpc", "broker-metrics"}  # no Ray metrics export (8080)
     rc = one(objs, "RayCluster")
-    for group, flag in (("shards", "--shard-metrics-port"), ("extractors", "--extractor-metrics-port")):
-        worker_ports = [p["containerPort"] for p in _group(rc, group)["template"]["spec"]["containers"][0]["ports"]]
-        assert worker_ports == [int(_flag(head["args"], flag))], (group, worker_ports)
+    for group in rc["spec"]["workerGroupSpecs"]:
+        flag = "--extractor-metrics-port" if group["groupName"] == "extractors" else "--shard-metrics-port"
+        worker_ports = [p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]]
+        assert worker_ports == [int(_flag(head["args"], flag))], (group["groupName"], worker_ports)
     svc = one(objs, "Service")
     assert svc["spec"]["selector"]["ray.io/node-type"] == "head"
     assert svc["spec"]["selector"]["ray.io/cluster"] == one(objs, "RayCluster")["metadata"]["name"]
@@ -209,16 +225,25 @@ def test_container_ports_match_the_flags_and_the_service(rendered):
 
 
 def test_ray_resources_reach_ray_start_params_and_match_the_flags(rendered):
+    """One worker group of one pod per shard replica, advertising the resource that the head's
+    --shard-resource template names for that (shard, replica); the extractors share one group."""
     _, values, objs = rendered
     v = _merged(values)
     rc = one(objs, "RayCluster")
     args = _head(rc)["args"]
-    shards, extractors = _group(rc, "shards"), _group(rc, "extractors")
-    assert ray_resources(shards["rayStartParams"]["resources"]) == {_flag(args, "--shard-resource"): v["shardWorkers"]["slotsPerPod"]}
+    shards, replication = int(_flag(args, "--shards")), int(_flag(args, "--replication-factor"))
+    template = _flag(args, "--shard-resource")
+    groups = _shard_groups(rc)
+    assert set(groups) == {(i, j) for i in range(shards) for j in range(replication)}
+    for (i, j), g in groups.items():
+        assert g["groupName"] == f"shard-{i}-r{j}"
+        assert g["replicas"] == g["minReplicas"] == g["maxReplicas"] == 1
+        assert ray_resources(g["rayStartParams"]["resources"]) == {template.format(shard=i, replica=j): 1}
+    extractors = _group(rc, "extractors")
     assert ray_resources(extractors["rayStartParams"]["resources"]) == {_flag(args, "--extractor-resource"): v["extractorWorkers"]["slotsPerPod"]}
-    assert shards["replicas"] * v["shardWorkers"]["slotsPerPod"] >= int(_flag(args, "--shards"))
     assert extractors["replicas"] * v["extractorWorkers"]["slotsPerPod"] >= int(_flag(args, "--replicas"))
-    for spec in [rc["spec"]["headGroupSpec"], shards, extractors]:
+    assert len(rc["spec"]["workerGroupSpecs"]) == shards * replication + 1
+    for spec in [rc["spec"]["headGroupSpec"], *rc["spec"]["workerGroupSpecs"]]:
         assert "metrics-export-port" not in spec["rayStartParams"]  # Ray's export needs ray[default]: not used
         assert spec["rayStartParams"]["num-cpus"] == "0"
 
@@ -260,27 +285,77 @@ def _volumes(group: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_data_volume_is_mounted_where_the_shards_write(rendered):
+    """perReplica (default): a claim per shard replica, mounted by that replica's one pod, and one
+    for the head — ReadWriteOnce by default. shared: one ReadWriteMany claim on every data pod."""
     name, values, objs = rendered
     v = _merged(values)
+    p = v["persistence"]
     rc = one(objs, "RayCluster")
     data_dir = _flag(_head(rc)["args"], "--data-dir")
-    shards = _group(rc, "shards")
-    for group in (rc["spec"]["headGroupSpec"], shards):
-        mounts = _mounts(group["template"]["spec"]["containers"][0])
-        assert mounts.get(data_dir) == "data", (name, mounts)
+    pvcs = {o["metadata"]["name"]: o for o in objs if o["kind"] == "PersistentVolumeClaim"}
+    pods = {"head": rc["spec"]["headGroupSpec"], **{g["groupName"]: g for g in _shard_groups(rc).values()}}
+    claims = {}
+    for group_name, group in pods.items():
+        assert _mounts(group["template"]["spec"]["containers"][0]).get(data_dir) == "data", (name, group_name)
         vol = _volumes(group)["data"]
-        if v["persistence"]["enabled"]:
-            claim = vol["persistentVolumeClaim"]["claimName"]
-            if v["persistence"]["existingClaim"]:
-                assert claim == v["persistence"]["existingClaim"]
-            else:
-                pvc = one(objs, "PersistentVolumeClaim")
-                assert pvc["metadata"]["name"] == claim
-                assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-                assert pvc["spec"]["resources"]["requests"]["storage"] == v["persistence"]["size"]
-        else:
+        if not p["enabled"]:
             assert "emptyDir" in vol
+            continue
+        claims[group_name] = vol["persistentVolumeClaim"]["claimName"]
     assert data_dir not in _mounts(_group(rc, "extractors")["template"]["spec"]["containers"][0])
+    if not p["enabled"]:
+        assert pvcs == {}
+        return
+    if p["mode"] == "perReplica":
+        assert len(set(claims.values())) == len(claims), claims  # no claim is mounted by two groups
+        assert set(claims.values()) == set(pvcs)
+        assert claims["head"] == f"{RELEASE}-loupe-data-head"
+        for (i, j), g in _shard_groups(rc).items():
+            assert claims[g["groupName"]] == f"{RELEASE}-loupe-data-shard-{i}-r{j}"
+            pvc = pvcs[claims[g["groupName"]]]
+            assert pvc["metadata"]["labels"]["loupe.io/shard"] == str(i) and pvc["spec"]["resources"]["requests"]["storage"] == p["size"]
+        assert pvcs[claims["head"]]["spec"]["resources"]["requests"]["storage"] == p["headSize"]
+        expected_modes = p["accessModes"] or ["ReadWriteOnce"]
+    else:
+        assert len(set(claims.values())) == 1
+        if p["existingClaim"]:
+            assert set(claims.values()) == {p["existingClaim"]} and pvcs == {}
+            return
+        assert set(claims.values()) == set(pvcs) == {f"{RELEASE}-loupe-data"}
+        expected_modes = p["accessModes"] or ["ReadWriteMany"]
+    for pvc in pvcs.values():
+        assert pvc["spec"]["accessModes"] == expected_modes
+        assert pvc["spec"].get("storageClassName") == (p["storageClass"] or None)
+        assert (pvc["metadata"].get("annotations") or {}).get("helm.sh/resource-policy") == ("keep" if p["keep"] else None)
+
+
+def test_default_storage_is_one_readwriteonce_claim_per_shard_replica():
+    objs = render({"loupe": {"shards": 3, "replicationFactor": 2}})
+    pvcs = sorted(o["metadata"]["name"] for o in objs if o["kind"] == "PersistentVolumeClaim")
+    assert pvcs == sorted([f"{RELEASE}-loupe-data-head"] + [f"{RELEASE}-loupe-data-shard-{i}-r{j}" for i in range(3) for j in range(2)])
+    assert {tuple(o["spec"]["accessModes"]) for o in objs if o["kind"] == "PersistentVolumeClaim"} == {("ReadWriteOnce",)}
+    assert all("storageClassName" not in o["spec"] for o in objs if o["kind"] == "PersistentVolumeClaim")  # the cluster default
+
+
+def test_shared_mode_is_one_readwritemany_claim():
+    objs = render({"persistence": {"mode": "shared"}, "loupe": {"replicationFactor": 2}})
+    (pvc,) = [o for o in objs if o["kind"] == "PersistentVolumeClaim"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    rc = one(objs, "RayCluster")
+    names = {_volumes(g)["data"]["persistentVolumeClaim"]["claimName"] for g in _shard_groups(rc).values()}
+    assert names == {pvc["metadata"]["name"]} == {_volumes(rc["spec"]["headGroupSpec"])["data"]["persistentVolumeClaim"]["claimName"]}
+
+
+def test_fix_ownership_init_container_runs_on_data_pods_only():
+    rc = one(render({"persistence": {"fixOwnership": True}}), "RayCluster")
+    for group in [rc["spec"]["headGroupSpec"], *_shard_groups(rc).values()]:
+        (init,) = group["template"]["spec"]["initContainers"]
+        assert init["name"] == "fix-data-ownership" and init["securityContext"]["runAsUser"] == 0
+        assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "DAC_READ_SEARCH", "FOWNER"]}
+        assert "chown -h 10001:10001" in init["command"][-1] and {"name": "data", "mountPath": "/data"} in init["volumeMounts"]
+    assert "initContainers" not in _group(rc, "extractors")["template"]["spec"]
+    default = one(render({}), "RayCluster")
+    assert all("initContainers" not in g["template"]["spec"] for g in [default["spec"]["headGroupSpec"], *default["spec"]["workerGroupSpecs"]])
 
 
 def test_every_ray_container_carries_the_ray_token(rendered):
@@ -365,6 +440,11 @@ def _pods(rc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {"head": rc["spec"]["headGroupSpec"]["template"], **{g["groupName"]: g["template"] for g in rc["spec"]["workerGroupSpecs"]}}
 
 
+def _role(group: str) -> str:
+    """head / shards / extractors of a pod template name from _pods (shard groups are shard-<i>-r<j>)."""
+    return "shards" if group.startswith("shard-") else group
+
+
 def _metrics_port(template: dict[str, Any]) -> tuple[str, int]:
     """(name, number) of the pod's one *-metrics container port."""
     (port,) = [p for p in template["spec"]["containers"][0]["ports"] if p["name"].endswith("-metrics")]
@@ -381,10 +461,10 @@ def test_scraping_by_annotations_and_monitors(rendered):
     # the head pod's annotation scrapes the broker: none on the Service (it would scrape it twice)
     assert not any(k.startswith("prometheus.io/") for k in (svc["metadata"].get("annotations") or {}))
     pods = _pods(rc)
-    assert set(pods) == set(METRICS_FLAG)
+    assert {_role(g) for g in pods} == set(METRICS_FLAG)
     for group, template in pods.items():
         name, number = _metrics_port(template)
-        assert number == int(_flag(args, METRICS_FLAG[group])), group
+        assert number == int(_flag(args, METRICS_FLAG[_role(group)])), group
         ann = template["metadata"]["annotations"]
         assert ann.get("prometheus.io/port") == (str(number) if annotated else None), group
         assert ann.get("prometheus.io/scrape") == ("true" if annotated else None), group
@@ -407,7 +487,7 @@ def test_scraping_by_annotations_and_monitors(rendered):
         for group, port_name in wanted.items():
             ep = endpoints[port_name]
             assert ep["honorLabels"] is True and ep["path"] == "/metrics"
-            assert ep["relabelings"] == [{"action": "replace", "targetLabel": "role", "replacement": ROLE[group]}]
+            assert ep["relabelings"] == [{"action": "replace", "targetLabel": "role", "replacement": ROLE[_role(group)]}]
 
 
 def test_podmonitor_leaves_the_broker_to_the_servicemonitor():
@@ -422,32 +502,76 @@ def test_metrics_ports_follow_the_values():
     rc = one(objs, "RayCluster")
     args = _head(rc)["args"]
     assert _flag(args, "--shard-metrics-port") == "19091" and _flag(args, "--extractor-metrics-port") == "19092"
-    assert _metrics_port(_pods(rc)["shards"]) == ("shard-metrics", 19091)
+    assert _metrics_port(_pods(rc)["shard-0-r0"]) == ("shard-metrics", 19091)
     assert _metrics_port(_pods(rc)["extractors"]) == ("extract-metrics", 19092)
     assert _pods(rc)["extractors"]["metadata"]["annotations"]["prometheus.io/port"] == "19092"
 
 
 def test_one_actor_per_pod_by_default_and_notes_warn_otherwise():
     v = _merged({})
-    assert v["shardWorkers"]["slotsPerPod"] == 1 and v["extractorWorkers"]["slotsPerPod"] == 1
-    assert v["shardWorkers"]["replicas"] > v["loupe"]["shards"]  # spare capacity = a spare pod
+    assert v["extractorWorkers"]["slotsPerPod"] == 1
     assert "random port" not in notes({})
-    assert "random port" in notes({"shardWorkers": {"slotsPerPod": 2}})
+    assert "random port" in notes({"extractorWorkers": {"slotsPerPod": 2}})
     text = notes({})
     assert "port 9091 of each shard pod" in text and "port 9092 of each extractor pod" in text and "loupe_shard_up" in text
 
 
-def test_pdbs_select_the_worker_groups_only(rendered):
+def _selects(pdb: dict[str, Any], template: dict[str, Any]) -> bool:
+    """Whether the budget's selector matches a pod of this template (KubeRay adds ray.io/cluster and ray.io/group)."""
+    return all(template["metadata"]["labels"].get(k, template["_ray"].get(k)) == val for k, val in pdb["spec"]["selector"]["matchLabels"].items())
+
+
+def test_pdbs_use_an_integer_min_available_the_disruption_controller_can_evaluate(rendered):
+    """RayCluster pods have no scale subresource: only an integer minAvailable lets the disruption
+    controller allow evictions (KubeRay issue 2662). One budget per shard with >= 2 copies
+    (minAvailable copies - maxUnavailable), one for the extractors; none that would be 0."""
     _, values, objs = rendered
     v = _merged(values)
     rc = one(objs, "RayCluster")
-    pdbs = [o for o in objs if o["kind"] == "PodDisruptionBudget"]
+    pdbs = {o["metadata"]["name"]: o for o in objs if o["kind"] == "PodDisruptionBudget"}
     if not v["pdb"]["enabled"]:
-        assert pdbs == []
+        assert pdbs == {}
         return
-    groups = {p["spec"]["selector"]["matchLabels"]["ray.io/group"] for p in pdbs}
-    assert groups == {g["groupName"] for g in rc["spec"]["workerGroupSpecs"]}
-    assert all(p["spec"]["selector"]["matchLabels"]["ray.io/cluster"] == rc["metadata"]["name"] for p in pdbs)
+    for pdb in pdbs.values():
+        assert set(pdb["spec"]) == {"minAvailable", "selector"}, pdb["spec"]
+        assert isinstance(pdb["spec"]["minAvailable"], int) and pdb["spec"]["minAvailable"] >= 1
+        assert pdb["spec"]["selector"]["matchLabels"]["ray.io/cluster"] == rc["metadata"]["name"]
+    templates = [dict(g["template"], _ray={"ray.io/cluster": rc["metadata"]["name"], "ray.io/group": g["groupName"]})
+                 for g in rc["spec"]["workerGroupSpecs"]]
+    head = dict(rc["spec"]["headGroupSpec"]["template"], _ray={"ray.io/cluster": rc["metadata"]["name"], "ray.io/group": "headgroup"})
+    assert not any(_selects(p, head) for p in pdbs.values())  # the single head gets none: it would block drains
+    R, unavailable = v["loupe"]["replicationFactor"], v["pdb"]["maxUnavailable"]
+    for i in range(v["loupe"]["shards"]):
+        name = f"{RELEASE}-loupe-shard-{i}"
+        if R - unavailable < 1:
+            assert name not in pdbs
+            continue
+        selected = [t for t in templates if _selects(pdbs[name], t)]
+        assert sorted(int(t["metadata"]["labels"]["loupe.io/shard-replica"]) for t in selected) == list(range(R))
+        assert {t["metadata"]["labels"]["loupe.io/shard"] for t in selected} == {str(i)}
+        assert pdbs[name]["spec"]["minAvailable"] == R - unavailable
+    ext = f"{RELEASE}-loupe-extractors"
+    n = v["extractorWorkers"]["replicas"]
+    if n - unavailable >= 1:
+        assert pdbs[ext]["spec"]["minAvailable"] == n - unavailable
+        assert [t["_ray"]["ray.io/group"] for t in templates if _selects(pdbs[ext], t)] == ["extractors"]
+    else:
+        assert ext not in pdbs
+
+
+def test_pdb_forms_by_replication_factor():
+    """R=1: no shard budget (it would block every drain: minAvailable 1 of 1 pod); R=2: minAvailable 1
+    per shard, so a drain evicts one copy and waits for it to be back before the other."""
+    assert [o for o in render({}) if o["kind"] == "PodDisruptionBudget"] == []
+    objs = render({"loupe": {"shards": 2, "replicationFactor": 2, "replicas": 3}, "extractorWorkers": {"replicas": 3}})
+    got = {o["metadata"]["name"]: (o["spec"]["minAvailable"], o["spec"]["selector"]["matchLabels"]) for o in objs if o["kind"] == "PodDisruptionBudget"}
+    assert got == {
+        f"{RELEASE}-loupe-shard-0": (1, {"ray.io/cluster": f"{RELEASE}-loupe", "loupe.io/shard": "0"}),
+        f"{RELEASE}-loupe-shard-1": (1, {"ray.io/cluster": f"{RELEASE}-loupe", "loupe.io/shard": "1"}),
+        f"{RELEASE}-loupe-extractors": (2, {"ray.io/cluster": f"{RELEASE}-loupe", "ray.io/group": "extractors"}),
+    }
+    assert "no PodDisruptionBudget guards the shards" in notes({})
+    assert "no PodDisruptionBudget guards the shards" not in notes({"loupe": {"replicationFactor": 2}})
 
 
 def test_notes_say_how_to_reach_the_service():
@@ -496,7 +620,11 @@ def test_the_projects_dashboard_and_rules_render_when_present():
         ({"loupe": {"shards": -1}}, "/loupe/shards"),
         ({"loupe": {"shards": 0}}, "/loupe/shards"),
         ({"loupe": {"replicas": -2}}, "/loupe/replicas"),
-        ({"shardWorkers": {"replicas": -1}}, "/shardWorkers/replicas"),
+        ({"loupe": {"replicationFactor": 0}}, "/loupe/replicationFactor"),
+        ({"shardWorkers": {"replicas": 3}}, "additional properties 'replicas' not allowed"),
+        ({"persistence": {"mode": "rwx"}}, "/persistence/mode"),
+        ({"upgradeStrategy": "Rolling"}, "/upgradeStrategy"),
+        ({"loupe": {"startupTimeoutS": 5}}, "/loupe/startupTimeoutS"),
         ({"extractorWorkers": {"slotsPerPod": 0}}, "/extractorWorkers/slotsPerPod"),
         ({"loupe": {"shards": "2"}}, "/loupe/shards"),
         ({"loupe": {"port": "50051"}}, "/loupe/port"),
@@ -523,8 +651,10 @@ def test_schema_rejects_bad_values_with_a_message_naming_the_key(values, message
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({"loupe": {"shards": 5}}, "loupe.shards = 5"),
         ({"loupe": {"replicas": 3}}, "loupe.replicas = 3"),
+        ({"persistence": {"mode": "shared", "accessModes": ["ReadWriteOnce"]}}, "must include ReadWriteMany"),
+        ({"persistence": {"existingClaim": "mine"}}, "existingClaim is for persistence.mode=shared"),
+        ({"persistence": {"accessModes": ["ReadOnlyMany"]}}, "ReadOnlyMany cannot work"),
         ({"tls": {"enabled": True}}, "tls.existingSecret"),
         ({"loupe": {"extractorResource": "loupe_shard"}}, "must differ"),
     ],
@@ -532,3 +662,185 @@ def test_schema_rejects_bad_values_with_a_message_naming_the_key(values, message
 def test_render_fails_on_inconsistent_values(values, message):
     with pytest.raises(helm_python.HelmError, match=message.replace(".", r"\.")):
         render(values)
+
+
+# --- operating it: upgrades, secrets, pods' surroundings ---------------------------------------------
+def _all_pod_specs(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Pod spec of the head, of every worker group and of the `helm test` pod."""
+    rc = one(objs, "RayCluster")
+    specs = {name: t["spec"] for name, t in _pods(rc).items()}
+    specs["helm-test"] = one(objs, "Pod")["spec"]
+    return specs
+
+
+def test_upgrade_strategy_recreates_pods_and_the_crd_knows_it(rendered):
+    """Without spec.upgradeStrategy KubeRay never replaces running pods after `helm upgrade`."""
+    _, values, objs = rendered
+    rc = one(objs, "RayCluster")
+    assert rc["spec"]["upgradeStrategy"] == {"type": "Recreate"}
+    crd = yaml.safe_load(RAYCLUSTER_CRD.read_text()) if RAYCLUSTER_CRD.is_file() else pytest.skip("no CRD")
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    assert "Recreate" in schema["properties"]["spec"]["properties"]["upgradeStrategy"]["properties"]["type"]["enum"]
+    assert "upgradeStrategy" not in one(render({"upgradeStrategy": ""}), "RayCluster")["spec"]
+
+
+def test_the_chart_states_the_kuberay_version_it_needs():
+    chart = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
+    assert chart["annotations"]["loupe.io/requires"] == "kuberay-operator>=1.6.0"  # upgradeStrategy
+    assert "KubeRay operator >= 1.6" in notes({})
+
+
+def test_no_pod_mounts_a_service_account_token(rendered):
+    _, values, objs = rendered
+    v = _merged(values)
+    for name, spec in _all_pod_specs(objs).items():
+        assert spec["automountServiceAccountToken"] is False, name
+        expected = v["serviceAccount"]["name"] or (f"{RELEASE}-loupe" if v["serviceAccount"]["create"] else None)
+        assert spec.get("serviceAccountName") == expected, name
+    sas = [o for o in objs if o["kind"] == "ServiceAccount"]
+    assert len(sas) == int(v["serviceAccount"]["create"])
+    for sa in sas:
+        assert sa["automountServiceAccountToken"] is False
+
+
+def test_global_values_are_accepted_so_the_chart_can_be_a_subchart():
+    with helm_python.Chart.load(CHART_DIR) as chart:
+        chart.validate_schema({"global": {"imageRegistry": "r.invalid", "anything": {"nested": 1}}})
+    assert one(render({"global": {"imageRegistry": "r.invalid"}}), "RayCluster")
+
+
+def test_shard_and_extractor_pods_spread_across_nodes(rendered):
+    _, values, objs = rendered
+    v = _merged(values)
+    rc = one(objs, "RayCluster")
+    cluster = rc["metadata"]["name"]
+    for (i, j), g in _shard_groups(rc).items():
+        spread = g["template"]["spec"]["topologySpreadConstraints"]
+        every_shard = {"ray.io/cluster": cluster, "app.kubernetes.io/component": "shards"}
+        assert {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": every_shard}} in spread
+        copies = [c for c in spread if c["labelSelector"]["matchLabels"].get("loupe.io/shard") == str(i)]
+        if v["loupe"]["replicationFactor"] > 1 and v["shardWorkers"]["replicaSpread"]:
+            assert copies == [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": v["shardWorkers"]["replicaSpread"],
+                               "labelSelector": {"matchLabels": {"ray.io/cluster": cluster, "loupe.io/shard": str(i)}}}]
+        else:
+            assert copies == []
+        # every selector matches the pod itself (a constraint that selects nothing spreads nothing)
+        labels = {**g["template"]["metadata"]["labels"], "ray.io/cluster": cluster}
+        assert all(all(labels.get(k) == val for k, val in c["labelSelector"]["matchLabels"].items()) for c in spread)
+    ext = _group(rc, "extractors")["template"]["spec"]["topologySpreadConstraints"]
+    assert ext[0]["labelSelector"]["matchLabels"] == {"ray.io/cluster": cluster, "app.kubernetes.io/component": "extractors"}
+    assert "topologySpreadConstraints" not in rc["spec"]["headGroupSpec"]["template"]["spec"]
+
+
+def test_pod_extras_reach_every_ray_pod():
+    from chart_render import EXTRAS
+
+    objs = render(EXTRAS)
+    rc = one(objs, "RayCluster")
+    for name, template in _pods(rc).items():
+        spec, c = template["spec"], template["spec"]["containers"][0]
+        assert template["metadata"]["labels"]["team"] == "search", name
+        assert template["metadata"]["annotations"]["loupe.io/secret-version"] == "2", name
+        assert spec["priorityClassName"] == ("loupe-critical" if name == "head" else "loupe-high"), name
+        assert {"name": "ca-bundle", "configMap": {"name": "corp-ca"}} in spec["volumes"], name
+        assert {"name": "ca-bundle", "mountPath": "/etc/corp-ca", "readOnly": True} in c["volumeMounts"], name
+        inits = [i["name"] for i in spec["initContainers"]]
+        assert inits == (["wait-for-dns"] if name == "extractors" else ["fix-data-ownership", "wait-for-dns"]), name
+        assert {"name": "LOUPE_MAX_SIDE", "value": "768"} in c["env"], name
+    assert one(objs, "Pod")["metadata"]["labels"]["team"] == "search"
+    assert one(objs, "ServiceAccount")["metadata"]["annotations"] == {"iam.example/role": "loupe"}
+
+
+def test_one_startup_timeout_for_loupe_and_the_probe(rendered):
+    """`loupe up` waits LOUPE_STARTUP_TIMEOUT_S for its actors; the startup probe must outlast it."""
+    from cluster.config import ClusterConfig
+
+    _, values, objs = rendered
+    v = _merged(values)
+    head = _head(one(objs, "RayCluster"))
+    env = {e["name"]: e.get("value") for e in head["env"]}
+    timeout = v["loupe"]["startupTimeoutS"]
+    assert ClusterConfig.build({"insecure_no_auth": True}, environ={"LOUPE_STARTUP_TIMEOUT_S": env["LOUPE_STARTUP_TIMEOUT_S"]}).startup_timeout_s == timeout
+    probe = head["startupProbe"]
+    budget = probe["periodSeconds"] * probe["failureThreshold"]
+    assert timeout + 60 <= budget <= timeout + 80, (timeout, budget)
+    assert f"loupe up waits {timeout} s" in notes(values) and f"allows {budget} s" in notes(values)
+
+
+def test_ray_is_pinned_to_the_charts_ray_version():
+    import re
+
+    pinned = re.findall(r'"ray(?:\[[^\]]*\])?==([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text())
+    assert pinned == [_merged({})["rayVersion"]]
+
+
+# --- secrets: precedence, GitOps, restarts -------------------------------------------------------------
+def _secret_data(objs: list[dict[str, Any]], name: str) -> dict[str, str]:
+    import base64
+
+    obj = next(o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"] == name)
+    return {k: base64.b64decode(val).decode() for k, val in obj["data"].items()}
+
+
+def test_explicit_tokens_are_what_the_secrets_hold():
+    from chart_render import EXTRAS
+
+    objs = render(EXTRAS)
+    auth = _secret_data(objs, f"{RELEASE}-loupe-auth")
+    assert auth == {"tokens": f"read {'R' * 40}\nwrite {'W' * 40}\n", "internal-token": "I" * 40, "read-token": "R" * 40, "write-token": "W" * 40}
+    assert _secret_data(objs, f"{RELEASE}-loupe-ray-auth") == {"auth_token": "Y" * 48}
+
+
+def _precedence_chart(tmp_path, old_auth: dict[str, str], old_ray: dict[str, str]):
+    """A copy of the chart with a template that runs the token helper on a Secret "found" in the
+    cluster (offline rendering looks nothing up), exposing the result in a ConfigMap."""
+    import base64
+
+    chart = chart_copy(tmp_path)
+    enc = lambda d: "(dict " + " ".join(f'"{k}" "{base64.b64encode(v.encode()).decode()}"' for k, v in d.items()) + ")"  # noqa: E731
+    (chart / "templates" / "zz-precedence.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: precedence\ndata:\n  result: {{ include \"loupe.secretData\" "
+        f"(dict \"auth\" .Values.auth \"rayAuth\" .Values.rayAuth \"oldAuth\" {enc(old_auth)} \"oldRay\" {enc(old_ray)}) | quote }}}}\n")
+    return chart
+
+
+def test_explicit_values_win_over_the_secret_in_the_cluster_and_the_rest_is_kept(tmp_path):
+    old_auth = {"tokens": "read oldread\nwrite oldwrite\n", "internal-token": "oldinternal", "read-token": "oldread"}  # a v0.1 Secret: no write-token key
+    chart = _precedence_chart(tmp_path, old_auth, {"auth_token": "oldray"})
+    values = {"auth": {"readToken": "newread"}, "rayAuth": {"token": "newray"}}
+    got = json.loads(next(o for o in render(values, chart_dir=chart) if o["metadata"]["name"] == "precedence")["data"]["result"])
+    assert got["auth"] == {"tokens": "read newread\nwrite oldwrite\n", "internal-token": "oldinternal", "read-token": "newread", "write-token": "oldwrite"}
+    assert got["ray"] == {"auth_token": "newray"}
+    kept = json.loads(next(o for o in render({}, chart_dir=chart) if o["metadata"]["name"] == "precedence")["data"]["result"])
+    assert kept["auth"]["tokens"] == "read oldread\nwrite oldwrite\n" and kept["ray"] == {"auth_token": "oldray"}
+
+
+def test_existing_secrets_are_used_and_not_created():
+    objs = render({"auth": {"existingSecret": "my-tokens"}, "rayAuth": {"existingSecret": "my-ray"}})
+    assert [o for o in objs if o["kind"] == "Secret"] == []
+    rc = one(objs, "RayCluster")
+    assert _volumes(rc["spec"]["headGroupSpec"])["auth"]["secret"]["secretName"] == "my-tokens"
+    for template in _pods(rc).values():
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "my-ray", "key": "auth_token"}
+    test_pod = one(objs, "Pod")
+    assert next(vol for vol in test_pod["spec"]["volumes"] if vol["name"] == "auth")["secret"]["secretName"] == "my-tokens"
+
+
+def test_pods_carry_a_checksum_of_the_secrets_they_run_with():
+    """The checksum is computed from the same tokens as the Secret objects (random ones included),
+    so a fresh install does not restart itself on its first upgrade, and a new token restarts every pod."""
+    import hashlib
+
+    def checksums(objs):
+        return {t["metadata"]["annotations"]["checksum/secrets"] for t in _pods(one(objs, "RayCluster")).values()}
+
+    objs = render({})
+    (checksum,) = checksums(objs)
+    auth, ray = _secret_data(objs, f"{RELEASE}-loupe-auth"), _secret_data(objs, f"{RELEASE}-loupe-ray-auth")
+    assert checksum == hashlib.sha256(json.dumps({"auth": auth, "ray": ray}, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    fixed = {"auth": {"readToken": "a" * 40, "writeToken": "b" * 40, "internalToken": "c" * 40}, "rayAuth": {"token": "d" * 48}}
+    assert checksums(render(fixed)) == checksums(render(fixed))
+    assert checksums(render(fixed)) != checksums(render({**fixed, "rayAuth": {"token": "e" * 48}}))
+    assert checksums(render({"auth": {"existingSecret": "s"}, "rayAuth": {"existingSecret": "r"}})) != checksums(render({"auth": {"existingSecret": "s2"}, "rayAuth": {"existingSecret": "r"}}))

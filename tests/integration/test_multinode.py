@@ -361,7 +361,6 @@ class Deployment:
         values = {
             "loupe": {"shards": 2, "replicas": 1, "port": self.port, "metricsPort": self.metrics_port, "extractorThreads": 1,
                       "extraArgs": ["--max-side", "256", "--global-max-side", "256", "--scales", "1", "--regions-per-image", "0"]},
-            "shardWorkers": {"replicas": 2, "slotsPerPod": 1},
             "extractorWorkers": {"replicas": 1, "slotsPerPod": 1},
             "auth": {"enabled": True, "readToken": secrets.token_hex(20), "writeToken": secrets.token_hex(20), "internalToken": secrets.token_hex(20)},
             "rayAuth": {"enabled": True},
@@ -370,9 +369,11 @@ class Deployment:
         rc = next(o for o in objs if o["kind"] == "RayCluster")
         groups = {g["groupName"]: g for g in rc["spec"]["workerGroupSpecs"]}
         self.head_params = rc["spec"]["headGroupSpec"]["rayStartParams"]
-        self.shard_params, self.extractor_params = groups["shards"]["rayStartParams"], groups["extractors"]["rayStartParams"]
+        # one worker group (one pod) per shard replica: shard node i plays the group shard-<i>-r0
+        self.shard_params = [groups[f"shard-{i}-r0"]["rayStartParams"] for i in range(len(topo.shard_ips))]
+        self.extractor_params = groups["extractors"]["rayStartParams"]
         head = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-        self.worker_probe = groups["shards"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"]
+        self.worker_probe = groups["shard-0-r0"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"]
         self.test_pod = next(o for o in objs if o["kind"] == "Pod" and o["metadata"]["annotations"].get("helm.sh/hook") == "test")
         env = {e["name"]: e for e in head["env"]}
         assert env["RAY_AUTH_MODE"]["value"] == "token" and env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "auth_token"
@@ -390,7 +391,7 @@ class Deployment:
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token}
         for var in ("RAY_ADDRESS", "LOUPE_TOKEN", "LOUPE_TOKEN_FILE"):
             self.env.pop(var, None)
-        self.data_dir = root / "data"  # the ReadWriteMany volume: one directory every node sees
+        self.data_dir = root / "data"  # stands for every pod's /data: each shard replica writes its own shard-NNN[-rJ]
         self.data_dir.mkdir()
         self.chart_args = list(head["args"])
         self.gcs_port = topo.free_port(topo.head_ip)
@@ -404,8 +405,8 @@ class Deployment:
         ], self.env, root, topo.node_prefix(topo.head_ip))
         self.shard_nodes = [
             RayNode(f"shard{i}", ip, [
-                f"--address={topo.head_ip}:{self.gcs_port}", f"--num-cpus={self.shard_params['num-cpus']}",
-                f"--resources={json.dumps(_ray_resources(self.shard_params['resources']))}",
+                f"--address={topo.head_ip}:{self.gcs_port}", f"--num-cpus={self.shard_params[i]['num-cpus']}",
+                f"--resources={json.dumps(_ray_resources(self.shard_params[i]['resources']))}",
             ], self.env, root, topo.node_prefix(ip))
             for i, ip in enumerate(topo.shard_ips)
         ]

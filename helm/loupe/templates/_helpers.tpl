@@ -79,8 +79,54 @@ ray.io/cluster: {{ include "loupe.clusterName" . }}
 {{- default (include "loupe.suffixed" (list . "ray-auth")) .Values.rayAuth.existingSecret }}
 {{- end }}
 
+{{/*
+Claims: the shared one (`persistence.mode: shared`), the head's and each shard replica's (`perReplica`).
+*/}}
 {{- define "loupe.dataClaim" -}}
 {{- default (include "loupe.suffixed" (list . "data")) .Values.persistence.existingClaim }}
+{{- end }}
+
+{{- define "loupe.headClaim" -}}
+{{- include "loupe.suffixed" (list . "data-head") }}
+{{- end }}
+
+{{/*
+Argument: (list root shard replica).
+*/}}
+{{- define "loupe.shardClaim" -}}
+{{- include "loupe.suffixed" (list (index . 0) (printf "data-shard-%d-r%d" (int (index . 1)) (int (index . 2)))) }}
+{{- end }}
+
+{{/*
+Worker group (and Ray resource suffix) of one shard replica. Argument: (list shard replica).
+*/}}
+{{- define "loupe.shardGroup" -}}
+{{- printf "shard-%d-r%d" (int (index . 0)) (int (index . 1)) }}
+{{- end }}
+
+{{/*
+The Ray resource a shard replica's group advertises; `loupe up --shard-resource` gets the same
+name with `{shard}` / `{replica}` placeholders. Argument: (list root shard replica).
+*/}}
+{{- define "loupe.shardResourceName" -}}
+{{- printf "%s_%d_r%d" (index . 0).Values.loupe.shardResource (int (index . 1)) (int (index . 2)) }}
+{{- end }}
+
+{{- define "loupe.shardResourceTemplate" -}}
+{{- printf "%s_{shard}_r{replica}" .Values.loupe.shardResource }}
+{{- end }}
+
+{{/*
+Access modes of the created claims: the values', or the mode's default.
+*/}}
+{{- define "loupe.accessModes" -}}
+{{- if .Values.persistence.accessModes }}
+{{- toYaml .Values.persistence.accessModes }}
+{{- else if eq .Values.persistence.mode "shared" }}
+- ReadWriteMany
+{{- else }}
+- ReadWriteOnce
+{{- end }}
 {{- end }}
 
 {{/*
@@ -115,10 +161,12 @@ tests/integration/test_multinode.py runs the same list against a multi-node Ray 
 - /data
 - --shards
 - {{ .Values.loupe.shards | quote }}
+- --replication-factor
+- {{ .Values.loupe.replicationFactor | quote }}
 - --replicas
 - {{ .Values.loupe.replicas | quote }}
 - --shard-resource
-- {{ .Values.loupe.shardResource | quote }}
+- {{ include "loupe.shardResourceTemplate" . | quote }}
 - --extractor-resource
 - {{ .Values.loupe.extractorResource | quote }}
 - --extractor-threads
@@ -192,13 +240,121 @@ emptyDir) and, for the head and shard pods, the data volume.
     medium: Memory
 {{- end }}
 
+{{/*
+The data volume of a pod. Argument: (list root claim): claim "" = the shared one (or emptyDir).
+*/}}
 {{- define "loupe.dataVolume" -}}
+{{- $root := index . 0 }}{{- $claim := index . 1 }}
 - name: data
-{{- if .Values.persistence.enabled }}
-  persistentVolumeClaim:
-    claimName: {{ include "loupe.dataClaim" . }}
-{{- else }}
+{{- if not $root.Values.persistence.enabled }}
   emptyDir: {}
+{{- else }}
+  persistentVolumeClaim:
+    claimName: {{ $claim | default (include "loupe.dataClaim" $root) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Init container that hands /data to the pods' user where the volume plugin ignores fsGroup.
+*/}}
+{{- define "loupe.fixOwnership" -}}
+{{- if and .Values.persistence.enabled .Values.persistence.fixOwnership }}
+{{- $uid := int (.Values.podSecurityContext.runAsUser | default 10001) }}
+{{- $gid := int (.Values.podSecurityContext.runAsGroup | default $uid) }}
+- name: fix-data-ownership
+  image: {{ include "loupe.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command:
+    - /bin/sh
+    - -c
+    - 'find /data -xdev \( ! -user {{ $uid }} -o ! -group {{ $gid }} \) -exec chown -h {{ $uid }}:{{ $gid }} {} +'
+  securityContext:
+    runAsUser: 0
+    runAsGroup: 0
+    runAsNonRoot: false
+    allowPrivilegeEscalation: false
+    capabilities:
+      drop: [ALL]
+      add: [CHOWN, DAC_READ_SEARCH, FOWNER]
+  resources:
+    requests: {cpu: 10m, memory: 32Mi}
+    limits: {cpu: 500m, memory: 128Mi}
+  volumeMounts:
+    - {name: data, mountPath: /data}
+{{- end }}
+{{- end }}
+
+{{/*
+Pod-spec fields every Ray pod shares: service account, priority, pull secrets, security context.
+Argument: (list root priorityClassName-of-the-role).
+*/}}
+{{- define "loupe.podCommon" -}}
+{{- $root := index . 0 }}{{- $priority := index . 1 }}
+{{- with (include "loupe.serviceAccountName" $root) }}
+serviceAccountName: {{ . }}
+{{- end }}
+automountServiceAccountToken: {{ $root.Values.serviceAccount.automountServiceAccountToken }}
+{{- with ($priority | default $root.Values.priorityClassName) }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml $root.Values.podSecurityContext | nindent 2 }}
+{{- end }}
+
+{{- define "loupe.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "loupe.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Pod metadata every Ray pod shares besides its role's: pod labels (argument's labels first),
+checksum and user annotations. Argument: (dict "root" $ "labels" dict "annotations" dict).
+*/}}
+{{- define "loupe.podMeta" -}}
+{{- $root := .root }}
+labels:
+  {{- include "loupe.labels" $root | nindent 2 }}
+  {{- with .labels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+  {{- with $root.Values.podLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+annotations:
+  ray.io/overwrite-container-cmd: "true"
+  # the Secrets' content: a new token changes the pod templates, so KubeRay (upgradeStrategy
+  # Recreate) restarts every pod with it together
+  checksum/secrets: {{ include "loupe.secretsChecksum" $root }}
+  {{- with .annotations }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+  {{- with $root.Values.podAnnotations }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+
+{{/*
+Topology spread constraints: entries without labelSelector select the given labels.
+Argument: (list constraints selectorLabels).
+*/}}
+{{- define "loupe.spread" -}}
+{{- $out := list }}
+{{- range (index . 0) }}
+{{- $c := deepCopy . }}
+{{- if not (hasKey $c "labelSelector") }}
+{{- $_ := set $c "labelSelector" (dict "matchLabels" (index $ 1)) }}
+{{- end }}
+{{- $out = append $out $c }}
+{{- end }}
+{{- if $out }}
+{{- toYaml $out }}
 {{- end }}
 {{- end }}
 
@@ -241,13 +397,23 @@ failureThreshold: 3
 Checks across values that a JSON schema cannot express.
 */}}
 {{- define "loupe.validate" -}}
-{{- $shardSlots := mul .Values.shardWorkers.replicas .Values.shardWorkers.slotsPerPod }}
-{{- if lt (int $shardSlots) (int .Values.loupe.shards) }}
-{{- fail (printf "shardWorkers: replicas × slotsPerPod = %d is less than loupe.shards = %d: some shards could never be placed" (int $shardSlots) (int .Values.loupe.shards)) }}
-{{- end }}
 {{- $extSlots := mul .Values.extractorWorkers.replicas .Values.extractorWorkers.slotsPerPod }}
 {{- if lt (int $extSlots) (int .Values.loupe.replicas) }}
 {{- fail (printf "extractorWorkers: replicas × slotsPerPod = %d is less than loupe.replicas = %d: some extractor replicas could never be placed" (int $extSlots) (int .Values.loupe.replicas)) }}
+{{- end }}
+{{- $p := .Values.persistence }}
+{{- if $p.enabled }}
+{{- $modes := include "loupe.accessModes" . | fromYamlArray }}
+{{- if has "ReadOnlyMany" $modes }}
+{{- fail "persistence.accessModes: ReadOnlyMany cannot work: the head and the shards write to /data" }}
+{{- end }}
+{{- if eq $p.mode "shared" }}
+{{- if and (not $p.existingClaim) (not (has "ReadWriteMany" $modes)) }}
+{{- fail (printf "persistence.mode=shared mounts one claim on the head and %d shard pods: its accessModes %v must include ReadWriteMany (a ReadWriteOnce volume attaches to one node: the other pods stay Pending or fail with Multi-Attach). Use persistence.mode=perReplica (one ReadWriteOnce claim per shard replica) or a ReadWriteMany storage class" (mul .Values.loupe.shards .Values.loupe.replicationFactor) $modes) }}
+{{- end }}
+{{- else if $p.existingClaim }}
+{{- fail "persistence.existingClaim is for persistence.mode=shared (one claim for all pods); persistence.mode=perReplica creates one claim per shard replica and one for the head" }}
+{{- end }}
 {{- end }}
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) }}
 {{- fail "tls.existingSecret: required when tls.enabled (a Secret with tls.crt, tls.key and ca.crt)" }}
@@ -255,4 +421,97 @@ Checks across values that a JSON schema cannot express.
 {{- if eq .Values.loupe.shardResource .Values.loupe.extractorResource }}
 {{- fail (printf "loupe.shardResource and loupe.extractorResource must differ (both %q): shards and extractors would share pods" .Values.loupe.shardResource) }}
 {{- end }}
+{{- end }}
+
+{{/*
+One token: the explicit value, else the (base64) value of the Secret in the cluster, else random.
+Argument: (list explicit oldBase64 randomLength). Output: the token, plain.
+*/}}
+{{- define "loupe.token" -}}
+{{- $explicit := index . 0 }}{{- $old := index . 1 }}
+{{- if $explicit }}{{ $explicit }}{{ else if $old }}{{ b64dec $old }}{{ else }}{{ randAlphaNum (int (index . 2)) }}{{ end }}
+{{- end }}
+
+{{/*
+Data of the chart-created Secrets, plain text, as JSON {"auth": {...}, "ray": {...}}. Argument:
+(dict "auth" .Values.auth "rayAuth" .Values.rayAuth "oldAuth" data "oldRay" data), old data as
+`lookup` returns it (base64 values; empty when the Secret does not exist or nothing is looked up).
+A Secret of an earlier chart version has no `write-token` key: its write token is read from `tokens`.
+*/}}
+{{- define "loupe.secretData" -}}
+{{- $oldAuth := .oldAuth | default dict }}{{- $oldRay := .oldRay | default dict }}
+{{- $oldWrite := get $oldAuth "write-token" }}
+{{- if and (not $oldWrite) (get $oldAuth "tokens") }}
+{{- $line := regexFind "(?m)^write \\S+" (b64dec (get $oldAuth "tokens")) }}
+{{- if $line }}{{ $oldWrite = trimPrefix "write " $line | b64enc }}{{ end }}
+{{- end }}
+{{- $read := include "loupe.token" (list .auth.readToken (get $oldAuth "read-token") 40) }}
+{{- $write := include "loupe.token" (list .auth.writeToken $oldWrite 40) }}
+{{- $internal := include "loupe.token" (list .auth.internalToken (get $oldAuth "internal-token") 40) }}
+{{- $ray := include "loupe.token" (list .rayAuth.token (get $oldRay "auth_token") 48) }}
+{{- toJson (dict
+      "auth" (dict "tokens" (printf "read %s\nwrite %s\n" $read $write) "internal-token" $internal "read-token" $read "write-token" $write)
+      "ray" (dict "auth_token" $ray)) }}
+{{- end }}
+
+{{/*
+The chart-created Secrets' data, computed once per render (random tokens included) and kept in
+.Values: the Secret objects and the pods' checksum annotation must see the same tokens.
+*/}}
+{{- define "loupe.secrets" -}}
+{{- if not (hasKey .Values "loupeRenderedSecrets") }}
+{{- $oldAuth := dict }}{{- $oldRay := dict }}
+{{- if and .Values.auth.enabled (not .Values.auth.existingSecret) }}
+{{- $oldAuth = (lookup "v1" "Secret" .Release.Namespace (include "loupe.authSecret" .)).data | default dict }}
+{{- end }}
+{{- if and .Values.rayAuth.enabled (not .Values.rayAuth.existingSecret) }}
+{{- $oldRay = (lookup "v1" "Secret" .Release.Namespace (include "loupe.rayAuthSecret" .)).data | default dict }}
+{{- end }}
+{{- $data := include "loupe.secretData" (dict "auth" .Values.auth "rayAuth" .Values.rayAuth "oldAuth" $oldAuth "oldRay" $oldRay) | fromJson }}
+{{- $_ := set .Values "loupeRenderedSecrets" $data }}
+{{- end }}
+{{- toJson (get .Values "loupeRenderedSecrets") }}
+{{- end }}
+
+{{/*
+sha256 of what the pods read from Secrets: the chart-created data that is in use, and the names of
+existing Secrets (their content is the operator's: roll pods with `podAnnotations` after a rotation).
+*/}}
+{{- define "loupe.secretsChecksum" -}}
+{{- $all := include "loupe.secrets" . | fromJson }}
+{{- $used := dict }}
+{{- if .Values.auth.enabled }}
+{{- $_ := set $used "auth" (.Values.auth.existingSecret | default $all.auth) }}
+{{- end }}
+{{- if .Values.rayAuth.enabled }}
+{{- $_ := set $used "ray" (.Values.rayAuth.existingSecret | default $all.ray) }}
+{{- end }}
+{{- if .Values.tls.enabled }}
+{{- $_ := set $used "tls" .Values.tls.existingSecret }}
+{{- end }}
+{{- toJson $used | sha256sum }}
+{{- end }}
+
+{{/*
+Init containers of a Ray pod: the ownership fix (pods with /data) and the user's. Argument: (list root hasData).
+*/}}
+{{- define "loupe.initContainers" -}}
+{{- $root := index . 0 }}
+{{- $fix := ternary (include "loupe.fixOwnership" $root | trim) "" (index . 1) }}
+{{- if or $fix $root.Values.extraInitContainers }}
+initContainers:
+  {{- with $fix }}
+  {{- . | nindent 2 }}
+  {{- end }}
+  {{- with $root.Values.extraInitContainers }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Startup probe failures (every 10 s) allowed: `loupe.startupTimeoutS` for the actors + 60 s for `ray start`.
+*/}}
+{{- define "loupe.startupFailureThreshold" -}}
+{{- add (div (add (int .Values.loupe.startupTimeoutS) 9) 10) 6 }}
 {{- end }}
