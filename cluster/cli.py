@@ -26,6 +26,8 @@ without --address start a temporary local cluster for the command and tear it do
 def _add_cluster_flags(p: argparse.ArgumentParser, *, temporary: bool) -> None:
     g = p.add_argument_group("cluster" + (" (when no --address is given)" if temporary else ""))
     g.add_argument("--shards", type=int, default=None, help="index shards (default 2)")
+    g.add_argument("--replication-factor", type=int, default=None,
+                   help="copies of every shard (default 1; only 1 is supported until replicated shards land)")
     g.add_argument("--replicas", type=int, default=None, help="extractor replicas (default 1)")
     g.add_argument("--extractor-threads", type=int, default=None, help="backbone threads per replica (default: the CPU limit of its pod/machine shared by the replicas there)")
     g.add_argument("--shard-threads", type=int, default=None, help="faiss search threads per shard (default: the CPU limit of its pod/machine shared by the shards there)")
@@ -181,6 +183,7 @@ def _cluster_config(args: argparse.Namespace, **extra: Any):
     scales = tuple(float(s) for s in args.scales.split(",")) if getattr(args, "scales", None) else None
     values = {
         "shards": args.shards,
+        "replication_factor": args.replication_factor,
         "replicas": args.replicas,
         "extractor_threads": args.extractor_threads,
         "shard_threads": args.shard_threads,

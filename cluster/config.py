@@ -48,6 +48,8 @@ class ClusterConfig:
     ----------
     shards, replicas : int
         Number of index shards and extractor replicas (Ray actors).
+    replication_factor : int
+        Copies of every shard (the chart's ``loupe.replicationFactor``). Only 1 is accepted for now.
     host : str
         Interface every server binds; "0.0.0.0" in a real cluster (then the node IP is advertised).
     port : int
@@ -133,6 +135,7 @@ class ClusterConfig:
 
     shards: int = 2
     replicas: int = 1
+    replication_factor: int = 1
     host: str = "127.0.0.1"
     port: int = 0
     metrics_port: int = 0
@@ -176,6 +179,7 @@ class ClusterConfig:
         checks = {
             "shards": self.shards >= 1,
             "replicas": self.replicas >= 1,
+            "replication_factor": self.replication_factor >= 1,
             "port": 0 <= self.port <= 65535,
             "metrics_port": 0 <= self.metrics_port <= 65535,
             "shard_metrics_port": 0 <= self.shard_metrics_port <= 65535,
@@ -193,6 +197,11 @@ class ClusterConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name}: invalid value {getattr(self, name)!r}")
+        if self.replication_factor > 1:
+            raise ValueError(
+                f"replication_factor: {self.replication_factor} copies per shard are not supported yet (each shard is one copy; "
+                f"replicated shards are issue 22's next step): use --replication-factor 1"
+            )
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file, tls_key_file: give both or neither")
         if len({bool(self.internal_tls_cert_file), bool(self.internal_tls_key_file), bool(self.internal_tls_ca_file)}) != 1:

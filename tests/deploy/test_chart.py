@@ -195,7 +195,7 @@ def test_head_runs_ray_start_then_loupe_up_with_the_values_as_flags(rendered):
     # the flags exist in the CLI this image runs
     from cluster.cli import build_parser
 
-    parsed = build_parser().parse_known_args(args[1:])[0]
+    parsed = build_parser().parse_args(args[1:])
     assert parsed.shard_resource == v["loupe"]["shardResource"] + "_{shard}_r{replica}"
     assert parsed.shard_metrics_port == v["metrics"]["shardPort"]
     assert parsed.extractor_metrics_port == v["metrics"]["extractorPort"]
