@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import cv2
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.actors import REGISTRY_NAME, ExtractorActor, Registry, ShardActor
 from cluster.config import ClusterConfig, is_loopback
@@ -238,7 +239,12 @@ class Cluster:
     def _start_actors(self) -> None:
         cfg = self.config
         opts = ServerOptions(host=cfg.host, port=0, **self._internal_server_fields())
-        self._registry = ray.remote(Registry).options(name=REGISTRY_NAME, namespace=cfg.namespace, num_cpus=0).remote()
+        # the registry lives on this (the head's) node: anywhere else, losing that node would lose
+        # every address and make restarted actors fail at start (seen: a shard node took it along)
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self._registry = ray.remote(Registry).options(
+            name=REGISTRY_NAME, namespace=cfg.namespace, num_cpus=0, scheduling_strategy=here
+        ).remote()
         ray.get(self._registry.snapshot.remote())
         shard_cls = ray.remote(ShardActor)
         ext_res = {"resources": {cfg.extractor_resource: 1}} if cfg.extractor_resource else {}
