@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check --quiet .
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not soak" tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=15 -m "not soak" tests
 
 soak: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m soak tests
