@@ -150,10 +150,6 @@ class ShardActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def thread_count(self) -> int:
-        """faiss threads this shard searches with (from its pod's CPU limit unless set)."""
-        return self.threads
-
     def metrics_address(self) -> str:
         return self.metrics_addr
 

@@ -249,10 +249,6 @@ class ExtractorPool:
         """Images waiting for an extraction slot (queries and indexing)."""
         return self._slots.waiting()
 
-    def healthy(self) -> list[bool]:
-        """Whether each replica answered its last call or health check."""
-        return [i not in self._suspect for i in range(len(self._members))]
-
     def _order(self) -> list[int]:
         """Replicas to try: healthy ones in round-robin order, then the suspect ones."""
         n = len(self._members)

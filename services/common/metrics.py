@@ -257,19 +257,3 @@ class ExtractorMetrics:
         m.extract_seconds.labels(rid)
         m.queue_wait_seconds.labels(rid)
         return m
-
-
-
-def exported_names(registries: Iterable[CollectorRegistry]) -> set[str]:
-    """Every sample name (``_bucket``, ``_count``, ``_sum``, ``_total`` included) the registries expose."""
-    names: set[str] = set()
-    for r in registries:
-        for family in r.collect():
-            names.update(s.name for s in family.samples)
-            if family.type == "histogram":
-                names.update(family.name + suffix for suffix in ("_bucket", "_count", "_sum"))
-            elif family.type == "counter":
-                names.add(family.name + "_total")
-            else:
-                names.add(family.name)
-    return names
