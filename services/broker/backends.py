@@ -140,41 +140,31 @@ class ExtractionSlots:
             return len(self._waiters[True]) + len(self._waiters[False])
         return len(self._waiters[query])
 
-    def try_acquire(self, query: bool) -> asyncio.Future[None] | None:
-        """Admit or refuse a caller at once (no await: concurrent callers cannot all pass a check
-        before any of them is counted). Returns None when a free slot was taken, else a future
-        in the class's queue to pass to :meth:`wait`. Raises ``SlotsFull`` when the class already
-        has ``max_waiting`` waiters."""
+    async def acquire(self, query: bool, timeout_s: float | None = None) -> None:
+        """Take a slot, or wait for one in the class's queue (queries are handed freed slots first).
+
+        The caller is admitted or refused before the first await, so concurrent callers cannot
+        all pass a check before any of them is counted (await this coroutine directly, not
+        through a task). Raises ``SlotsFull`` when the class already has ``max_waiting``
+        waiters, ``asyncio.TimeoutError`` after ``timeout_s``; a caller that gives up (timeout or
+        cancellation) leaves the queue, or passes on a slot handed to it at that very moment.
+        """
         if self.in_use < self.capacity and not self.waiting():
             self.in_use += 1
-            return None
+            return
         queue = self._waiters[query]
         if self.max_waiting and len(queue) >= self.max_waiting:
             raise SlotsFull(len(queue))
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue.append(fut)
-        return fut
-
-    async def wait(self, fut: asyncio.Future[None], query: bool, timeout_s: float | None = None) -> None:
-        """Wait until ``fut`` (from :meth:`try_acquire`) is handed a slot. Cancellable and with an
-        optional timeout (``asyncio.TimeoutError``); a caller that gives up gives up its place,
-        or passes on a slot handed to it at that very moment."""
         try:
             await asyncio.wait_for(fut, timeout_s)
         except (asyncio.CancelledError, asyncio.TimeoutError):
             if fut.done() and not fut.cancelled():
                 self.release()  # the slot was handed over just as the caller gave up: pass it on
-            else:
-                queue = self._waiters[query]
-                if fut in queue:
-                    queue.remove(fut)
+            elif fut in queue:
+                queue.remove(fut)
             raise
-
-    async def acquire(self, query: bool, timeout_s: float | None = None) -> None:
-        """:meth:`try_acquire`, then :meth:`wait` for the slot if queued."""
-        fut = self.try_acquire(query)
-        if fut is not None:
-            await self.wait(fut, query, timeout_s)
 
     def release(self) -> None:
         """Hand the slot to the next waiter (queries first) or free it."""
@@ -263,7 +253,7 @@ class ExtractorPool:
         ``Overloaded`` without waiting when ``max_queue`` callers of its class already wait."""
         t0 = time.monotonic()
         try:
-            ticket = self._slots.try_acquire(query)
+            await self._slots.acquire(query, timeout_s)  # admitted or refused before its first await
         except SlotsFull as full:
             kind = "search" if query else "indexing"
             raise Overloaded(
@@ -271,11 +261,8 @@ class ExtractorPool:
                 f"broker.max_extract_queue={self._slots.max_waiting}; retry after {self.retry_after_ms} ms",
                 retry_after_ms=self.retry_after_ms,
             ) from None
-        if ticket is not None:
-            try:
-                await self._slots.wait(ticket, query, timeout_s)
-            except asyncio.TimeoutError:
-                raise DeadlineExceeded("deadline exceeded while waiting for an extraction slot") from None
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("deadline exceeded while waiting for an extraction slot") from None
         timeout_s = max(0.001, timeout_s - (time.monotonic() - t0))
         try:
             attempts = [self._attempt(i, request) for i in self._order()]

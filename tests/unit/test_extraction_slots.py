@@ -47,11 +47,12 @@ def test_each_class_has_its_own_waiting_bound() -> None:
         waiter = asyncio.create_task(slots.acquire(query=False))
         await _settle()
         with pytest.raises(SlotsFull):  # indexing's queue is full ...
-            slots.try_acquire(query=False)
-        searcher = slots.try_acquire(query=True)  # ... searches are still admitted
-        assert searcher is not None and slots.waiting(True) == 1
+            await slots.acquire(query=False)
+        searcher = asyncio.create_task(slots.acquire(query=True))  # ... searches are still admitted
+        await _settle()
+        assert slots.waiting(True) == 1
         slots.release()  # the search goes first
-        await slots.wait(searcher, True)
+        await searcher
         slots.release()
         await waiter
         slots.release()
