@@ -53,6 +53,7 @@ class Admin:
             st.images, st.feature_bytes = res.images, res.feature_bytes
             st.regional_vectors, st.local_features = res.regional_vectors, res.local_features
             st.store_bytes, st.index_bytes, st.index, st.startup_seconds = res.store_bytes, res.index_bytes, res.index, res.startup_seconds
+            st.oversized_records = res.oversized_records
             resp.images += res.images
             resp.dim = max(resp.dim, res.dim)
             resp.whitened = resp.whitened or res.whitened

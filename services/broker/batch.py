@@ -2,12 +2,17 @@
 
 The batch shares what can be shared and keeps per-query failures apart:
 
+0. the answer must fit the message limit by construction: the sum over the queries of k times
+   the worst-case result (``message_size.result_bytes``: id, 4 KiB of metadata, matches when
+   asked) must fit, or the whole batch is refused up front with INVALID_ARGUMENT naming the
+   limit and how many queries of that k fit (``check_batch_fits``);
 1. every query is validated and planned alone (a bad option fails that query only);
 2. queries are prepared concurrently: image queries go to the extractors together (at most
    the pool's concurrency in flight, so a batch never trips the extraction-queue admission
    limit by itself; the replicas batch concurrent images), id queries read their stored
    features;
-3. the first-stage fan-out is one ``SearchBatch`` call per shard for all queries;
+3. the first-stage fan-out is one ``SearchBatch`` call per shard for each group of queries whose
+   shard answer fits the message limit (``SearchPipeline.fanout_batch``);
 4. merge and rerank stages then run per query, concurrently.
 """
 
@@ -27,6 +32,7 @@ from services.broker.search_pipeline import Query, SearchPipeline
 from services.broker.search_plan import SearchPlan, build_plan, validate_search
 from services.common import limits
 from services.common.errors import InvalidArgument, status_for
+from services.common.message_size import MessageBudget, result_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +48,38 @@ def query_status(exc: BaseException | None) -> retrieval_pb2.QueryStatus:
     return retrieval_pb2.QueryStatus(code=code.value[0], message=str(exc))
 
 
+def check_batch_fits(request: retrieval_pb2.SearchBatchRequest, budget: MessageBudget, max_k: int) -> None:
+    """INVALID_ARGUMENT when the batch's answer could exceed the message limit: the sum over the
+    queries of k (a k out of 1..max_k fails its query alone and counts 0) times the worst-case
+    result size (with matches when the query asks for them)."""
+    sizes = [(q.k if 1 <= q.k <= max_k else 0, result_bytes(q.return_matches)) for q in request.queries]
+    need = sum(k * size for k, size in sizes)
+    if need <= budget.bytes:
+        return
+    k = max(k for k, _ in sizes)
+    size = max(size for _, size in sizes)
+    results = sum(k for k, _ in sizes)
+    raise InvalidArgument(
+        f"queries: {len(sizes)} queries asking for {results} results in all, of up to {size} bytes each "
+        f"({limits.MAX_METADATA_BYTES} bytes of metadata{' and the matches' if size > result_bytes() else ''}), exceed "
+        f"{budget.describe()}: at most {max(1, budget.bytes // (k * size))} queries of k={k} per SearchBatch"
+    )
+
+
 class BatchSearcher:
     """Runs SearchBatch requests over a ``SearchPipeline``."""
 
     def __init__(self, pipeline: SearchPipeline, config: BrokerConfig) -> None:
         self.pipeline = pipeline
         self.config = config
+        self.budget = pipeline.budget
 
     async def search(self, request: retrieval_pb2.SearchBatchRequest, deadline: Deadline) -> retrieval_pb2.SearchBatchResponse:
         """Answer every query of ``request`` in order."""
         n = len(request.queries)
         if not 1 <= n <= limits.MAX_BATCH_QUERIES:
             raise InvalidArgument(f"queries: must hold 1..{limits.MAX_BATCH_QUERIES} queries, got {n}")
+        check_batch_fits(request, self.budget, self.config.max_k)
         t_total = time.perf_counter()
         p = self.pipeline
         timings: list[types_pb2.StageTiming] = []

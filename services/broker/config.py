@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common import limits
 from services.rerank.diffusion import DiffusionParams
 from services.rerank.verify import VerifyParams
 
@@ -131,5 +132,7 @@ class BrokerConfig:
         for name in ("default_timeout_s", "max_k", "max_batch_images", "whitening_sample", "verify_candidates", "verify_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"broker.{name} must be > 0, got {getattr(self, name)}")
+        if self.max_batch_images > limits.MAX_WRITE_RECORDS:
+            raise ValueError(f"broker.max_batch_images must be <= {limits.MAX_WRITE_RECORDS} (records in one shard write), got {self.max_batch_images}")
 
 

@@ -39,7 +39,9 @@ from services.broker.rerank_stages import (
 from services.broker.search_plan import SearchPlan
 from services.broker.topk import Hit, ids_by_shard, merge_topk
 from services.broker.verification import VerifiedHit, candidate_locals, confidence, query_confidence, verify_hits
+from services.common import limits
 from services.common.errors import InvalidArgument, NotFound, Unavailable
+from services.common.message_size import MessageBudget, features_bytes, shard_hit_bytes
 from services.rerank.verify import VerifyParams
 from services.space.placement import shard_for
 
@@ -120,10 +122,14 @@ class SearchPipeline:
         Defaults and budgets.
     verify_pool : Executor
         Threads that verify candidate pairs.
+    budget : MessageBudget
+        The message limit shard answers must fit: batch fan-outs are split and feature reads
+        batched so that each shard answer fits by construction.
     """
 
     def __init__(self, extractors: ExtractorPool, shards: Sequence[ShardClient], collection: CollectionModel,
-                 metrics: BrokerMetrics, config: BrokerConfig, verify_pool: Executor) -> None:
+                 metrics: BrokerMetrics, config: BrokerConfig, verify_pool: Executor, budget: MessageBudget = MessageBudget()) -> None:
+        self.budget = budget
         self.extractors = extractors
         self.shards = shards
         self.collection = collection
@@ -245,36 +251,44 @@ class SearchPipeline:
     async def fanout_batch(
         self, items: Sequence[tuple[Query, int, bool]], deadline: Budget
     ) -> list[tuple[list[list[Hit]], list[int]] | Exception]:
-        """The first-stage fan-out of many queries ((query, depth, return_vectors) each): one
-        SearchBatch call per shard. Returns, per query, its per-shard hit lists and missing
-        shard ids, or the error that query alone gets (INVALID_ARGUMENT from a shard,
-        UNAVAILABLE when no shard answered)."""
+        """The first-stage fan-out of many queries ((query, depth, return_vectors) each):
+        SearchBatch calls per shard, the queries cut into consecutive groups whose worst-case
+        answer (depth x ``shard_hit_bytes``, 4 KiB of metadata per hit) fits the message limit.
+        Returns, per query, its per-shard hit lists and missing shard ids, or the error that
+        query alone gets (INVALID_ARGUMENT from a shard, UNAVAILABLE when no shard answered)."""
+        groups = self.budget.split(
+            [depth * shard_hit_bytes(query.vector.shape[0] if return_vectors else 0) for query, depth, return_vectors in items]
+        )
 
-        async def one(shard: ShardClient) -> shard_pb2.ShardSearchBatchResponse:
-            timeout = shard_timeout(deadline, self.config, queries=len(items))
+        async def one(shard: ShardClient, group: list[int]) -> shard_pb2.ShardSearchBatchResponse:
+            timeout = shard_timeout(deadline, self.config, queries=len(group))
             req = shard_pb2.ShardSearchBatchRequest(shard_id=shard.shard_id, timeout_s=timeout)
-            for query, depth, return_vectors in items:
+            for query, depth, return_vectors in (items[i] for i in group):
                 req.queries.add(shard_id=shard.shard_id, query=to_tensor(query.vector.astype(np.float32)), top_k=depth,
                                 return_vectors=return_vectors, filter=query.filter)
             return await shard.search_batch(req, timeout)
 
-        answers = await asyncio.gather(*(one(s) for s in self.shards), return_exceptions=True)
+        calls = [(pos, group) for pos in range(len(self.shards)) for group in groups]
+        answers = await asyncio.gather(*(one(self.shards[pos], group) for pos, group in calls), return_exceptions=True)
+        # per query, per shard: that shard's result for it, or the exception of the call that carried it
+        by_query: list[list] = [[None] * len(self.shards) for _ in items]
+        for (pos, group), res in zip(calls, answers):
+            for j, i in enumerate(group):
+                by_query[i][pos] = res if isinstance(res, BaseException) else res.results[j]
         out: list[tuple[list[list[Hit]], list[int]] | Exception] = []
         for i, (_, _, return_vectors) in enumerate(items):
             per_query = []
-            for shard, res in zip(self.shards, answers):
-                if isinstance(res, BaseException):
-                    per_query.append(res)
-                    continue
-                r = res.results[i]
-                if r.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]:
+            for shard, r in zip(self.shards, by_query[i]):
+                if isinstance(r, BaseException):
+                    per_query.append(r)
+                elif r.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]:
                     per_query.append(grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(), r.message))
                 elif r.code:
                     per_query.append(Unavailable(f"shard {shard.shard_id}: {r.message}"))
                 else:
                     per_query.append(hits_of(r.response, shard.shard_id, return_vectors))
             try:
-                out.append(self.sort_out(per_query, deadline, count_failures=i == 0))
+                out.append(self.sort_out(per_query, deadline, count_failures=i in (g[0] for g in groups)))
             except Exception as exc:  # this query's own error (bad query, no shard answered)
                 out.append(exc)
         return out
@@ -444,11 +458,13 @@ class SearchPipeline:
         self, hits: Sequence[Hit], deadline: Budget, *, want_local: bool = False, want_regional: bool = False
     ) -> dict[str, types_pb2.ImageFeatures]:
         """Stored features of ``hits``, GetFeatures calls of ``features_batch`` ids per owning
-        shard (id → features), so that no response nears the message limit.
+        shard (id → features), at most as many per call as fit the message limit at the
+        feature limits (``features_bytes``), so that no response nears the message limit.
 
         A shard that fails is skipped: its images simply have no features here (the fan-out
         has already reported the shard as missing)."""
-        timeout, n = shard_timeout(deadline, self.config), self.config.features_batch
+        per_image = features_bytes(limits.MAX_VECTOR_DIM, want_global=False, want_regional=want_regional, want_local=want_local)
+        timeout, n = shard_timeout(deadline, self.config), min(self.config.features_batch, self.budget.items(per_image))
         responses = await asyncio.gather(
             *(self.shards[sid].get_features(
                 shard_pb2.GetFeaturesRequest(shard_id=sid, ids=ids[i : i + n], want_local=want_local, want_regional=want_regional), timeout

@@ -48,6 +48,7 @@ from services.common.errors import (
     status_for,
 )
 from services.common.grpc_server import RunningAioServer, ServerOptions, create_aio_server
+from services.common.message_size import MessageBudget
 from services.common.tls import InternalTls
 
 __all__ = ["BrokerConfig", "RetrievalServicer", "RunningBroker", "create_server"]
@@ -71,6 +72,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         shards: Sequence[ShardClient],
         metrics: BrokerMetrics,
         config: BrokerConfig = BrokerConfig(),
+        budget: MessageBudget = MessageBudget(),
     ) -> None:
         if not shards:
             raise ValueError("shards: at least one shard is required")
@@ -85,7 +87,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         self.metrics.graph_images.set_function(lambda: len(self.collection.graph) if self.collection.graph is not None else 0)
         self._inflight = 0
         self._verify_pool = ThreadPoolExecutor(max_workers=config.verify_threads, thread_name_prefix="loupe-verify")
-        self.pipeline = SearchPipeline(extractors, self.shards, self.collection, metrics, config, self._verify_pool)
+        self.pipeline = SearchPipeline(extractors, self.shards, self.collection, metrics, config, self._verify_pool, budget)
         self.writer = Writer(extractors, self.shards, self.collection, metrics, config)
         self.admin = Admin(extractors, self.shards, self.collection, metrics, config)
         self.reader = Reader(self.shards, config)
@@ -262,6 +264,7 @@ async def create_server(
          for i, a in enumerate(shard_addresses)],
         metrics,
         config,
+        MessageBudget(opts.max_message_bytes),  # answers and shard calls sized under the same limit as the channels
     )
     server = await create_aio_server(
         lambda s: retrieval_pb2_grpc.add_RetrievalServicer_to_server(servicer, s), ["loupe.v1.Retrieval"], opts

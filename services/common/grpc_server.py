@@ -12,8 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.auth import AioAuthInterceptor, AuthInterceptor, AuthPolicy
 from services.common.decode_guard import AioDecodeGuardInterceptor, DecodeGuardInterceptor
-
-MiB = 1024 * 1024
+from services.common.limits import MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,8 @@ class ServerOptions:
     port : int
         Port; 0 picks a free one.
     max_message_bytes : int
-        Largest request/response accepted (images and feature batches are large).
+        Largest request/response accepted (images and feature batches are large). Servicers
+        size their answers under it (``services.common.message_size``).
     workers : int
         Thread-pool size of a sync server.
     max_concurrent_rpcs : int
@@ -42,7 +42,7 @@ class ServerOptions:
 
     host: str = "127.0.0.1"
     port: int = 0
-    max_message_bytes: int = 64 * MiB
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     workers: int = 8
     max_concurrent_rpcs: int = 0
     tls_cert_file: str = ""

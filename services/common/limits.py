@@ -1,9 +1,11 @@
-"""Every limit on what a caller may send, declared once, with the checks the broker runs.
+"""Every limit on what a caller may send, declared once, with the checks the broker and shards run.
 
 The broker runs these checks before any work (no extractor or shard call is made for a
-request that breaks one); each failure is an ``InvalidArgument`` whose message names the
+request that breaks one); each shard runs the same ones on every write it receives (it trusts
+no caller, the broker included). Each failure is an ``InvalidArgument`` whose message names the
 field, so it maps to INVALID_ARGUMENT in ``services.common.errors``. The same numbers are
-documented in protos/loupe/v1/retrieval.proto and docs/faults.md.
+documented in protos/loupe/v1/retrieval.proto and docs/faults.md. What a response may hold
+under the message limit is derived from these bounds in ``services.common.message_size``.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ from typing import Mapping
 
 from loupe.v1 import types_pb2
 from services.common.errors import InvalidArgument
+from services.space.regions import MAX_REGIONS_PER_IMAGE
 
 MiB = 1024 * 1024
+
+# transport
+MAX_MESSAGE_BYTES = 64 * MiB  # gRPC send/receive limit of every loupe server and client (ServerOptions default)
 
 # ids
 MAX_ID_BYTES = 511  # LMDB's key limit (the shard store keys records by id): what a shard can really keep
@@ -30,6 +36,10 @@ MAX_IMAGE_PIXELS = 24_000_000  # a 6000x4000 camera frame; was 40 MP (~4 s to de
 MAX_CROP_COORD = 1_000_000.0
 # vectors
 MAX_VECTOR_DIM = 4096
+# stored features of one image (what an extractor can produce; a shard refuses more)
+MAX_LOCAL_FEATURES_PER_IMAGE = 2048  # extractor.local.max_keypoints is at most this (default 1000)
+MAX_LOCAL_DESCRIPTOR_DIM = 1024  # channels of a stride-16 backbone tap (<= 672) or fewer after the collection PCA
+MAX_WRITE_RECORDS = 1024  # records in one shard write (the broker sends at most broker.max_batch_images, 256)
 # batches
 MAX_DELETE_IDS = 1000
 MAX_WHITENING_SAMPLE = 1_000_000
@@ -76,6 +86,19 @@ def check_metadata(metadata: Mapping[str, str], field: str) -> None:
         total += len(key.encode("utf-8")) + len(value.encode("utf-8"))
     if total > MAX_METADATA_BYTES:
         raise InvalidArgument(f"{field}: {total} bytes in all, the limit is {MAX_METADATA_BYTES}")
+
+
+def check_stored_shapes(dim: int, regions: int, local: int, local_dim: int, field: str) -> None:
+    """Shapes of one stored image's features: global (dim,), regional (regions, dim), local
+    keypoints (local, 4) with descriptors (local, local_dim); 0 = the part is absent."""
+    if not 1 <= dim <= MAX_VECTOR_DIM:
+        raise InvalidArgument(f"{field}.global: dimension must be in 1..{MAX_VECTOR_DIM}, got {dim}")
+    if regions > MAX_REGIONS_PER_IMAGE:
+        raise InvalidArgument(f"{field}.regional: {regions} regional vectors, the limit is {MAX_REGIONS_PER_IMAGE}")
+    if local > MAX_LOCAL_FEATURES_PER_IMAGE:
+        raise InvalidArgument(f"{field}.local: {local} keypoints, the limit is {MAX_LOCAL_FEATURES_PER_IMAGE}")
+    if local and not 1 <= local_dim <= MAX_LOCAL_DESCRIPTOR_DIM:
+        raise InvalidArgument(f"{field}.local.descriptors: dimension must be in 1..{MAX_LOCAL_DESCRIPTOR_DIM}, got {local_dim}")
 
 
 def check_image_bytes(data: bytes, field: str) -> None:

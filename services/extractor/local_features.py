@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from services.common.limits import MAX_LOCAL_FEATURES_PER_IMAGE
 from services.extractor.backbone import BLOCK_SPECS, EfficientNetLite0, preprocess
 
 __all__ = [
@@ -66,7 +67,8 @@ class LocalConfig:
         same measurement. DELF's 7 scales 0.25..2.0 cost ~6x more and did not separate the
         phototourism pairs better (not run on ROxford).
     max_keypoints : int
-        Keypoints kept per image (top by score over all scales).
+        Keypoints kept per image (top by score over all scales), at most
+        ``services.common.limits.MAX_LOCAL_FEATURES_PER_IMAGE``.
     score : {"l2norm", "attention"}
         Keypoint score; ``"attention"`` requires an attention head.
     max_side : int
@@ -89,8 +91,8 @@ class LocalConfig:
             raise ValueError(f"scales must be a non-empty tuple of values in (0, 4], got {self.scales!r}")
         if len(set(self.scales)) != len(self.scales):
             raise ValueError(f"scales must be distinct, got {self.scales!r}")
-        if self.max_keypoints < 1:
-            raise ValueError(f"max_keypoints must be >= 1, got {self.max_keypoints!r}")
+        if not 1 <= self.max_keypoints <= MAX_LOCAL_FEATURES_PER_IMAGE:
+            raise ValueError(f"max_keypoints must be in 1..{MAX_LOCAL_FEATURES_PER_IMAGE} (what a shard stores), got {self.max_keypoints!r}")
         if self.score not in _SCORES:
             raise ValueError(f"score must be one of {_SCORES}, got {self.score!r}")
         if self.max_side < 32:

@@ -7,14 +7,31 @@ import numpy as np
 from loupe.tensors import from_tensor, is_empty, to_tensor
 from loupe.v1 import shard_pb2, types_pb2
 from services.common.errors import InvalidArgument
-from services.common.limits import check_id
+from services.common.limits import check_id, check_metadata, check_stored_shapes
 from services.index.store import LocalStore, StoredImage
 
+
+def _dims(tensor: types_pb2.Tensor, rank: int) -> list[int]:
+    """The declared shape when it has ``rank`` dimensions, else [] (the decode names the error)."""
+    return [int(x) for x in tensor.shape] if len(tensor.shape) == rank else []
+
+
 def record_to_stored(rec: shard_pb2.ShardRecord, field: str) -> StoredImage:
-    """Decode and validate one record; ``field`` names it in error messages."""
+    """Decode and validate one record; ``field`` names it in error messages.
+
+    Every limit of ``services.common.limits`` that a stored image must respect is checked here,
+    on the declared shapes before any tensor is decoded: id, metadata, dimension of the global
+    vector, regional vectors and local features per image, finite values.
+    """
     check_id(rec.id, f"{field}.id")
+    check_metadata(rec.metadata, f"{field}.metadata")
     f = rec.features
-    vector = from_tensor(f.__getattribute__("global"), field=f"{field}.features.global")
+    g, kp_t = f.__getattribute__("global"), f.local.keypoints
+    check_stored_shapes(
+        (_dims(g, 1) or [1])[0], (_dims(f.regional, 2) or [0])[0], (_dims(kp_t, 2) or [0])[0],
+        (_dims(f.local.descriptors, 2) or [0, 1])[1], f"{field}.features",
+    )
+    vector = from_tensor(g, field=f"{field}.features.global")
     if vector.ndim != 1 or vector.shape[0] == 0:
         raise InvalidArgument(f"{field}.features.global: expected a non-empty (D,) vector, got shape {list(vector.shape)}")
     if not np.all(np.isfinite(vector)):
@@ -24,16 +41,20 @@ def record_to_stored(rec: shard_pb2.ShardRecord, field: str) -> StoredImage:
         regional = from_tensor(f.regional, field=f"{field}.features.regional")
         if regional.ndim != 2 or regional.shape[1] != vector.shape[0]:
             raise InvalidArgument(f"{field}.features.regional: expected (R, {vector.shape[0]}), got {list(regional.shape)}")
+        if not np.all(np.isfinite(regional)):
+            raise InvalidArgument(f"{field}.features.regional: non-finite values")
         regional = regional.astype(np.float16)
     local = None
-    if not is_empty(f.local.keypoints):
-        kp = from_tensor(f.local.keypoints, field=f"{field}.features.local.keypoints")
+    if not is_empty(kp_t):
+        kp = from_tensor(kp_t, field=f"{field}.features.local.keypoints")
         desc = from_tensor(f.local.descriptors, field=f"{field}.features.local.descriptors")
         if kp.ndim != 2 or kp.shape[1] != 4 or desc.ndim != 2 or desc.shape[0] != kp.shape[0]:
             raise InvalidArgument(
                 f"{field}.features.local: keypoints must be (N, 4) and descriptors (N, C), got "
                 f"{list(kp.shape)} and {list(desc.shape)}"
             )
+        if not (np.all(np.isfinite(kp)) and np.all(np.isfinite(desc))):
+            raise InvalidArgument(f"{field}.features.local: non-finite values")
         local = LocalStore.quantize(kp, desc)
     return StoredImage(rec.id, vector.astype(np.float32), regional, local, dict(rec.metadata), int(f.width), int(f.height))
 

@@ -19,7 +19,9 @@ from services.index.records import record_to_stored, stored_to_features
 from services.index.shard_index import ShardIndex
 from services.index.store import ShardStore, StoreCorrupt
 from services.index.vector_index import IndexSettings
+from services.common import limits
 from services.common.limits import check_id
+from services.common.message_size import MessageBudget, features_bytes, info_bytes, shard_hit_bytes, vector_row_bytes
 from services.space.whitening import PCAWhitening
 
 log = logging.getLogger(__name__)
@@ -42,13 +44,19 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         opened, and then every call fails with ``failure``.
     failure : DataLoss | None
         Why the collection could not be opened (a corrupt store).
+    budget : MessageBudget
+        The server's message limit: every answer is sized under it from the write limits
+        (``services.common.message_size``); a request whose answer could exceed it is refused
+        with INVALID_ARGUMENT naming the limit, a page is shortened to fit.
     """
 
-    def __init__(self, shard_id: int, index: ShardIndex | None, failure: DataLoss | None = None, metrics: ShardMetrics | None = None) -> None:
+    def __init__(self, shard_id: int, index: ShardIndex | None, failure: DataLoss | None = None, metrics: ShardMetrics | None = None,
+                 budget: MessageBudget = MessageBudget()) -> None:
         self.shard_id = shard_id
         self.index = index
         self.failure = failure
         self.metrics = metrics
+        self.budget = budget
 
     def _check_shard(self, shard_id: int) -> None:
         if self.failure is not None:
@@ -76,6 +84,10 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         conditions = compile_filter(request.filter) if request.filter.all else None
         return query, request.top_k, request.return_vectors, request.query_transformed, conditions
 
+    def _hit_bytes(self, query: shard_pb2.ShardSearchRequest) -> int:
+        """Worst-case bytes of one hit of ``query``'s answer (with its vector when asked)."""
+        return shard_hit_bytes(self.index.indexed_dim if query.return_vectors else 0)
+
     @staticmethod
     def _search_response(hits) -> shard_pb2.ShardSearchResponse:
         resp = shard_pb2.ShardSearchResponse(ids=hits.ids, scores=hits.scores.tolist())
@@ -89,6 +101,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
     def Search(self, request: shard_pb2.ShardSearchRequest, context: grpc.ServicerContext) -> shard_pb2.ShardSearchResponse:
         t0 = time.perf_counter()
         self._check_shard(request.shard_id)
+        self.budget.check(request.top_k, self._hit_bytes(request), "top_k", "hits")
         hits = self._valid(self.index.search, *self._search_args(request))
         resp = self._search_response(hits)
         resp.seconds = time.perf_counter() - t0
@@ -102,6 +115,13 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         self._check_shard(request.shard_id)
         if len(request.queries) > MAX_BATCH_QUERIES:
             raise InvalidArgument(f"queries: {len(request.queries)} queries, the limit is {MAX_BATCH_QUERIES}")
+        hits = sum(max(q.top_k, 0) for q in request.queries)
+        need = sum(max(q.top_k, 0) * self._hit_bytes(q) for q in request.queries)
+        if need > self.budget.bytes:
+            raise InvalidArgument(
+                f"queries: {hits} hits in all (sum of top_k) of up to {need // max(hits, 1)} bytes each exceed "
+                f"{self.budget.describe()}: split the batch (the broker does)"
+            )
         resp = shard_pb2.ShardSearchBatchResponse()
         results = [resp.results.add() for _ in request.queries]
         args, where = [], []
@@ -128,6 +148,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         self._check_shard(request.shard_id)
         for i, image_id in enumerate(request.ids):
             check_id(image_id, f"ids[{i}]")
+        self.budget.check(len(request.ids), info_bytes(self.index.dim if request.want_vector else 0), "ids", "images")
         resp = shard_pb2.GetInfoResponse()
         for image_id, found in zip(request.ids, self.index.get_infos(list(request.ids), request.want_vector)):
             if found is None:
@@ -149,10 +170,11 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         if request.after:
             check_id(request.after, "after")
         conditions = compile_filter(request.filter) if request.filter.all else None
+        limit = min(request.limit, self.budget.items(info_bytes()))  # a shorter page, continued by scanned_to
         max_scan = request.max_scan or DEFAULT_MAX_SCAN
         if conditions is None:
-            max_scan = min(max_scan, request.limit)
-        infos, done, last = self.index.list_ids(request.after, request.limit, conditions, max_scan)
+            max_scan = min(max_scan, limit)
+        infos, done, last = self.index.list_ids(request.after, limit, conditions, max_scan)
         resp = shard_pb2.ListIdsResponse(done=done, scanned_to="" if done else last)
         for info in infos:
             resp.images.add(id=info.image_id, metadata=info.metadata, width=info.width, height=info.height)
@@ -161,6 +183,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
     @grpc_errors
     def Add(self, request: shard_pb2.ShardAddRequest, context: grpc.ServicerContext) -> shard_pb2.ShardAddResponse:
         self._check_shard(request.shard_id)
+        if len(request.records) > limits.MAX_WRITE_RECORDS:
+            raise InvalidArgument(f"records: {len(request.records)} records, the limit is {limits.MAX_WRITE_RECORDS}")
         stored = [record_to_stored(r, f"records[{i}]") for i, r in enumerate(request.records)]
         n = self._valid(self.index.add, stored)
         if self.metrics is not None:
@@ -181,6 +205,9 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
     def GetFeatures(self, request: shard_pb2.GetFeaturesRequest, context: grpc.ServicerContext) -> shard_pb2.GetFeaturesResponse:
         t0 = time.perf_counter()
         self._check_shard(request.shard_id)
+        per_image = features_bytes(self.index.dim, want_global=request.want_global, want_regional=request.want_regional,
+                                   want_local=request.want_local)
+        self.budget.check(len(request.ids), per_image, "ids", "images")
         resp = shard_pb2.GetFeaturesResponse()
         for image_id in request.ids:
             img = self.index.get(image_id, regional=request.want_regional, local=request.want_local)
@@ -212,7 +239,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             raise InvalidArgument(f"limit: must be in 1..{MAX_LIST_PAGE}, got {request.limit}")
         if request.cursor < 0:
             raise InvalidArgument(f"cursor: must be >= 0, got {request.cursor}")
-        page = self.index.list_vectors(request.cursor, request.limit, request.include_regional)
+        limit = min(request.limit, self.budget.items(vector_row_bytes(self.index.indexed_dim, request.include_regional)))
+        page = self.index.list_vectors(request.cursor, limit, request.include_regional)
         return shard_pb2.ListVectorsResponse(
             ids=page.ids, vectors=to_tensor(page.vectors), next_cursor=page.next_cursor, done=page.done,
             regional=to_tensor(page.regional), regional_counts=page.regional_counts,
@@ -250,6 +278,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             startup_replayed=self.index.startup.replayed,
             sequence=s["sequence"],
             snapshot_sequence=self.index.snapshot_sequence,
+            oversized_records=s["oversized"],
         )
 
 
@@ -263,15 +292,16 @@ def create_server(
     A corrupt store does not crash the process (a restart loop would hide it): the server
     starts NOT_SERVING and answers every call DATA_LOSS with the reason, which the log repeats.
     """
+    budget = MessageBudget(opts.max_message_bytes)
     try:
         store = ShardStore(data_dir)
         if metrics is not None:
             commits = metrics.commit_seconds.labels(metrics.shard)
             store.on_commit = commits.observe
-        servicer = ShardServicer(shard_id, ShardIndex(store, settings), metrics=metrics)
+        servicer = ShardServicer(shard_id, ShardIndex(store, settings), metrics=metrics, budget=budget)
     except StoreCorrupt as exc:
         log.error("shard %d: store at %s is corrupt, serving DATA_LOSS: %s", shard_id, data_dir, exc)
-        servicer = ShardServicer(shard_id, None, DataLoss(f"shard {shard_id}: store is corrupt: {exc}"), metrics=metrics)
+        servicer = ShardServicer(shard_id, None, DataLoss(f"shard {shard_id}: store is corrupt: {exc}"), metrics=metrics, budget=budget)
     if metrics is not None:
         metrics.watch(lambda: shard_state(servicer.index) if servicer.index is not None and not servicer.index._closed else None)
     running = create_sync_server(

@@ -18,14 +18,16 @@ import os
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import faiss
 import numpy as np
 
+from services.common import limits
+from services.common.errors import InvalidArgument
 from services.index.metadata_filter import CompiledCondition, MetadataIndex
-from services.index.store import OP_ADD, ImageInfo, ShardStore, StoredImage
+from services.index.store import OP_ADD, ImageInfo, ShardStore, StoredImage, above_limits
 from services.index.vector_index import (
     ApproxIndex,
     ExactIndex,
@@ -142,6 +144,7 @@ class ShardIndex:
         self._faiss: ExactIndex | ApproxIndex | None = None
         self._last_snapshot_seq = 0
         self._meta: MetadataIndex | None = None  # built on the first filtered call
+        self._withheld_logged: set[str] = set()  # ids whose oversized parts were already logged
         self.startup = self._load()
         self._maybe_maintain()
 
@@ -344,7 +347,7 @@ class ShardIndex:
         """Ids, metadata (and vectors when asked) of ranked labels; call under the read lock."""
         if return_vectors and vectors is None:
             vectors = self._faiss.reconstruct(labels) if isinstance(self._faiss, ExactIndex) else self._indexed_vectors(labels)
-        infos = self.store.infos([int(l) for l in labels])
+        infos = [self._answerable(i) for i in self.store.infos([int(l) for l in labels])]
         return SearchHits(
             [i.image_id for i in infos], scores.astype(np.float32), vectors if return_vectors else None, [i.metadata for i in infos]
         )
@@ -391,12 +394,12 @@ class ShardIndex:
 
     def get_infos(self, ids: list[str], want_vector: bool = False) -> list[tuple[ImageInfo, np.ndarray | None] | None]:
         """Id, size, metadata and (when asked) the raw global vector of each id; None when absent."""
-        found = self.store.id_infos(ids)
+        found = [None if f is None else (f[0], self._answerable(f[1])) for f in self.store.id_infos(ids)]
         if not want_vector:
             return [None if f is None else (f[1], None) for f in found]
         out: list[tuple[ImageInfo, np.ndarray | None] | None] = []
         for f in found:
-            img = self.store.get(f[1].image_id, regional=False, local=False) if f is not None else None
+            img = self.store.get(f[1].image_id, regional=False, local=False) if f is not None else None  # its vector only
             out.append(None if img is None else (f[1], img.vector))
         return out
 
@@ -420,11 +423,40 @@ class ShardIndex:
             else:
                 last = pairs[-1][0] if pairs else after
             infos = self.store.infos([l for _, l in picked])
-        return [i for i in infos if i is not None], done, last
+        return [self._answerable(i) for i in infos if i is not None], done, last
 
     def get(self, image_id: str, *, regional: bool = True, local: bool = True) -> StoredImage | None:
-        """The stored record of an id (only the parts asked for), or None."""
-        return self.store.get(image_id, regional=regional, local=local)
+        """The stored record of an id (only the parts asked for) as answers carry it, or None:
+        metadata, regional vectors or local features above today's write limits are withheld."""
+        img = self.store.get(image_id, regional=regional, local=local)
+        if img is None:
+            return None
+        info = self._answerable(ImageInfo(img.image_id, img.width, img.height, img.metadata))
+        dim = len(img.vector)
+        if img.regional is not None and (why := above_limits({}, dim, len(img.regional), 0, 0)):
+            self._withhold(image_id, "regional vectors", why)
+            img = replace(img, regional=None)
+        if img.local is not None and (why := above_limits({}, dim, 0, *img.local.descriptors.shape)):
+            self._withhold(image_id, "local features", why)
+            img = replace(img, local=None)
+        return replace(img, metadata=info.metadata)
+
+    def _answerable(self, info: ImageInfo) -> ImageInfo:
+        """``info`` as answers carry it: metadata above today's limits (a record stored before
+        they existed) is withheld, so one old record cannot push an answer past the message limit."""
+        try:
+            limits.check_metadata(info.metadata, "metadata")
+        except InvalidArgument as exc:
+            self._withhold(info.image_id, "metadata", str(exc))
+            return replace(info, metadata={})
+        return info
+
+    def _withhold(self, image_id: str, part: str, why: str) -> None:
+        """Log (once per id and shard process) that an answer left out a part of a stored record."""
+        if len(self._withheld_logged) < 10_000 and image_id not in self._withheld_logged:
+            self._withheld_logged.add(image_id)
+            log.warning("shard store %s: %r is above today's limits (%s): its %s are left out of answers",
+                        self.store.path, image_id[:64], why, part)
 
     def list_vectors(self, cursor: int, limit: int, regional: bool = False) -> VectorPage:
         """One page of stored images in label order, vectors in the indexed space.
@@ -469,14 +501,15 @@ class ShardIndex:
 
     def stats(self) -> dict[str, int]:
         """Counts and bytes: images, regional_vectors, local_features, feature_bytes, store_bytes,
-        index_bytes (RAM of the faiss index), and the store's sequence number."""
+        index_bytes (RAM of the faiss index), the store's sequence number and the records above
+        today's write limits (oversized)."""
         c = self.store.counters()
         with self._lock.read():
             index_bytes = self._index_bytes_estimate()
         return {
             "images": c["images"], "regional_vectors": c["regional_vectors"], "local_features": c["local_features"],
             "feature_bytes": c["feature_bytes"], "store_bytes": self.store.size_bytes(), "index_bytes": index_bytes,
-            "sequence": c["seq"],
+            "sequence": c["seq"], "oversized": c["oversized"],
         }
 
     def _index_bytes_estimate(self) -> int:

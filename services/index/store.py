@@ -17,6 +17,10 @@ Layout (one LMDB environment per shard directory, named sub-databases):
 - ``changes``:  sequence number → (op, label): what the faiss snapshot has not seen yet
 - ``settings``: counters, dimension, whitening, snapshot record
 
+Records above today's write limits (``services.common.limits``: stored before a limit existed,
+or written around the shard's checks) are counted in the ``oversized`` counter, kept up to date
+by every write; a store that predates the counter is scanned once when it is opened.
+
 Labels only grow (a replaced image gets a new one), so label order is a cursor that survives
 concurrent writes. Every write transaction bumps the sequence number; the faiss snapshot records
 the sequence it reflects and the ``changes`` entries up to it are dropped when it is saved.
@@ -39,7 +43,8 @@ import lmdb
 import numpy as np
 
 from loupe.v1 import shard_pb2
-from services.common.errors import DataLoss, Overloaded, Unavailable
+from services.common.errors import DataLoss, InvalidArgument, Overloaded, Unavailable
+from services.common import limits
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +57,12 @@ OP_ADD, OP_DELETE = 1, 2
 _CHANGE_BITS = 20  # a change's key is seq << 20 | n: one write holds up to 2^20 changes, in order
 FORMAT_VERSION = 1
 _DBS = ("ids", "info", "vec", "reg", "loc", "changes", "settings")
-_COUNTERS = ("seq", "next_label", "images", "regional_vectors", "local_features", "feature_bytes")
+_COUNTERS = ("seq", "next_label", "images", "regional_vectors", "local_features", "feature_bytes", "oversized")
+_OVERSIZED_SCANNED = b"oversized_scanned"  # setting: the limits the oversized counter was counted against
+_LIMITS_TAG = "/".join(str(x) for x in (
+    limits.MAX_METADATA_ENTRIES, limits.MAX_METADATA_KEY_BYTES, limits.MAX_METADATA_VALUE_BYTES, limits.MAX_METADATA_BYTES,
+    limits.MAX_VECTOR_DIM, limits.MAX_REGIONS_PER_IMAGE, limits.MAX_LOCAL_FEATURES_PER_IMAGE, limits.MAX_LOCAL_DESCRIPTOR_DIM,
+)).encode()
 
 
 class StoreCorrupt(DataLoss):
@@ -128,6 +138,16 @@ class ImageInfo:
     width: int
     height: int
     metadata: dict[str, str]
+
+
+def above_limits(metadata: dict[str, str], dim: int, regions: int, local: int, local_dim: int) -> str | None:
+    """Why a stored record breaks today's write limits (metadata, feature shapes), or None."""
+    try:
+        limits.check_metadata(metadata, "metadata")
+        limits.check_stored_shapes(dim, regions, local, local_dim, "features")
+    except InvalidArgument as exc:
+        return str(exc)
+    return None
 
 
 def _label_key(label: int) -> bytes:
@@ -223,7 +243,22 @@ class ShardStore:
             vecs = txn.stat(self.dbs["vec"])["entries"]
         if not ids == infos == vecs:
             raise StoreCorrupt(f"{self.path}: {ids} ids but {infos} records and {vecs} vectors")
+        self._count_oversized(env)
         return env
+
+    def _count_oversized(self, env: lmdb.Environment) -> None:
+        """Count the records above the write limits, reading only their sizes: once per store
+        and again whenever the limits changed since (a store that predates the counter included)."""
+        with env.begin(write=True, buffers=True) as txn:
+            if txn.get(_OVERSIZED_SCANNED, db=self.dbs["settings"]) == _LIMITS_TAG:
+                return
+            n = 0
+            for key, value in txn.cursor(db=self.dbs["info"]):
+                n += _record_above_limits(txn, self.dbs, bytes(key), _decode_info(value, f"info of label {_U64.unpack(key)[0]}")) is not None
+            txn.put(b"oversized", _U64.pack(n), db=self.dbs["settings"])
+            txn.put(_OVERSIZED_SCANNED, _LIMITS_TAG, db=self.dbs["settings"])
+        if n:
+            log.warning("shard store %s: %d records are above today's write limits (answers withhold their oversized parts)", self.path, n)
 
     def _compact_if_mostly_free(self) -> None:
         """Rewrite ``data.mdb`` without its free pages when they are over half of it.
@@ -279,6 +314,10 @@ class ShardStore:
     def _counter(self, txn: lmdb.Transaction, key: str) -> int:
         raw = txn.get(key.encode(), db=self.dbs["settings"])
         return 0 if raw is None else _U64.unpack(raw)[0]
+
+    def oversized(self) -> int:
+        """Records above today's write limits (see ``above_limits``)."""
+        return self.counters()["oversized"]
 
     def setting(self, key: str) -> bytes | None:
         with self.env.begin() as txn:
@@ -559,12 +598,16 @@ class _WriteTxn:
             self.c["local_features"] += len(img.local.keypoints)
         self.c["images"] += 1
         self.c["feature_bytes"] += img.nbytes
+        regions = 0 if img.regional is None else len(img.regional)
+        local, local_dim = (0, 0) if img.local is None else img.local.descriptors.shape
+        self.c["oversized"] += above_limits(img.metadata, len(img.vector), regions, local, local_dim) is not None
         self._change(OP_ADD, label)
         return label
 
     def remove(self, label: int) -> None:
         key = _label_key(label)
         info = _decode_info(self.txn.get(key, db=self.dbs["info"]), f"info of label {label}")
+        self.c["oversized"] -= _record_above_limits(self.txn, self.dbs, key, info) is not None
         vec = self.txn.get(key, db=self.dbs["vec"])
         nbytes = len(vec) - _CRC.size
         reg = self.txn.get(key, db=self.dbs["reg"])
@@ -583,6 +626,16 @@ class _WriteTxn:
         self.c["images"] -= 1
         self.c["feature_bytes"] -= nbytes
         self._change(OP_DELETE, label)
+
+
+def _record_above_limits(txn: lmdb.Transaction, dbs: dict, key: bytes, info: ImageInfo) -> str | None:
+    """``above_limits`` of one stored record, from its info and the sizes of its feature values."""
+    dim = (len(txn.get(key, db=dbs["vec"])) - _CRC.size) // 4
+    reg = txn.get(key, db=dbs["reg"])
+    regions = (len(reg) - _CRC.size) // (2 * dim) if reg is not None and dim else 0
+    loc = txn.get(key, db=dbs["loc"])
+    local, local_dim, _ = _LOCAL.unpack_from(loc) if loc is not None else (0, 0, 0.0)
+    return above_limits(info.metadata, dim, regions, local, local_dim)
 
 
 def _is_enospc(err: lmdb.Error) -> bool:

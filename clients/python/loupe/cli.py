@@ -66,7 +66,8 @@ def stats_json(s: retrieval_pb2.GetStatsResponse) -> dict[str, Any]:
     """JSON-able view of a GetStatsResponse (the keys of ``loupe stats --json``)."""
     shards = [
         {"shard": x.shard_id, "address": x.address, "healthy": x.healthy, "images": x.images, "feature_bytes": x.feature_bytes,
-         "store_bytes": x.store_bytes, "index_bytes": x.index_bytes, "index": x.index, "startup_seconds": round(x.startup_seconds, 3)}
+         "store_bytes": x.store_bytes, "index_bytes": x.index_bytes, "index": x.index, "startup_seconds": round(x.startup_seconds, 3),
+         "oversized_records": x.oversized_records}
         for x in s.shards
     ]
     return {"images": s.images, "dim": s.dim, "whitened": s.whitened, "model": s.model, "extractors": list(s.extractors), "shards": shards,

@@ -199,7 +199,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardStats(_message.Message):
-    __slots__ = ("shard_id", "address", "images", "feature_bytes", "healthy", "regional_vectors", "local_features", "wal_bytes", "store_bytes", "index_bytes", "index", "startup_seconds")
+    __slots__ = ("shard_id", "address", "images", "feature_bytes", "healthy", "regional_vectors", "local_features", "wal_bytes", "store_bytes", "index_bytes", "index", "startup_seconds", "oversized_records")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,7 @@ class ShardStats(_message.Message):
     INDEX_BYTES_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     STARTUP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OVERSIZED_RECORDS_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     address: str
     images: int
@@ -224,7 +225,8 @@ class ShardStats(_message.Message):
     index_bytes: int
     index: str
     startup_seconds: float
-    def __init__(self, shard_id: _Optional[int] = ..., address: _Optional[str] = ..., images: _Optional[int] = ..., feature_bytes: _Optional[int] = ..., healthy: _Optional[bool] = ..., regional_vectors: _Optional[int] = ..., local_features: _Optional[int] = ..., wal_bytes: _Optional[int] = ..., store_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., index: _Optional[str] = ..., startup_seconds: _Optional[float] = ...) -> None: ...
+    oversized_records: int
+    def __init__(self, shard_id: _Optional[int] = ..., address: _Optional[str] = ..., images: _Optional[int] = ..., feature_bytes: _Optional[int] = ..., healthy: _Optional[bool] = ..., regional_vectors: _Optional[int] = ..., local_features: _Optional[int] = ..., wal_bytes: _Optional[int] = ..., store_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., index: _Optional[str] = ..., startup_seconds: _Optional[float] = ..., oversized_records: _Optional[int] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
     __slots__ = ("images", "shards", "extractors", "dim", "whitened", "model", "graph_images", "graph_regions")

@@ -217,8 +217,12 @@ class RetrievalServicer:
         """Many searches in one call, answered in order with a status per query: one bad query
         (corrupt image, unknown id, bad option) fails only itself. Image queries are extracted
         concurrently (the extractors batch them) and the first-stage fan-out is one call per shard
-        for the whole batch; rerank stages then run per query.
-        Errors of the whole call: INVALID_ARGUMENT (no queries or more than 64),
+        for each group of queries whose shard answer fits the message limit; rerank stages then run
+        per query. The answer must fit the 64 MiB message limit by construction: the sum of k over
+        the queries times the largest result the limits allow (4 KiB of metadata: 5,227 bytes;
+        with return_matches more) must fit, i.e. at most 12 queries of k=1000.
+        Errors of the whole call: INVALID_ARGUMENT (no queries or more than 64, or an answer that
+        could exceed the message limit: the message says how many queries of that k fit),
         RESOURCE_EXHAUSTED (overload), DEADLINE_EXCEEDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

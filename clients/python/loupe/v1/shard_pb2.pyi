@@ -196,7 +196,7 @@ class ShardStatsRequest(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ...) -> None: ...
 
 class ShardStatsResponse(_message.Message):
-    __slots__ = ("shard_id", "images", "regional_vectors", "local_features", "feature_bytes", "dim", "index", "whitened", "wal_bytes", "store_bytes", "index_bytes", "startup_seconds", "startup_replayed", "sequence", "snapshot_sequence")
+    __slots__ = ("shard_id", "images", "regional_vectors", "local_features", "feature_bytes", "dim", "index", "whitened", "wal_bytes", "store_bytes", "index_bytes", "startup_seconds", "startup_replayed", "sequence", "snapshot_sequence", "oversized_records")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     REGIONAL_VECTORS_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,7 @@ class ShardStatsResponse(_message.Message):
     STARTUP_REPLAYED_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    OVERSIZED_RECORDS_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     images: int
     regional_vectors: int
@@ -227,7 +228,8 @@ class ShardStatsResponse(_message.Message):
     startup_replayed: int
     sequence: int
     snapshot_sequence: int
-    def __init__(self, shard_id: _Optional[int] = ..., images: _Optional[int] = ..., regional_vectors: _Optional[int] = ..., local_features: _Optional[int] = ..., feature_bytes: _Optional[int] = ..., dim: _Optional[int] = ..., index: _Optional[str] = ..., whitened: _Optional[bool] = ..., wal_bytes: _Optional[int] = ..., store_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., startup_seconds: _Optional[float] = ..., startup_replayed: _Optional[int] = ..., sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ...) -> None: ...
+    oversized_records: int
+    def __init__(self, shard_id: _Optional[int] = ..., images: _Optional[int] = ..., regional_vectors: _Optional[int] = ..., local_features: _Optional[int] = ..., feature_bytes: _Optional[int] = ..., dim: _Optional[int] = ..., index: _Optional[str] = ..., whitened: _Optional[bool] = ..., wal_bytes: _Optional[int] = ..., store_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., startup_seconds: _Optional[float] = ..., startup_replayed: _Optional[int] = ..., sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., oversized_records: _Optional[int] = ...) -> None: ...
 
 class ShardSearchBatchRequest(_message.Message):
     __slots__ = ("shard_id", "queries", "timeout_s")

@@ -105,8 +105,12 @@ class ShardServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Add(self, request, context):
-        """Stores (or replaces) images. Acknowledged only once every record is stored.
-        Errors: INVALID_ARGUMENT (dimension mismatch, empty id, wrong shard).
+        """Stores (or replaces) images. Acknowledged only once every record is stored. The shard
+        checks every record against services/common/limits itself (id, metadata, dimensions,
+        regional and local feature counts, finite values; at most 1024 records).
+        Errors: INVALID_ARGUMENT naming the field (a limit broken, dimension mismatch, wrong shard).
+        Answers of Search, SearchBatch, GetInfo and GetFeatures that could exceed the message limit
+        are refused up front with INVALID_ARGUMENT naming it; ListIds and ListVectors pages shrink.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
