@@ -15,7 +15,8 @@ from loupe.tensors import from_tensor
 from loupe.v1 import extractor_pb2, extractor_pb2_grpc
 from services.common.grpc_server import ServerOptions
 from services.common.images import decode_image
-from services.common.metrics import ExtractorMetrics, exported_names
+from metric_names import exported_names
+from services.common.metrics import ExtractorMetrics
 from services.extractor.global_descriptor import GlobalConfig
 from services.extractor.local_features import LocalConfig
 from services.extractor.config import ExtractorConfig

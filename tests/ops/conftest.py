@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,25 +23,11 @@ ALERT_NAMES = {
 ALERT_TESTS = Path(__file__).resolve().parent / "alerts_test.yaml"
 
 
-def exported_names(registries: Iterable[Any]) -> set[str]:
-    """Every sample name (``_bucket``, ``_count``, ``_sum``, ``_total`` included) the registries expose."""
-    names: set[str] = set()
-    for r in registries:
-        for family in r.collect():
-            names.update(s.name for s in family.samples)
-            if family.type == "histogram":
-                names.update(family.name + suffix for suffix in ("_bucket", "_count", "_sum"))
-            elif family.type == "counter":
-                names.add(family.name + "_total")
-            else:
-                names.add(family.name)
-    return names
-
-
 def exported_metric_names() -> set[str]:
     """Every sample name the broker, a shard and an extractor replica export, plus Prometheus's ``up``."""
     from services.broker.metrics import BrokerMetrics
     from services.common.metrics import ExtractorMetrics, ShardMetrics, ShardState
+    from metric_names import exported_names
 
     shard = ShardMetrics.create(0)
     shard.watch(lambda: ShardState(1, 5, 100, 1000, 4096, 512, 10**9, 10**10, 0.1, 0))
