@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 import grpc
 
 from loupe.rerank_spec import DEFAULT_SEARCH_RERANK, PARAMS, STAGES, parse_rerank
+from loupe.cli import search_json, stats_json
 from loupe.client import parse_filter
 
 DESCRIPTION = """loupe: instance-level image retrieval on a sharded gRPC cluster (Ray).
@@ -348,22 +349,10 @@ def cmd_search(args: argparse.Namespace) -> int:
                              k=args.k, offset=args.offset, crop=crop, rerank=rerank, return_matches=bool(args.show))
         if args.show:
             _show(args, data, crop, resp, client)
-    results = [
-        {
-            "rank": args.offset + i + 1,
-            "id": r.id,
-            "score": round(r.score, 6),
-            "global": round(getattr(r.stages, "global"), 6),
-            "inliers": r.stages.inliers,
-            "verified": r.verified,
-            "confidence": round(r.confidence, 4),
-            "shard": r.shard_id,
-        }
-        for i, r in enumerate(resp.results)
-    ]
-    timings = {t.stage: round(t.seconds * 1000, 2) for t in resp.timings}
+    out = search_json(resp, args.offset)  # one JSON view, shared with the thin client's loupe-client
+    results, timings = out["results"], out["timings_ms"]
     if args.json:
-        print(json.dumps({"results": results, "partial": resp.partial, "missing_shards": list(resp.missing_shards), "timings_ms": timings, "query_confidence": resp.query_confidence}))
+        print(json.dumps(out))
         return 0
     print(f"{'rank':>4}  {'score':>8}  {'global':>8}  {'inliers':>7}  {'shard':>5}  id")
     for r in results:
@@ -440,14 +429,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     with _connect(args) as client:
         s = client.stats()
-    shards = [
-        {"shard": x.shard_id, "address": x.address, "healthy": x.healthy, "images": x.images, "feature_bytes": x.feature_bytes,
-         "store_bytes": x.store_bytes, "index_bytes": x.index_bytes, "index": x.index, "startup_seconds": round(x.startup_seconds, 3),
-         "oversized_records": x.oversized_records}
-        for x in s.shards
-    ]
-    out = {"images": s.images, "dim": s.dim, "whitened": s.whitened, "model": s.model, "extractors": list(s.extractors), "shards": shards,
-           "graph_images": s.graph_images, "graph_regions": s.graph_regions}
+    out = stats_json(s)
+    shards = out["shards"]
     if args.json:
         print(json.dumps(out))
         return 0
