@@ -17,9 +17,14 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/loupe demo
 
+# The multi-node test runs in a pytest process of its own (marker `isolated`): twice a long suite
+# process died with SIGSEGV exactly there (no Python stack: something replaced faulthandler's
+# handler), after ~20 local Ray start/stop cycles and with the Helm Go SDK (a Go c-shared library)
+# loaded in the same process. Apart, it starts from a clean process and cannot take the run down.
 test: $(STAMP)
 	$(VENV)/bin/ruff check --quiet .
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=15 -m "not soak" tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=15 -m "not soak and not isolated" tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "isolated and not soak" tests
 
 soak: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m soak tests

@@ -50,7 +50,7 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 DEADLINE_S = 10.0
 LOUPE_TITLES = ("ray::ShardActor", "ray::ExtractorActor", "ray::Registry")
 
-pytestmark = [pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.timeout(900), pytest.mark.isolated]  # its own process: see the Makefile
 
 
 # --- processes --------------------------------------------------------------------------------------
