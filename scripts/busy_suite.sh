@@ -2,7 +2,7 @@
 # Run the test suite (`make test`) while a CPU hog keeps one core busy, as CI's machine may be:
 # proves the suite does not depend on a quiet machine. Usage: scripts/busy_suite.sh [RUNS] [HOGS]
 # (defaults 3 runs, 1 hog). Each run's result, wall time and load average go to stdout; the
-# script exits non-zero as soon as a run fails (its log is kept in busy-suite-N.log).
+# script exits non-zero as soon as a run fails. Each run's log is kept in busy-suite-N.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
@@ -21,12 +21,11 @@ for run in $(seq 1 "$runs"); do
   make test >"$log" 2>&1
   rc=$?
   end=$(date +%s)
-  summary=$(grep -E "passed|failed|error" "$log" | tail -1)
+  summary=$(grep -E "^[0-9]+ (passed|failed)|[0-9]+ errors? in|Segmentation|Error [0-9]+" "$log" | paste -sd ';' -)
   echo "run $run: rc=$rc wall=$((end - start)) s load=$(cut -d' ' -f1-3 /proc/loadavg) :: $summary"
   if [ "$rc" -ne 0 ]; then
     echo "run $run failed; see $log"
     exit "$rc"
   fi
-  rm -f "$log"
 done
 echo "busy suite: $runs/$runs runs passed"
