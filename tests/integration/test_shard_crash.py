@@ -92,11 +92,15 @@ class Workload:
         for image_id in ids:
             self.version += 1
             v = _vector(self.rng)
-            md = {"v": str(self.version), "pad": "x" * self.rng.randrange(self.pad_bytes)}
+            md = {"v": str(self.version), "pad": "x" * self.rng.randrange(min(self.pad_bytes, 1024))}
             feats = types_pb2.ImageFeatures(width=64, height=48)
             feats.__getattribute__("global").CopyFrom(to_tensor(v))
             if self.rng.random() < 0.5:
                 feats.regional.CopyFrom(to_tensor(np.stack([_vector(self.rng) for _ in range(3)]).astype(np.float16)))
+            if self.pad_bytes > 4096:  # bulk within the shard's limits: local features (float16, 128-D)
+                n = 1 + self.rng.randrange(min(2048, self.pad_bytes // 256))
+                feats.local.keypoints.CopyFrom(to_tensor(np.zeros((n, 4), np.float32)))
+                feats.local.descriptors.CopyFrom(to_tensor(np.ones((n, 128), np.float16)))
             recs.append(shard_pb2.ShardRecord(id=image_id, features=feats, metadata=md))
             effect[image_id] = (v, md)
         return "add", shard_pb2.ShardAddRequest(shard_id=0, records=recs), effect
