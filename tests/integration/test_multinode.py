@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import pytest
 import yaml
@@ -72,9 +72,9 @@ def _proc_table() -> dict[int, tuple[int, str]]:
     return out
 
 
-def _listener(pids: dict[int, str], port: int) -> tuple[int, str] | None:
-    """(pid, local address) of the process among ``pids`` listening on TCP ``port``; read through
-    each process's own /proc/<pid>/net (its network namespace)."""
+def _listening(pids: Iterable[int]) -> Iterator[tuple[int, int, str]]:
+    """(pid, port, local address) of every TCP socket the processes ``pids`` listen on; read
+    through each process's own /proc/<pid>/net (its network namespace)."""
     for pid in pids:
         try:
             inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")}
@@ -82,27 +82,21 @@ def _listener(pids: dict[int, str], port: int) -> tuple[int, str] | None:
                 for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
                     cols = line.split()
                     local, state, inode = cols[1], cols[3], cols[9]
-                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port and inode in inodes:
-                        return pid, local.rsplit(":", 1)[0]
+                    if state == "0A" and inode in inodes:
+                        address, port = local.rsplit(":", 1)
+                        yield pid, int(port, 16), address
         except OSError:
             continue
-    return None
+
+
+def _listener(pids: dict[int, str], port: int) -> tuple[int, str] | None:
+    """(pid, local address) of the process among ``pids`` listening on TCP ``port``."""
+    return next(((pid, address) for pid, p, address in _listening(pids) if p == port), None)
 
 
 def _shard_actor_listening(node: "RayNode") -> bool:
     """Whether a shard actor of ``node`` listens on a TCP port yet (read in its network namespace)."""
-    procs = {pid: cmd for pid, cmd in node.processes().items() if "ray::ShardActor" in cmd}
-    for pid in procs:
-        try:
-            inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")}
-            for table in ("tcp", "tcp6"):
-                for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-                    cols = line.split()
-                    if cols[3] == "0A" and cols[9] in inodes:
-                        return True
-        except OSError:
-            continue
-    return False
+    return any(True for _ in _listening(pid for pid, cmd in node.processes().items() if "ray::ShardActor" in cmd))
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
