@@ -57,7 +57,7 @@ class MemberChannel(Generic[S]):
         self.stub: S = make_stub(self._channel)
         self._last_refresh = float("-inf")
         self._refreshing: asyncio.Future[bool] | None = None
-        self._retired: set[asyncio.Task] = set()
+        self._background_tasks: set[asyncio.Task] = set()
         self._on_move = on_move
 
     @property
@@ -89,9 +89,7 @@ class MemberChannel(Generic[S]):
                 moved = True
                 if self._on_move is not None:
                     self._on_move()
-                task = asyncio.get_running_loop().create_task(old.close(grace=1.0))
-                self._retired.add(task)
-                task.add_done_callback(self._retired.discard)
+                self._background(old.close(grace=1.0))
         except Exception as exc:  # registry unreachable: keep the current address, try again later
             log.warning("%s: address lookup failed (%s: %s)", self.name, type(exc).__name__, exc)
         finally:
@@ -121,12 +119,16 @@ class MemberChannel(Generic[S]):
         """Start a lookup without waiting for it."""
         if self._resolve is None:
             return
-        task = asyncio.get_running_loop().create_task(self.refresh())
-        self._retired.add(task)
-        task.add_done_callback(self._retired.discard)
+        self._background(self.refresh())
+
+    def _background(self, work: Awaitable[Any]) -> None:
+        """Run ``work`` as a task this channel keeps until it ends (``close`` cancels it)."""
+        task = asyncio.get_running_loop().create_task(work)  # type: ignore[arg-type]
+        self._background_tasks.add(task)
+        task.add_done_callback(self._background_tasks.discard)
 
     async def close(self) -> None:
-        for task in list(self._retired):
+        for task in list(self._background_tasks):
             task.cancel()
         await self._channel.close()
 
