@@ -44,6 +44,11 @@ class Registry:
         return {role: dict(members) for role, members in self._addresses.items()}
 
 
+def shard_actor_name(shard: int, replica: int) -> str:
+    """Ray actor name of a shard replica (replica 0 keeps the name of an unreplicated shard)."""
+    return f"loupe-shard-{shard}" if replica == 0 else f"loupe-shard-{shard}-r{replica}"
+
+
 def _advertised(host: str, port: int) -> str:
     """Address other processes use: the node IP when bound to all interfaces."""
     if host in ("0.0.0.0", "::", ""):
@@ -106,11 +111,12 @@ def _serve_metrics(role: str, member_id: int, registry_namespace: str, metrics: 
 
 
 class ShardActor:
-    """Hosts one ``Shard`` gRPC server over its store directory (reloaded when Ray restarts it)."""
+    """Hosts one replica of one ``Shard`` gRPC server over its own store directory (reloaded when
+    Ray restarts it); registered as member ``shard_member(shard, replica)`` of role "shard"."""
 
     def __init__(
         self, shard_id: int, opts: ServerOptions, settings: object, data_dir: str, namespace: str,
-        metrics_host: str = "", metrics_port: int = 0, threads: int = 0, resource: str = "", members: int = 1,
+        metrics_host: str = "", metrics_port: int = 0, threads: int = 0, resource: str = "", members: int = 1, replica: int = 0,
     ) -> None:
         import tempfile
 
@@ -119,6 +125,7 @@ class ShardActor:
         from services.common.metrics import ShardMetrics
         from services.index.servicer import create_server
         from services.space.layout import Layout, check_layout
+        from services.space.placement import shard_member
 
         _normal_priority()
         self.threads = _threads_here(threads, resource, members)
@@ -126,12 +133,13 @@ class ShardActor:
         self._starts = 1
         metrics = ShardMetrics.create(shard_id, restarts=lambda: self._starts - 1)
         # no data directory: a private temporary one, gone with the cluster (and with a restart)
-        self._temporary = "" if data_dir else tempfile.mkdtemp(prefix=f"loupe-shard-{shard_id}-")
+        self._temporary = "" if data_dir else tempfile.mkdtemp(prefix=f"loupe-shard-{shard_id}-r{replica}-")
         data_dir = data_dir or self._temporary
-        # the directory (its own volume on Kubernetes) must have been written for this shard of
-        # a collection of this many shards (``members``)
-        check_layout(data_dir, Layout(shards=members, shard=shard_id, replica=0))
-        port = _reuse_port("shard", shard_id, namespace)
+        # the directory (its own volume on Kubernetes) must have been written for this replica of
+        # this shard of a collection of this many shards (``members``)
+        check_layout(data_dir, Layout(shards=members, shard=shard_id, replica=replica))
+        member = shard_member(shard_id, replica)
+        port = _reuse_port("shard", member, namespace)
         try:
             self.running, self.servicer = create_server(
                 shard_id, ServerOptions(**{**opts.__dict__, "port": port}), data_dir=data_dir, settings=settings, metrics=metrics
@@ -139,9 +147,9 @@ class ShardActor:
         except (OSError, RuntimeError):
             self.running, self.servicer = create_server(shard_id, opts, data_dir=data_dir, settings=settings, metrics=metrics)
         self.addr = _advertised(opts.host, self.running.port)
-        self._starts = ray.get(ray.get_actor(REGISTRY_NAME, namespace=namespace).register.remote("shard", shard_id, self.addr))
+        self._starts = ray.get(ray.get_actor(REGISTRY_NAME, namespace=namespace).register.remote("shard", member, self.addr))
         self.metrics_server, self.metrics_addr = _serve_metrics(
-            "shard", shard_id, namespace, metrics, metrics_host or opts.host, metrics_port
+            "shard", member, namespace, metrics, metrics_host or opts.host, metrics_port
         )
 
     def address(self) -> str:

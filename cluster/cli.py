@@ -28,7 +28,7 @@ def _add_cluster_flags(p: argparse.ArgumentParser, *, temporary: bool) -> None:
     g = p.add_argument_group("cluster" + (" (when no --address is given)" if temporary else ""))
     g.add_argument("--shards", type=int, default=None, help="index shards (default 2)")
     g.add_argument("--replication-factor", type=int, default=None,
-                   help="copies of every shard (default 1; only 1 is supported until replicated shards land)")
+                   help="copies of every shard, each with its own store directory/volume (default 1; the chart's production example: 2)")
     g.add_argument("--replicas", type=int, default=None, help="extractor replicas (default 1)")
     g.add_argument("--extractor-threads", type=int, default=None, help="backbone threads per replica (default: the CPU limit of its pod/machine shared by the replicas there)")
     g.add_argument("--shard-threads", type=int, default=None, help="faiss search threads per shard (default: the CPU limit of its pod/machine shared by the shards there)")
@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--default-timeout-s", type=float, default=None, help="deadline of a call that sets none (default 30)")
     lim.add_argument("--extract-hedge-s", type=float, default=None,
                      help="an extraction with no answer after this long also goes to a second replica (0 = only on failure; default 2.0)")
+    lim.add_argument("--write-quorum", default=None,
+                     help="replicas of a shard that must store a write before it is acknowledged: all, majority (2 of 2, 2 of 3) "
+                          "or a number (default majority)")
+    lim.add_argument("--replica-hedge-s", type=float, default=None,
+                     help="a shard read unanswered by one replica after this long also goes to another in-sync replica "
+                          "(0 = only on failure; default 0.1)")
     lim.add_argument("--shard-down-grace-s", type=float, default=None,
                      help="a shard silent this long turns the broker's 'loupe.shards' health NOT_SERVING (default 60)")
     lim.add_argument("--shutdown-grace-s", type=float, default=None, help="in-flight calls drain this long after SIGTERM (default 5)")
@@ -241,7 +247,7 @@ def _log(args: argparse.Namespace, msg: str) -> None:
 
 BROKER_LIMIT_FLAGS = (
     "max_inflight", "max_extract_queue", "shard_budget_s", "shard_budget_fraction", "default_timeout_s", "shutdown_grace_s",
-    "extract_hedge_s", "shard_down_grace_s",
+    "extract_hedge_s", "shard_down_grace_s", "write_quorum", "replica_hedge_s",
 )
 
 
@@ -439,6 +445,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for x in shards:
         print(f"  shard {x['shard']}  {x['address']:<21}  {'up' if x['healthy'] else 'DOWN':<4}  {x['images']:>8} images  "
               f"store {x['store_bytes'] / 1e6:8.2f} MB  index {x['index'] or '-'} {x['index_bytes'] / 1e6:.1f} MB RAM")
+        if len(x["replicas"]) > 1:
+            for r in x["replicas"]:
+                lag = f"  missed {r['lag_writes']} writes" if r["lag_writes"] else ""
+                progress = f"  catch-up {r['catch_up_progress']:.0%}" if r["state"] == "catching_up" else ""
+                print(f"    replica {r['replica']}  {r['address']:<21}  {r['state']:<11}  {r['images']:>8} images  "
+                      f"digest {r['digest']}{lag}{progress}")
     return 0
 
 

@@ -49,7 +49,9 @@ class ClusterConfig:
     shards, replicas : int
         Number of index shards and extractor replicas (Ray actors).
     replication_factor : int
-        Copies of every shard (the chart's ``loupe.replicationFactor``). Only 1 is accepted for now.
+        Copies of every shard (the chart's ``loupe.replicationFactor``), each a shard actor with its
+        own store directory (``shard_store_dir``), written to with the broker's write quorum and
+        read from while in sync (``services/broker/replicas.py``).
     host : str
         Interface every server binds; "0.0.0.0" in a real cluster (then the node IP is advertised).
     port : int
@@ -197,11 +199,6 @@ class ClusterConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name}: invalid value {getattr(self, name)!r}")
-        if self.replication_factor > 1:
-            raise ValueError(
-                f"replication_factor: {self.replication_factor} copies per shard are not supported yet (each shard is one copy; "
-                f"replicated shards are issue 22's next step): use --replication-factor 1"
-            )
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file, tls_key_file: give both or neither")
         if len({bool(self.internal_tls_cert_file), bool(self.internal_tls_key_file), bool(self.internal_tls_ca_file)}) != 1:
@@ -219,6 +216,14 @@ class ClusterConfig:
     def global_config(self) -> GlobalConfig:
         """The extractor's global-descriptor settings."""
         return GlobalConfig(pooling=self.pooling, scales=tuple(self.scales), max_side=self.global_max_side)
+
+    def shard_store_dir(self, shard: int, replica: int) -> str:
+        """Store directory of a shard replica under ``data_dir`` ("" = a temporary one): replica 0
+        keeps the directory of an unreplicated shard, so raising the factor keeps existing data."""
+        if not self.data_dir:
+            return ""
+        name = f"shard-{shard:03d}" if replica == 0 else f"shard-{shard:03d}-r{replica}"
+        return os.path.join(self.data_dir, name)
 
     def shard_resource_of(self, shard: int, replica: int = 0) -> str:
         """The custom resource shard ``shard``'s replica ``replica`` asks for ("" = none)."""

@@ -23,7 +23,7 @@ import cv2
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster.actors import REGISTRY_NAME, ExtractorActor, Registry, ShardActor
+from cluster.actors import REGISTRY_NAME, ExtractorActor, Registry, ShardActor, shard_actor_name
 from cluster.config import ClusterConfig, is_loopback
 from cluster.prometheus_targets import TargetsWriter, targets_path
 from services.broker.servicer import BrokerConfig, RunningBroker, create_server
@@ -31,6 +31,7 @@ from services.common.auth import AuthPolicy, new_internal_token, read_token_file
 from services.common.grpc_server import ServerOptions
 from services.common.tls import InternalTls
 from services.space.layout import Layout, check_layout
+from services.space.placement import shard_member
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,10 @@ def _local_resources(cfg: ClusterConfig) -> dict[str, float]:
     """Custom resources a single-node (local) Ray must advertise so every actor fits."""
     res: dict[str, float] = {}
     for i in range(cfg.shards):
-        name = cfg.shard_resource_of(i)
-        if name:
-            res[name] = res.get(name, 0) + 1
+        for j in range(cfg.replication_factor):
+            name = cfg.shard_resource_of(i, j)
+            if name:
+                res[name] = res.get(name, 0) + 1
     if cfg.extractor_resource:
         res[cfg.extractor_resource] = res.get(cfg.extractor_resource, 0) + cfg.replicas
     return res
@@ -248,16 +250,20 @@ class Cluster:
         ray.get(self._registry.snapshot.remote())
         shard_cls = ray.remote(ShardActor)
         ext_res = {"resources": {cfg.extractor_resource: 1}} if cfg.extractor_resource else {}
+        # replicas of a shard on different nodes: each asks its own resource (the chart: one worker
+        # group per shard replica) and Ray spreads them where the resources allow; on a single node
+        # (``loupe up``) they share it, each with its own store directory
+        spread = {"scheduling_strategy": "SPREAD"} if cfg.replication_factor > 1 else {}
         for i in range(cfg.shards):
-            store_dir = os.path.join(cfg.data_dir, f"shard-{i:03d}") if cfg.data_dir else ""
-            resource = cfg.shard_resource_of(i)
-            self.shard_actors.append(
-                shard_cls.options(
-                    name=f"loupe-shard-{i}", namespace=cfg.namespace, num_cpus=0, max_restarts=-1, max_task_retries=0,
-                    **({"resources": {resource: 1}} if resource else {}),
-                ).remote(i, opts, cfg.index_settings(), store_dir, cfg.namespace, cfg.metrics_host, cfg.shard_metrics_port,
-                         cfg.shard_threads, resource, cfg.shards)
-            )
+            for j in range(cfg.replication_factor):
+                resource = cfg.shard_resource_of(i, j)
+                self.shard_actors.append(
+                    shard_cls.options(
+                        name=shard_actor_name(i, j), namespace=cfg.namespace, num_cpus=0, max_restarts=-1, max_task_retries=0,
+                        **({"resources": {resource: 1}} if resource else {}), **spread,
+                    ).remote(i, opts, cfg.index_settings(), cfg.shard_store_dir(i, j), cfg.namespace, cfg.metrics_host,
+                             cfg.shard_metrics_port, cfg.shard_threads, resource, cfg.shards, j)
+                )
         ext_cfg = cfg.extractor_config()
         ext_cls = ray.remote(ExtractorActor)
         ext_opts = ServerOptions(host=cfg.host, port=0, workers=4, max_concurrent_rpcs=64, **self._internal_server_fields())
@@ -281,7 +287,7 @@ class Cluster:
         # avoids oversubscription (multi-threaded cv2.gemm measured 1.7 → 5.9 ms median under load).
         cv2.setNumThreads(1)
         snap = ray.get(self._registry.snapshot.remote())
-        shard_addrs = [snap["shard"][i] for i in range(cfg.shards)]
+        shard_addrs = [[snap["shard"][shard_member(i, j)] for j in range(cfg.replication_factor)] for i in range(cfg.shards)]
         ext_addrs = [snap["extractor"][i] for i in range(cfg.replicas)]
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="loupe-broker", daemon=True)
@@ -360,13 +366,17 @@ class Cluster:
                 self._owns_ray = False
         self.shard_actors, self.extractor_actors, self._registry = [], [], None
 
-    def kill_shard(self, shard_id: int) -> None:
-        """Kill a shard actor for good (used by failure tests and chaos drills)."""
-        ray.kill(self.shard_actors[shard_id], no_restart=True)
+    def shard_actor(self, shard_id: int, replica: int = 0) -> Any:
+        """The actor of replica ``replica`` of shard ``shard_id``."""
+        return self.shard_actors[shard_id * self.config.replication_factor + replica]
 
-    def restart_shard(self, shard_id: int) -> None:
-        """Kill a shard actor and wait until Ray has restarted it (snapshot loaded, later store changes replayed)."""
-        actor = self.shard_actors[shard_id]
+    def kill_shard(self, shard_id: int, replica: int = 0) -> None:
+        """Kill a shard replica's actor for good (used by failure tests and chaos drills)."""
+        ray.kill(self.shard_actor(shard_id, replica), no_restart=True)
+
+    def restart_shard(self, shard_id: int, replica: int = 0) -> None:
+        """Kill a shard replica's actor and wait until Ray has restarted it (snapshot loaded, later store changes replayed)."""
+        actor = self.shard_actor(shard_id, replica)
         old_pid = ray.get(actor.pid.remote(), timeout=30)
         ray.kill(actor, no_restart=False)
         deadline = time.monotonic() + 60

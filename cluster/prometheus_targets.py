@@ -1,8 +1,8 @@
 """The Prometheus file_sd targets file of a running cluster (``<data_dir>/prometheus-targets.json``).
 
 ``loupe up`` writes one target per ``/metrics`` exporter: the broker (``role="broker"``), each
-shard actor (``role="shard", shard="N"``) and each extractor replica (``role="extractor",
-replica="N"``), and rewrites the file when an actor comes back on another address. A Prometheus
+shard replica's actor (``role="shard", shard="N", replica="J"``) and each extractor replica
+(``role="extractor", replica="N"``), and rewrites the file when an actor comes back on another address. A Prometheus
 on the head node scrapes the cluster with::
 
     scrape_configs:
@@ -23,8 +23,9 @@ import tempfile
 import threading
 from typing import Callable, Mapping
 
+from services.space.placement import member_shard_replica
+
 TARGETS_FILE = "prometheus-targets.json"
-MEMBER_LABEL = {"shard": "shard", "extractor": "replica"}
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,11 @@ def file_sd_targets(broker: str, members: Mapping[str, Mapping[int, str]]) -> li
     ``members`` maps a role ("shard", "extractor") to {member id: host:port}.
     """
     groups: list[dict] = [{"targets": [broker], "labels": {"role": "broker"}}] if broker else []
-    for role in ("shard", "extractor"):
-        for member_id, address in sorted(members.get(role, {}).items()):
-            groups.append({"targets": [address], "labels": {"role": role, MEMBER_LABEL[role]: str(member_id)}})
+    for member_id, address in sorted(members.get("shard", {}).items()):
+        shard, replica = member_shard_replica(member_id)
+        groups.append({"targets": [address], "labels": {"role": "shard", "shard": str(shard), "replica": str(replica)}})
+    for member_id, address in sorted(members.get("extractor", {}).items()):
+        groups.append({"targets": [address], "labels": {"role": "extractor", "replica": str(member_id)}})
     return groups
 
 

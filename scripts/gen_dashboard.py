@@ -112,8 +112,8 @@ def rows() -> list[tuple[str, list[dict]]]:
               [target(_quantile(0.95, "loupe_shard_search_duration_seconds", "shard", SHARD), "shard {{shard}}")],
               "Seconds one shard spends on a Search call (faiss + metadata), measured in the shard."),
         panel("Images per shard", "short",
-              [target(f"sum by (shard) (loupe_shard_images{{{SHARD}}})", "shard {{shard}}")],
-              "Images (global vectors) each shard holds."),
+              [target(f"max by (shard) (loupe_shard_images{{{SHARD}}})", "shard {{shard}}")],
+              "Images (global vectors) each shard holds (its fullest copy)."),
         panel("Shard imbalance (max / mean images)", "short",
               [target(f"max by (namespace) (loupe_shard_images{{{NS}}}) / avg by (namespace) (loupe_shard_images{{{NS}}})", "max / mean")],
               "1.0 = perfectly even. Placement hashes ids, so a large value means a shard lost data or an id scheme collides."),
@@ -125,6 +125,18 @@ def rows() -> list[tuple[str, list[dict]]]:
               [target(f"sum({_rate('loupe_partial_responses_total')})", "partial answers"),
                target(f"sum by (shard, reason) ({_rate('loupe_shard_failures_total', SHARD)})", "shard {{shard}} {{reason}}")],
               "Searches answered without some shard, and failed shard calls by reason (DEADLINE_EXCEEDED = timeout) (alert LoupePartialAnswers)."),
+    ]
+    replication = [
+        panel("Shard copies in sync, against the replication factor", "short",
+              [target(f"min by (shard) (loupe_shard_replicas_in_sync{{{SHARD}}})", "shard {{shard}} in sync"),
+               target(f"max by (shard) (loupe_shard_replication_factor{{{SHARD}}})", "shard {{shard}} configured")],
+              "Copies of each shard that hold every acknowledged write and serve reads; fewer than configured = under-replicated "
+              "(a copy is down, hung, or catching up; alert LoupeShardUnderReplicated)."),
+        panel("Replica lag and catch-up", "short",
+              [target(f"max by (shard, replica) (loupe_shard_replica_lag_writes{{{SHARD}}})", "shard {{shard}} r{{replica}} missed writes"),
+               target(f"min by (shard, replica) (loupe_shard_replica_catch_up_ratio{{{SHARD}}})", "shard {{shard}} r{{replica}} catch-up done")],
+              "Acknowledged writes each copy missed since it fell out of sync (alert LoupeShardReplicaLagging), and the progress "
+              "of its running catch-up from an in-sync peer (1 = none running)."),
     ]
     extractors = [
         panel("Images described per second by replica", "ops",
@@ -156,8 +168,8 @@ def rows() -> list[tuple[str, list[dict]]]:
     ]
     storage = [
         panel("Writes per second by shard", "ops",
-              [target(f"sum by (shard, op) ({_rate('loupe_shard_writes_total', SHARD)})", "shard {{shard}} {{op}}")],
-              "Images added and deleted per second in each shard's store."),
+              [target(f"max by (shard, op) ({_rate('loupe_shard_writes_total', SHARD)})", "shard {{shard}} {{op}}")],
+              "Images added and deleted per second in each shard's store (every copy of a shard stores each write)."),
         panel("Durable commit (fsync) latency p99", "s",
               [target(_quantile(0.99, "loupe_shard_commit_duration_seconds", "shard", SHARD), "shard {{shard}}")],
               "Seconds of an LMDB commit with fsync: every acknowledged write waits for it."),
@@ -189,7 +201,7 @@ def rows() -> list[tuple[str, list[dict]]]:
               "/metrics exporters Prometheus reaches, against the targets it knows, per role. Scrape health only: in Kubernetes "
               "a spare shard pod is a target that never answers, so shard health is the broker's loupe_shard_up (Shards row)."),
     ]
-    return [("Traffic", traffic), ("Latency", latency), ("Rerank", rerank), ("Shards", shards),
+    return [("Traffic", traffic), ("Latency", latency), ("Rerank", rerank), ("Shards", shards), ("Replication", replication),
             ("Extractors", extractors), ("Storage", storage), ("Resources", resources)]
 
 

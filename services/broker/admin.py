@@ -46,8 +46,17 @@ class Admin:
             graph_images=len(graph) if graph is not None else 0,
             graph_regions=len(regional) if regional is not None else 0,
         )
-        for shard, res in zip(self.shards, results):
+        per_replica = await asyncio.gather(
+            *(asyncio.gather(*(r.stats(min(5.0, deadline.remaining())) for r in getattr(s, "replicas", [])), return_exceptions=True)
+              for s in self.shards)
+        )
+        for shard, res, replica_results in zip(self.shards, results, per_replica):
             st = resp.shards.add(shard_id=shard.shard_id, address=shard.address, healthy=not isinstance(res, BaseException))
+            for j, (client, state, rres) in enumerate(zip(getattr(shard, "replicas", []), getattr(shard, "states", []), replica_results)):
+                rep = st.replicas.add(replica=j, address=client.address, state=state.state if not isinstance(rres, BaseException) else "down",
+                                      lag_writes=state.missed, catch_up_progress=state.progress)
+                if not isinstance(rres, BaseException):
+                    rep.images, rep.digest, rep.store_id = rres.images, rres.digest, rres.store_id
             if isinstance(res, BaseException):
                 continue
             st.images, st.feature_bytes = res.images, res.feature_bytes

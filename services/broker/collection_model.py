@@ -85,6 +85,10 @@ class CollectionModel:
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
+    def whitening_payload(self) -> bytes:
+        """The whitening as ``SetWhiteningRequest.whitening`` carries it (b"" = none)."""
+        return self.whitening.to_bytes() if self.whitening is not None else b""
+
     def set_whitening(self, whitening: PCAWhitening | None) -> None:
         """Install (None: remove) the global whitening and persist it; drops the graph (its
         similarities were measured in the old space)."""

@@ -113,6 +113,8 @@ class BrokerConfig:
     shard_health_timeout_s: float = 2.0
     shard_down_grace_s: float = 60.0
     extract_hedge_s: float = 2.0
+    write_quorum: str = "majority"
+    replica_hedge_s: float = 0.1
 
     def __post_init__(self) -> None:
         if not 0 < self.shard_budget_fraction <= 1:
@@ -125,6 +127,10 @@ class BrokerConfig:
                 raise ValueError(f"broker.{name} must be > 0, got {getattr(self, name)}")
         if self.shard_down_grace_s <= 0:
             raise ValueError(f"broker.shard_down_grace_s must be > 0, got {self.shard_down_grace_s}")
+        if self.write_quorum not in ("all", "majority") and not self.write_quorum.isdigit():
+            raise ValueError(f"broker.write_quorum must be 'all', 'majority' or a number of replicas, got {self.write_quorum!r}")
+        if self.replica_hedge_s < 0:
+            raise ValueError(f"broker.replica_hedge_s must be >= 0, got {self.replica_hedge_s}")
         if self.extract_hedge_s < 0:
             raise ValueError(f"broker.extract_hedge_s must be >= 0, got {self.extract_hedge_s}")
         if self.shutdown_grace_s < 0:

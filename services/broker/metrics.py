@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from services.common.metrics import RoleProcessCollector
+
+if TYPE_CHECKING:
+    from services.broker.replicas import ReplicatedShard
 
 STAGES = ("extract", "fanout", "merge", "expand", "diffuse", "verify", "total")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -35,6 +39,12 @@ class BrokerMetrics:
     verify_verified: Counter
     query_confidence: Histogram
     add_batch_images: Histogram
+    replica_up: Gauge
+    replica_in_sync: Gauge
+    replica_lag: Gauge
+    replica_catch_up: Gauge
+    replicas_in_sync: Gauge
+    replication_factor: Gauge
 
     @classmethod
     def create(cls) -> "BrokerMetrics":
@@ -96,10 +106,44 @@ class BrokerMetrics:
                 "loupe_add_batch_images", "Images per AddImages message, each extracted by the replicas as one batch (count).",
                 buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r,
             ),
+            replica_up=Gauge(
+                "loupe_shard_replica_up", "1 when the shard replica answered the broker's last health check, else 0.",
+                ["shard", "replica"], registry=r,
+            ),
+            replica_in_sync=Gauge(
+                "loupe_shard_replica_in_sync", "1 when the shard replica holds every acknowledged write and serves reads, else 0.",
+                ["shard", "replica"], registry=r,
+            ),
+            replica_lag=Gauge(
+                "loupe_shard_replica_lag_writes", "Acknowledged writes the shard replica missed since it fell out of sync (count).",
+                ["shard", "replica"], registry=r,
+            ),
+            replica_catch_up=Gauge(
+                "loupe_shard_replica_catch_up_ratio", "Progress of the shard replica's running catch-up (0..1; 1 = none running).",
+                ["shard", "replica"], registry=r,
+            ),
+            replicas_in_sync=Gauge(
+                "loupe_shard_replicas_in_sync", "Replicas of the shard that are in sync and serve reads (count).", ["shard"], registry=r,
+            ),
+            replication_factor=Gauge(
+                "loupe_shard_replication_factor", "Replicas the shard is configured with (count).", ["shard"], registry=r,
+            ),
         )
         for stage in STAGES:  # every stage's series exists from the start (dashboards, alerts)
             m.stage_seconds.labels(stage)
         return m
+
+    def observe_replicas(self, shard: "ReplicatedShard") -> None:
+        """Publish the state of every replica of ``shard``."""
+        sid = str(shard.shard_id)
+        for j, state in enumerate(shard.states):
+            labels = (sid, str(j))
+            self.replica_up.labels(*labels).set(1 if state.up else 0)
+            self.replica_in_sync.labels(*labels).set(1 if state.readable else 0)
+            self.replica_lag.labels(*labels).set(state.missed)
+            self.replica_catch_up.labels(*labels).set(state.progress)
+        self.replicas_in_sync.labels(sid).set(sum(1 for s in shard.states if s.readable and s.up))
+        self.replication_factor.labels(sid).set(len(shard.states))
 
     def serve(self, host: str, port: int) -> int:
         """Expose ``/metrics`` over HTTP; returns the bound port (``port=0`` picks one)."""

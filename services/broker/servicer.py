@@ -27,6 +27,9 @@ from grpc_health.v1 import health_pb2
 from loupe.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.broker.admin import Admin
 from services.broker.backends import ExtractorPool, GrpcShardClient, ShardClient
+from services.broker.replicas import ReplicatedShard
+from services.broker.versions import VersionClock
+from services.space.placement import shard_member
 from services.broker.members import Resolve
 from services.broker.batch import BatchSearcher
 from services.broker.collection_model import CollectionModel
@@ -73,6 +76,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         metrics: BrokerMetrics,
         config: BrokerConfig = BrokerConfig(),
         budget: MessageBudget = MessageBudget(),
+        clock: VersionClock | None = None,
     ) -> None:
         if not shards:
             raise ValueError("shards: at least one shard is required")
@@ -88,7 +92,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         self._inflight = 0
         self._verify_pool = ThreadPoolExecutor(max_workers=config.verify_threads, thread_name_prefix="loupe-verify")
         self.pipeline = SearchPipeline(extractors, self.shards, self.collection, metrics, config, self._verify_pool, budget)
-        self.writer = Writer(extractors, self.shards, self.collection, metrics, config)
+        self.clock = clock or VersionClock()
+        self.writer = Writer(extractors, self.shards, self.collection, metrics, config, self.clock)
         self.admin = Admin(extractors, self.shards, self.collection, metrics, config)
         self.reader = Reader(self.shards, config)
         self.batch = BatchSearcher(self.pipeline, config)
@@ -173,20 +178,23 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         t0 = time.perf_counter()
         added = 0
         batch_no = 0
+        replicas_stored = 0
         async for batch in request_iterator:
             if len(batch.images) > self.config.max_batch_images:
                 raise InvalidArgument(
                     f"images: batch {batch_no} has {len(batch.images)} images, the limit is {self.config.max_batch_images}"
                 )
             try:
-                added += await self.writer.add_batch(batch, deadline)
+                stored, replicas = await self.writer.add_batch(batch, deadline)
+                added += stored
+                replicas_stored = replicas if batch_no == 0 else min(replicas_stored, replicas)
             except (InvalidArgument, Unavailable, Overloaded, DeadlineExceeded, FailedPrecondition) as exc:
                 err = type(exc)(f"{exc} ({added} images of earlier batches were stored)")
                 if isinstance(exc, Overloaded):
                     err.retry_after_ms = exc.retry_after_ms
                 raise err from None
             batch_no += 1
-        return retrieval_pb2.AddImagesResponse(added=added, seconds=time.perf_counter() - t0)
+        return retrieval_pb2.AddImagesResponse(added=added, seconds=time.perf_counter() - t0, replicas_stored=replicas_stored)
 
     # --- Delete ---------------------------------------------------------------------------
     async def Delete(self, request: retrieval_pb2.DeleteRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.DeleteResponse:
@@ -232,7 +240,7 @@ class RunningBroker:
 
 async def create_server(
     extractor_addresses: Sequence[str],
-    shard_addresses: Sequence[str],
+    shard_addresses: Sequence[str | Sequence[str]],
     opts: ServerOptions,
     *,
     metrics_host: str = "127.0.0.1",
@@ -244,10 +252,11 @@ async def create_server(
 ) -> RunningBroker:
     """Start the public Retrieval server (asyncio) and its ``/metrics`` exporter.
 
-    ``shard_addresses[i]`` is the address of shard ``i`` at start-up; ``lookup(role, member id)``
-    (role "shard" or "extractor") finds a member's current address when it moved (None = fixed
-    addresses). ``internal_token`` ("" = none) is sent with every call to shards and extractors,
-    over mutual TLS when ``internal_tls`` is set.
+    ``shard_addresses[i]`` is the address of shard ``i`` at start-up, or the addresses of its
+    replicas (replica j at j); ``lookup(role, member id)`` (role "shard" with
+    ``shard_member(shard, replica)``, or "extractor" with the replica index) finds a member's
+    current address when it moved (None = fixed addresses). ``internal_token`` ("" = none) is
+    sent with every call to shards and extractors, over mutual TLS when ``internal_tls`` is set.
     """
     channel_opts = opts.channel_options()
     metrics = BrokerMetrics.create()
@@ -255,17 +264,27 @@ async def create_server(
     def resolve(role: str, member: int) -> Resolve | None:
         return (lambda: lookup(role, member)) if lookup is not None else None
 
+    def replicated(i: int, addresses: str | Sequence[str]) -> ReplicatedShard:
+        addresses = [addresses] if isinstance(addresses, str) else list(addresses)
+        replicas = [
+            GrpcShardClient(i, a, channel_opts, internal_token, internal_tls, resolve("shard", shard_member(i, j)),
+                            metrics.backend_moves.labels("shard").inc)
+            for j, a in enumerate(addresses)
+        ]
+        return ReplicatedShard(i, replicas, config.write_quorum, config.replica_hedge_s, on_change=metrics.observe_replicas)
+
     servicer = RetrievalServicer(
         ExtractorPool(extractor_addresses, channel_opts, internal_token=internal_token, tls=internal_tls,
                       max_concurrency_per_replica=config.extract_slots_per_replica, max_queue=config.max_extract_queue,
                       retry_after_ms=config.retry_after_ms, resolve=lambda i: resolve("extractor", i),  # type: ignore[arg-type,return-value]
                       hedge_after_s=config.extract_hedge_s, on_move=metrics.backend_moves.labels("extractor").inc),
-        [GrpcShardClient(i, a, channel_opts, internal_token, internal_tls, resolve("shard", i), metrics.backend_moves.labels("shard").inc)
-         for i, a in enumerate(shard_addresses)],
+        [replicated(i, a) for i, a in enumerate(shard_addresses)],
         metrics,
         config,
         MessageBudget(opts.max_message_bytes),  # answers and shard calls sized under the same limit as the channels
     )
+    for shard in servicer.shards:  # a replica caught up from a peer gets the collection whitening too
+        shard.whitening = servicer.collection.whitening_payload  # type: ignore[attr-defined]
     server = await create_aio_server(
         lambda s: retrieval_pb2_grpc.add_RetrievalServicer_to_server(servicer, s), ["loupe.v1.Retrieval"], opts
     )
@@ -276,6 +295,10 @@ async def create_server(
         status = health_pb2.HealthCheckResponse.SERVING if complete else health_pb2.HealthCheckResponse.NOT_SERVING
         server.health.set(SHARDS_HEALTH_SERVICE, status)
 
+    replicated_shards = [s for s in servicer.shards if len(s.replicas) > 1]  # type: ignore[attr-defined]
+    if replicated_shards:  # which replicas are in sync: decided before the first read
+        await asyncio.gather(*(s.check(config.shard_health_timeout_s) for s in replicated_shards), return_exceptions=True)
     health = ShardHealth(servicer.shards, metrics, config.shard_health_period_s, config.shard_health_timeout_s,
-                         extractors=servicer.extractors, down_grace_s=config.shard_down_grace_s, on_complete=on_complete).start()
+                         extractors=servicer.extractors, down_grace_s=config.shard_down_grace_s, on_complete=on_complete,
+                         observe_version=servicer.clock.observe).start()
     return RunningBroker(server, servicer, mport, health)

@@ -25,8 +25,9 @@ import logging
 import time
 from typing import Callable, Sequence
 
-from services.broker.backends import ExtractorPool, ShardClient
+from services.broker.backends import ExtractorPool
 from services.broker.metrics import BrokerMetrics
+from services.broker.replicas import ReplicatedShard
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ class ShardHealth:
 
     Parameters
     ----------
-    shards : sequence of ShardClient
-        The broker's shard clients (``shard_id`` and ``stats(timeout_s)``).
+    shards : sequence of ReplicatedShard
+        The broker's shards (each over its replicas).
     metrics : BrokerMetrics
         Gauges ``shard_up``, ``shard_vectors``, ``shard_store_bytes`` are set here.
     period_s : float
@@ -50,11 +51,13 @@ class ShardHealth:
         A shard silent for this long makes the cluster incomplete (``on_complete(False)``).
     on_complete : callable ``(bool) -> None`` or None
         Told when completeness changes (and after the first round).
+    observe_version : callable or None
+        Told the newest write version the shards hold (the broker's ``VersionClock.observe``).
     """
 
-    def __init__(self, shards: Sequence[ShardClient], metrics: BrokerMetrics, period_s: float = 5.0, timeout_s: float = 2.0,
+    def __init__(self, shards: Sequence[ReplicatedShard], metrics: BrokerMetrics, period_s: float = 5.0, timeout_s: float = 2.0,
                  extractors: ExtractorPool | None = None, down_grace_s: float = 60.0,
-                 on_complete: Callable[[bool], None] | None = None) -> None:
+                 on_complete: Callable[[bool], None] | None = None, observe_version: Callable[[int], None] | None = None) -> None:
         if period_s <= 0:
             raise ValueError(f"broker.shard_health_period_s must be > 0, got {period_s}")
         if timeout_s <= 0:
@@ -72,28 +75,33 @@ class ShardHealth:
         self._complete: bool | None = None
         self._started = time.monotonic()
         self._answered: dict[int, float] = {}
+        self._observe_version = observe_version
 
     async def check(self) -> dict[int, bool]:
-        """One round: every shard's Stats at once; sets the gauges. Returns {shard id: up}."""
-        results = await asyncio.gather(*(s.stats(self.timeout_s) for s in self.shards), return_exceptions=True)
+        """One round: every replica of every shard answers Stats at once (``ReplicatedShard.check``:
+        failing replicas are looked up again, replicas out of sync are caught up); sets the
+        gauges. A shard is up when one of its in-sync replicas answered. Returns {shard id: up}."""
+        await asyncio.gather(*(s.check(self.timeout_s) for s in self.shards), return_exceptions=True)
         up: dict[int, bool] = {}
-        for shard, res in zip(self.shards, results):
+        for shard in self.shards:
             sid = str(shard.shard_id)
-            ok = not isinstance(res, BaseException)
+            answered = [st.stats for st in shard.states if st.up and st.stats is not None and (st.readable or len(shard.states) == 1)]
+            ok = bool(answered)
             up[shard.shard_id] = ok
             self.metrics.shard_up.labels(sid).set(1 if ok else 0)
+            self.metrics.observe_replicas(shard)
             if ok:
+                res = answered[0]
                 self.metrics.shard_vectors.labels(sid).set(res.images)
                 self.metrics.shard_store_bytes.labels(sid).set(res.store_bytes)
+                if self._observe_version is not None:
+                    self._observe_version(max(a.max_version for a in answered))
             if self._last.get(shard.shard_id, True) != ok:
                 if ok:
-                    log.info("shard %s at %s answers again", sid, getattr(shard, "address", "?"))
+                    log.info("shard %s at %s answers again", sid, shard.address)
                 else:
-                    log.warning("shard %s at %s failed its health check: %s", sid, getattr(shard, "address", "?"), _reason(res))
+                    log.warning("shard %s at %s failed its health check (no in-sync replica answered)", sid, shard.address)
         self._last = up
-        failed = [s for s in self.shards if not up[s.shard_id]]
-        if failed:  # a shard that moved is reached at its new address from the next round on
-            await asyncio.gather(*(s.refresh() for s in failed), return_exceptions=True)
         if self.extractors is not None:
             for i, ok in enumerate(await self.extractors.check(self.timeout_s)):
                 self.metrics.extractor_up.labels(str(i)).set(1 if ok else 0)
@@ -140,10 +148,3 @@ class ShardHealth:
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-
-def _reason(exc: BaseException) -> str:
-    code = getattr(exc, "code", None)
-    if callable(code):
-        with contextlib.suppress(Exception):
-            return f"{code().name}: {exc.details()}"  # grpc.aio.AioRpcError
-    return f"{type(exc).__name__}: {exc}"

@@ -2,8 +2,10 @@
 
 Upsert: re-adding an id replaces its whole record (features and metadata; metadata is not
 merged). A write is acknowledged only after every owning shard has stored it durably and
-indexed it, so a search, get or list that starts after the acknowledgement sees it
-(read-your-writes; tests/integration/test_api.py).
+indexed it on its write quorum of replicas, so a search, get or list that starts after the
+acknowledgement sees it (read-your-writes; tests/integration/test_api.py,
+tests/integration/test_replication.py). Every write carries one version of the broker's clock
+(``services.broker.versions``): replicas keep the newest version of each id.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from services.broker.collection_model import CollectionModel
 from services.broker.config import BrokerConfig
 from services.broker.deadlines import Deadline, PerCallBudget
 from services.broker.metrics import BrokerMetrics
+from services.broker.versions import VersionClock
 from services.common import limits
 from services.common.errors import InvalidArgument, NotFound, Overloaded, status_for
 from services.common.limits import check_id
@@ -34,15 +37,17 @@ class Writer:
     """Routes writes to the owning shards (``shard_for(id)``)."""
 
     def __init__(self, extractors: ExtractorPool, shards: Sequence[ShardClient], collection: CollectionModel,
-                 metrics: BrokerMetrics, config: BrokerConfig) -> None:
+                 metrics: BrokerMetrics, config: BrokerConfig, clock: VersionClock) -> None:
         self.extractors = extractors
         self.shards = shards
         self.collection = collection
         self.metrics = metrics
         self.config = config
+        self.clock = clock
 
-    async def add_batch(self, batch: retrieval_pb2.AddImagesRequest, deadline: Budget) -> int:
-        """Validate, extract and store one AddImages batch; returns the images stored.
+    async def add_batch(self, batch: retrieval_pb2.AddImagesRequest, deadline: Budget) -> tuple[int, int]:
+        """Validate, extract and store one AddImages batch; returns (images stored, the fewest
+        replicas any of them was stored on).
 
         Nothing of the batch is written when one of its images is invalid (all are validated
         and extracted first)."""
@@ -75,25 +80,27 @@ class Writer:
         if self.config.index_local:
             self._project_local(features)
         by_shard: dict[int, shard_pb2.ShardAddRequest] = {}
+        version = self.clock.next()
         for rec, feat in zip(batch.images, features):
             sid = shard_for(rec.id, len(self.shards))
             req = by_shard.setdefault(sid, shard_pb2.ShardAddRequest(shard_id=sid))
-            req.records.add(id=rec.id, features=feat, metadata=dict(rec.metadata))
+            req.records.add(id=rec.id, features=feat, metadata=dict(rec.metadata), version=version)
 
-        async def write(sid: int, req: shard_pb2.ShardAddRequest) -> int:
+        async def write(sid: int, req: shard_pb2.ShardAddRequest) -> shard_pb2.ShardAddResponse:
             try:
-                return (await self.shards[sid].add(req, deadline.remaining())).stored
+                return await self.shards[sid].add(req, deadline.remaining())
             except grpc.aio.AioRpcError as exc:
                 raise from_rpc_error(exc, f"shard {sid}") from None
 
         self.collection.graph_forget([rec.id for rec in batch.images])  # replaced images leave the graph
         outcomes = await asyncio.gather(*(write(s, r) for s, r in by_shard.items()), return_exceptions=True)
-        n = int(sum(o for o in outcomes if not isinstance(o, BaseException)))
+        answers = [o for o in outcomes if not isinstance(o, BaseException)]
+        n = int(sum(o.stored for o in answers))
         self.metrics.images_added.inc(n)
         failed = [(sid, o) for sid, o in zip(by_shard, outcomes) if isinstance(o, BaseException)]
         if failed:
             raise partial_write_error(by_shard, outcomes, failed[0][1])
-        return n
+        return n, min((o.replicas for o in answers), default=0)
 
     def _project_local(self, features: Sequence[types_pb2.ImageFeatures]) -> None:
         """Replace raw local descriptors by their collection-PCA projection (learned on first use)."""
@@ -117,16 +124,18 @@ class Writer:
         for i, image_id in enumerate(request.ids):
             check_id(image_id, f"ids[{i}]")
             by_shard.setdefault(shard_for(image_id, len(self.shards)), []).append(image_id)
+        version = self.clock.next()
 
         async def one(sid: int, ids: list[str]) -> shard_pb2.ShardDeleteResponse:
             try:
-                return await self.shards[sid].delete(shard_pb2.ShardDeleteRequest(shard_id=sid, ids=ids), deadline.remaining())
+                req = shard_pb2.ShardDeleteRequest(shard_id=sid, ids=ids, versions=[version] * len(ids))
+                return await self.shards[sid].delete(req, deadline.remaining())
             except grpc.aio.AioRpcError as exc:
                 raise from_rpc_error(exc, f"shard {sid}") from None
 
         results = await asyncio.gather(*(one(s, ids) for s, ids in by_shard.items()))
         self.collection.graph_forget(list(request.ids))
-        resp = retrieval_pb2.DeleteResponse()
+        resp = retrieval_pb2.DeleteResponse(replicas_stored=min((r.replicas for r in results), default=0))
         for r in results:
             resp.deleted.extend(r.deleted)
             resp.missing.extend(r.missing)

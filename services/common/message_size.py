@@ -100,6 +100,11 @@ def vector_row_bytes(dim: int, regional: bool) -> int:
     return n
 
 
+def version_entry_bytes() -> int:
+    """One entry of a ``ListVersionsResponse``: id, version (varint) and deleted flag."""
+    return ID_BYTES + 11 + 2
+
+
 @dataclass(frozen=True)
 class MessageBudget:
     """The bytes items may take in one message of a server whose limit is ``max_message_bytes``."""

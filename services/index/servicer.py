@@ -21,7 +21,7 @@ from services.index.store import ShardStore, StoreCorrupt
 from services.index.vector_index import IndexSettings
 from services.common import limits
 from services.common.limits import check_id
-from services.common.message_size import MessageBudget, features_bytes, info_bytes, shard_hit_bytes, vector_row_bytes
+from services.common.message_size import MessageBudget, features_bytes, info_bytes, shard_hit_bytes, vector_row_bytes, version_entry_bytes
 from services.space.whitening import PCAWhitening
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 MAX_TOP_K = 100_000
 MAX_LIST_PAGE = 65_536
 MAX_BATCH_QUERIES = 1024
+MAX_RECORDS_PAGE = 10_000  # ListVersions entries, GetRecords ids per call
 DEFAULT_MAX_SCAN = 100_000
 
 
@@ -186,7 +187,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         if len(request.records) > limits.MAX_WRITE_RECORDS:
             raise InvalidArgument(f"records: {len(request.records)} records, the limit is {limits.MAX_WRITE_RECORDS}")
         stored = [record_to_stored(r, f"records[{i}]") for i, r in enumerate(request.records)]
-        n = self._valid(self.index.add, stored)
+        n = self._valid(self.index.add, stored, [r.version for r in request.records])
         if self.metrics is not None:
             self.metrics.writes.labels(self.metrics.shard, "add").inc(n)
         return shard_pb2.ShardAddResponse(stored=n, total=len(self.index))
@@ -196,7 +197,9 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         self._check_shard(request.shard_id)
         for i, image_id in enumerate(request.ids):
             check_id(image_id, f"ids[{i}]")
-        deleted, missing = self.index.delete(list(request.ids))
+        if request.versions and len(request.versions) != len(request.ids):
+            raise InvalidArgument(f"versions: {len(request.versions)} versions for {len(request.ids)} ids (one each, or none)")
+        deleted, missing = self.index.delete(list(request.ids), list(request.versions) or None)
         if self.metrics is not None:
             self.metrics.writes.labels(self.metrics.shard, "delete").inc(len(deleted))
         return shard_pb2.ShardDeleteResponse(deleted=deleted, missing=missing)
@@ -279,7 +282,48 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             sequence=s["sequence"],
             snapshot_sequence=self.index.snapshot_sequence,
             oversized_records=s["oversized"],
+            max_version=s["max_version"],
+            digest=s["digest"],
+            tombstones=s["tombstones"],
+            store_id=self.index.store.store_id,
+            whitening_crc=self.index.whitening_crc(),
         )
+
+    @grpc_errors
+    def ListVersions(self, request: shard_pb2.ListVersionsRequest, context: grpc.ServicerContext) -> shard_pb2.ListVersionsResponse:
+        self._check_shard(request.shard_id)
+        if not 1 <= request.limit <= MAX_RECORDS_PAGE:
+            raise InvalidArgument(f"limit: must be in 1..{MAX_RECORDS_PAGE}, got {request.limit}")
+        limit = min(request.limit, self.budget.items(version_entry_bytes()))
+        entries, done = self.index.store.versions_after(request.after, limit, request.upto or None)
+        return shard_pb2.ListVersionsResponse(
+            ids=[e.image_id for e in entries], versions=[e.version for e in entries], deleted=[e.deleted for e in entries], done=done,
+        )
+
+    @grpc_errors
+    def GetRecords(self, request: shard_pb2.GetRecordsRequest, context: grpc.ServicerContext) -> shard_pb2.GetRecordsResponse:
+        self._check_shard(request.shard_id)
+        if len(request.ids) > MAX_RECORDS_PAGE:
+            raise InvalidArgument(f"ids: {len(request.ids)} ids, the limit is {MAX_RECORDS_PAGE} per call")
+        resp = shard_pb2.GetRecordsResponse()
+        size = 0
+        for image_id in request.ids:
+            entry = self.index.store.versions_of([image_id])[0]
+            img = self.index.get(image_id)
+            # the version read again after the record: a write in between would pair an old
+            # record with a newer version (the copy would then win over that newer write)
+            if img is not None and entry is not None and not entry.deleted and self.index.store.versions_of([image_id])[0] == entry:
+                rec = shard_pb2.ShardRecord(
+                    id=image_id, features=stored_to_features(img, global_vec=img.vector, regional=img.regional, local=True),
+                    metadata=img.metadata, version=entry.version,
+                )
+                n = rec.ByteSize() + 8
+                if resp.records and size + n > self.budget.bytes:
+                    break  # the rest in the next call
+                resp.records.append(rec)
+                size += n
+            resp.consumed += 1
+        return resp
 
 
 def create_server(

@@ -149,7 +149,8 @@ class ShardIndex:
         self._maybe_maintain()
 
     # --- start-up ---------------------------------------------------------------------
-    def _whitening_crc(self) -> int:
+    def whitening_crc(self) -> int:
+        """CRC32 of the installed whitening (0 = none)."""
         raw = self.store.setting("whitening")
         return zlib.crc32(raw) if raw else 0
 
@@ -158,7 +159,7 @@ class ShardIndex:
         record = self.store.read_snapshot_record()
         reason = ""
         if record is not None:
-            if record.get("whitening_crc32") != self._whitening_crc() or record.get("dim") != self.indexed_dim:
+            if record.get("whitening_crc32") != self.whitening_crc() or record.get("dim") != self.indexed_dim:
                 reason = "snapshot predates the current whitening"
             else:
                 try:
@@ -242,8 +243,11 @@ class ShardIndex:
         self._maybe_maintain()
 
     # --- writes -----------------------------------------------------------------------
-    def add(self, records: list[StoredImage]) -> int:
-        """Store or replace images durably, then index them; returns how many were stored."""
+    def add(self, records: list[StoredImage], versions: list[int] | None = None) -> int:
+        """Store or replace images durably, then index them; returns how many were stored.
+
+        ``versions`` (one per record, 0 = the store's next): a record older than the id's last
+        write here is skipped (replication: last writer wins, ``ShardStore.put``)."""
         with self._lock.write():
             for rec in records:
                 if rec.vector.ndim != 1:
@@ -259,29 +263,32 @@ class ShardIndex:
                 self.store.put_setting("dim", str(records[0].vector.shape[0]).encode())
                 self.dim = int(records[0].vector.shape[0])
             old = self.store.id_infos([r.image_id for r in records]) if self._meta is not None else []
-            labels, replaced, _ = self.store.put(records)
+            result = self.store.put(records, versions)
+            applied = [records[i] for i in result.applied]
             if self._meta is not None:
-                for found in old:
-                    if found is not None:
+                for i in result.applied:
+                    found = old[i]
+                    if found is not None and found[0] in result.replaced:
                         self._meta.remove(found[0], found[1].metadata)
-                last = {rec.image_id: (label, rec) for label, rec in zip(labels, records)}  # an id twice in one write: the last wins
+                last = {rec.image_id: (label, rec) for label, rec in zip(result.labels, applied)}  # an id twice in one write: the last wins
                 for label, rec in last.values():
                     self._meta.add(label, rec.metadata)
             if self._faiss is None:
                 self._faiss = ExactIndex(self.indexed_dim)
-            self._faiss.remove(np.asarray(replaced, np.int64))
-            self._faiss.add(np.asarray(labels, np.int64), self.transform(np.stack([r.vector for r in records])))
+            self._faiss.remove(np.asarray(result.replaced, np.int64))
+            if applied:
+                self._faiss.add(np.asarray(result.labels, np.int64), self.transform(np.stack([r.vector for r in applied])))
         self._maybe_maintain()
-        return len(labels)
+        return len(records)
 
-    def delete(self, ids: list[str]) -> tuple[list[str], list[str]]:
-        """Remove ids durably; returns (deleted, missing)."""
+    def delete(self, ids: list[str], versions: list[int] | None = None) -> tuple[list[str], list[str]]:
+        """Remove ids durably (tombstones of ``versions``, see ``ShardStore.delete``); returns (deleted, missing)."""
         with self._lock.write():
             old = self.store.id_infos(ids) if self._meta is not None else []
-            deleted, missing, labels, _ = self.store.delete(ids)
+            deleted, missing, labels, _ = self.store.delete(ids, versions)
             if self._meta is not None:
                 for found in old:
-                    if found is not None:
+                    if found is not None and found[0] in labels:
                         self._meta.remove(found[0], found[1].metadata)
             if self._faiss is not None:
                 self._faiss.remove(np.asarray(labels, np.int64))
@@ -510,6 +517,7 @@ class ShardIndex:
             "images": c["images"], "regional_vectors": c["regional_vectors"], "local_features": c["local_features"],
             "feature_bytes": c["feature_bytes"], "store_bytes": self.store.size_bytes(), "index_bytes": index_bytes,
             "sequence": c["seq"], "oversized": c["oversized"],
+            "max_version": c["max_version"], "digest": c["digest"], "tombstones": c["tombstones"],
         }
 
     def _index_bytes_estimate(self) -> int:
@@ -566,13 +574,13 @@ class ShardIndex:
                 return self._last_snapshot_seq
             seq = self.store.counters()["seq"]
             blob = serialize(self._faiss.index)
-            kind, dim, wcrc = self._faiss.kind, self.indexed_dim, self._whitening_crc()
+            kind, dim, wcrc = self._faiss.kind, self.indexed_dim, self.whitening_crc()
             factory = getattr(self._faiss, "factory", "Flat")
             trained_for = getattr(self._faiss, "trained_for", 0)
         record = write_blob(blob, os.path.join(self.store.path, SNAPSHOT_FILE))
         record.update(seq=seq, kind=kind, dim=dim, whitening_crc32=wcrc, factory=factory, trained_for=trained_for)
         with self._lock.write():
-            if wcrc != self._whitening_crc():
+            if wcrc != self.whitening_crc():
                 return self._last_snapshot_seq  # whitening changed while writing: the file is stale
             self.store.record_snapshot(seq, record)
             self._last_snapshot_seq = seq
@@ -585,7 +593,7 @@ class ShardIndex:
         t0 = time.perf_counter()
         with self._lock.write():
             self._building = True
-            wcrc = self._whitening_crc()
+            wcrc = self.whitening_crc()
             n = self._faiss.ntotal
             factory = self.settings.factory if self.settings.factory != "auto" else ivfpq_factory(n, self.indexed_dim, train_n=min(n, self.settings.train_sample))
             rng = np.random.default_rng(0)
@@ -609,7 +617,7 @@ class ShardIndex:
                 self._apply_changes(pending, built)
                 seq = pending[-1][0]
             with self._lock.write():
-                if self._closed or wcrc != self._whitening_crc():
+                if self._closed or wcrc != self.whitening_crc():
                     return
                 self._apply_changes(self.store.changes_after(seq), built)
                 self._faiss, exact = built, self._faiss

@@ -15,7 +15,18 @@ Layout (one LMDB environment per shard directory, named sub-databases):
 - ``reg``:      label → regional centroids, float16 (R, D)     (+ CRC32)
 - ``loc``:      label → local features: keypoints float16 (N, 4), descriptors int8 (N, C), scale
 - ``changes``:  sequence number → (op, label): what the faiss snapshot has not seen yet
-- ``settings``: counters, dimension, whitening, snapshot record
+- ``versions``: image id → (version, deleted, digest term): the last write of every id, live or
+  deleted (a tombstone), for replication (see below)
+- ``settings``: counters, dimension, whitening, snapshot record, store id
+
+Replication: every write carries a version (the broker's clock, ``services.broker.versions``);
+a store applies a write only when its version is newer than the one it holds for that id (last
+writer wins), so replicas that receive the same writes in any order, or copies of each other's
+records during a catch-up, converge. Deletes leave tombstones, so a copy of an older record can
+never bring a deleted image back. The ``digest`` counter is the sum (mod 2^64) of one 64-bit hash
+per id over (id, version, deleted, global vector): two replicas holding the same ids, versions
+and vectors have equal digests, whatever order the writes came in. ``store_id`` is random per
+store directory: a replica whose volume was replaced shows a new one.
 
 Records above today's write limits (``services.common.limits``: stored before a limit existed,
 or written around the shard's checks) are counted in the ``oversized`` counter, kept up to date
@@ -29,12 +40,14 @@ the sequence it reflects and the ``changes`` entries up to it are dropped when i
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
 import struct
 import time
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -53,11 +66,14 @@ _CRC = struct.Struct("<I")
 _INFO = struct.Struct("<IIH")  # width, height, id length
 _LOCAL = struct.Struct("<IIf")  # keypoints, descriptor dim, dequantisation scale
 _CHANGE = struct.Struct(">BQ")  # op, label
+_VERSION = struct.Struct(">QBQ")  # version, deleted, digest term
 OP_ADD, OP_DELETE = 1, 2
 _CHANGE_BITS = 20  # a change's key is seq << 20 | n: one write holds up to 2^20 changes, in order
 FORMAT_VERSION = 1
-_DBS = ("ids", "info", "vec", "reg", "loc", "changes", "settings")
-_COUNTERS = ("seq", "next_label", "images", "regional_vectors", "local_features", "feature_bytes", "oversized")
+_DBS = ("ids", "info", "vec", "reg", "loc", "changes", "versions", "settings")
+_COUNTERS = ("seq", "next_label", "images", "regional_vectors", "local_features", "feature_bytes", "oversized",
+             "max_version", "digest", "tombstones")
+_MASK64 = (1 << 64) - 1
 _OVERSIZED_SCANNED = b"oversized_scanned"  # setting: the limits the oversized counter was counted against
 _LIMITS_TAG = "/".join(str(x) for x in (
     limits.MAX_METADATA_ENTRIES, limits.MAX_METADATA_KEY_BYTES, limits.MAX_METADATA_VALUE_BYTES, limits.MAX_METADATA_BYTES,
@@ -138,6 +154,36 @@ class ImageInfo:
     width: int
     height: int
     metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    """The last write a store holds for one id."""
+
+    image_id: str
+    version: int
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """What ``ShardStore.put`` changed: ``applied`` indexes the images written (the others were
+    older than what the store holds), ``labels`` their new labels, ``replaced`` the labels they
+    replaced."""
+
+    labels: list[int]
+    replaced: list[int]
+    applied: list[int]
+    seq: int
+
+
+def digest_term(image_id: str, version: int, deleted: bool, vector: bytes) -> int:
+    """The 64-bit hash one id adds to a store's digest (``vector``: the raw float32 bytes, b"" when deleted)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(image_id.encode("utf-8"))
+    h.update(struct.pack(">QB", version, deleted))
+    h.update(vector)
+    return int.from_bytes(h.digest(), "big")
 
 
 def above_limits(metadata: dict[str, str], dim: int, regions: int, local: int, local_dim: int) -> str | None:
@@ -244,7 +290,27 @@ class ShardStore:
         if not ids == infos == vecs:
             raise StoreCorrupt(f"{self.path}: {ids} ids but {infos} records and {vecs} vectors")
         self._count_oversized(env)
+        self._add_versions(env)
         return env
+
+    def _add_versions(self, env: lmdb.Environment) -> None:
+        """Give the store an id and every record a version entry (version 0), once: stores
+        written before replication existed are read as holding the oldest version of each id."""
+        with env.begin(write=True, buffers=True) as txn:
+            settings = self.dbs["settings"]
+            if txn.get(b"store_id", db=settings) is not None:
+                return
+            digest, n = 0, 0
+            for key, label in txn.cursor(db=self.dbs["ids"]):
+                image_id = bytes(key).decode("utf-8")
+                vec = bytes(_opened(txn.get(bytes(label), db=self.dbs["vec"]), f"vector of {image_id!r}"))
+                term = digest_term(image_id, 0, False, vec)
+                txn.put(bytes(key), _VERSION.pack(0, 0, term), db=self.dbs["versions"])
+                digest, n = (digest + term) & _MASK64, n + 1
+            txn.put(b"digest", _U64.pack(digest), db=settings)
+            txn.put(b"store_id", uuid.uuid4().hex.encode(), db=settings)
+        if n:
+            log.info("shard store %s: %d records given version 0 (store written before replication)", self.path, n)
 
     def _count_oversized(self, env: lmdb.Environment) -> None:
         """Count the records above the write limits, reading only their sizes: once per store
@@ -307,7 +373,8 @@ class ShardStore:
 
     # --- counters and settings ---------------------------------------------------------
     def counters(self) -> dict[str, int]:
-        """seq, next_label, images, regional_vectors, local_features, feature_bytes."""
+        """seq, next_label, images, regional_vectors, local_features, feature_bytes, oversized,
+        max_version (newest write held), digest (see the module docstring), tombstones."""
         with self.env.begin() as txn:
             return {k: self._counter(txn, k) for k in _COUNTERS}
 
@@ -318,6 +385,11 @@ class ShardStore:
     def oversized(self) -> int:
         """Records above today's write limits (see ``above_limits``)."""
         return self.counters()["oversized"]
+
+    @property
+    def store_id(self) -> str:
+        """Random id of this store directory (a replaced volume has a new one)."""
+        return (self.setting("store_id") or b"").decode()
 
     def setting(self, key: str) -> bytes | None:
         with self.env.begin() as txn:
@@ -333,31 +405,42 @@ class ShardStore:
     def _write(self) -> "_WriteTxn":
         return _WriteTxn(self)
 
-    def put(self, images: list[StoredImage]) -> tuple[list[int], list[int], int]:
-        """Store (or replace) images durably.
-
-        Returns (new labels, labels of replaced images, sequence number after the write).
-        """
+    def put(self, images: list[StoredImage], versions: list[int] | None = None) -> PutResult:
+        """Store (or replace) images durably, each only if its version is newer than the one held
+        for its id (last writer wins; version 0 = "the next version of this store", for writes
+        that come without one)."""
         with self._write() as w:
-            replaced, labels = [], []
-            for img in images:
+            replaced, labels, applied = [], [], []
+            for i, img in enumerate(images):
+                version = versions[i] if versions else 0
+                version = w.newer_version(img.image_id, version)
+                if version is None:
+                    continue
                 old = w.label_of(img.image_id)
                 if old is not None:
                     w.remove(old)
                     replaced.append(old)
                 labels.append(w.add(img))
-            return labels, replaced, w.seq
+                w.set_version(img.image_id, version, False, np.ascontiguousarray(img.vector, np.float32).tobytes())
+                applied.append(i)
+            return PutResult(labels, replaced, applied, w.seq)
 
-    def delete(self, ids: list[str]) -> tuple[list[str], list[str], list[int], int]:
-        """Remove ids durably; returns (deleted, missing, their labels, sequence number)."""
+    def delete(self, ids: list[str], versions: list[int] | None = None) -> tuple[list[str], list[str], list[int], int]:
+        """Remove ids durably, leaving a tombstone of each delete's version; returns (deleted,
+        missing, their labels, sequence number). A delete older than the id's last write changes
+        nothing (the id is reported missing if it is not live)."""
         with self._write() as w:
             deleted, missing, labels = [], [], []
-            for image_id in ids:
+            for i, image_id in enumerate(ids):
+                version = w.newer_version(image_id, versions[i] if versions else 0)
                 label = w.label_of(image_id)
-                if label is None:
+                if version is None or label is None:
+                    if version is not None:
+                        w.set_version(image_id, version, True, b"")
                     missing.append(image_id)
                     continue
                 w.remove(label)
+                w.set_version(image_id, version, True, b"")
                 deleted.append(image_id)
                 labels.append(label)
             return deleted, missing, labels, w.seq
@@ -481,6 +564,40 @@ class ShardStore:
                 out.append((bytes(key).decode("utf-8"), _U64.unpack(value)[0]))
         return out, True
 
+    def versions_after(self, after: str, limit: int, upto: str | None = None) -> tuple[list[VersionEntry], bool]:
+        """Up to ``limit`` version entries (live and deleted) with ``after`` < id (≤ ``upto``) in
+        bytewise UTF-8 order, and whether they reach the end of that range."""
+        out: list[VersionEntry] = []
+        start = after.encode("utf-8")
+        end = upto.encode("utf-8") if upto is not None else None
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.dbs["versions"])
+            if not cur.set_range(start):
+                return out, True
+            for key, value in cur.iternext(keys=True, values=True):
+                if key == start:
+                    continue
+                if end is not None and key > end:
+                    return out, True
+                if len(out) >= limit:
+                    return out, False
+                version, deleted, _ = _VERSION.unpack(value)
+                out.append(VersionEntry(bytes(key).decode("utf-8"), version, bool(deleted)))
+        return out, True
+
+    def versions_of(self, ids: list[str]) -> list[VersionEntry | None]:
+        """The version entry of each id (None: never written here)."""
+        with self.env.begin() as txn:
+            out: list[VersionEntry | None] = []
+            for image_id in ids:
+                raw = txn.get(image_id.encode("utf-8"), db=self.dbs["versions"])
+                if raw is None:
+                    out.append(None)
+                    continue
+                version, deleted, _ = _VERSION.unpack(raw)
+                out.append(VersionEntry(image_id, version, bool(deleted)))
+            return out
+
     def iter_infos(self) -> Iterator[tuple[int, ImageInfo]]:
         """Every (label, info) in label order, from one read snapshot."""
         with self.env.begin(buffers=True) as txn:
@@ -574,6 +691,30 @@ class _WriteTxn:
 
     def _map_full(self) -> StoreFull:
         return StoreFull(f"shard store {self.store.path} reached its map size of {self.store.map_size_bytes} bytes")
+
+    def newer_version(self, image_id: str, version: int) -> int | None:
+        """The version a write of ``image_id`` gets here: ``version`` when it is newer than the
+        held one (0: one past the store's newest), None when the write is older (skip it)."""
+        if version == 0:
+            return self.c["max_version"] + 1
+        raw = self.txn.get(image_id.encode("utf-8"), db=self.dbs["versions"])
+        if raw is not None and _VERSION.unpack(raw)[0] >= version:
+            return None
+        return version
+
+    def set_version(self, image_id: str, version: int, deleted: bool, vector: bytes) -> None:
+        """Record an id's last write and update the digest, tombstone count and newest version."""
+        key = image_id.encode("utf-8")
+        raw = self.txn.get(key, db=self.dbs["versions"])
+        if raw is not None:
+            _, was_deleted, old_term = _VERSION.unpack(raw)
+            self.c["digest"] = (self.c["digest"] - old_term) & _MASK64
+            self.c["tombstones"] -= was_deleted
+        term = digest_term(image_id, version, deleted, vector)
+        self.txn.put(key, _VERSION.pack(version, deleted, term), db=self.dbs["versions"])
+        self.c["digest"] = (self.c["digest"] + term) & _MASK64
+        self.c["tombstones"] += deleted
+        self.c["max_version"] = max(self.c["max_version"], version)
 
     def _change(self, op: int, label: int) -> None:
         self.txn.put(_U64.pack((self.seq << _CHANGE_BITS) + self.change_no), _CHANGE.pack(op, label), db=self.dbs["changes"])

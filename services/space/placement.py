@@ -18,3 +18,17 @@ def shard_for(image_id: str, num_shards: int) -> int:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     digest = hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") % num_shards
+
+
+REPLICA_STRIDE = 1 << 16
+"""Registry member ids of shard replicas: ``shard + replica * REPLICA_STRIDE`` (replica 0 is the shard id)."""
+
+
+def shard_member(shard: int, replica: int) -> int:
+    """The registry member id of replica ``replica`` of shard ``shard`` (see ``REPLICA_STRIDE``)."""
+    return shard + replica * REPLICA_STRIDE
+
+
+def member_shard_replica(member: int) -> tuple[int, int]:
+    """(shard, replica) of a registry member id made by ``shard_member``."""
+    return member % REPLICA_STRIDE, member // REPLICA_STRIDE

@@ -19,6 +19,7 @@ ALERTS = REPO / "helm" / "loupe" / "files" / "alerts.yaml"
 ALERT_NAMES = {
     "LoupeShardDown", "LoupePartialAnswers", "LoupeErrorRatioHigh", "LoupeSearchLatencyHigh",
     "LoupeExtractorQueueSaturated", "LoupeStorageNearlyFull", "LoupeStorageFull", "LoupeActorRestarting", "LoupeExtractorReplicaDown",
+    "LoupeShardUnderReplicated", "LoupeShardReplicaLagging",
 }
 ALERT_TESTS = Path(__file__).resolve().parent / "alerts_test.yaml"
 

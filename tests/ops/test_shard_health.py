@@ -14,6 +14,7 @@ from prometheus_client import generate_latest
 
 from services.broker.backends import GrpcShardClient
 from services.broker.metrics import BrokerMetrics
+from services.broker.replicas import ReplicatedShard
 from services.broker.servicer import BrokerConfig, create_server as create_broker
 from services.broker.shard_health import ShardHealth
 from services.common.grpc_server import ServerOptions
@@ -47,7 +48,8 @@ def test_a_round_marks_answering_shards_up_and_others_down(shard):
     metrics = BrokerMetrics.create()
 
     async def scenario() -> tuple[dict[int, bool], dict[int, bool]]:
-        clients = [GrpcShardClient(0, f"127.0.0.1:{shard.port}"), GrpcShardClient(1, _dead_address())]
+        clients = [ReplicatedShard(0, [GrpcShardClient(0, f"127.0.0.1:{shard.port}")]),
+                   ReplicatedShard(1, [GrpcShardClient(1, _dead_address())])]
         health = ShardHealth(clients, metrics, period_s=5.0, timeout_s=2.0)
         try:
             first = await health.check()

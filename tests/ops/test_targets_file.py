@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 
 from cluster.prometheus_targets import TargetsWriter, file_sd_targets, scrape_config, targets_path
+from services.space.placement import shard_member
 
 
 def test_targets_name_every_exporter_with_role_and_member_labels():
-    groups = file_sd_targets("10.0.0.1:9090", {"shard": {1: "10.0.0.3:9091", 0: "10.0.0.2:9091"}, "extractor": {0: "10.0.0.4:9092"}})
+    members = {"shard": {1: "10.0.0.3:9091", 0: "10.0.0.2:9091", shard_member(0, 1): "10.0.0.5:9091"}, "extractor": {0: "10.0.0.4:9092"}}
+    groups = file_sd_targets("10.0.0.1:9090", members)
     assert groups == [
         {"targets": ["10.0.0.1:9090"], "labels": {"role": "broker"}},
-        {"targets": ["10.0.0.2:9091"], "labels": {"role": "shard", "shard": "0"}},
-        {"targets": ["10.0.0.3:9091"], "labels": {"role": "shard", "shard": "1"}},
+        {"targets": ["10.0.0.2:9091"], "labels": {"role": "shard", "shard": "0", "replica": "0"}},
+        {"targets": ["10.0.0.3:9091"], "labels": {"role": "shard", "shard": "1", "replica": "0"}},
+        {"targets": ["10.0.0.5:9091"], "labels": {"role": "shard", "shard": "0", "replica": "1"}},
         {"targets": ["10.0.0.4:9092"], "labels": {"role": "extractor", "replica": "0"}},
     ]
 

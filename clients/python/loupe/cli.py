@@ -67,7 +67,10 @@ def stats_json(s: retrieval_pb2.GetStatsResponse) -> dict[str, Any]:
     shards = [
         {"shard": x.shard_id, "address": x.address, "healthy": x.healthy, "images": x.images, "feature_bytes": x.feature_bytes,
          "store_bytes": x.store_bytes, "index_bytes": x.index_bytes, "index": x.index, "startup_seconds": round(x.startup_seconds, 3),
-         "oversized_records": x.oversized_records}
+         "oversized_records": x.oversized_records,
+         "replicas": [{"replica": r.replica, "address": r.address, "state": r.state, "images": r.images, "lag_writes": r.lag_writes,
+                       "catch_up_progress": round(r.catch_up_progress, 3), "digest": f"{r.digest:016x}", "store_id": r.store_id}
+                      for r in x.replicas]}
         for x in s.shards
     ]
     return {"images": s.images, "dim": s.dim, "whitened": s.whitened, "model": s.model, "extractors": list(s.extractors), "shards": shards,

@@ -163,6 +163,8 @@ tests/integration/test_multinode.py runs the same list against a multi-node Ray 
 - {{ .Values.loupe.shards | quote }}
 - --replication-factor
 - {{ .Values.loupe.replicationFactor | quote }}
+- --write-quorum
+- {{ .Values.loupe.writeQuorum | quote }}
 - --replicas
 - {{ .Values.loupe.replicas | quote }}
 - --shard-resource

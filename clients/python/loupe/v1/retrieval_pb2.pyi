@@ -31,12 +31,14 @@ class AddImagesRequest(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[ImageRecord, _Mapping]]] = ...) -> None: ...
 
 class AddImagesResponse(_message.Message):
-    __slots__ = ("added", "seconds")
+    __slots__ = ("added", "seconds", "replicas_stored")
     ADDED_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_STORED_FIELD_NUMBER: _ClassVar[int]
     added: int
     seconds: float
-    def __init__(self, added: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    replicas_stored: int
+    def __init__(self, added: _Optional[int] = ..., seconds: _Optional[float] = ..., replicas_stored: _Optional[int] = ...) -> None: ...
 
 class VerifyOptions(_message.Message):
     __slots__ = ("enabled", "candidates", "min_inliers", "model")
@@ -187,19 +189,21 @@ class DeleteRequest(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
-    __slots__ = ("deleted", "missing")
+    __slots__ = ("deleted", "missing", "replicas_stored")
     DELETED_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_STORED_FIELD_NUMBER: _ClassVar[int]
     deleted: _containers.RepeatedScalarFieldContainer[str]
     missing: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, deleted: _Optional[_Iterable[str]] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
+    replicas_stored: int
+    def __init__(self, deleted: _Optional[_Iterable[str]] = ..., missing: _Optional[_Iterable[str]] = ..., replicas_stored: _Optional[int] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ShardStats(_message.Message):
-    __slots__ = ("shard_id", "address", "images", "feature_bytes", "healthy", "regional_vectors", "local_features", "wal_bytes", "store_bytes", "index_bytes", "index", "startup_seconds", "oversized_records")
+    __slots__ = ("shard_id", "address", "images", "feature_bytes", "healthy", "regional_vectors", "local_features", "wal_bytes", "store_bytes", "index_bytes", "index", "startup_seconds", "oversized_records", "replicas")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +217,7 @@ class ShardStats(_message.Message):
     INDEX_FIELD_NUMBER: _ClassVar[int]
     STARTUP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     OVERSIZED_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     address: str
     images: int
@@ -226,7 +231,28 @@ class ShardStats(_message.Message):
     index: str
     startup_seconds: float
     oversized_records: int
-    def __init__(self, shard_id: _Optional[int] = ..., address: _Optional[str] = ..., images: _Optional[int] = ..., feature_bytes: _Optional[int] = ..., healthy: _Optional[bool] = ..., regional_vectors: _Optional[int] = ..., local_features: _Optional[int] = ..., wal_bytes: _Optional[int] = ..., store_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., index: _Optional[str] = ..., startup_seconds: _Optional[float] = ..., oversized_records: _Optional[int] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStats]
+    def __init__(self, shard_id: _Optional[int] = ..., address: _Optional[str] = ..., images: _Optional[int] = ..., feature_bytes: _Optional[int] = ..., healthy: _Optional[bool] = ..., regional_vectors: _Optional[int] = ..., local_features: _Optional[int] = ..., wal_bytes: _Optional[int] = ..., store_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., index: _Optional[str] = ..., startup_seconds: _Optional[float] = ..., oversized_records: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStats, _Mapping]]] = ...) -> None: ...
+
+class ReplicaStats(_message.Message):
+    __slots__ = ("replica", "address", "state", "images", "lag_writes", "catch_up_progress", "digest", "store_id")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    LAG_WRITES_FIELD_NUMBER: _ClassVar[int]
+    CATCH_UP_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    replica: int
+    address: str
+    state: str
+    images: int
+    lag_writes: int
+    catch_up_progress: float
+    digest: int
+    store_id: str
+    def __init__(self, replica: _Optional[int] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., images: _Optional[int] = ..., lag_writes: _Optional[int] = ..., catch_up_progress: _Optional[float] = ..., digest: _Optional[int] = ..., store_id: _Optional[str] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
     __slots__ = ("images", "shards", "extractors", "dim", "whitened", "model", "graph_images", "graph_regions")

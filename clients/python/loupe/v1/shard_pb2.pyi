@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ShardRecord(_message.Message):
-    __slots__ = ("id", "features", "metadata")
+    __slots__ = ("id", "features", "metadata", "version")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -19,10 +19,12 @@ class ShardRecord(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     id: str
     features: _types_pb2.ImageFeatures
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., features: _Optional[_Union[_types_pb2.ImageFeatures, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    version: int
+    def __init__(self, id: _Optional[str] = ..., features: _Optional[_Union[_types_pb2.ImageFeatures, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ShardSearchRequest(_message.Message):
     __slots__ = ("shard_id", "query", "top_k", "return_vectors", "timeout_s", "query_transformed", "filter")
@@ -78,28 +80,34 @@ class ShardAddRequest(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., records: _Optional[_Iterable[_Union[ShardRecord, _Mapping]]] = ...) -> None: ...
 
 class ShardAddResponse(_message.Message):
-    __slots__ = ("stored", "total")
+    __slots__ = ("stored", "total", "replicas")
     STORED_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     stored: int
     total: int
-    def __init__(self, stored: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+    replicas: int
+    def __init__(self, stored: _Optional[int] = ..., total: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class ShardDeleteRequest(_message.Message):
-    __slots__ = ("shard_id", "ids")
+    __slots__ = ("shard_id", "ids", "versions")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, shard_id: _Optional[int] = ..., ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, shard_id: _Optional[int] = ..., ids: _Optional[_Iterable[str]] = ..., versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ShardDeleteResponse(_message.Message):
-    __slots__ = ("deleted", "missing")
+    __slots__ = ("deleted", "missing", "replicas")
     DELETED_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     deleted: _containers.RepeatedScalarFieldContainer[str]
     missing: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, deleted: _Optional[_Iterable[str]] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
+    replicas: int
+    def __init__(self, deleted: _Optional[_Iterable[str]] = ..., missing: _Optional[_Iterable[str]] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class GetFeaturesRequest(_message.Message):
     __slots__ = ("shard_id", "ids", "want_global", "want_regional", "want_local", "want_raw_global")
@@ -196,7 +204,7 @@ class ShardStatsRequest(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ...) -> None: ...
 
 class ShardStatsResponse(_message.Message):
-    __slots__ = ("shard_id", "images", "regional_vectors", "local_features", "feature_bytes", "dim", "index", "whitened", "wal_bytes", "store_bytes", "index_bytes", "startup_seconds", "startup_replayed", "sequence", "snapshot_sequence", "oversized_records")
+    __slots__ = ("shard_id", "images", "regional_vectors", "local_features", "feature_bytes", "dim", "index", "whitened", "wal_bytes", "store_bytes", "index_bytes", "startup_seconds", "startup_replayed", "sequence", "snapshot_sequence", "oversized_records", "max_version", "digest", "tombstones", "store_id", "whitening_crc")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     REGIONAL_VECTORS_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +221,11 @@ class ShardStatsResponse(_message.Message):
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     OVERSIZED_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TOMBSTONES_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    WHITENING_CRC_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     images: int
     regional_vectors: int
@@ -229,7 +242,52 @@ class ShardStatsResponse(_message.Message):
     sequence: int
     snapshot_sequence: int
     oversized_records: int
-    def __init__(self, shard_id: _Optional[int] = ..., images: _Optional[int] = ..., regional_vectors: _Optional[int] = ..., local_features: _Optional[int] = ..., feature_bytes: _Optional[int] = ..., dim: _Optional[int] = ..., index: _Optional[str] = ..., whitened: _Optional[bool] = ..., wal_bytes: _Optional[int] = ..., store_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., startup_seconds: _Optional[float] = ..., startup_replayed: _Optional[int] = ..., sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., oversized_records: _Optional[int] = ...) -> None: ...
+    max_version: int
+    digest: int
+    tombstones: int
+    store_id: str
+    whitening_crc: int
+    def __init__(self, shard_id: _Optional[int] = ..., images: _Optional[int] = ..., regional_vectors: _Optional[int] = ..., local_features: _Optional[int] = ..., feature_bytes: _Optional[int] = ..., dim: _Optional[int] = ..., index: _Optional[str] = ..., whitened: _Optional[bool] = ..., wal_bytes: _Optional[int] = ..., store_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., startup_seconds: _Optional[float] = ..., startup_replayed: _Optional[int] = ..., sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., oversized_records: _Optional[int] = ..., max_version: _Optional[int] = ..., digest: _Optional[int] = ..., tombstones: _Optional[int] = ..., store_id: _Optional[str] = ..., whitening_crc: _Optional[int] = ...) -> None: ...
+
+class ListVersionsRequest(_message.Message):
+    __slots__ = ("shard_id", "after", "upto", "limit")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    UPTO_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    after: str
+    upto: str
+    limit: int
+    def __init__(self, shard_id: _Optional[int] = ..., after: _Optional[str] = ..., upto: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListVersionsResponse(_message.Message):
+    __slots__ = ("ids", "versions", "deleted", "done")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    versions: _containers.RepeatedScalarFieldContainer[int]
+    deleted: _containers.RepeatedScalarFieldContainer[bool]
+    done: bool
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., versions: _Optional[_Iterable[int]] = ..., deleted: _Optional[_Iterable[bool]] = ..., done: _Optional[bool] = ...) -> None: ...
+
+class GetRecordsRequest(_message.Message):
+    __slots__ = ("shard_id", "ids")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shard_id: _Optional[int] = ..., ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetRecordsResponse(_message.Message):
+    __slots__ = ("records", "consumed")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[ShardRecord]
+    consumed: int
+    def __init__(self, records: _Optional[_Iterable[_Union[ShardRecord, _Mapping]]] = ..., consumed: _Optional[int] = ...) -> None: ...
 
 class ShardSearchBatchRequest(_message.Message):
     __slots__ = ("shard_id", "queries", "timeout_s")

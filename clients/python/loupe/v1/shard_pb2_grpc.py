@@ -90,6 +90,16 @@ class ShardStub:
                 request_serializer=loupe_dot_v1_dot_shard__pb2.ListIdsRequest.SerializeToString,
                 response_deserializer=loupe_dot_v1_dot_shard__pb2.ListIdsResponse.FromString,
                 _registered_method=True)
+        self.ListVersions = channel.unary_unary(
+                '/loupe.v1.Shard/ListVersions',
+                request_serializer=loupe_dot_v1_dot_shard__pb2.ListVersionsRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_shard__pb2.ListVersionsResponse.FromString,
+                _registered_method=True)
+        self.GetRecords = channel.unary_unary(
+                '/loupe.v1.Shard/GetRecords',
+                request_serializer=loupe_dot_v1_dot_shard__pb2.GetRecordsRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_shard__pb2.GetRecordsResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -182,6 +192,24 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListVersions(self, request, context):
+        """Replication: the version of every id's last write (live or deleted), in id order, so a
+        replica's contents can be compared with a peer's page by page (catch-up, repair).
+        Errors: INVALID_ARGUMENT (limit out of range).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRecords(self, request, context):
+        """Replication: whole records (raw vectors, local features, metadata, version) of the given
+        live ids (at most 10000), to copy them to a replica. Unknown or deleted ids are skipped.
+        Errors: INVALID_ARGUMENT (more than 10000 ids).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -239,6 +267,16 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.ListIds,
                     request_deserializer=loupe_dot_v1_dot_shard__pb2.ListIdsRequest.FromString,
                     response_serializer=loupe_dot_v1_dot_shard__pb2.ListIdsResponse.SerializeToString,
+            ),
+            'ListVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVersions,
+                    request_deserializer=loupe_dot_v1_dot_shard__pb2.ListVersionsRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_shard__pb2.ListVersionsResponse.SerializeToString,
+            ),
+            'GetRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRecords,
+                    request_deserializer=loupe_dot_v1_dot_shard__pb2.GetRecordsRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_shard__pb2.GetRecordsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -539,6 +577,60 @@ class Shard:
             '/loupe.v1.Shard/ListIds',
             loupe_dot_v1_dot_shard__pb2.ListIdsRequest.SerializeToString,
             loupe_dot_v1_dot_shard__pb2.ListIdsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Shard/ListVersions',
+            loupe_dot_v1_dot_shard__pb2.ListVersionsRequest.SerializeToString,
+            loupe_dot_v1_dot_shard__pb2.ListVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Shard/GetRecords',
+            loupe_dot_v1_dot_shard__pb2.GetRecordsRequest.SerializeToString,
+            loupe_dot_v1_dot_shard__pb2.GetRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,
