@@ -169,22 +169,7 @@ class RayNode:
             self.proc.wait(timeout=30)
         self.proc = None
 
-    def stop(self) -> None:
-        """Graceful stop of this node only (`ray stop` would stop every Ray on the machine)."""
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.pgid, signal.SIGTERM)
-            self.proc.wait(timeout=20)
-            deadline = time.monotonic() + 10
-            while self.processes() and time.monotonic() < deadline:
-                time.sleep(0.2)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        self.kill()
 
-
-# --- the chart --------------------------------------------------------------------------------------
 def _render(values: dict[str, Any]) -> list[dict[str, Any]]:
     with helm_python.Chart.load(CHART_DIR) as chart:
         files = chart.render(values, name="mn", namespace="test", is_install=True)
@@ -567,8 +552,10 @@ def _deployment(**layout: Any) -> Iterator[Deployment]:
             up.wait(timeout=30)
         if dep is not None and dep.spare is not None:
             nodes.append(dep.spare)
+        # loupe's own clean exit was checked by the test (SIGTERM to loupe up); Ray's node daemons
+        # are not under test, and stopping them gracefully one after the other took 30-40 s
         for node in nodes:
-            node.stop()
+            node.kill()
         leftovers = {n.name: n.processes() for n in nodes}
         topo.close()
         shutil.rmtree(root, ignore_errors=True)
@@ -757,7 +744,7 @@ def test_replicated_shard_survives_losing_a_node_under_load(tmp_path):
                 assert "error" not in resp and resp["partial"] is False and resp["seconds"] <= DEADLINE_S, resp
                 assert resp["ids"][0].startswith("chelsea/"), resp
                 image_id = f"{tag}-{n}"
-                r = writer.ask(op="add", image=str(images["coffee/original"]), id=image_id, deadline_s=DEADLINE_S)
+                r = writer.ask(op="add", image=str(images["coffee/orig"]), id=image_id, deadline_s=DEADLINE_S)
                 assert "error" not in r, r
                 acked.add(image_id)
 
@@ -772,7 +759,7 @@ def test_replicated_shard_survives_losing_a_node_under_load(tmp_path):
             while time.monotonic() - t_kill < 15:
                 mixed_round(n, "outage")
                 n += 1
-            gone = "rocket/original"
+            gone = "rocket/orig"
             r = writer.ask(op="delete", ids=[gone], deadline_s=DEADLINE_S)
             assert r.get("deleted") == [gone] and r["replicas"] == 1, r  # the lost copy still holds it
             acked.discard(gone)
