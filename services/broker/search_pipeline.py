@@ -33,10 +33,17 @@ from services.broker.query import Query, unit_vector
 from services.broker.rerank_stages import RerankState
 from services.broker.search_plan import SearchPlan
 from services.broker.topk import Hit, ids_by_shard, merge_topk
-from services.broker.verification import VerifiedHit, candidate_locals, confidence, query_confidence, verify_hits
+from services.broker.verification import Outcome, VerifiedHit, confidence, query_confidence, rank_verified, verify_locally
 from services.common import limits
 from services.common.errors import InvalidArgument, NotFound, Unavailable
-from services.common.message_size import MessageBudget, features_bytes, shard_hit_bytes
+from services.common.local_candidates import (
+    candidate_local,
+    candidate_locals,
+    params_to_proto,
+    query_local_to_proto,
+    result_from_proto,
+)
+from services.common.message_size import MessageBudget, features_bytes, shard_hit_bytes, verified_candidate_bytes
 from services.rerank.verify import VerifyParams
 from services.space.placement import shard_for
 
@@ -44,6 +51,8 @@ __all__ = ["Query", "SearchPipeline", "hits_of", "unit_vector"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+VERIFY_PAIRS_PER_BUDGET = 100
+"""Candidates a shard Verify call may take ``broker.shard_budget_s`` for (~0.5 s of work here)."""
 _INVALID_ARGUMENT = 3  # grpc.StatusCode.INVALID_ARGUMENT's number in a ShardSearchBatchResult
 Budget = Deadline | PerCallBudget
 
@@ -162,7 +171,7 @@ class SearchPipeline:
         vector = from_tensor(feats.__getattribute__("global"), field="features.global").astype(np.float32)
         local = None
         if plan.verify is not None:
-            c = candidate_locals({image_id: feats}).get(image_id)
+            c = candidate_local(feats)
             local = (c.keypoints.astype(np.float32), c.descriptors.astype(np.float32)) if c is not None else None
         regions = from_tensor(feats.regional, field="regional").astype(np.float32) if plan.regional and feats.regional.shape else None
         return Query(vector, local, regions)
@@ -310,10 +319,10 @@ class SearchPipeline:
         r.stages.inliers = v.result.inliers
         r.verified = v.verified
         r.confidence = confidence(v.result, plan.verify.min_inliers)
-        if return_matches and r.verified and v.candidate_points is not None and query_local is not None:
+        if return_matches and r.verified and v.inlier_points is not None and query_local is not None:
             pairs = v.result.inlier_pairs
             r.matches.query_points.CopyFrom(to_tensor(query_local[0][pairs[:, 0], :2].astype(np.float32)))
-            r.matches.result_points.CopyFrom(to_tensor(v.candidate_points[pairs[:, 1]].astype(np.float32)))
+            r.matches.result_points.CopyFrom(to_tensor(np.asarray(v.inlier_points, dtype=np.float32)))
 
     async def get_features(
         self, hits: Sequence[Hit], deadline: Budget, *, want_local: bool = False, want_regional: bool = False
@@ -350,6 +359,43 @@ class SearchPipeline:
     async def verify(self, query_local: tuple[np.ndarray, np.ndarray], hits: list[Hit], params: VerifyParams,
                      deadline: Budget) -> list[VerifiedHit]:
         """Verify ``hits`` against the query's local features; returns them in reranked order
-        (verified first by inliers). A candidate whose shard did not answer stays unverified."""
-        local = candidate_locals(await self.get_features(hits, deadline, want_local=True))
-        return await verify_hits(query_local, hits, local, params, self.verify_pool)
+        (verified first by inliers). On the shards that hold them (``broker.verify_on=shards``)
+        or here after reading their local features (``broker``): the same results either way.
+        A candidate whose shard did not answer stays unverified (partial answer)."""
+        if self.config.verify_on == "shards":
+            outcomes = await self.verify_on_shards(query_local, hits, params, deadline)
+        else:
+            local = candidate_locals(await self.get_features(hits, deadline, want_local=True))
+            outcomes = await verify_locally(query_local, hits, local, params, self.verify_pool)
+        return rank_verified(hits, outcomes, params)
+
+    async def verify_on_shards(self, query_local: tuple[np.ndarray, np.ndarray], hits: Sequence[Hit], params: VerifyParams,
+                               deadline: Budget) -> dict[str, Outcome]:
+        """Each owning shard verifies its own candidates (``Shard.Verify``): the query's local
+        features go once per call with that shard's ids, as many per call as the answer's worst
+        case fits the message limit. A shard that fails (or runs out of its budget: a call of n
+        candidates may take ``shard_budget_s`` per ``VERIFY_PAIRS_PER_BUDGET`` of them) leaves its
+        candidates unverified; an INVALID_ARGUMENT from a shard is the query's."""
+        n = min(limits.MAX_VERIFY_IDS, self.budget.items(verified_candidate_bytes()))
+        query_msg, params_msg = query_local_to_proto(query_local), params_to_proto(params)
+        calls = [(sid, ids[i : i + n]) for sid, ids in ids_by_shard(hits).items() for i in range(0, len(ids), n)]
+
+        async def one(sid: int, ids: list[str]) -> shard_pb2.ShardVerifyResponse:
+            timeout = shard_timeout(deadline, self.config, queries=-(-len(ids) // VERIFY_PAIRS_PER_BUDGET))
+            req = shard_pb2.ShardVerifyRequest(shard_id=sid, query=query_msg, ids=ids, params=params_msg, timeout_s=timeout)
+            return await self.shards[sid].verify(req, timeout)
+
+        answers = await asyncio.gather(*(one(sid, ids) for sid, ids in calls), return_exceptions=True)
+        outcomes: dict[str, Outcome] = {}
+        for (sid, _), ans in zip(calls, answers):
+            if isinstance(ans, InvalidArgument):
+                raise ans
+            if isinstance(ans, BaseException):
+                if not isinstance(ans, Exception):
+                    raise ans
+                log.warning("shard %d did not verify its candidates: %s", sid, failure_reason(ans))
+                continue
+            self.metrics.stage_seconds.labels("verify_shard").observe(ans.seconds)
+            for i, r in enumerate(ans.results):
+                outcomes[r.id] = result_from_proto(r, f"shard {sid}: results[{i}]")
+        return outcomes
