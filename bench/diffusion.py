@@ -2,7 +2,7 @@
 
 Synthetic clustered descriptors (D=1280, L2-normalised) stand in for a collection, so the
 script runs anywhere. Per query: plain top-R faiss search, then the broker's diffusion stage
-(`services.broker.rerank_stages.diffusion_scores`) two ways: with the neighbourhood's kNN graph
+(`services.rerank.diffusion.diffusion_rerank`) two ways: with the neighbourhood's kNN graph
 built per query (online, O(R^2 D)), and with it taken from the collection's offline kNN graph
 (`services.rerank.graph.CollectionGraph`, built once; its build time is reported). Also the
 regional variant (5 regional vectors per image, as the extractor stores them), both ways.
@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import machine  # noqa: E402
-from services.broker.rerank_stages import diffusion_scores  # noqa: E402
+from services.rerank.diffusion import diffusion_rerank  # noqa: E402
 from services.rerank.diffusion import DiffusionParams  # noqa: E402
 from services.rerank.graph import CollectionGraph  # noqa: E402
 
@@ -69,11 +69,11 @@ def main() -> None:
             t0 = time.perf_counter()
             _, ids = index.search(q[None, :], R)
             t1 = time.perf_counter()
-            online = diffusion_scores(q, db[ids[0]], None, R, params)
+            online = diffusion_rerank(q, db[ids[0]], None, R, params)
             t2 = time.perf_counter()
             vecs = db[ids[0]]
             edges = graph.neighbourhood_lists([ids_all[i] for i in ids[0]], vecs, params.k)
-            offline = diffusion_scores(q, vecs, None, R, params, edges=edges)
+            offline = diffusion_rerank(q, vecs, None, R, params, edges=edges)
             t3 = time.perf_counter()
             t_search.append((t1 - t0) * 1e3)
             t_online.append((t2 - t1) * 1e3)
@@ -107,10 +107,10 @@ def main() -> None:
             nodes, owner = regions[rows], np.repeat(np.arange(R), 5)
             qr = regions[rows[:5]]  # a query seen through 5 regions of its nearest image
             t0 = time.perf_counter()
-            diffusion_scores(qr, nodes, owner, R, rp)
+            diffusion_rerank(qr, nodes, owner, R, rp)
             t1 = time.perf_counter()
             edges = rgraph.neighbourhood_lists([node_ids[r] for r in rows], nodes, rp.k)
-            out = diffusion_scores(qr, nodes, owner, R, rp, edges=edges)
+            out = diffusion_rerank(qr, nodes, owner, R, rp, edges=edges)
             t_graph.append((time.perf_counter() - t1) * 1e3)
             t_online.append((t1 - t0) * 1e3)
             iters.append(out.iterations)

@@ -6,7 +6,7 @@ Features (computed once, cached with ``--cache FILE.npz``): the served global de
 (R-MAC, 3 scales, 512 px), its regional vectors at 512 px, and regional vectors of the
 1024-px working image (one more backbone pass to the last conv map). Every variant reranks
 the global top-R with the broker's own stage function
-(`services.broker.rerank_stages.diffusion_scores`).
+(`services.rerank.diffusion.diffusion_rerank`).
 
     .venv/bin/python bench/diffusion_roxford.py [--cache /tmp/roxford_regions.npz] [--threads 2]
 """
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import load_as_served, machine, require_roxford  # noqa: E402
-from services.broker.rerank_stages import diffusion_scores  # noqa: E402
+from services.rerank.diffusion import diffusion_rerank  # noqa: E402
 from services.eval.ground_truth import load_ground_truth  # noqa: E402
 from services.eval.revisitop import evaluate_protocols  # noqa: E402
 from services.extractor.backbone import load_backbone, preprocess  # noqa: E402
@@ -175,7 +175,7 @@ def main() -> None:
                 edges = graph.neighbourhood_lists([str(i) for i in top], nodes, params.k)
             elif nodes_kind is not None and nodes_kind.startswith("red"):  # the broker reduces per query
                 reduce_each([regions[nodes_kind[3:]][i] for i in top], args.reduce)
-            out = diffusion_scores(query, nodes, owner, len(top), params, edges=edges)
+            out = diffusion_rerank(query, nodes, owner, len(top), params, edges=edges)
             ms.append((time.perf_counter() - t0) * 1e3)
             order = np.argsort(-out.scores, kind="stable")
             ranks[: len(top), j] = top[order]

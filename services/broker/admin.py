@@ -8,12 +8,11 @@ import logging
 import time
 from typing import Sequence
 
-import grpc
 import numpy as np
 
 from loupe.tensors import from_tensor
 from loupe.v1 import retrieval_pb2, shard_pb2
-from services.broker.backends import ExtractorPool, ShardClient, from_rpc_error
+from services.broker.backends import ExtractorPool, ShardClient
 from services.broker.collection_model import CollectionModel
 from services.broker.config import BrokerConfig
 from services.broker.deadlines import Deadline
@@ -68,7 +67,7 @@ class Admin:
             resp.whitened = resp.whitened or res.whitened
             self.metrics.shard_vectors.labels(str(shard.shard_id)).set(res.images)
             self.metrics.shard_store_bytes.labels(str(shard.shard_id)).set(res.store_bytes)
-        with contextlib.suppress(Unavailable, grpc.aio.AioRpcError):
+        with contextlib.suppress(Unavailable):
             d = await self.extractors.describe(min(5.0, deadline.remaining()))
             resp.model = f"{d.backbone} {d.pooling} D={d.dim} scales={[round(s, 3) for s in d.scales]} max_side={d.max_side}"
         return resp
@@ -113,7 +112,6 @@ class Admin:
         graph, regional, how = await build_graphs(
             self.shards, self.collection.transform, k=k, regional_k=request.k or self.config.regional_diffusion.k,
             page=self.config.graph_page, timeout=deadline.remaining,
-            on_error=lambda exc, shard: from_rpc_error(exc, f"shard {shard.shard_id}"),
             run=lambda fn, *args: loop.run_in_executor(None, fn, *args),
         )
         if graph is None:

@@ -16,8 +16,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loupe.v1 import extractor_pb2, extractor_pb2_grpc, shard_pb2, shard_pb2_grpc
+from services.broker.backend_errors import from_rpc_error, translate_rpc_errors
 from services.common.auth import AioBearerInterceptor
-from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, Overloaded, Unavailable
+from services.common.errors import DeadlineExceeded, Overloaded, Unavailable
 from services.broker.members import MemberChannel, Resolve, hedged
 from services.common.tls import InternalTls
 
@@ -51,12 +52,16 @@ class ShardClient(Protocol):
     async def list_ids(self, request: shard_pb2.ListIdsRequest, timeout_s: float) -> shard_pb2.ListIdsResponse: ...
     async def list_versions(self, request: shard_pb2.ListVersionsRequest, timeout_s: float) -> shard_pb2.ListVersionsResponse: ...
     async def get_records(self, request: shard_pb2.GetRecordsRequest, timeout_s: float) -> shard_pb2.GetRecordsResponse: ...
+    async def verify(self, request: shard_pb2.ShardVerifyRequest, timeout_s: float) -> shard_pb2.ShardVerifyResponse: ...
     async def refresh(self) -> bool: ...
     async def close(self) -> None: ...
 
 
+@translate_rpc_errors(lambda self: f"shard {self.shard_id}")
 class GrpcShardClient:
-    """``ShardClient`` over a grpc.aio channel that follows the shard's address (``MemberChannel``)."""
+    """``ShardClient`` over a grpc.aio channel that follows the shard's address (``MemberChannel``).
+
+    Its calls raise loupe's domain errors, never gRPC's (``translate_rpc_errors``)."""
 
     def __init__(self, shard_id: int, address: str, channel_options: Sequence[tuple[str, int]] = (), internal_token: str = "",
                  tls: InternalTls | None = None, resolve: Resolve | None = None, on_move: Callable[[], None] | None = None) -> None:
@@ -114,6 +119,9 @@ class GrpcShardClient:
 
     async def get_records(self, request: shard_pb2.GetRecordsRequest, timeout_s: float) -> shard_pb2.GetRecordsResponse:
         return await self._member.call(lambda stub, t: stub.GetRecords(request, timeout=t), timeout_s)
+
+    async def verify(self, request: shard_pb2.ShardVerifyRequest, timeout_s: float) -> shard_pb2.ShardVerifyResponse:
+        return await self._member.call(lambda stub, t: stub.Verify(request, timeout=t), timeout_s)
 
     async def close(self) -> None:
         await self._member.close()
@@ -281,7 +289,7 @@ class ExtractorPool:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
                     raise Unavailable(f"no extractor replica reachable ({exc.details()})") from None
-                raise
+                raise from_rpc_error(exc, "image") from None
         finally:
             self._slots.release()
 
@@ -342,19 +350,3 @@ def _replica_failure(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
         grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
     )
-
-
-def from_rpc_error(exc: grpc.aio.AioRpcError, what: str) -> Exception:
-    """A backend's status as the matching domain error, prefixed with ``what`` (e.g. "shard 1")."""
-    code = exc.code()
-    msg = f"{what}: {exc.details()}"
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument(exc.details() or msg)  # backends already name the field
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        busy = "concurrent rpc limit" in (exc.details() or "").lower()  # the backend's gRPC admission limit: transient
-        return Overloaded(exc.details() or msg, retry_after_ms=100 if busy else None)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(msg)
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound(msg)
-    return Unavailable(msg)

@@ -30,7 +30,11 @@ class BrokerConfig:
     max_verify_candidates : int
         Upper bound of a request's V.
     verify_threads : int
-        Threads verifying candidate pairs in parallel.
+        Threads verifying candidate pairs in parallel (when the broker verifies).
+    verify_on : {"shards", "broker"}
+        Where candidate pairs are matched and fitted: on the shards that hold their local
+        features (one ``Shard.Verify`` call per shard, default) or in the broker after reading
+        the features (GetFeatures). Same results; ``broker`` moves ~50 KB per candidate.
     verify : VerifyParams
         Matching/RANSAC defaults.
     data_dir : str
@@ -88,6 +92,7 @@ class BrokerConfig:
     verify_candidates: int = 100
     max_verify_candidates: int = 1000
     verify_threads: int = 2
+    verify_on: str = "shards"
     # min_inliers 16 measured best on the ROxford subset (4 → Medium 37.6, 10 → 43.1, 16 → 44.0)
     verify: VerifyParams = VerifyParams(min_inliers=16)
     data_dir: str = ""
@@ -138,6 +143,8 @@ class BrokerConfig:
         for name in ("default_timeout_s", "max_k", "max_batch_images", "whitening_sample", "verify_candidates", "verify_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"broker.{name} must be > 0, got {getattr(self, name)}")
+        if self.verify_on not in ("shards", "broker"):
+            raise ValueError(f"broker.verify_on must be 'shards' or 'broker', got {self.verify_on!r}")
         if self.max_batch_images > limits.MAX_WRITE_RECORDS:
             raise ValueError(f"broker.max_batch_images must be <= {limits.MAX_WRITE_RECORDS} (records in one shard write), got {self.max_batch_images}")
 

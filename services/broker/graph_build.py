@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Sequence
 
-import grpc
 import numpy as np
 
 from loupe.tensors import from_tensor
@@ -48,7 +47,6 @@ class _InMemory:
 
 async def page_all(
     shards: Sequence[ShardClient], page: int, regional: bool, timeout: Callable[[], float], on_page: PageHandler,
-    on_error: Callable[[grpc.aio.AioRpcError, ShardClient], Exception],
 ) -> None:
     """Await ``on_page(ids (n,), vectors (n, D'), region_ids (m,), regional (m, D'))`` for every
     page of every shard, in the indexed space (shards page concurrently)."""
@@ -57,13 +55,10 @@ async def page_all(
     async def one(shard: ShardClient) -> None:
         cursor = 0
         while True:
-            try:
-                resp = await shard.list_vectors(
-                    shard_pb2.ListVectorsRequest(shard_id=shard.shard_id, cursor=cursor, limit=page, include_regional=regional),
-                    timeout(),
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise on_error(exc, shard) from None
+            resp = await shard.list_vectors(
+                shard_pb2.ListVectorsRequest(shard_id=shard.shard_id, cursor=cursor, limit=page, include_regional=regional),
+                timeout(),
+            )
             vecs = from_tensor(resp.vectors, field="vectors") if resp.ids else np.zeros((0, 0), np.float32)
             reg_ids: list[str] = []
             reg = np.zeros((0, 0), np.float32)
@@ -84,7 +79,6 @@ SAMPLE_PAGE_BYTES = 32 << 20
 
 async def sample_all(
     shards: Sequence[ShardClient], n: int, regional: bool, timeout: Callable[[], float],
-    on_error: Callable[[grpc.aio.AioRpcError, ShardClient], Exception],
 ) -> tuple[np.ndarray, np.ndarray]:
     """About ``n`` raw global vectors ``(n, D)`` (and regional ones) drawn from the shards in
     answers of at most :data:`SAMPLE_PAGE_BYTES` (calls with different seeds)."""
@@ -96,11 +90,8 @@ async def sample_all(
         got, seed, per_call = 0, 0, 256
         while got < per_shard:
             asked = min(per_call, per_shard - got)
-            try:
-                resp = await shard.sample_vectors(shard_pb2.SampleVectorsRequest(
-                    shard_id=shard.shard_id, max_vectors=asked, seed=seed, include_regional=regional), timeout())
-            except grpc.aio.AioRpcError as exc:
-                raise on_error(exc, shard) from None
+            resp = await shard.sample_vectors(shard_pb2.SampleVectorsRequest(
+                shard_id=shard.shard_id, max_vectors=asked, seed=seed, include_regional=regional), timeout())
             x = from_tensor(resp.vectors, field="vectors")
             if len(x):
                 g.append(x)
@@ -126,7 +117,6 @@ async def build_graphs(
     regional_k: int,
     page: int,
     timeout: Callable[[], float],
-    on_error: Callable[[grpc.aio.AioRpcError, ShardClient], Exception],
     run: Callable[..., Awaitable],
     train_sample: int = 100_000,
 ) -> tuple[CollectionGraph | None, CollectionGraph | None, dict[str, str]]:
@@ -142,7 +132,7 @@ async def build_graphs(
     streamed = {"global": images > EXACT_LIMIT, "regional": regions > EXACT_LIMIT}
     builders: dict[str, StreamingGraphBuilder | _InMemory] = {}
     if any(streamed.values()):
-        samples = await sample_all(shards, train_sample, streamed["regional"], timeout, on_error)
+        samples = await sample_all(shards, train_sample, streamed["regional"], timeout)
         for kind, expected, kk in (("global", images, k), ("regional", regions, regional_k)):
             if streamed[kind]:
                 sample = transform(samples[0] if kind == "global" else samples[1])
@@ -168,9 +158,9 @@ async def build_graphs(
                 await run(fn, *args)
         return handle
 
-    await page_all(shards, page, regions > 0, timeout, serialised(collect), on_error)
+    await page_all(shards, page, regions > 0, timeout, serialised(collect))
     if any(streamed.values()):
-        await page_all(shards, page, streamed["regional"], timeout, serialised(search), on_error)
+        await page_all(shards, page, streamed["regional"], timeout, serialised(search))
     out: list[CollectionGraph | None] = []
     how: dict[str, str] = {}
     for kind, kk in (("global", k), ("regional", regional_k)):

@@ -19,10 +19,8 @@ import asyncio
 import base64
 from typing import Sequence
 
-import grpc
-
 from loupe.v1 import retrieval_pb2, shard_pb2
-from services.broker.backends import ShardClient, from_rpc_error
+from services.broker.backends import ShardClient
 from services.broker.config import BrokerConfig
 from services.broker.deadlines import Deadline, shard_timeout
 from services.common import limits
@@ -86,8 +84,8 @@ class Reader:
         unavailable: set[str] = set()
         for (sid, sids), ans in zip(by_shard.items(), answers):
             if isinstance(ans, BaseException):
-                if isinstance(ans, grpc.aio.AioRpcError) and ans.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise from_rpc_error(ans, f"shard {sid}")
+                if isinstance(ans, InvalidArgument):
+                    raise ans
                 if not isinstance(ans, Exception):
                     raise ans
                 unavailable.update(sids)
@@ -119,10 +117,7 @@ class Reader:
 
         async def one(shard: ShardClient) -> shard_pb2.ListIdsResponse:
             req = shard_pb2.ListIdsRequest(shard_id=shard.shard_id, after=after, limit=page_size, filter=request.filter)
-            try:
-                return await shard.list_ids(req, timeout)
-            except grpc.aio.AioRpcError as exc:
-                raise from_rpc_error(exc, f"shard {shard.shard_id}") from None
+            return await shard.list_ids(req, timeout)
 
         answers = await asyncio.gather(*(one(s) for s in self.shards))
         # a shard that stopped early has returned everything up to its scanned_to: cut there

@@ -31,13 +31,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
-import grpc
-
 from loupe.v1 import shard_pb2
+from services.broker.backend_errors import failure_reason
 from services.broker.backends import ShardClient
 from services.broker.catch_up import merge
 from services.broker.members import hedged
-from services.common.errors import DeadlineExceeded, Unavailable
+from services.common.errors import DeadlineExceeded, Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -62,13 +61,9 @@ def quorum_size(quorum: str, replicas: int) -> int:
 
 
 def _replica_failure(exc: BaseException) -> bool:
-    """Failures another replica may not have (gone, moved, hung, overloaded, no replica in sync)."""
-    if isinstance(exc, Unavailable):
-        return True
-    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
-        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.CANCELLED,
-    )
+    """Failures another replica may not have: it is gone, moved, hung, overloaded or full (the
+    shard clients raise domain errors, ``services.broker.backend_errors``)."""
+    return isinstance(exc, (Unavailable, DeadlineExceeded, Overloaded))
 
 
 @dataclass
@@ -219,6 +214,9 @@ class ReplicatedShard:
 
     async def get_records(self, request: shard_pb2.GetRecordsRequest, timeout_s: float) -> shard_pb2.GetRecordsResponse:
         return await self._read(lambda r, t: r.get_records(request, t), timeout_s)
+
+    async def verify(self, request: shard_pb2.ShardVerifyRequest, timeout_s: float) -> shard_pb2.ShardVerifyResponse:
+        return await self._read(lambda r, t: r.verify(request, t), timeout_s)
 
     async def sample_vectors(self, request: shard_pb2.SampleVectorsRequest, timeout_s: float) -> shard_pb2.SampleVectorsResponse:
         return await self._read(lambda r, t: r.sample_vectors(request, t), timeout_s, pinned=True)
@@ -497,9 +495,7 @@ class ReplicatedShard:
 
 
 def _reason(exc: BaseException | None) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return f"{type(exc).__name__}: {exc}"
+    return f"{failure_reason(exc)}: {exc}" if exc is not None else "?"
 
 
 def _swallow(task: "asyncio.Task[Any]") -> None:

@@ -1,36 +1,38 @@
-"""Vector-space rerank stages of the broker: αQE, DBA and diffusion over the neighbourhood.
+"""The broker's rerank stages: one object per stage, run in order by the search pipeline.
 
-Pure functions on the merged hits (each carrying its indexed vector): no gRPC here.
+``services.broker.search_plan.build_plan`` turns a request's rerank options into an ordered
+tuple of stage objects once (validated, merged over the server defaults); the pipeline then
+runs ``for stage in plan.stages: if stage.applies(state): await stage.run(backend, state)``.
+A stage reads and updates the ``RerankState`` (the ranking, the verified candidates, the
+shards that did not answer) and reaches shards and models only through ``RerankBackend``
+(the pipeline), so each stage is tested with a fake backend. A new rerank variant is a new
+stage class and one line in ``build_plan``.
+
+The pure functions below (αQE, DBA, ordering helpers) hold no I/O.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence
 
 import numpy as np
 
-from services.broker.topk import Hit
-from services.rerank.diffusion import (
-    DiffusionParams,
-    affinity_from_edges,
-    aggregate_scores,
-    diffuse,
-    knn_affinity,
-    normalise_symmetric,
-    query_seed,
-)
+from services.broker.collection_model import CollectionModel, region_node
+from services.broker.topk import Hit, merge_topk
+from services.rerank.diffusion import DiffusionOutcome, DiffusionParams, diffusion_rerank
 from services.rerank.expansion import alpha_qe, dba
+from services.rerank.verify import VerifyParams
 
+if TYPE_CHECKING:
+    from services.broker.deadlines import Deadline, PerCallBudget
+    from services.broker.metrics import BrokerMetrics
+    from services.broker.query import Query
+    from services.broker.verification import VerifiedHit
 
-@dataclass(frozen=True)
-class DiffusionOutcome:
-    """Diffusion scores of the neighbourhood (aligned with the hits given) and CG iterations."""
-
-    scores: np.ndarray  # (n,) float32, normalised so the best is 1
-    iterations: int
-    nodes: int
+    Budget = Deadline | PerCallBudget
 
 
 def hit_vectors(hits: Sequence[Hit]) -> np.ndarray:
@@ -53,54 +55,6 @@ def dba_rescore(query: np.ndarray, hits: Sequence[Hit], k: int, alpha: float) ->
     scores = augmented @ query
     order = np.argsort(-scores, kind="stable")
     return [dataclasses.replace(hits[i], score=float(scores[i]), vector=augmented[i]) for i in order]
-
-
-def diffusion_scores(
-    query: np.ndarray,
-    nodes: np.ndarray,
-    node_owner: np.ndarray | None,
-    n_images: int,
-    params: DiffusionParams,
-    extra_seeds: Mapping[int, float] | None = None,
-    edges: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-) -> DiffusionOutcome:
-    """Diffuse from the query (and optional extra seeded images) over the neighbourhood graph.
-
-    Parameters
-    ----------
-    query : (Q, D') or (D',)
-        Query vector(s) in the indexed space: the global vector, or its regions.
-    nodes : (N, D')
-        Graph nodes: one per image (global) or its regions (regional, with ``node_owner``).
-    node_owner : (N,) int or None
-        Image index of each node.
-    n_images : int
-        Images in the neighbourhood.
-    params : DiffusionParams
-    extra_seeds : image index → weight
-        Images known to match (e.g. geometrically verified): their nodes join the seed ``y``
-        with ``weight`` × the query's largest seed value.
-    edges : (src (E,), dst (E,), sim (E,)), optional
-        Directed kNN edges among the nodes from the collection's offline graph
-        (``CollectionGraph.neighbourhood_lists``); None builds the kNN graph of ``nodes`` here.
-    """
-    if edges is not None:
-        W = affinity_from_edges(len(nodes), *edges, params.gamma, mutual=params.mutual)
-    else:
-        W = knn_affinity(nodes, min(params.k, max(1, len(nodes) - 1)), params.gamma, mutual=params.mutual)
-    S = normalise_symmetric(W)
-    y = query_seed(np.atleast_2d(query), nodes, params.kq, params.gamma)
-    if extra_seeds:
-        top = float(y.max()) if y.max() > 0 else 1.0
-        owner = np.arange(len(nodes)) if node_owner is None else np.asarray(node_owner)
-        for image, weight in extra_seeds.items():
-            y[owner == image] = np.maximum(y[owner == image], weight * top)
-    f, iterations = diffuse(S, y, params.alpha, params.max_iter, params.tol)
-    scores = aggregate_scores(f, node_owner, n_images, params.aggregate)
-    peak = float(scores.max())
-    if peak > 0:
-        scores = scores / peak
-    return DiffusionOutcome(scores.astype(np.float32), int(iterations), int(len(nodes)))
 
 
 def order_by(hits: Sequence[Hit], scores: np.ndarray) -> list[Hit]:
@@ -135,3 +89,237 @@ def verified_first(ranked: list[Hit], verified: dict, order: list[Hit]) -> list[
     top = [h for h in ranked if h.image_id in verified and verified[h.image_id].verified]
     ids = {h.image_id for h in top}
     return top + [h for h in order if h.image_id not in ids]
+
+
+# --- stage objects ---------------------------------------------------------------------------
+
+
+@dataclass
+class RerankState:
+    """What the stages hand on to each other for one query.
+
+    Attributes
+    ----------
+    query : Query
+        The query (global vector, local features, regions, excluded id, filter).
+    hits : list of Hit
+        The current ranking, best first.
+    depth : int
+        Candidates of a (second) fan-out.
+    deadline : Deadline or PerCallBudget
+        The query's budget.
+    global_order : list of Hit
+        The ranking before any verification or diffusion (after expansion).
+    global_scores : dict
+        Image id → first-stage (global) score, reported per result.
+    verified : dict
+        Image id → ``VerifiedHit`` of every verified candidate (empty until verification).
+    missing : set of int
+        Shards that did not answer a fan-out of this query.
+    """
+
+    query: "Query"
+    hits: list[Hit]
+    depth: int
+    deadline: "Budget"
+    global_order: list[Hit] = field(default_factory=list)
+    global_scores: dict[str, float] = field(default_factory=dict)
+    verified: dict[str, "VerifiedHit"] = field(default_factory=dict)
+    missing: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if not self.global_order:
+            self.global_order = self.hits
+        if not self.global_scores:
+            self.global_scores = {h.image_id: h.score for h in self.hits}
+
+    @property
+    def any_verified(self) -> bool:
+        """Whether verification found at least one match."""
+        return any(v.verified for v in self.verified.values())
+
+    def is_verified(self, image_id: str) -> bool:
+        v = self.verified.get(image_id)
+        return v is not None and v.verified
+
+
+class RerankBackend(Protocol):
+    """What stages need from the broker (``SearchPipeline`` implements it)."""
+
+    collection: CollectionModel
+    metrics: "BrokerMetrics"
+
+    async def fanout(self, query: np.ndarray, depth: int, deadline: "Budget", return_vectors: bool = False, transformed: bool = False,
+                     flt=None) -> tuple[list[list[Hit]], list[int]]: ...
+
+    async def regional_nodes(self, hits: list[Hit], deadline: "Budget") -> list[tuple[int, np.ndarray]]: ...
+
+    async def verify(self, query_local: tuple[np.ndarray, np.ndarray], hits: list[Hit], params: VerifyParams,
+                     deadline: "Budget") -> list["VerifiedHit"]: ...
+
+
+class Stage(Protocol):
+    """One rerank stage."""
+
+    name: ClassVar[str]  # the stage's timing label (loupe_broker_stage_seconds{stage}, the response's timings)
+    needs_vectors: ClassVar[bool]  # the fan-out must return each hit's indexed vector
+
+    def applies(self, state: RerankState) -> bool: ...
+
+    async def run(self, backend: RerankBackend, state: RerankState) -> None: ...
+
+
+def _whitened_query(backend: RerankBackend, query: "Query") -> np.ndarray:
+    return backend.collection.transform(query.vector[None, :])[0]
+
+
+@dataclass(frozen=True)
+class Expand:
+    """αQE (a second fan-out with the expanded query) and/or DBA re-scoring of the neighbourhood.
+
+    Its ranking becomes the global order the later stages start from."""
+
+    name: ClassVar[str] = "expand"
+    needs_vectors: ClassVar[bool] = True
+    qe: bool
+    dba: bool
+    n: int
+    alpha: float
+    dba_neighbourhood: int
+
+    def applies(self, state: RerankState) -> bool:
+        return True
+
+    async def run(self, backend: RerankBackend, state: RerankState) -> None:
+        q = state.query
+        hits = state.hits
+        q_w = _whitened_query(backend, q)
+        if self.qe and hits:
+            q_w = expand_query(q_w, hits, self.n, self.alpha)
+            per_shard, missing = await backend.fanout(q_w, state.depth, state.deadline, True, transformed=True, flt=q.filter)
+            state.missing.update(missing)
+            hits = [h for h in merge_topk(per_shard, state.depth) if h.image_id != q.exclude]
+        if self.dba and hits:
+            n = min(len(hits), self.dba_neighbourhood)
+            hits = dba_rescore(q_w, hits[:n], self.n, self.alpha) + hits[n:]
+        state.hits = state.global_order = hits
+        state.global_scores = {h.image_id: h.score for h in hits} | state.global_scores
+
+
+@dataclass(frozen=True)
+class Diffuse:
+    """Rerank the top-``neighbourhood`` by diffusion (global or regional); images verified by an
+    earlier stage seed it and keep their (inlier) order on top.
+
+    ``only_after_a_match``: run only when verification found a match (re-diffusion seeded by the
+    verified images after a diffuse-first verification)."""
+
+    name: ClassVar[str] = "diffuse"
+    params: DiffusionParams
+    regional: bool
+    neighbourhood: int
+    online_graph: bool = False
+    only_after_a_match: bool = False
+
+    @property
+    def needs_vectors(self) -> bool:  # type: ignore[override]
+        return not self.regional
+
+    def applies(self, state: RerankState) -> bool:
+        return bool(state.hits) and (not self.only_after_a_match or state.any_verified)
+
+    async def run(self, backend: RerankBackend, state: RerankState) -> None:
+        hits = state.hits
+        head, tail = hits[: self.neighbourhood], hits[self.neighbourhood :]
+        is_verified = [state.is_verified(h.image_id) for h in head]
+        seeds = {i: 1.0 for i, v in enumerate(is_verified) if v}
+        loop = asyncio.get_running_loop()
+        if self.regional:
+            regions = await backend.regional_nodes(head, state.deadline)
+            if state.query.regions is None or not regions:
+                return
+            graph = None if self.online_graph else backend.collection.regional_graph
+            query_regions = state.query.regions
+
+            def run() -> DiffusionOutcome:
+                nodes = np.concatenate([r for _, r in regions])
+                owner = np.repeat([i for i, _ in regions], [len(r) for _, r in regions])
+                edges = None
+                if graph is not None:
+                    names = [region_node(head[i].image_id, j) for i, r in regions for j in range(len(r))]
+                    edges = graph.neighbourhood_lists(names, nodes, self.params.k)
+                # the query's (k-means-reduced) regions seed it jointly: one solve
+                return diffusion_rerank(query_regions, nodes, owner, len(head), self.params, seeds=seeds, edges=edges)
+        else:
+            q = _whitened_query(backend, state.query)
+            vectors = hit_vectors(head)
+            graph = None if self.online_graph else backend.collection.graph
+
+            def run() -> DiffusionOutcome:
+                edges = None if graph is None else graph.neighbourhood_lists([h.image_id for h in head], vectors, self.params.k)
+                return diffusion_rerank(q, vectors, None, len(head), self.params, seeds=seeds, edges=edges)
+
+        outcome = await loop.run_in_executor(None, run)
+        backend.metrics.diffusion_iterations.observe(outcome.iterations)
+        if not seeds:
+            state.hits = order_by(head, outcome.scores) + tail
+            return
+        # verified keep their (inlier) order on top; the rest follow by diffusion score
+        top = [h for h, v in zip(head, is_verified) if v]
+        rest_idx = [i for i, v in enumerate(is_verified) if not v]
+        state.hits = top + order_by([head[i] for i in rest_idx], outcome.scores[rest_idx]) + tail
+
+
+@dataclass(frozen=True)
+class Verify:
+    """Geometric verification of the top-``candidates`` (local features + RANSAC): verified
+    images first by inliers, then the rest in their order.
+
+    ``global_too``: verify the union of the current top-``candidates`` and the global
+    order's top-``candidates`` (rescues queries whose diffusion drifted away)."""
+
+    name: ClassVar[str] = "verify"
+    needs_vectors: ClassVar[bool] = False
+    params: VerifyParams
+    candidates: int
+    global_too: bool = False
+
+    def applies(self, state: RerankState) -> bool:
+        return state.query.local is not None and bool(state.hits)
+
+    async def run(self, backend: RerankBackend, state: RerankState) -> None:
+        hits, n = state.hits, self.candidates
+        if self.global_too:
+            hits, n = union_candidates(state.hits, state.global_order, self.candidates)
+        head, tail = hits[:n], hits[n:]
+        ranked = await backend.verify(state.query.local, head, self.params, state.deadline)
+        backend.metrics.verify_candidates.inc(sum(1 for v in ranked if v.result is not None))
+        backend.metrics.verify_verified.inc(sum(1 for v in ranked if v.verified))
+        state.verified = {v.hit.image_id: v for v in ranked}
+        reordered = [v.hit for v in ranked] + tail
+        state.hits = verified_first(reordered, state.verified, state.hits) if self.global_too else reordered
+
+
+@dataclass(frozen=True)
+class ExpandVerified:
+    """αQE from the verified images only: the (whitened) query plus their vectors searches the
+    shards again; verified images stay first (inlier order), the rest follows the new scores."""
+
+    name: ClassVar[str] = "expand"
+    needs_vectors: ClassVar[bool] = True
+
+    def applies(self, state: RerankState) -> bool:
+        return state.any_verified
+
+    async def run(self, backend: RerankBackend, state: RerankState) -> None:
+        hits = state.hits
+        good = [h.vector for h in hits if state.is_verified(h.image_id) and h.vector is not None]
+        if not good:
+            return
+        q = state.query
+        q_new = _whitened_query(backend, q) + np.sum(good, axis=0)
+        q_new = (q_new / max(float(np.linalg.norm(q_new)), 1e-12)).astype(np.float32)
+        per_shard, missing = await backend.fanout(q_new, state.depth, state.deadline, True, transformed=True, flt=q.filter)
+        state.missing.update(missing)
+        new_order = [h for h in merge_topk(per_shard, state.depth) if h.image_id != q.exclude]
+        state.hits = verified_first(hits, state.verified, new_order)

@@ -1,9 +1,13 @@
-"""How a search runs: query → fan-out → merge → expand → verify / diffuse → result assembly.
+"""How a search runs: query → fan-out → merge → the plan's rerank stages → result assembly.
 
 One ``SearchPipeline`` per broker. ``search`` runs one validated request end to end; its parts
 (``prepare``, ``fanout``, ``finish``) are public so that a batch of queries can share
-extraction and one fan-out per shard (``services.broker.batch``). Every stage is timed into
+extraction and one fan-out per shard (``services.broker.batch``). ``finish`` runs the plan's
+stage objects in order (``services.broker.rerank_stages``); the pipeline is their
+``RerankBackend`` (fan-outs, regional vectors, verification). Every stage is timed into
 ``loupe_broker_stage_seconds{stage}`` and into the response's ``timings``.
+
+Backends raise loupe's domain errors (``services.broker.backend_errors``): no gRPC here.
 """
 
 from __future__ import annotations
@@ -13,81 +17,44 @@ import contextlib
 import logging
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import Iterator, Sequence, TypeVar
 
-import grpc
 import numpy as np
 
 from loupe.tensors import from_tensor, to_tensor
 from loupe.v1 import extractor_pb2, retrieval_pb2, shard_pb2, types_pb2
-from services.broker.backends import ExtractorPool, ShardClient, from_rpc_error
-from services.broker.collection_model import CollectionModel, region_node
+from services.broker.backend_errors import failure_reason
+from services.broker.backends import ExtractorPool, ShardClient
+from services.broker.collection_model import CollectionModel
 from services.broker.config import BrokerConfig
 from services.broker.deadlines import Deadline, PerCallBudget, shard_timeout
 from services.broker.metrics import BrokerMetrics
-from services.broker.rerank_stages import (
-    DiffusionOutcome,
-    dba_rescore,
-    diffusion_scores,
-    expand_query,
-    hit_vectors,
-    order_by,
-    union_candidates,
-    verified_first,
-)
+from services.broker.query import Query, unit_vector
+from services.broker.rerank_stages import RerankState
 from services.broker.search_plan import SearchPlan
 from services.broker.topk import Hit, ids_by_shard, merge_topk
-from services.broker.verification import VerifiedHit, candidate_locals, confidence, query_confidence, verify_hits
+from services.broker.verification import Outcome, VerifiedHit, confidence, query_confidence, rank_verified, verify_locally
 from services.common import limits
 from services.common.errors import InvalidArgument, NotFound, Unavailable
-from services.common.message_size import MessageBudget, features_bytes, shard_hit_bytes
+from services.common.local_candidates import (
+    candidate_local,
+    candidate_locals,
+    params_to_proto,
+    query_local_to_proto,
+    result_from_proto,
+)
+from services.common.message_size import MessageBudget, features_bytes, shard_hit_bytes, verified_candidate_bytes
 from services.rerank.verify import VerifyParams
 from services.space.placement import shard_for
 
+__all__ = ["Query", "SearchPipeline", "hits_of", "unit_vector"]
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+VERIFY_PAIRS_PER_BUDGET = 100
+"""Candidates a shard Verify call may take ``broker.shard_budget_s`` for (~0.5 s of work here)."""
+_INVALID_ARGUMENT = 3  # grpc.StatusCode.INVALID_ARGUMENT's number in a ShardSearchBatchResult
 Budget = Deadline | PerCallBudget
-
-
-@dataclass(frozen=True)
-class Query:
-    """A query ready for the fan-out.
-
-    Attributes
-    ----------
-    vector : np.ndarray
-        (D,) raw L2-normalised global descriptor (the shards whiten it).
-    local : tuple of np.ndarray or None
-        (N, 4) keypoints and (N, C') collection-PCA local descriptors, for verification.
-    regions : np.ndarray or None
-        (R, D') regional descriptors in the indexed space, for regional diffusion.
-    exclude : str or None
-        Id left out of the results (the query image of a search by stored id).
-    filter : types_pb2.Filter or None
-        Metadata filter every shard applies before its top-k.
-    """
-
-    vector: np.ndarray
-    local: tuple[np.ndarray, np.ndarray] | None = None
-    regions: np.ndarray | None = None
-    exclude: str | None = None
-    filter: types_pb2.Filter | None = None
-
-    def depth(self, request: retrieval_pb2.SearchRequest, plan: SearchPlan) -> int:
-        """Candidates asked of each shard: enough for the page and every rerank stage (one
-        more when the query image itself will be dropped)."""
-        return max(request.offset + request.k, plan.depth) + (1 if self.exclude is not None else 0)
-
-
-def unit_vector(v: np.ndarray, field: str = "vector") -> np.ndarray:
-    """Validate a client-supplied raw descriptor and L2-normalise it."""
-    if v.ndim != 1 or not np.all(np.isfinite(v)):
-        raise InvalidArgument(f"{field}: expected a finite (D,) vector, got shape {list(v.shape)}")
-    norm = float(np.linalg.norm(v))
-    if norm == 0:
-        raise InvalidArgument(f"{field}: must not be all zeros")
-    return v / norm
 
 
 def _padded(seq: Sequence[T], n: int) -> list[T | None]:
@@ -161,10 +128,7 @@ class SearchPipeline:
     # --- the query ---------------------------------------------------------------------------
     async def extract(self, request: extractor_pb2.ExtractRequest, deadline: Budget) -> extractor_pb2.ExtractResponse:
         """Describe one image on an extractor replica."""
-        try:
-            return await self.extractors.extract(request, deadline.remaining(), query=True)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, "image") from None
+        return await self.extractors.extract(request, deadline.remaining(), query=True)
 
     async def prepare(self, request: retrieval_pb2.SearchRequest, plan: SearchPlan, deadline: Budget,
                       timings: list[types_pb2.StageTiming]) -> Query:
@@ -200,17 +164,14 @@ class SearchPipeline:
         sid = shard_for(image_id, len(self.shards))
         req = shard_pb2.GetFeaturesRequest(shard_id=sid, ids=[image_id], want_global=True, want_raw_global=True,
                                            want_regional=plan.regional, want_local=plan.verify is not None)
-        try:
-            resp = await self.shards[sid].get_features(req, shard_timeout(deadline, self.config))
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, f"shard {sid}") from None
+        resp = await self.shards[sid].get_features(req, shard_timeout(deadline, self.config))
         if not resp.ids:
             raise NotFound(f"id: no image {image_id!r} is indexed")
         feats = resp.features[0]
         vector = from_tensor(feats.__getattribute__("global"), field="features.global").astype(np.float32)
         local = None
         if plan.verify is not None:
-            c = candidate_locals({image_id: feats}).get(image_id)
+            c = candidate_local(feats)
             local = (c.keypoints.astype(np.float32), c.descriptors.astype(np.float32)) if c is not None else None
         regions = from_tensor(feats.regional, field="regional").astype(np.float32) if plan.regional and feats.regional.shape else None
         return Query(vector, local, regions)
@@ -281,8 +242,8 @@ class SearchPipeline:
             for shard, r in zip(self.shards, by_query[i]):
                 if isinstance(r, BaseException):
                     per_query.append(r)
-                elif r.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]:
-                    per_query.append(grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(), r.message))
+                elif r.code == _INVALID_ARGUMENT:
+                    per_query.append(InvalidArgument(r.message or "invalid query"))
                 elif r.code:
                     per_query.append(Unavailable(f"shard {shard.shard_id}: {r.message}"))
                 else:
@@ -300,9 +261,9 @@ class SearchPipeline:
         lists, missing = [], []
         for shard, res in zip(self.shards, results):
             if isinstance(res, BaseException):
-                if isinstance(res, grpc.aio.AioRpcError) and res.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidArgument(res.details() or "invalid query") from None
-                reason = res.code().name if isinstance(res, grpc.aio.AioRpcError) else type(res).__name__
+                if isinstance(res, InvalidArgument):
+                    raise InvalidArgument(str(res) or "invalid query") from None
+                reason = failure_reason(res)
                 if count_failures:
                     self.metrics.shard_failures.labels(str(shard.shard_id), reason).inc()
                     log.warning("shard %d failed: %s", shard.shard_id, reason)
@@ -323,33 +284,12 @@ class SearchPipeline:
         depth = query.depth(request, plan)
         with self.stage("merge", timings):
             hits = [h for h in merge_topk(per_shard, depth) if h.image_id != query.exclude]
-        global_scores = {h.image_id: h.score for h in hits}
-        if plan.qe or plan.dba:
-            with self.stage("expand", timings):
-                hits, more_missing = await self._expand(query, hits, plan, depth, deadline)
-                missing = sorted(set(missing) | set(more_missing))
-                global_scores = {h.image_id: h.score for h in hits} | global_scores
-        verified: dict[str, VerifiedHit] = {}
-        global_order = hits
-        if plan.verify is not None and plan.diffuse_first and plan.diffusion is not None and hits:
-            with self.stage("diffuse", timings):
-                hits = await self._diffuse(query, hits, plan, {}, deadline)
-        if plan.verify is not None and query.local is not None and hits:
-            with self.stage("verify", timings):
-                if plan.verify_global_too:
-                    candidates, n_verify = union_candidates(hits, global_order, plan.n_verify)
-                    ranked, verified = await self._verify(query.local, candidates, n_verify, plan.verify, deadline)
-                    hits = verified_first(ranked, verified, hits)
-                else:
-                    hits, verified = await self._verify(query.local, hits, plan.n_verify, plan.verify, deadline)
-            if plan.expand_verified and any(v.verified for v in verified.values()):
-                with self.stage("expand", timings):
-                    hits, more_missing = await self._expand_verified(query, hits, verified, depth, deadline)
-                    missing = sorted(set(missing) | set(more_missing))
-        rediffuse = plan.diffuse_first and plan.reseed_after_verify and any(v.verified for v in verified.values())
-        if plan.diffusion is not None and (not plan.diffuse_first or rediffuse) and hits:
-            with self.stage("diffuse", timings):
-                hits = await self._diffuse(query, hits, plan, verified, deadline)
+        state = RerankState(query, hits, depth, deadline, missing=set(missing))
+        for stage in plan.stages:
+            if stage.applies(state):
+                with self.stage(stage.name, timings):
+                    await stage.run(self, state)
+        hits, verified, global_scores, missing = state.hits, state.verified, state.global_scores, sorted(state.missing)
         resp = retrieval_pb2.SearchResponse(partial=bool(missing), missing_shards=missing)
         if missing:
             self.metrics.partial_responses.inc()
@@ -379,80 +319,10 @@ class SearchPipeline:
         r.stages.inliers = v.result.inliers
         r.verified = v.verified
         r.confidence = confidence(v.result, plan.verify.min_inliers)
-        if return_matches and r.verified and v.candidate_points is not None and query_local is not None:
+        if return_matches and r.verified and v.inlier_points is not None and query_local is not None:
             pairs = v.result.inlier_pairs
             r.matches.query_points.CopyFrom(to_tensor(query_local[0][pairs[:, 0], :2].astype(np.float32)))
-            r.matches.result_points.CopyFrom(to_tensor(v.candidate_points[pairs[:, 1]].astype(np.float32)))
-
-    async def _expand(self, query: Query, hits: list[Hit], plan: SearchPlan, depth: int, deadline: Budget) -> tuple[list[Hit], list[int]]:
-        """αQE (second fan-out with the expanded query) and/or DBA re-scoring of the neighbourhood."""
-        missing: list[int] = []
-        q_w = self.collection.transform(query.vector[None, :])[0]
-        if plan.qe and hits:
-            q_w = expand_query(q_w, hits, plan.qe_n, plan.qe_alpha)
-            per_shard, missing = await self.fanout(q_w, depth, deadline, True, transformed=True, flt=query.filter)
-            hits = [h for h in merge_topk(per_shard, depth) if h.image_id != query.exclude]
-        if plan.dba and hits:
-            n = min(len(hits), self.config.dba_neighbourhood)
-            hits = dba_rescore(q_w, hits[:n], plan.qe_n, plan.qe_alpha) + hits[n:]
-        return hits, missing
-
-    async def _expand_verified(self, query: Query, hits: list[Hit], verified: dict[str, VerifiedHit], depth: int,
-                               deadline: Budget) -> tuple[list[Hit], list[int]]:
-        """αQE from the verified images only: the (whitened) query plus their vectors searches the
-        shards again; verified images stay first (inlier order), the rest follows the new scores."""
-        good = [h.vector for h in hits if h.image_id in verified and verified[h.image_id].verified and h.vector is not None]
-        if not good:
-            return hits, []
-        q_w = self.collection.transform(query.vector[None, :])[0]
-        q_new = q_w + np.sum(good, axis=0)
-        q_new = (q_new / max(float(np.linalg.norm(q_new)), 1e-12)).astype(np.float32)
-        per_shard, missing = await self.fanout(q_new, depth, deadline, True, transformed=True, flt=query.filter)
-        new_order = [h for h in merge_topk(per_shard, depth) if h.image_id != query.exclude]
-        return verified_first(hits, verified, new_order), missing
-
-    async def _diffuse(self, query: Query, hits: list[Hit], plan: SearchPlan, verified: dict[str, VerifiedHit], deadline: Budget) -> list[Hit]:
-        """Rerank the top-R by diffusion; verified images (if any) seed it and stay on top."""
-        head, tail = hits[: plan.neighbourhood], hits[plan.neighbourhood :]
-        is_verified = [h.image_id in verified and verified[h.image_id].verified for h in head]
-        seeds = {i: 1.0 for i, v in enumerate(is_verified) if v}
-        loop = asyncio.get_running_loop()
-        if plan.regional:
-            regions = await self._regional_nodes(head, deadline)
-            if query.regions is None or not regions:
-                return hits
-            graph = None if plan.online_graph else self.collection.regional_graph
-            query_regions = query.regions
-
-            def run_regional() -> DiffusionOutcome:
-                nodes = np.concatenate([r for _, r in regions])
-                owner = np.repeat([i for i, _ in regions], [len(r) for _, r in regions])
-                edges = None
-                if graph is not None:
-                    names = [region_node(head[i].image_id, j) for i, r in regions for j in range(len(r))]
-                    edges = graph.neighbourhood_lists(names, nodes, plan.diffusion.k)
-                # the query's (k-means-reduced) regions seed it jointly: one solve
-                return diffusion_scores(query_regions, nodes, owner, len(head), plan.diffusion, seeds, edges)
-
-            outcome = await loop.run_in_executor(None, run_regional)
-        else:
-            q = self.collection.transform(query.vector[None, :])[0]
-            vectors = hit_vectors(head)
-            graph = None if plan.online_graph else self.collection.graph
-
-            def run() -> DiffusionOutcome:
-                edges = None if graph is None else graph.neighbourhood_lists([h.image_id for h in head], vectors, plan.diffusion.k)
-                return diffusion_scores(q, vectors, None, len(head), plan.diffusion, seeds, edges)
-
-            outcome = await loop.run_in_executor(None, run)
-        self.metrics.diffusion_iterations.observe(outcome.iterations)
-        if not verified:
-            return order_by(head, outcome.scores) + tail
-        # verified keep their (inlier) order on top; the rest follow by diffusion score
-        top = [h for h, v in zip(head, is_verified) if v]
-        rest_idx = [i for i, v in enumerate(is_verified) if not v]
-        rest = order_by([head[i] for i in rest_idx], outcome.scores[rest_idx])
-        return top + rest + tail
+            r.matches.result_points.CopyFrom(to_tensor(np.asarray(v.inlier_points, dtype=np.float32)))
 
     async def get_features(
         self, hits: Sequence[Hit], deadline: Budget, *, want_local: bool = False, want_regional: bool = False
@@ -477,7 +347,7 @@ class SearchPipeline:
             for image_id, f in zip(resp.ids, resp.features)
         }
 
-    async def _regional_nodes(self, hits: list[Hit], deadline: Budget) -> list[tuple[int, np.ndarray]]:
+    async def regional_nodes(self, hits: list[Hit], deadline: Budget) -> list[tuple[int, np.ndarray]]:
         """Whitened ``(R_i, D')`` regional vectors of ``hits``, with the position of their image in ``hits``."""
         features = await self.get_features(hits, deadline, want_regional=True)
         return [
@@ -486,12 +356,46 @@ class SearchPipeline:
             if h.image_id in features and features[h.image_id].regional.shape
         ]
 
-    async def _verify(self, query_local: tuple[np.ndarray, np.ndarray], hits: list[Hit], n_verify: int, params: VerifyParams,
-                      deadline: Budget) -> tuple[list[Hit], dict[str, VerifiedHit]]:
-        """Verify the top ``n_verify`` hits; returns (reordered hits, id → VerifiedHit)."""
-        head, tail = hits[:n_verify], hits[n_verify:]
-        local = candidate_locals(await self.get_features(head, deadline, want_local=True))
-        ranked = await verify_hits(query_local, head, local, params, self.verify_pool)
-        self.metrics.verify_candidates.inc(sum(1 for v in ranked if v.result is not None))
-        self.metrics.verify_verified.inc(sum(1 for v in ranked if v.verified))
-        return [v.hit for v in ranked] + tail, {v.hit.image_id: v for v in ranked}
+    async def verify(self, query_local: tuple[np.ndarray, np.ndarray], hits: list[Hit], params: VerifyParams,
+                     deadline: Budget) -> list[VerifiedHit]:
+        """Verify ``hits`` against the query's local features; returns them in reranked order
+        (verified first by inliers). On the shards that hold them (``broker.verify_on=shards``)
+        or here after reading their local features (``broker``): the same results either way.
+        A candidate whose shard did not answer stays unverified (partial answer)."""
+        if self.config.verify_on == "shards":
+            outcomes = await self.verify_on_shards(query_local, hits, params, deadline)
+        else:
+            local = candidate_locals(await self.get_features(hits, deadline, want_local=True))
+            outcomes = await verify_locally(query_local, hits, local, params, self.verify_pool)
+        return rank_verified(hits, outcomes, params)
+
+    async def verify_on_shards(self, query_local: tuple[np.ndarray, np.ndarray], hits: Sequence[Hit], params: VerifyParams,
+                               deadline: Budget) -> dict[str, Outcome]:
+        """Each owning shard verifies its own candidates (``Shard.Verify``): the query's local
+        features go once per call with that shard's ids, as many per call as the answer's worst
+        case fits the message limit. A shard that fails (or runs out of its budget: a call of n
+        candidates may take ``shard_budget_s`` per ``VERIFY_PAIRS_PER_BUDGET`` of them) leaves its
+        candidates unverified; an INVALID_ARGUMENT from a shard is the query's."""
+        n = min(limits.MAX_VERIFY_IDS, self.budget.items(verified_candidate_bytes()))
+        query_msg, params_msg = query_local_to_proto(query_local), params_to_proto(params)
+        calls = [(sid, ids[i : i + n]) for sid, ids in ids_by_shard(hits).items() for i in range(0, len(ids), n)]
+
+        async def one(sid: int, ids: list[str]) -> shard_pb2.ShardVerifyResponse:
+            timeout = shard_timeout(deadline, self.config, queries=-(-len(ids) // VERIFY_PAIRS_PER_BUDGET))
+            req = shard_pb2.ShardVerifyRequest(shard_id=sid, query=query_msg, ids=ids, params=params_msg, timeout_s=timeout)
+            return await self.shards[sid].verify(req, timeout)
+
+        answers = await asyncio.gather(*(one(sid, ids) for sid, ids in calls), return_exceptions=True)
+        outcomes: dict[str, Outcome] = {}
+        for (sid, _), ans in zip(calls, answers):
+            if isinstance(ans, InvalidArgument):
+                raise ans
+            if isinstance(ans, BaseException):
+                if not isinstance(ans, Exception):
+                    raise ans
+                log.warning("shard %d did not verify its candidates: %s", sid, failure_reason(ans))
+                continue
+            self.metrics.stage_seconds.labels("verify_shard").observe(ans.seconds)
+            for i, r in enumerate(ans.results):
+                outcomes[r.id] = result_from_proto(r, f"shard {sid}: results[{i}]")
+        return outcomes

@@ -1,11 +1,14 @@
-"""What one search runs: the request's rerank options validated and merged over the server defaults."""
+"""What one search runs: the request's rerank options validated, merged over the server defaults and
+laid out once as an ordered tuple of rerank stage objects (``services.broker.rerank_stages``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from loupe.v1 import retrieval_pb2
 from services.broker.config import BrokerConfig
+from services.broker.rerank_stages import Diffuse, Expand, ExpandVerified, Stage, Verify
 from services.common import limits
 from services.common.errors import InvalidArgument
 from services.rerank.diffusion import DiffusionParams
@@ -14,28 +17,46 @@ from services.rerank.verify import VerifyParams
 
 @dataclass(frozen=True)
 class SearchPlan:
-    """What one search runs, after validation and defaults."""
+    """What one search runs, after validation and defaults: its rerank stages in order.
 
-    verify: VerifyParams | None
-    n_verify: int
-    diffusion: DiffusionParams | None
-    regional: bool
-    online_graph: bool  # global: build the neighbourhood graph per query despite a collection graph
-    neighbourhood: int
-    diffuse_first: bool
-    verify_global_too: bool
-    reseed_after_verify: bool
-    expand_verified: bool
-    qe: bool
-    dba: bool
-    qe_n: int
-    qe_alpha: float
-    depth: int
+    Attributes
+    ----------
+    stages : tuple of Stage
+        Run in this order by ``SearchPipeline.finish`` (each when it ``applies``).
+    depth : int
+        Candidates every stage needs from the fan-out (besides the page itself).
+    diffusion_stage : Diffuse or None
+        The request's diffusion, also when no stage runs it (``diffuse_first`` without
+        verification): results report a diffusion score and the query brings its regions.
+    """
+
+    stages: tuple[Stage, ...] = ()
+    depth: int = 0
+    diffusion_stage: Diffuse | None = None
+
+    def _first(self, kind: type) -> Any:
+        return next((s for s in self.stages if isinstance(s, kind)), None)
+
+    @property
+    def verify(self) -> VerifyParams | None:
+        """Verification parameters (None: no verification): the query needs local features."""
+        stage = self._first(Verify)
+        return stage.params if stage is not None else None
+
+    @property
+    def diffusion(self) -> DiffusionParams | None:
+        """Diffusion parameters (None: no diffusion asked)."""
+        return self.diffusion_stage.params if self.diffusion_stage is not None else None
+
+    @property
+    def regional(self) -> bool:
+        """Regional diffusion: the query needs its regional vectors."""
+        return self.diffusion_stage is not None and self.diffusion_stage.regional
 
     @property
     def need_vectors(self) -> bool:
         """The fan-out must return each hit's indexed vector (expansion, global diffusion)."""
-        return self.qe or self.dba or self.expand_verified or (self.diffusion is not None and not self.regional)
+        return any(s.needs_vectors for s in (*self.stages, *filter(None, [self.diffusion_stage])))
 
 
 def verify_params(opts: retrieval_pb2.VerifyOptions, config: BrokerConfig) -> VerifyParams | None:
@@ -60,10 +81,22 @@ def verify_params(opts: retrieval_pb2.VerifyOptions, config: BrokerConfig) -> Ve
 
 
 def build_plan(ro: retrieval_pb2.RerankOptions, config: BrokerConfig) -> SearchPlan:
-    """Validate the rerank options ``ro`` and merge them over the server defaults."""
+    """Validate the rerank options ``ro``, merge them over the server defaults and lay out the
+    stages in the order they run:
+
+    1. ``Expand`` (αQE and/or DBA) when asked;
+    2. with verification and ``diffuse_first``: ``Diffuse``, unseeded;
+    3. ``Verify`` (of the union with the global top-V when ``verify_global_too``);
+    4. ``ExpandVerified`` when ``expand_verified``;
+    5. without ``diffuse_first``: ``Diffuse`` seeded by the verified images; with it and
+       ``reseed_after_verify``: the same, only when verification found a match.
+
+    ``diffuse_first`` without verification runs no diffusion (its diffusion waits for a
+    verification that never comes), as before stages were objects; the plan still records the
+    diffusion asked (``diffusion_stage``).
+    """
     verify = verify_params(ro.verify, config)
-    diffusion, regional, neighbourhood = None, False, 0
-    online_graph = False
+    diffuse: Diffuse | None = None
     if ro.diffuse.enabled:
         d = ro.diffuse
         if d.neighbourhood < 0 or d.neighbourhood > config.max_neighbourhood:
@@ -73,43 +106,43 @@ def build_plan(ro: retrieval_pb2.RerankOptions, config: BrokerConfig) -> SearchP
             limits.check_finite_range(d.alpha, "rerank.diffuse.alpha", 0.0, 1.0, lo_open=True, hi_open=True)
         if d.gamma:
             limits.check_finite_range(d.gamma, "rerank.diffuse.gamma", 0.0, limits.MAX_DIFFUSION_GAMMA, lo_open=True)
-        regional = d.regional
-        online_graph = d.online_graph
-        base = config.regional_diffusion if regional else config.diffusion
+        base = config.regional_diffusion if d.regional else config.diffusion
         changes = {name: getattr(d, name) for name in ("k", "alpha", "gamma") if getattr(d, name)}
         try:
-            diffusion = replace(base, **changes)
+            params = replace(base, **changes)
         except ValueError as exc:
             raise InvalidArgument(f"rerank.diffuse: {exc}") from None
-        neighbourhood = d.neighbourhood or (config.regional_neighbourhood if regional else config.neighbourhood)
+        neighbourhood = d.neighbourhood or (config.regional_neighbourhood if d.regional else config.neighbourhood)
+        diffuse = Diffuse(params, regional=d.regional, neighbourhood=neighbourhood, online_graph=d.online_graph)
     e = ro.expand
     limits.check_int_range(e.n, "rerank.expand.n", 0, config.max_neighbourhood)
     limits.check_finite_range(e.alpha, "rerank.expand.alpha", 0.0, limits.MAX_EXPANSION_ALPHA)
     for name in ("verify_global_too", "reseed_after_verify"):
-        if getattr(ro, name) and not (verify is not None and diffusion is not None and ro.diffuse_first):
+        if getattr(ro, name) and not (verify is not None and diffuse is not None and ro.diffuse_first):
             raise InvalidArgument(f"rerank.{name}: needs rerank.verify, rerank.diffuse and rerank.diffuse_first")
     if ro.expand_verified and verify is None:
         raise InvalidArgument("rerank.expand_verified: needs rerank.verify")
     n_verify = (ro.verify.candidates or config.verify_candidates) if verify is not None else 0
     qe_n = e.n or config.qe_n
-    depth = max(n_verify, neighbourhood, qe_n if e.query_expansion else 0, config.dba_neighbourhood if e.database_augmentation else 0)
-    return SearchPlan(
-        verify=verify,
-        n_verify=n_verify,
-        diffusion=diffusion,
-        regional=regional,
-        neighbourhood=neighbourhood,
-        online_graph=online_graph,
-        diffuse_first=ro.diffuse_first,
-        verify_global_too=ro.verify_global_too,
-        reseed_after_verify=ro.reseed_after_verify,
-        expand_verified=ro.expand_verified,
-        qe=e.query_expansion,
-        dba=e.database_augmentation,
-        qe_n=qe_n,
-        qe_alpha=e.alpha or config.qe_alpha,
-        depth=depth,
-    )
+
+    stages: list[Stage] = []
+    if e.query_expansion or e.database_augmentation:
+        stages.append(Expand(qe=e.query_expansion, dba=e.database_augmentation, n=qe_n, alpha=e.alpha or config.qe_alpha,
+                             dba_neighbourhood=config.dba_neighbourhood))
+    if verify is not None and diffuse is not None and ro.diffuse_first:
+        stages.append(diffuse)
+    if verify is not None:
+        stages.append(Verify(verify, n_verify, global_too=ro.verify_global_too))
+    if ro.expand_verified:
+        stages.append(ExpandVerified())
+    if diffuse is not None and not ro.diffuse_first:
+        stages.append(diffuse)
+    elif diffuse is not None and ro.reseed_after_verify:
+        stages.append(replace(diffuse, only_after_a_match=True))
+
+    depth = max(n_verify, diffuse.neighbourhood if diffuse is not None else 0, qe_n if e.query_expansion else 0,
+                config.dba_neighbourhood if e.database_augmentation else 0)
+    return SearchPlan(tuple(stages), depth, diffuse)
 
 
 def validate_search(request: retrieval_pb2.SearchRequest, config: BrokerConfig) -> None:

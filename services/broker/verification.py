@@ -1,4 +1,11 @@
-"""Geometric-verification stage of the broker: read candidates' local features, match, RANSAC, reorder."""
+"""Geometric-verification stage of the broker: verified candidates ranked by inliers.
+
+Where the pairs are matched and fitted is the pipeline's choice (``SearchPipeline.verify``): on
+the shards that hold the candidates (the ``Verify`` rpc, default) or here, after reading the
+candidates' local features (``verify_locally``). Both verify each pair with
+``services.common.local_candidates.verify_local`` on the same decoded features, and both rank
+with ``rank_verified``: the results are the same.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +16,20 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from loupe.tensors import from_tensor
-from loupe.v1 import types_pb2
 from services.broker.topk import Hit
-from services.rerank.verify import (
-    REFERENCE_SIDE_PX,
-    VerifyParams,
-    VerifyResult,
-    inlier_confidence,
-    rerank_by_inliers,
-    verify_candidates,
-)
+from services.common.local_candidates import CandidateLocal, verify_local
+from services.rerank.verify import VerifyParams, VerifyResult, inlier_confidence, rerank_by_inliers
+
 
 @dataclass(frozen=True)
 class VerifiedHit:
-    """A candidate after verification (``result`` is None when it was not verified)."""
+    """A candidate after verification (``result`` is None when it was not verified: no local
+    features, or its shard did not answer)."""
 
     hit: Hit
     score: float
     result: VerifyResult | None
-    candidate_points: np.ndarray | None  # (Nc, 2) keypoint xy of the candidate, for matches
+    inlier_points: np.ndarray | None  # (I, 2) x, y of the candidate's inlier keypoints, for matches
     verified: bool = False
 
 
@@ -40,55 +41,37 @@ def final_score(global_score: float, inliers: int, verified: bool) -> float:
     return float(inliers + 0.999 * (1.0 + global_score) / 2.0) if verified else float(global_score)
 
 
-@dataclass(frozen=True)
-class CandidateLocal:
-    """Stored local features of one candidate and the longest side of its image (pixels)."""
-
-    keypoints: np.ndarray  # (N, 4)
-    descriptors: np.ndarray  # (N, 40)
-    side: float
+Outcome = tuple[VerifyResult, np.ndarray]
+"""One candidate's result and its (I, 2) inlier points."""
 
 
-def candidate_locals(features: Mapping[str, types_pb2.ImageFeatures]) -> dict[str, CandidateLocal]:
-    """Stored local features of the candidates that have any (id → CandidateLocal)."""
-    return {
-        image_id: CandidateLocal(
-            from_tensor(f.local.keypoints, field="keypoints"),
-            from_tensor(f.local.descriptors, field="descriptors"),
-            float(max(f.width, f.height)) or REFERENCE_SIDE_PX,
-        )
-        for image_id, f in features.items()
-        if f.local.keypoints.shape
-    }
-
-
-async def verify_hits(
-    query: tuple[np.ndarray, np.ndarray],
-    hits: Sequence[Hit],
-    local: dict[str, CandidateLocal],
-    params: VerifyParams,
+async def verify_locally(
+    query: tuple[np.ndarray, np.ndarray], hits: Sequence[Hit], local: Mapping[str, CandidateLocal], params: VerifyParams,
     executor: Executor,
-) -> list[VerifiedHit]:
-    """Verify ``hits`` (the top-V) against the query and return them in reranked order."""
-    have = [h for h in hits if h.image_id in local]
+) -> dict[str, Outcome]:
+    """Verify the ``hits`` that have local features here, on ``executor``'s threads (id → outcome)."""
+    have = [h.image_id for h in hits if h.image_id in local]
+
+    def one(image_id: str) -> Outcome:
+        c = local[image_id]
+        result = verify_local(query, c, params)
+        return result, c.keypoints[result.inlier_pairs[:, 1], :2]
+
     loop = asyncio.get_running_loop()
-    cands = [local[h.image_id] for h in have]
-    results = await loop.run_in_executor(
-        None,
-        lambda: verify_candidates(
-            query, [(c.keypoints, c.descriptors) for c in cands], params, executor, candidate_sides=[c.side for c in cands]
-        ),
-    )
-    by_id = dict(zip((h.image_id for h in have), results))
-    inliers = np.array([by_id[h.image_id].inliers if h.image_id in by_id else 0 for h in hits])
+    outcomes = await loop.run_in_executor(None, lambda: list(executor.map(one, have)))
+    return dict(zip(have, outcomes))
+
+
+def rank_verified(hits: Sequence[Hit], outcomes: Mapping[str, Outcome], params: VerifyParams) -> list[VerifiedHit]:
+    """``hits`` (the top-V) in reranked order: verified first by inliers, then the rest by score."""
+    inliers = np.array([outcomes[h.image_id][0].inliers if h.image_id in outcomes else 0 for h in hits])
     order = rerank_by_inliers(np.array([h.score for h in hits]), inliers, params.min_inliers)
     out = []
     for i in order:
         h = hits[int(i)]
-        res = by_id.get(h.image_id)
+        res, points = outcomes.get(h.image_id, (None, None))
         verified = res is not None and res.inliers >= params.min_inliers
-        pts = local[h.image_id].keypoints[:, :2] if h.image_id in local else None
-        out.append(VerifiedHit(h, final_score(h.score, res.inliers if res else 0, verified), res, pts, verified))
+        out.append(VerifiedHit(h, final_score(h.score, res.inliers if res else 0, verified), res, points, verified))
     return out
 
 

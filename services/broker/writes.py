@@ -14,12 +14,11 @@ import asyncio
 import time
 from typing import Sequence
 
-import grpc
 import numpy as np
 
 from loupe.tensors import from_tensor, to_tensor
 from loupe.v1 import extractor_pb2, retrieval_pb2, shard_pb2, types_pb2
-from services.broker.backends import ExtractorPool, ShardClient, from_rpc_error
+from services.broker.backends import ExtractorPool, ShardClient
 from services.broker.collection_model import CollectionModel
 from services.broker.config import BrokerConfig
 from services.broker.deadlines import Deadline, PerCallBudget
@@ -67,10 +66,7 @@ class Writer:
             async with sem:
                 try:
                     req = extractor_pb2.ExtractRequest(image=rec.image, want_regional=True, want_local=self.config.index_local)
-                    try:
-                        return (await self.extractors.extract(req, deadline.remaining())).features
-                    except grpc.aio.AioRpcError as exc:
-                        raise from_rpc_error(exc, "image") from None
+                    return (await self.extractors.extract(req, deadline.remaining())).features
                 except InvalidArgument as exc:
                     raise InvalidArgument(f"images[{i}] (id {rec.id!r}): {exc}") from None
 
@@ -87,10 +83,7 @@ class Writer:
             req.records.add(id=rec.id, features=feat, metadata=dict(rec.metadata), version=version)
 
         async def write(sid: int, req: shard_pb2.ShardAddRequest) -> shard_pb2.ShardAddResponse:
-            try:
-                return await self.shards[sid].add(req, deadline.remaining())
-            except grpc.aio.AioRpcError as exc:
-                raise from_rpc_error(exc, f"shard {sid}") from None
+            return await self.shards[sid].add(req, deadline.remaining())
 
         self.collection.graph_forget([rec.id for rec in batch.images])  # replaced images leave the graph
         outcomes = await asyncio.gather(*(write(s, r) for s, r in by_shard.items()), return_exceptions=True)
@@ -127,11 +120,8 @@ class Writer:
         version = self.clock.next()
 
         async def one(sid: int, ids: list[str]) -> shard_pb2.ShardDeleteResponse:
-            try:
-                req = shard_pb2.ShardDeleteRequest(shard_id=sid, ids=ids, versions=[version] * len(ids))
-                return await self.shards[sid].delete(req, deadline.remaining())
-            except grpc.aio.AioRpcError as exc:
-                raise from_rpc_error(exc, f"shard {sid}") from None
+            req = shard_pb2.ShardDeleteRequest(shard_id=sid, ids=ids, versions=[version] * len(ids))
+            return await self.shards[sid].delete(req, deadline.remaining())
 
         results = await asyncio.gather(*(one(s, ids) for s, ids in by_shard.items()))
         self.collection.graph_forget(list(request.ids))

@@ -40,6 +40,7 @@ MAX_VECTOR_DIM = 4096
 MAX_LOCAL_FEATURES_PER_IMAGE = 2048  # extractor.local.max_keypoints is at most this (default 1000)
 MAX_LOCAL_DESCRIPTOR_DIM = 1024  # channels of a stride-16 backbone tap (<= 672) or fewer after the collection PCA
 MAX_WRITE_RECORDS = 1024  # records in one shard write (the broker sends at most broker.max_batch_images, 256)
+MAX_VERIFY_IDS = 2048  # candidates in one shard Verify call (the broker verifies at most 2 x max_verify_candidates per query)
 # batches
 MAX_DELETE_IDS = 1000
 MAX_WHITENING_SAMPLE = 1_000_000

@@ -91,6 +91,15 @@ def features_bytes(dim: int, *, want_global: bool, want_regional: bool, want_loc
     return ID_BYTES + field_bytes(n)
 
 
+def verified_candidate_bytes() -> int:
+    """One ``VerifiedCandidate`` of a shard's ``VerifyResponse``: id, inliers, a 3x3 model and, at
+    the local-feature limit, one inlier per query keypoint: two packed int32 indices (up to 5 bytes
+    each as varints) and a float32 (x, y)."""
+    inliers = limits.MAX_LOCAL_FEATURES_PER_IMAGE
+    n = ID_BYTES + 6 + field_bytes(9 * 8) + 2 * field_bytes(5 * inliers) + tensor_bytes(2 * inliers, 4)
+    return field_bytes(n)
+
+
 def vector_row_bytes(dim: int, regional: bool) -> int:
     """One image of a ``ListVectorsResponse``: id, (dim,) float32 vector and, when asked, its
     regional vectors as float32 rows and their count."""

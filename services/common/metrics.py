@@ -112,6 +112,7 @@ class ShardMetrics:
     search_seconds: Histogram
     writes: Counter
     commit_seconds: Histogram
+    verify_seconds: Histogram
 
     @classmethod
     def create(cls, shard_id: int, restarts: Callable[[], int] = lambda: 0) -> "ShardMetrics":
@@ -133,11 +134,16 @@ class ShardMetrics:
                 "loupe_shard_commit_duration_seconds", "Seconds of one durable store commit (LMDB commit with fsync).",
                 ["shard"], buckets=COMMIT_BUCKETS, registry=r,
             ),
+            verify_seconds=Histogram(
+                "loupe_shard_verify_duration_seconds", "Seconds one shard spends on a Verify call (its candidates' matching and fitting).",
+                ["shard"], buckets=LATENCY_BUCKETS, registry=r,
+            ),
         )
 
     def __post_init__(self) -> None:
         self.search_seconds.labels(self.shard)
         self.commit_seconds.labels(self.shard)
+        self.verify_seconds.labels(self.shard)
         for op in ("add", "delete"):
             self.writes.labels(self.shard, op)
 

@@ -21,7 +21,10 @@ from services.index.store import ShardStore, StoreCorrupt
 from services.index.vector_index import IndexSettings
 from services.common import limits
 from services.common.limits import check_id
-from services.common.message_size import MessageBudget, features_bytes, info_bytes, shard_hit_bytes, vector_row_bytes, version_entry_bytes
+from services.common.local_candidates import candidate_local, params_from_proto, query_local_features, result_to_proto, verify_local
+from services.common.message_size import (
+    MessageBudget, features_bytes, info_bytes, shard_hit_bytes, vector_row_bytes, verified_candidate_bytes, version_entry_bytes,
+)
 from services.space.whitening import PCAWhitening
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,8 @@ MAX_LIST_PAGE = 65_536
 MAX_BATCH_QUERIES = 1024
 MAX_RECORDS_PAGE = 10_000  # ListVersions entries, GetRecords ids per call
 DEFAULT_MAX_SCAN = 100_000
+VERIFY_MARGIN_S = 0.05
+"""A Verify call answers this long before its deadline with the candidates verified by then."""
 
 
 class ShardServicer(shard_pb2_grpc.ShardServicer):
@@ -225,6 +230,44 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             resp.ids.append(image_id)
             resp.features.append(stored_to_features(img, global_vec=g, regional=r, local=request.want_local))
         resp.seconds = time.perf_counter() - t0
+        return resp
+
+    @grpc_errors
+    def Verify(self, request: shard_pb2.ShardVerifyRequest, context: grpc.ServicerContext) -> shard_pb2.ShardVerifyResponse:
+        t0 = time.perf_counter()
+        self._check_shard(request.shard_id)
+        if len(request.ids) > limits.MAX_VERIFY_IDS:
+            raise InvalidArgument(f"ids: {len(request.ids)} candidates, the limit is {limits.MAX_VERIFY_IDS}")
+        for i, image_id in enumerate(request.ids):
+            check_id(image_id, f"ids[{i}]")
+        self.budget.check(len(request.ids), verified_candidate_bytes(), "ids", "candidates")
+        query = query_local_features(request.query, "query")
+        params = params_from_proto(request.params)
+        # stop shortly before the caller gives up and answer with what is verified by then
+        remaining = context.time_remaining() if context is not None else None
+        stop_at = None if remaining is None else time.perf_counter() + max(0.0, min(remaining, request.timeout_s or remaining) - VERIFY_MARGIN_S)
+        resp = shard_pb2.ShardVerifyResponse()
+        spent = 0.0
+        for image_id in request.ids:
+            img = self.index.get(image_id, regional=False, local=True)
+            candidate = candidate_local(stored_to_features(img, global_vec=None, regional=None, local=True)) if img is not None else None
+            if candidate is None:
+                continue
+            if candidate.descriptors.shape[1] != query[1].shape[1]:
+                raise InvalidArgument(
+                    f"query.descriptors: {query[1].shape[1]} columns, the stored local features have {candidate.descriptors.shape[1]}"
+                )
+            if stop_at is not None and time.perf_counter() >= stop_at:
+                resp.unverified.append(image_id)
+                continue
+            t1 = time.perf_counter()
+            result = verify_local(query, candidate, params)
+            spent += time.perf_counter() - t1
+            resp.results.append(result_to_proto(image_id, result, candidate))
+        resp.verify_seconds = spent
+        resp.seconds = time.perf_counter() - t0
+        if self.metrics is not None:
+            self.metrics.verify_seconds.labels(self.metrics.shard).observe(resp.seconds)
         return resp
 
     @grpc_errors

@@ -27,7 +27,7 @@ Building the kNN graph costs O(N^2 D) and dominates for large N; callers that ke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Mapping
 
 import faiss
 import numpy as np
@@ -88,22 +88,22 @@ class DiffusionParams:
 
 
 @dataclass(frozen=True)
-class NodeDiffusion:
-    """Result of :func:`diffuse_nodes`.
+class DiffusionOutcome:
+    """Result of :func:`diffusion_rerank`.
 
     Attributes
     ----------
-    f : np.ndarray, (N,) float32
-        Diffusion score per node.
-    n_iter : int
+    scores : np.ndarray, (n_images,) float32
+        Diffusion score per image, divided by the largest (the best is 1 unless all are 0).
+    iterations : int
         Conjugate-gradient iterations used.
-    n_edges : int
-        Undirected edges in the affinity graph.
+    nodes : int
+        Graph nodes diffused over.
     """
 
-    f: np.ndarray
-    n_iter: int
-    n_edges: int
+    scores: np.ndarray
+    iterations: int
+    nodes: int
 
 
 def self_knn(X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -341,47 +341,6 @@ def _seed(query: np.ndarray, nodes: np.ndarray, kq: int, gamma: float) -> np.nda
     return y
 
 
-def diffuse_nodes(
-    query: np.ndarray,
-    nodes: np.ndarray,
-    params: DiffusionParams = DiffusionParams(),
-    affinity: sp.spmatrix | None = None,
-) -> NodeDiffusion:
-    """Diffusion scores of the graph nodes for one query (no pooling).
-
-    Parameters
-    ----------
-    query : np.ndarray, (Q, D) or (D,)
-        L2-normalised query vector(s).
-    nodes : np.ndarray, (N, D)
-        L2-normalised node vectors.
-    params : DiffusionParams
-    affinity : scipy.sparse matrix, (N, N), optional
-        A precomputed symmetric affinity over ``nodes`` (e.g. an offline graph restricted to
-        the neighbourhood); when given, no kNN graph is built and ``params.k``,
-        ``params.mutual`` are unused.
-
-    Returns
-    -------
-    NodeDiffusion
-    """
-    nodes = _as_matrix(nodes, "nodes")
-    query = _as_matrix(np.atleast_2d(query), "query")
-    _check_dims(query, nodes)
-    n = nodes.shape[0]
-    if affinity is None:
-        W = _knn_affinity(nodes, params.k, params.gamma, params.mutual)
-    elif affinity.shape != (n, n):
-        raise ValueError(f"affinity must have shape ({n}, {n}), got {affinity.shape}")
-    else:
-        W = affinity
-    S = normalise_symmetric(W)
-    y = _seed(query, nodes, params.kq, params.gamma)
-    f, n_iter = diffuse(S, y, params.alpha, params.max_iter, params.tol)
-    n_edges = (S.nnz - np.count_nonzero(S.diagonal())) // 2
-    return NodeDiffusion(f=f, n_iter=n_iter, n_edges=int(n_edges))
-
-
 def aggregate_scores(
     f: np.ndarray, node_owner: np.ndarray | None, n_images: int, how: Aggregate = "sum"
 ) -> np.ndarray:
@@ -431,35 +390,60 @@ def diffusion_rerank(
     node_owner: np.ndarray | None,
     n_images: int,
     params: DiffusionParams = DiffusionParams(),
-    affinity: sp.spmatrix | None = None,
-) -> np.ndarray:
-    """Diffusion scores of the neighbourhood's images for one query.
+    *,
+    seeds: Mapping[int, float] | None = None,
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> DiffusionOutcome:
+    """Diffuse from the query (and optional seeded images) over the neighbourhood graph.
+
+    The one diffusion entry point: the broker's diffusion stage and the benchmarks call it.
 
     Parameters
     ----------
     query : np.ndarray, (Q, D) or (D,)
-        L2-normalised query vector(s): its global vector, or its regional vectors (they jointly
-        seed ``y``; one solve whatever ``Q``).
+        L2-normalised query vector(s) in the indexed space: its global vector, or its regional
+        vectors (they jointly seed ``y``; one solve whatever ``Q``).
     nodes : np.ndarray, (N, D)
-        L2-normalised vectors of the neighbourhood: one per image (global) or several
-        (regional).
+        L2-normalised graph nodes: one per image (global) or several (regional, with
+        ``node_owner``).
     node_owner : np.ndarray of int, (N,), or None
         Image index of each node, or ``None`` when node ``i`` is image ``i``.
     n_images : int
-        Images in the neighbourhood.
+        Images in the neighbourhood, >= 1.
     params : DiffusionParams
-    affinity : scipy.sparse matrix, (N, N), optional
-        Precomputed affinity, see :func:`diffuse_nodes`.
+    seeds : mapping image index -> weight, optional
+        Images known to match (e.g. geometrically verified): their nodes join the seed ``y``
+        with ``weight`` x the query's largest seed value.
+    edges : (src (E,), dst (E,), sim (E,)), optional
+        Directed kNN edges among the nodes from the collection's offline graph
+        (``CollectionGraph.neighbourhood_lists``); None builds the kNN graph of ``nodes`` here
+        (``params.k`` neighbours, at most N - 1).
 
     Returns
     -------
-    np.ndarray, (n_images,) float32
-        Higher is better.
+    DiffusionOutcome
+        Image scores (higher is better, the best is 1), CG iterations, node count.
     """
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images}")
-    result = diffuse_nodes(query, nodes, params, affinity)
-    return aggregate_scores(result.f, node_owner, n_images, params.aggregate)
+    nodes = _as_matrix(nodes, "nodes")
+    if edges is not None:
+        W = affinity_from_edges(len(nodes), *edges, params.gamma, mutual=params.mutual)
+    else:
+        W = knn_affinity(nodes, min(params.k, max(1, len(nodes) - 1)), params.gamma, mutual=params.mutual)
+    S = normalise_symmetric(W)
+    y = query_seed(np.atleast_2d(query), nodes, params.kq, params.gamma)
+    if seeds:
+        top = float(y.max()) if y.max() > 0 else 1.0
+        owner = np.arange(len(nodes)) if node_owner is None else np.asarray(node_owner)
+        for image, weight in seeds.items():
+            y[owner == image] = np.maximum(y[owner == image], weight * top)
+    f, iterations = diffuse(S, y, params.alpha, params.max_iter, params.tol)
+    scores = aggregate_scores(f, node_owner, n_images, params.aggregate)
+    peak = float(scores.max())
+    if peak > 0:
+        scores = scores / peak
+    return DiffusionOutcome(scores.astype(np.float32), int(iterations), int(len(nodes)))
 
 
 def _check_dims(query: np.ndarray, nodes: np.ndarray) -> None:

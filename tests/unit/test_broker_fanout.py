@@ -1,4 +1,6 @@
-"""Broker fan-out/merge/deadline logic against fake shards (no network, no Ray)."""
+"""Broker fan-out/merge/deadline logic against fake shards (no network, no Ray).
+
+Shard clients raise loupe's domain errors (``services.broker.backend_errors``), so the fakes do too."""
 
 from __future__ import annotations
 
@@ -12,12 +14,13 @@ from loupe.tensors import to_tensor
 from loupe.v1 import retrieval_pb2, shard_pb2
 from services.broker.metrics import BrokerMetrics
 from services.broker.servicer import BrokerConfig, RetrievalServicer
+from services.common.errors import Unavailable
 
 
 class FakeShard:
     """Serves a fixed ranked list; can be slow or broken."""
 
-    def __init__(self, shard_id: int, items: list[tuple[str, float]], delay_s: float = 0.0, error: grpc.StatusCode | None = None):
+    def __init__(self, shard_id: int, items: list[tuple[str, float]], delay_s: float = 0.0, error: type[Exception] | None = None):
         self.shard_id, self.address = shard_id, f"fake:{shard_id}"
         self.items, self.delay_s, self.error = items, delay_s, error
         self.calls = 0
@@ -27,7 +30,7 @@ class FakeShard:
         if self.delay_s:
             await asyncio.wait_for(asyncio.sleep(self.delay_s), timeout_s)
         if self.error is not None:
-            raise grpc.aio.AioRpcError(self.error, grpc.aio.Metadata(), grpc.aio.Metadata(), details="boom")
+            raise self.error("boom")
         top = self.items[: request.top_k]
         return shard_pb2.ShardSearchResponse(ids=[i for i, _ in top], scores=[s for _, s in top])
 
@@ -98,7 +101,7 @@ def test_slow_shard_gives_partial_answer_within_the_deadline():
 
 
 def test_all_shards_failing_is_unavailable_and_counted():
-    svc = make([FakeShard(0, [], error=grpc.StatusCode.UNAVAILABLE), FakeShard(1, [], error=grpc.StatusCode.UNAVAILABLE)])
+    svc = make([FakeShard(0, [], error=Unavailable), FakeShard(1, [], error=Unavailable)])
     with pytest.raises(AbortCalled) as err:
         run(svc.Search(vector_request(k=2), FakeContext(5)))
     assert err.value.code == grpc.StatusCode.UNAVAILABLE

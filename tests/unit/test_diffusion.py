@@ -10,7 +10,6 @@ from services.rerank.diffusion import (
     DiffusionParams,
     aggregate_scores,
     diffuse,
-    diffuse_nodes,
     diffusion_rerank,
     knn_affinity,
     normalise_symmetric,
@@ -172,7 +171,7 @@ def test_diffusion_follows_the_manifold_where_cosine_does_not():
     # Plain cosine: B's start is much closer to the query than A's far end.
     assert cosine[far_a].max() < 0.3 < 0.85 < np.sort(cosine[arc_b])[-10]
 
-    scores = diffusion_rerank(q, X, None, 2 * n, DiffusionParams(k=15, kq=5))
+    scores = diffusion_rerank(q, X, None, 2 * n, DiffusionParams(k=15, kq=5)).scores
     # Diffusion: every point of A, its far end included, above every point of B.
     assert scores[far_a].min() > 0.0
     assert scores[:n].min() > scores[arc_b].max()
@@ -186,14 +185,16 @@ def test_regional_diffusion_pools_regions_into_images():
     nodes = _unit(np.repeat(centres, regions_per_image, 0) + 0.05 * rng.normal(size=(n_nodes, dim)))
     owner = np.repeat(np.arange(n_images), regions_per_image)
     query_regions = _unit(centres[[7, 7, 7]] + 0.05 * rng.normal(size=(3, dim)))
-    f = diffuse_nodes(query_regions, nodes, DiffusionParams(k=10, kq=10)).f
+    p = DiffusionParams(k=10, kq=10)
+    S = normalise_symmetric(knn_affinity(nodes, p.k, p.gamma))
+    f, _ = diffuse(S, query_seed(query_regions, nodes, p.kq, p.gamma), p.alpha, p.max_iter, p.tol)
     for how in ("sum", "max"):
         params = DiffusionParams(k=10, kq=10, aggregate=how)
-        scores = diffusion_rerank(query_regions, nodes, owner, n_images, params)
-        assert scores.shape == (n_images,)
-        assert int(np.argmax(scores)) == 7
-        pooled = [getattr(f[owner == i], how)() for i in range(n_images)]
-        np.testing.assert_allclose(scores, pooled, rtol=1e-5)
+        out = diffusion_rerank(query_regions, nodes, owner, n_images, params)
+        assert out.scores.shape == (n_images,) and out.nodes == n_nodes and out.iterations >= 1
+        assert int(np.argmax(out.scores)) == 7 and out.scores.max() == 1.0
+        pooled = np.array([getattr(f[owner == i], how)() for i in range(n_images)])
+        np.testing.assert_allclose(out.scores, pooled / pooled.max(), rtol=1e-5)
 
 
 def test_aggregate_scores_by_hand():
@@ -208,25 +209,36 @@ def test_aggregate_scores_by_hand():
         aggregate_scores(f, None, 5)
 
 
-def test_precomputed_affinity_gives_the_same_scores():
+def test_offline_edges_give_the_same_scores_as_the_graph_built_here():
     rng = np.random.default_rng(5)
     X = _unit(rng.normal(size=(100, 16)))
     q = X[0]
     params = DiffusionParams(k=10)
-    W = knn_affinity(X, params.k, params.gamma)
+    sims, ids = self_knn(X, params.k)
+    edges = (np.repeat(np.arange(100), ids.shape[1]), ids.ravel(), sims.ravel())
     np.testing.assert_array_equal(
-        diffusion_rerank(q, X, None, 100, params),
-        diffusion_rerank(q, X, None, 100, params, affinity=W),
+        diffusion_rerank(q, X, None, 100, params).scores,
+        diffusion_rerank(q, X, None, 100, params, edges=edges).scores,
     )
+
+
+def test_seeded_images_lift_their_manifold():
+    angles = np.linspace(0, 3, 30)
+    X = _circle(angles)
+    params = DiffusionParams(k=3, kq=2, alpha=0.99, gamma=1.0)
+    plain = diffusion_rerank(X[0], X, None, len(X), params)
+    seeded = diffusion_rerank(X[0], X, None, len(X), params, seeds={29: 1.0})
+    assert seeded.scores[28] > plain.scores[28]
+    assert plain.scores.max() == 1.0 and plain.iterations >= 1
 
 
 def test_rerank_input_validation():
     X = _unit(np.eye(4, 8) + 0.1)
     with pytest.raises(ValueError, match="dimension"):
-        diffuse_nodes(np.ones(7, np.float32), X)
+        diffusion_rerank(np.ones(7, np.float32), X, None, 4)
     with pytest.raises(ValueError, match="non-finite"):
-        diffuse_nodes(np.full(8, np.nan, np.float32), X)
-    with pytest.raises(ValueError, match="affinity"):
-        diffuse_nodes(X[0], X, affinity=sp.csr_matrix((3, 3)))
+        diffusion_rerank(np.full(8, np.nan, np.float32), X, None, 4)
     with pytest.raises(ValueError, match="n_images"):
         diffusion_rerank(X[0], X, None, 0)
+    with pytest.raises(ValueError, match="outside"):
+        diffusion_rerank(X[0], X, np.array([0, 1, 2, 5]), 4)

@@ -83,7 +83,7 @@ def test_broker_streams_large_collections_and_builds_small_ones_exactly(monkeypa
     def build(limit: int):
         monkeypatch.setattr(graph_build, "EXACT_LIMIT", limit)
         return asyncio.run(graph_build.build_graphs(
-            shards, lambda v: v, k=8, regional_k=8, page=400, timeout=lambda: 10.0, on_error=lambda e, s: e, run=run,
+            shards, lambda v: v, k=8, regional_k=8, page=400, timeout=lambda: 10.0, run=run,
         ))
 
     g, r, how = build(limit=1000)

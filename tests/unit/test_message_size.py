@@ -102,3 +102,14 @@ def test_the_store_counts_records_above_the_limits_and_recounts_a_store_that_pre
     again = ShardStore(str(tmp_path))
     assert again.oversized() == 1
     again.close()
+
+
+def test_verified_candidate_bound_holds_at_the_local_feature_limit():
+    n = limits.MAX_LOCAL_FEATURES_PER_IMAGE
+    big = 2**31 - 1  # the widest varint an int32 index takes (5 bytes)
+    msg = shard_pb2.VerifiedCandidate(id="x" * limits.MAX_ID_BYTES, inliers=n, model=[1e300] * 9,
+                                      query_index=[big] * n, candidate_index=[big] * n,
+                                      candidate_points=to_tensor(np.full((n, 2), 1e6, np.float32)))
+    resp = shard_pb2.ShardVerifyResponse()
+    resp.results.append(msg)
+    assert resp.ByteSize() <= message_size.verified_candidate_bytes()

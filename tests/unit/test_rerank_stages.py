@@ -1,9 +1,8 @@
 import numpy as np
 
-from services.broker.rerank_stages import dba_rescore, diffusion_scores, expand_query, order_by
+from services.broker.rerank_stages import dba_rescore, expand_query, order_by
 from services.broker.topk import Hit
 from services.broker.verification import final_score
-from services.rerank.diffusion import DiffusionParams
 
 
 def unit(x):
@@ -41,15 +40,6 @@ def test_expand_query_is_unit_norm_and_moves_towards_results():
     hits = [Hit(0.9, "a", vector=unit([0.9, 0.43, 0.0]))]
     e = expand_query(q, hits, n=1, alpha=3.0)
     assert abs(np.linalg.norm(e) - 1) < 1e-5 and e[1] > 0
-
-
-def test_verified_seed_lifts_its_manifold():
-    x = chain(30)
-    params = DiffusionParams(k=3, kq=2, alpha=0.99, gamma=1.0)
-    plain = diffusion_scores(x[0], x, None, len(x), params)
-    seeded = diffusion_scores(x[0], x, None, len(x), params, extra_seeds={29: 1.0})
-    assert seeded.scores[28] > plain.scores[28]
-    assert plain.scores.max() == 1.0 and plain.iterations >= 1
 
 
 def test_final_score_orders_verified_above_unverified():

@@ -35,6 +35,33 @@ queries (E/M/H 83.6 / 57.1 / 22.8 on the full subset): verifying the global top-
 diffused one rescues queries whose diffusion drifts away from the true matches."""
 
 
+_FIELDS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "qe": ("expand.query_expansion",),
+    "dba": ("expand.database_augmentation",),
+    "diffuse": ("diffuse.enabled",),
+    "diffuse-online": ("diffuse.online_graph", "diffuse.enabled"),  # alone: global diffusion on a per-query graph
+    "diffuse-regional": ("diffuse.enabled", "diffuse.regional"),
+    "verify": ("verify.enabled",),
+    "diffuse-first": ("diffuse.enabled", "diffuse_first"),
+    "verify-global": ("verify_global_too",),
+    "reseed": ("reseed_after_verify",),
+    "qe-verified": ("expand_verified",),
+}
+"""The boolean ``RerankOptions`` fields each stage name sets (the server orders the stages)."""
+
+_SIZES = {"verify": "verify.candidates", "diffuse": "diffuse.neighbourhood", "diffuse-regional": "diffuse.neighbourhood"}
+"""The count field of ``name:N``."""
+
+
+def _set(opts: retrieval_pb2.RerankOptions, path: str, value: object) -> None:
+    *parents, leaf = path.split(".")
+    target = opts
+    for name in parents:
+        target = getattr(target, name)
+    setattr(target, leaf, value)
+
+
 def parse_rerank(spec: str) -> retrieval_pb2.RerankOptions:
     """``"verify,diffuse"`` → RerankOptions with both stages enabled.
 
@@ -53,40 +80,14 @@ def parse_rerank(spec: str) -> retrieval_pb2.RerankOptions:
         raise ValueError("rerank: parameters without a stage (add e.g. 'diffuse-regional')")
     for item in names:
         name, _, arg = item.partition(":")
-        if name not in STAGES:
+        if name not in _FIELDS:
             raise ValueError(f"rerank: unknown stage {name!r}; known: {', '.join(STAGES)}")
-        size = 0
-        if arg:
-            if name not in ("verify", "diffuse", "diffuse-regional") or not arg.isdigit() or int(arg) < 1:
-                raise ValueError(f"rerank: {item!r}: only verify:N, diffuse:N and diffuse-regional:N take a positive count")
-            size = int(arg)
-        if name == "qe":
-            opts.expand.query_expansion = True
-        elif name == "dba":
-            opts.expand.database_augmentation = True
-        elif name == "diffuse":
-            opts.diffuse.enabled = True
-            opts.diffuse.neighbourhood = size
-        elif name == "diffuse-online":
-            opts.diffuse.online_graph = True
-            if not any(n.partition(":")[0] in ("diffuse", "diffuse-regional") for n in names):
-                opts.diffuse.enabled = True  # alone: global diffusion on a per-query graph
-        elif name == "diffuse-regional":
-            opts.diffuse.enabled = True
-            opts.diffuse.regional = True
-            opts.diffuse.neighbourhood = size
-        elif name == "verify":
-            opts.verify.enabled = True
-            opts.verify.candidates = size
-        elif name == "diffuse-first":
-            opts.diffuse.enabled = True
-            opts.diffuse_first = True
-        elif name == "verify-global":
-            opts.verify_global_too = True
-        elif name == "reseed":
-            opts.reseed_after_verify = True
-        elif name == "qe-verified":
-            opts.expand_verified = True
+        if arg and (name not in _SIZES or not arg.isdigit() or int(arg) < 1):
+            raise ValueError(f"rerank: {item!r}: only verify:N, diffuse:N and diffuse-regional:N take a positive count")
+        for path in _FIELDS[name]:
+            _set(opts, path, True)
+        if name in _SIZES:
+            _set(opts, _SIZES[name], int(arg or 0))
     for item in params:
         _set_param(opts, item)
     return opts

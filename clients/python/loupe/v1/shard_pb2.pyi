@@ -379,3 +379,69 @@ class ListIdsResponse(_message.Message):
     done: bool
     scanned_to: str
     def __init__(self, images: _Optional[_Iterable[_Union[ShardImageInfo, _Mapping]]] = ..., done: _Optional[bool] = ..., scanned_to: _Optional[str] = ...) -> None: ...
+
+class ShardVerifyParams(_message.Message):
+    __slots__ = ("matcher", "ratio", "model", "estimator", "residual_px", "max_iters", "confidence", "min_inliers", "max_scale", "max_anisotropy")
+    MATCHER_FIELD_NUMBER: _ClassVar[int]
+    RATIO_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_PX_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITERS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    MIN_INLIERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCALE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ANISOTROPY_FIELD_NUMBER: _ClassVar[int]
+    matcher: str
+    ratio: float
+    model: str
+    estimator: str
+    residual_px: float
+    max_iters: int
+    confidence: float
+    min_inliers: int
+    max_scale: float
+    max_anisotropy: float
+    def __init__(self, matcher: _Optional[str] = ..., ratio: _Optional[float] = ..., model: _Optional[str] = ..., estimator: _Optional[str] = ..., residual_px: _Optional[float] = ..., max_iters: _Optional[int] = ..., confidence: _Optional[float] = ..., min_inliers: _Optional[int] = ..., max_scale: _Optional[float] = ..., max_anisotropy: _Optional[float] = ...) -> None: ...
+
+class ShardVerifyRequest(_message.Message):
+    __slots__ = ("shard_id", "query", "ids", "params", "timeout_s")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    query: _types_pb2.LocalFeatures
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    params: ShardVerifyParams
+    timeout_s: float
+    def __init__(self, shard_id: _Optional[int] = ..., query: _Optional[_Union[_types_pb2.LocalFeatures, _Mapping]] = ..., ids: _Optional[_Iterable[str]] = ..., params: _Optional[_Union[ShardVerifyParams, _Mapping]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class VerifiedCandidate(_message.Message):
+    __slots__ = ("id", "inliers", "model", "query_index", "candidate_index", "candidate_points")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INLIERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    QUERY_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_POINTS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    inliers: int
+    model: _containers.RepeatedScalarFieldContainer[float]
+    query_index: _containers.RepeatedScalarFieldContainer[int]
+    candidate_index: _containers.RepeatedScalarFieldContainer[int]
+    candidate_points: _types_pb2.Tensor
+    def __init__(self, id: _Optional[str] = ..., inliers: _Optional[int] = ..., model: _Optional[_Iterable[float]] = ..., query_index: _Optional[_Iterable[int]] = ..., candidate_index: _Optional[_Iterable[int]] = ..., candidate_points: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class ShardVerifyResponse(_message.Message):
+    __slots__ = ("results", "unverified", "seconds", "verify_seconds")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    UNVERIFIED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[VerifiedCandidate]
+    unverified: _containers.RepeatedScalarFieldContainer[str]
+    seconds: float
+    verify_seconds: float
+    def __init__(self, results: _Optional[_Iterable[_Union[VerifiedCandidate, _Mapping]]] = ..., unverified: _Optional[_Iterable[str]] = ..., seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ...) -> None: ...

@@ -100,6 +100,11 @@ class ShardStub:
                 request_serializer=loupe_dot_v1_dot_shard__pb2.GetRecordsRequest.SerializeToString,
                 response_deserializer=loupe_dot_v1_dot_shard__pb2.GetRecordsResponse.FromString,
                 _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/loupe.v1.Shard/Verify',
+                request_serializer=loupe_dot_v1_dot_shard__pb2.ShardVerifyRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_shard__pb2.ShardVerifyResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -210,6 +215,19 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Verify(self, request, context):
+        """Geometric verification of candidates stored on this shard against one query's local
+        features: the shard matches and fits each candidate in its own process (where the features
+        live) and returns inliers, the transform and the inlier matches. The results are those of
+        services.common.local_candidates.verify_stored on the same data, bit for bit, wherever it runs.
+        Errors: INVALID_ARGUMENT naming the field (query features out of the limits or not finite,
+        descriptor width unlike the stored one, bad params, too many ids, an answer that could exceed
+        the message limit).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -277,6 +295,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.GetRecords,
                     request_deserializer=loupe_dot_v1_dot_shard__pb2.GetRecordsRequest.FromString,
                     response_serializer=loupe_dot_v1_dot_shard__pb2.GetRecordsResponse.SerializeToString,
+            ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=loupe_dot_v1_dot_shard__pb2.ShardVerifyRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_shard__pb2.ShardVerifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -631,6 +654,33 @@ class Shard:
             '/loupe.v1.Shard/GetRecords',
             loupe_dot_v1_dot_shard__pb2.GetRecordsRequest.SerializeToString,
             loupe_dot_v1_dot_shard__pb2.GetRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Shard/Verify',
+            loupe_dot_v1_dot_shard__pb2.ShardVerifyRequest.SerializeToString,
+            loupe_dot_v1_dot_shard__pb2.ShardVerifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
