@@ -23,6 +23,8 @@ from loupe.client import ImageToAdd, RetrievalClient
 from loupe.tensors import from_tensor
 from loupe.v1 import extractor_pb2, extractor_pb2_grpc, shard_pb2, shard_pb2_grpc
 
+pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the whole run (tests/conftest.py)
+
 PHOTO_SUBSET = PHOTOS[:6]
 INTERNAL_TOKEN = secrets.token_urlsafe(32)
 
@@ -177,7 +179,6 @@ def test_metrics_are_scraped_over_http(cluster, client):
 # --- rerank stages through the cluster (run before the shard-failure tests below) ----------
 from loupe.rerank_spec import parse_rerank  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the whole run (tests/conftest.py)
 
 
 def test_verification_reranks_and_explains(client):
