@@ -40,8 +40,10 @@ from services.broker.backends import GrpcShardClient  # noqa: E402
 from services.broker.catch_up import merge  # noqa: E402
 from services.broker.replicas import ReplicatedShard  # noqa: E402
 from services.broker.versions import VersionClock  # noqa: E402
+from services.common.grpc_server import ServerOptions  # noqa: E402
 
 D = 512
+CHANNEL = ServerOptions().channel_options()  # the broker's message limits (64 MiB), as its own channels have
 
 
 class ShardProcess:
@@ -81,7 +83,7 @@ def pct(xs: list[float]) -> str:
 
 
 async def shard_over(procs: list[ShardProcess], quorum: str = "majority", hedge: float = 0.1) -> ReplicatedShard:
-    shard = ReplicatedShard(0, [GrpcShardClient(0, p.address) for p in procs], quorum, hedge)
+    shard = ReplicatedShard(0, [GrpcShardClient(0, p.address, CHANNEL) for p in procs], quorum, hedge)
     await shard.check(5.0)
     return shard
 
@@ -115,7 +117,7 @@ async def fill(client: GrpcShardClient, start: int, n: int, local: int, clock: V
 async def bench_behind(tmp: str, behind: int, local: int) -> None:
     clock = VersionClock()
     a, b = ShardProcess(tempfile.mkdtemp(dir=tmp)), ShardProcess(tempfile.mkdtemp(dir=tmp))
-    ca, cb = GrpcShardClient(0, a.address), GrpcShardClient(0, b.address)
+    ca, cb = GrpcShardClient(0, a.address, CHANNEL), GrpcShardClient(0, b.address, CHANNEL)
     for c in (ca, cb):
         await fill(c, 0, 2000, local, VersionClock(now_ms=lambda: 1))  # what both hold (same versions)
     await fill(ca, 2000, behind, local, clock)  # what B missed
@@ -134,7 +136,7 @@ async def bench_behind(tmp: str, behind: int, local: int) -> None:
 
 async def bench_empty(tmp: str, images: int) -> None:
     a, b = ShardProcess(tempfile.mkdtemp(dir=tmp)), ShardProcess(tempfile.mkdtemp(dir=tmp))
-    ca, cb = GrpcShardClient(0, a.address), GrpcShardClient(0, b.address)
+    ca, cb = GrpcShardClient(0, a.address, CHANNEL), GrpcShardClient(0, b.address, CHANNEL)
     t0 = time.perf_counter()
     await fill(ca, 0, images, 0, VersionClock(), batch=1000)
     print(f"  (filled {images} images in {time.perf_counter() - t0:.0f} s)", flush=True)
@@ -153,13 +155,13 @@ async def bench_empty(tmp: str, images: int) -> None:
 
 async def bench_hung(tmp: str, queries: int, budget: float, hedge: float) -> None:
     procs = [ShardProcess(tempfile.mkdtemp(dir=tmp)) for _ in range(2)]
-    clients = [GrpcShardClient(0, p.address) for p in procs]
+    clients = [GrpcShardClient(0, p.address, CHANNEL) for p in procs]
     for c in clients:
         await fill(c, 0, 5000, 0, VersionClock(now_ms=lambda: 1))  # the same versions on both: in sync
     rng = np.random.default_rng(1)
     qs = [rng.standard_normal(D).astype(np.float32) for _ in range(queries)]
     for label, h in (("hedge", hedge), ("no hedge", 0.0)):
-        shard = ReplicatedShard(0, [GrpcShardClient(0, p.address) for p in procs], "majority", h)
+        shard = ReplicatedShard(0, [GrpcShardClient(0, p.address, CHANNEL) for p in procs], "majority", h)
         await shard.check(5.0)
         for phase in ("healthy", "B hung"):
             if phase == "B hung":

@@ -169,16 +169,21 @@ class ReplicatedShard:
         if not order:
             raise Unavailable(f"shard {self.shard_id}: no replica is in sync ({self._describe_states()})")
 
+        running: set[int] = set()
+
         def attempt(i: int) -> Callable[[float], Awaitable[R]]:
             async def run(t: float) -> R:
+                running.add(i)
                 try:
                     result = await call(self.replicas[i], t)
                 except asyncio.CancelledError:
                     raise
                 except BaseException as exc:
+                    running.discard(i)
                     if _replica_failure(exc):
                         self.states[i].suspect = True
                     raise
+                running.discard(i)
                 self.states[i].suspect = False
                 return result
             return run
@@ -190,6 +195,11 @@ class ReplicatedShard:
             return await hedged(attempts, timeout_s, self.hedge_after_s, retryable=_replica_failure)
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"shard {self.shard_id}: no replica answered within {timeout_s:.2f} s") from None
+        finally:
+            # replicas still running were outrun by one started after them (the hedge): tried last
+            # from the next read on, until they answer a call or a health check
+            for i in running:
+                self.states[i].suspect = True
 
     def _describe_states(self) -> str:
         return ", ".join(f"replica {i}: {s.state}" for i, s in enumerate(self.states))

@@ -36,7 +36,7 @@ def two_shards(tmp_path):
 
 def _merge(addresses: list[str], page: int):
     async def go():
-        a, b = (GrpcShardClient(0, addr) for addr in addresses)
+        a, b = (GrpcShardClient(0, addr, ServerOptions().channel_options()) for addr in addresses)
         try:
             return await merge(0, a, b, page=page)
         finally:
