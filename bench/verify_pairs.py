@@ -7,11 +7,10 @@ pairs and of the cross-landmark pairs, and verification time per pair (median / 
 times match + RANSAC on synthetic 1000 x 1000 40-D descriptor pairs for each robust estimator,
 sequentially and through a thread pool.
 
-``before/after`` (in the same run, candidates stored as the shards store them — int8 codes —
-and the served parameters, one thread): the float32 matcher of before (query floats x
-dequantised candidates, one product per pair) against the int8-code matcher one pair at a time
-and many candidates per product (``verify_many``, as a shard verifies), with the time split into
-matching and fitting, and every pair's inliers both ways.
+``before/after`` (in the same run, candidates decoded from int8 as the shards store them,
+one thread): the served verification before (MAGSAC up to 1000 iterations) and after
+(``BrokerConfig().verify``), the after split into matching and fitting, and every pair's
+inliers both ways.
 
 Run (threads and allocator settings belong to the benchmark, not the library)::
 
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import itertools
 import os
 import sys
@@ -45,8 +43,10 @@ from services.extractor.backbone import load_backbone  # noqa: E402
 from services.extractor.local_features import LocalConfig, LocalExtractor  # noqa: E402
 from services.space.whitening import LocalPCA  # noqa: E402
 from bench.rootsift import ROOTSIFT_RATIO, extract_rootsift  # noqa: E402
+from services.common.local_candidates import dequantised  # noqa: E402
+from services.index.store import LocalStore  # noqa: E402
 from services.rerank.verify import (  # noqa: E402
-    VerifyParams, fit_matches, match_many, quantize_descriptors, verify_candidates, verify_many, verify_pair,
+    VerifyParams, fit_matches, match_descriptors, verify_candidates, verify_many, verify_pair,
 )
 
 Features = dict[str, tuple[np.ndarray, np.ndarray]]
@@ -133,64 +133,50 @@ def _bench_synthetic(repeat: int, threads: int) -> None:
     print(f"verify_candidates, {threads} threads: {1e3 * elapsed / len(candidates):.2f} ms per candidate (throughput)")
 
 
-def _float_match(q: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """The matcher before issue 26 item 3: float32 product per pair, mutual nearest neighbours."""
-    q = np.ascontiguousarray(q, dtype=np.float32)
-    c = np.ascontiguousarray(c, dtype=np.float32)
-    sim = cv2.gemm(q, c, 1.0, None, 0.0, flags=cv2.GEMM_2_T)
-    rows = np.arange(len(q))
-    nn = sim.argmax(axis=1)
-    keep = sim[rows, nn] >= sim.max(axis=0)[nn]
-    return np.stack([rows[keep], nn[keep]], axis=1).astype(np.int32)
-
-
 def _before_after(queries: list[tuple], candidates: list[list[tuple]], label: str, repeat: int) -> None:
-    """``queries[i]`` = (kp, float desc); ``candidates[i]`` = [(kp, int8 codes, scale, side)]. Times per
-    pair (thread CPU: one core) the float32 way of before, the code matcher per pair, and per query
-    batched as a shard does; checks that the code matcher per pair and batched agree exactly."""
-    params = BrokerConfig().verify  # the served verification parameters (rerank default)
-    old = dataclasses.replace(params, max_matches=0)  # before: every match to the estimator
+    """``queries[i]`` = (kp, float desc); ``candidates[i]`` = [(kp, desc decoded from int8 as a shard
+    decodes it, side)]. Thread CPU per pair (one core) of the served verification before this
+    change (``VerifyParams(min_inliers=16)``: MAGSAC up to 1000 iterations) and after
+    (``BrokerConfig().verify``), with the after split into matching and fitting."""
+    after_params = BrokerConfig().verify
+    before_params = VerifyParams(min_inliers=16)
     n_pairs = sum(len(c) for c in candidates)
-    before, per_pair, batched, match_only = _Timer(), _Timer(), _Timer(), _Timer()
+    before, after, match_t, fit_t = _Timer(), _Timer(), _Timer(), _Timer()
     inl_before: list[int] = []
     inl_after: list[int] = []
     for r in range(repeat):
         for (q_kp, q_desc), cands in zip(queries, candidates):
             with before:
-                res_b = [fit_matches(q_kp, kp, _float_match(q_desc, codes.astype(np.float32) * scale), old, side)
-                         for kp, codes, scale, side in cands]
-            with per_pair:
-                res_p = [verify_pair(q_kp, q_desc, kp, codes, params, candidate_side=side) for kp, codes, _, side in cands]
-            with batched:
-                res_m = []
-                for g in range(0, len(cands), 8):  # as the shard: 8 candidates per product
-                    res_m += verify_many((q_kp, q_desc), [(kp, codes, side) for kp, codes, _, side in cands[g : g + 8]], params)
-            with match_only:
-                for g in range(0, len(cands), 8):
-                    match_many(q_desc, [codes for _, codes, _, _ in cands[g : g + 8]], max_matches=params.max_matches)
-            assert [x.inliers for x in res_p] == [x.inliers for x in res_m], "batched and per-pair code matching differ"
-            for a, b in zip(res_p, res_m):
-                np.testing.assert_array_equal(a.inlier_pairs, b.inlier_pairs)
+                res_b = [verify_pair(q_kp, q_desc, kp, desc, before_params, candidate_side=side) for kp, desc, side in cands]
+            with after:
+                res_a = verify_many((q_kp, q_desc), cands, after_params)
+            with match_t:
+                pairs = [match_descriptors(q_desc, desc, max_matches=after_params.max_matches) for _, desc, _ in cands]
+            with fit_t:
+                for (kp, _, side), p in zip(cands, pairs):
+                    fit_matches(q_kp, kp, p, after_params, side)
             if r == 0:
                 inl_before += [x.inliers for x in res_b]
-                inl_after += [x.inliers for x in res_m]
+                inl_after += [x.inliers for x in res_a]
 
     def per(t: _Timer) -> str:
-        return f"{1e3 * np.median(t.cpu) / (n_pairs / len(queries)):.2f} ms CPU per pair ({1e3 * np.median(t.wall) / (n_pairs / len(queries)):.2f} wall)"
+        per_query = n_pairs / len(queries)
+        return f"{1e3 * np.median(t.cpu) / per_query:.2f} ms CPU per pair ({1e3 * np.median(t.wall) / per_query:.2f} wall)"
 
     print(f"{label}: {len(queries)} queries, {n_pairs} pairs, median over queries x {repeat} repeats")
-    print(f"  before (float32 per pair): {per(before)}")
-    print(f"  int8 codes, per pair:      {per(per_pair)}")
-    print(f"  int8 codes, 8 per product: {per(batched)}  (of which matching {per(match_only)})")
+    print(f"  before ({before_params.max_iters} iterations, every match): {per(before)}")
+    print(f"  after ({after_params.max_iters} iterations, max_matches {after_params.max_matches}): {per(after)}")
+    print(f"    of which matching {per(match_t)}, fitting {per(fit_t)}")
     a, b = np.asarray(inl_before), np.asarray(inl_after)
-    verified_b, verified_a = a >= params.min_inliers, b >= params.min_inliers
-    print(f"  inliers: identical in {int((a == b).sum())}/{len(a)} pairs; verified before {int(verified_b.sum())}, after "
-          f"{int(verified_a.sum())}, both {int((verified_a & verified_b).sum())}; mean |diff| {np.abs(a - b).mean():.2f}")
+    vb, va = a >= before_params.min_inliers, b >= after_params.min_inliers
+    print(f"  inliers identical in {int((a == b).sum())}/{len(a)} pairs; verified before {int(vb.sum())}, after {int(va.sum())}, "
+          f"both {int((va & vb).sum())}")
 
 
-def _stored(desc: np.ndarray) -> tuple[np.ndarray, float]:
-    codes, scale = quantize_descriptors(desc)
-    return codes, float(np.float32(scale))
+def _stored(desc: np.ndarray) -> np.ndarray:
+    """Descriptors as a shard stores (int8) and decodes them."""
+    q = LocalStore.quantize(np.zeros((len(desc), 4)), desc)
+    return dequantised(q.descriptors, q.scale)
 
 
 def main() -> None:
@@ -234,12 +220,12 @@ def main() -> None:
     # before/after: each photo queries the 12 others, candidates as the shards store them
     names = sorted(loupe)
     queries = [loupe[n] for n in names]
-    cands = [[(loupe[m][0], *_stored(loupe[m][1]), float(max(images[m].shape[:2]))) for m in names if m != n] for n in names]
+    cands = [[(loupe[m][0], _stored(loupe[m][1]), float(max(images[m].shape[:2]))) for m in names if m != n] for n in names]
     _before_after(queries, cands, "phototourism, every photo against the 12 others", args.repeat)
     rng = np.random.default_rng(1)
     synth = [_synthetic(rng) for _ in range(40)]
     s_queries = [(synth[i][0], synth[i][1]) for i in range(0, 40, 10)]
-    s_cands = [[(p[2], *_stored(p[3]), None) for p in synth[i : i + 10]] for i in range(0, 40, 10)]
+    s_cands = [[(p[2], _stored(p[3]), None) for p in synth[i : i + 10]] for i in range(0, 40, 10)]
     _before_after(s_queries, s_cands, "synthetic 1000 x 1000 40-D", args.repeat)
 
     _evaluate("loupe + MNN + MAGSAC affine", loupe, same, cross, VerifyParams(), args.repeat)

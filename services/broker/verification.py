@@ -2,10 +2,10 @@
 
 Where the pairs are matched and fitted is the pipeline's choice (``SearchPipeline.verify``): on
 the shards that hold the candidates (the ``Verify`` rpc, default) or here, after reading the
-candidates' local features (``verify_locally``). The shard matches several candidates in one
-matrix product (``verify_locals``), the broker one pair per thread task (``verify_local``); both
-match the same stored int8 codes, whose products are exact integers, and both rank with
-``rank_verified``: the results are the same.
+candidates' local features (``verify_locally``). Both verify each pair with
+``services.rerank.verify.verify_pair`` on the same decoded features (the shard decodes them
+straight from its store, ``stored_candidate``), and both rank with ``rank_verified``: the
+results are the same.
 """
 
 from __future__ import annotations

@@ -17,26 +17,16 @@ from loupe.tensors import from_tensor, to_tensor
 from loupe.v1 import shard_pb2, types_pb2
 from services.common import limits
 from services.common.errors import InvalidArgument, Unavailable
-from services.rerank.verify import REFERENCE_SIDE_PX, VerifyParams, VerifyResult, quantize_descriptors, verify_many, verify_pair
+from services.rerank.verify import REFERENCE_SIDE_PX, VerifyParams, VerifyResult, verify_many, verify_pair
 
 
 @dataclass(frozen=True)
 class CandidateLocal:
-    """Stored local features of one candidate and the longest side of its image (pixels).
-
-    Descriptors are kept as stored, int8 codes and their scale: verification matches codes
-    (``services.rerank.verify.match_many``), so a candidate matches the same wherever it is
-    verified, from the shard's store or from a ``GetFeatures`` answer."""
+    """Stored local features of one candidate and the longest side of its image (pixels)."""
 
     keypoints: np.ndarray  # (N, 4) float32
-    codes: np.ndarray  # (N, C) int8
-    scale: float
+    descriptors: np.ndarray  # (N, C) float32, dequantised
     side: float
-
-    @property
-    def descriptors(self) -> np.ndarray:
-        """``(N, C)`` float32 dequantised descriptors (as ``loupe.tensors.from_tensor`` decodes them)."""
-        return self.codes.astype(np.float32) * self.scale
 
 
 def side_of(width: int, height: int) -> float:
@@ -44,16 +34,21 @@ def side_of(width: int, height: int) -> float:
     return float(max(width, height)) or REFERENCE_SIDE_PX
 
 
+def dequantised(codes: np.ndarray, scale: float) -> np.ndarray:
+    """``(N, C)`` int8 codes → float32 descriptors, exactly as ``loupe.tensors.from_tensor``
+    decodes an int8 ``Tensor`` whose (32-bit) scale is ``scale``."""
+    return codes.astype(np.float32) * float(np.float32(scale))
+
+
 def candidate_local(f: types_pb2.ImageFeatures) -> CandidateLocal | None:
     """A candidate's local features from its stored ``ImageFeatures`` (None when it has none)."""
     if not f.local.keypoints.shape:
         return None
-    desc = f.local.descriptors
-    if desc.dtype == types_pb2.DTYPE_INT8:
-        codes, scale = from_tensor(desc, field="descriptors", dequantize=False), desc.scale or 1.0 / 127.0
-    else:
-        codes, scale = quantize_descriptors(from_tensor(desc, field="descriptors"))
-    return CandidateLocal(from_tensor(f.local.keypoints, field="keypoints"), codes, float(scale), side_of(f.width, f.height))
+    return CandidateLocal(
+        from_tensor(f.local.keypoints, field="keypoints"),
+        from_tensor(f.local.descriptors, field="descriptors"),
+        side_of(f.width, f.height),
+    )
 
 
 def candidate_locals(features: Mapping[str, types_pb2.ImageFeatures]) -> dict[str, CandidateLocal]:
@@ -68,13 +63,12 @@ def candidate_locals(features: Mapping[str, types_pb2.ImageFeatures]) -> dict[st
 
 def verify_local(query: tuple[np.ndarray, np.ndarray], candidate: CandidateLocal, params: VerifyParams) -> VerifyResult:
     """Match and fit one candidate against the query's ``(keypoints (N, >=2), descriptors (N, C))``."""
-    return verify_pair(query[0], query[1], candidate.keypoints, candidate.codes, params, candidate_side=candidate.side)
+    return verify_pair(query[0], query[1], candidate.keypoints, candidate.descriptors, params, candidate_side=candidate.side)
 
 
 def verify_locals(query: tuple[np.ndarray, np.ndarray], candidates: list[CandidateLocal], params: VerifyParams) -> list[VerifyResult]:
-    """:func:`verify_local` of each candidate, their descriptors matched in one matrix product
-    (``services.rerank.verify.verify_many``): the same results, less time per pair."""
-    return verify_many(query, [(c.keypoints, c.codes, c.side) for c in candidates], params)
+    """:func:`verify_local` of each candidate, in the calling thread (the same results)."""
+    return verify_many(query, [(c.keypoints, c.descriptors, c.side) for c in candidates], params)
 
 
 # --- the shard Verify rpc's messages ----------------------------------------------------------

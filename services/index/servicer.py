@@ -22,12 +22,11 @@ from services.index.vector_index import IndexSettings
 from services.common import limits
 from services.common.limits import check_id
 from services.common.local_candidates import (
-    CandidateLocal, params_from_proto, query_local_features, result_to_proto, side_of, verify_locals,
+    CandidateLocal, dequantised, params_from_proto, query_local_features, result_to_proto, side_of, verify_locals,
 )
 from services.common.message_size import (
     MessageBudget, features_bytes, info_bytes, shard_hit_bytes, vector_row_bytes, verified_candidate_bytes, version_entry_bytes,
 )
-from services.rerank.verify import quantize_descriptors
 from services.space.whitening import PCAWhitening
 
 log = logging.getLogger(__name__)
@@ -40,16 +39,16 @@ DEFAULT_MAX_SCAN = 100_000
 VERIFY_MARGIN_S = 0.05
 """A Verify call answers this long before its deadline with the candidates verified by then."""
 VERIFY_GROUP = 8
-"""Candidates whose descriptors are matched in one matrix product (the deadline is checked between groups)."""
+"""Candidates verified between two looks at the deadline."""
 
 
 def stored_candidate(img: StoredImage) -> CandidateLocal | None:
-    """A stored image's local features as verification reads them: the stored int8 codes, no
-    message round trip (the same as ``candidate_local`` of what ``GetFeatures`` sends, whose
-    scale is a 32-bit float)."""
+    """A stored image's local features as verification reads them, decoded straight from the
+    store: the same arrays as ``candidate_local`` of what ``GetFeatures`` sends, without building
+    and parsing that message per candidate."""
     if img.local is None:
         return None
-    return CandidateLocal(img.local.keypoints.astype(np.float32), img.local.descriptors, float(np.float32(img.local.scale)),
+    return CandidateLocal(img.local.keypoints.astype(np.float32), dequantised(img.local.descriptors, img.local.scale),
                           side_of(img.width, img.height))
 
 
@@ -269,13 +268,11 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             candidate = stored_candidate(img) if img is not None else None
             if candidate is None:
                 continue
-            if candidate.codes.shape[1] != query[1].shape[1]:
+            if candidate.descriptors.shape[1] != query[1].shape[1]:
                 raise InvalidArgument(
-                    f"query.descriptors: {query[1].shape[1]} columns, the stored local features have {candidate.codes.shape[1]}"
+                    f"query.descriptors: {query[1].shape[1]} columns, the stored local features have {candidate.descriptors.shape[1]}"
                 )
             todo.append((image_id, candidate))
-        # quantised once for all groups (codes are what matching compares: the same matches)
-        query = (query[0], quantize_descriptors(query[1])[0])
         for start in range(0, len(todo), VERIFY_GROUP):
             group = todo[start : start + VERIFY_GROUP]
             if stop_at is not None and time.perf_counter() >= stop_at:

@@ -31,8 +31,6 @@ __all__ = [
     "VerifyParams",
     "VerifyResult",
     "match_descriptors",
-    "match_many",
-    "quantize_descriptors",
     "verify_many",
     "verify_pair",
     "fit_matches",
@@ -149,174 +147,68 @@ _NO_PAIRS = np.zeros((0, 2), dtype=np.int32)
 _UNVERIFIED = VerifyResult(0, _NO_PAIRS, None)
 
 
-def quantize_descriptors(descriptors: np.ndarray) -> tuple[np.ndarray, float]:
-    """The int8 code of ``(N, D)`` L2-normalised descriptors, as the shards store them.
-
-    The scale maps the largest magnitude present to 127 (``services.index.store.LocalStore``
-    uses the same rule), so small descriptors keep their precision.
-
-    Returns
-    -------
-    (codes (N, D) int8, scale)
-        ``descriptors ≈ codes * scale``.
-    """
-    d = np.asarray(descriptors, dtype=np.float32)
-    peak = float(np.abs(d).max()) if d.size else 1.0
-    scale = (peak if peak > 0 else 1.0) / 127.0
-    return np.clip(np.rint(d / scale), -127, 127).astype(np.int8), scale
-
-
-def _codes(descriptors: np.ndarray) -> np.ndarray:
-    """``(N, D)`` float32 array of int8 code values: int8 input is taken as the codes themselves,
-    anything else is quantised."""
-    d = np.asarray(descriptors)
-    if d.dtype == np.int8:
-        return d.astype(np.float32)
-    return quantize_descriptors(d)[0].astype(np.float32)
-
-
-def _row_norms(codes: np.ndarray) -> np.ndarray:
-    n = np.sqrt(np.einsum("ij,ij->i", codes, codes))
-    return np.where(n > 0, n, 1.0).astype(np.float32)
-
-
-def _check_pair_shapes(q: np.ndarray, c: np.ndarray) -> None:
-    if q.ndim != 2 or c.ndim != 2 or q.shape[1] != c.shape[1]:
-        raise ValueError(f"descriptors must be (Nq, D) and (Nc, D), got {q.shape} and {c.shape}")
-    if q.shape[1] > _EXACT_DIM:
-        raise ValueError(f"descriptors of dimension {q.shape[1]} > {_EXACT_DIM}: code products would not be exact in float32")
-
-
-_EXACT_DIM = (1 << 24) // (127 * 127)
-"""Largest dimension whose int8 code products sum exactly in float32 (|sum| < 2^24)."""
-
-MATCH_BLOCK_COLUMNS = 16384
-"""Candidate descriptors matched against the query in one matrix product (64 MB of similarities
-for a 1000-keypoint query): bounds the memory of :func:`match_many`."""
-
-
-def _select(sim: np.ndarray, colmax: np.ndarray, q_codes: np.ndarray, c_codes: np.ndarray, matcher: str, ratio: float,
-            limit: int) -> np.ndarray:
-    """Matches of one (query, candidate) block of exact code similarities ``(Nq, Nc)``; the
-    ``limit`` most similar (by code similarity, ties by query index) when ``limit`` > 0."""
-    nq, nc = sim.shape
-    rows = np.arange(nq)
-    if matcher == "mnn":
-        nn = sim.argmax(axis=1)
-        # mutual iff q's best is also the best of nn's column (column max is cheap, argmax not)
-        cand = np.flatnonzero(sim[rows, nn] >= colmax[nn])
-    else:
-        if nc < 2:
-            return _NO_PAIRS
-        # cosines of the codes (each code row normalised), for L2 distances between unit vectors
-        cos = sim / _row_norms(q_codes)[:, None] / _row_norms(c_codes)[None, :]
-        nn = cos.argmax(axis=1)
-        best = cos[rows, nn]
-        cos[rows, nn] = -np.inf
-        second = cos.max(axis=1)
-        # ||a - b||^2 = 2 - 2 a.b for unit vectors
-        d1 = np.sqrt(np.maximum(2.0 - 2.0 * best, 0.0))
-        d2 = np.sqrt(np.maximum(2.0 - 2.0 * second, 0.0))
-        cand = np.flatnonzero(d1 < ratio * d2)
-        # of the queries sharing a candidate keep the most similar (many-to-one matches let a
-        # collapsed, rank-1 "affine" map a whole cluster onto one point)
-        cand = cand[np.argsort(-best[cand], kind="stable")]
-    # one-to-one: code similarities are integers, so ties happen; of the queries that share a
-    # candidate the first in ``cand``'s order (lowest index for MNN) keeps it
-    _, first = np.unique(nn[cand], return_index=True)
-    keep = np.sort(cand[first])
-    if 0 < limit < len(keep):
-        keep = np.sort(keep[np.argsort(-sim[keep, nn[keep]], kind="stable")[:limit]])
-    return np.stack([keep, nn[keep]], axis=1).astype(np.int32)
-
-
-def match_many(
-    q: np.ndarray, candidates: Sequence[np.ndarray], *, matcher: str = "mnn", ratio: float = 0.9, max_matches: int = 0
-) -> list[np.ndarray]:
-    """Match one query's descriptors against many candidates' (see :func:`match_descriptors`).
-
-    Descriptors are compared by their int8 codes (int8 arrays are taken as codes, anything else is
-    quantised by :func:`quantize_descriptors`; the ratio test compares the cosines of the codes):
-    code products are integers, exact in float32 whatever the summation order, so matching many candidates in one matrix product (up to
-    :data:`MATCH_BLOCK_COLUMNS` candidate rows at a time) gives exactly the matches of one
-    product per pair.
-
-    Parameters
-    ----------
-    q : np.ndarray
-        ``(Nq, D)`` query descriptors (L2-normalised floats, or int8 codes).
-    candidates : sequence of np.ndarray
-        Per candidate ``(Nc, D)`` descriptors (floats or int8 codes).
-    matcher, ratio, max_matches
-        As for :func:`match_descriptors`.
-
-    Returns
-    -------
-    list of np.ndarray
-        Per candidate ``(M, 2)`` int32 ``[query_index, candidate_index]``, sorted by query index.
-    """
-    if matcher not in _MATCHERS:
-        raise ValueError(f"matcher must be one of {_MATCHERS}, got {matcher!r}")
-    qc = _codes(q)
-    codes = []
-    for c in candidates:
-        cc = _codes(c)
-        _check_pair_shapes(qc, cc)
-        codes.append(cc)
-    out: list[np.ndarray] = [_NO_PAIRS] * len(codes)
-    if len(qc) == 0:
-        return out
-    start = 0
-    while start < len(codes):
-        stop, cols = start, 0
-        while stop < len(codes) and (stop == start or cols + len(codes[stop]) <= MATCH_BLOCK_COLUMNS):
-            cols += len(codes[stop])
-            stop += 1
-        block = [codes[i] for i in range(start, stop) if len(codes[i])]
-        if block:
-            stacked = block[0] if len(block) == 1 else np.concatenate(block)
-            # cv2.gemm runs on OpenCV's thread pool, which the host process sizes (a process that
-            # verifies pairs in threads of its own should call cv2.setNumThreads(1))
-            sim = cv2.gemm(qc, stacked, 1.0, None, 0.0, flags=cv2.GEMM_2_T)  # (Nq, cols) exact integers
-            colmax = sim.max(axis=0)
-            at = 0
-            for i in range(start, stop):
-                n = len(codes[i])
-                if n:
-                    out[i] = _select(sim[:, at : at + n], colmax[at : at + n], qc, codes[i], matcher, ratio, max_matches)
-                    at += n
-        start = stop
-    return out
-
-
 def match_descriptors(
     q: np.ndarray, c: np.ndarray, *, matcher: str = "mnn", ratio: float = 0.9, max_matches: int = 0
 ) -> np.ndarray:
-    """Match L2-normalised descriptors by inner product of their int8 codes.
+    """Match L2-normalised descriptors by inner product.
 
     Parameters
     ----------
     q : np.ndarray
-        ``(Nq, D)`` query descriptors, rows L2-normalised (float, quantised here by
-        :func:`quantize_descriptors`), or their int8 codes.
+        ``(Nq, D)`` query descriptors, rows L2-normalised (any float/int dtype; cast to float32).
     c : np.ndarray
-        ``(Nc, D)`` candidate descriptors, rows L2-normalised, or int8 codes (as stored).
+        ``(Nc, D)`` candidate descriptors, rows L2-normalised.
     matcher : {"mnn", "ratio"}
         ``"mnn"`` keeps pairs that are each other's nearest neighbour; ``"ratio"`` keeps each
         query's nearest neighbour when ``d1 < ratio * d2`` (L2 distances to the two nearest).
-        Both are one-to-one (ties in the integer similarities: the lowest query index, resp.
-        the most similar query, keeps a candidate).
     ratio : float
         Ratio-test threshold.
     max_matches : int
-        Keep the ``max_matches`` most similar matches (by code similarity; 0 = all).
+        Keep only the ``max_matches`` most similar matches (0 = all).
 
     Returns
     -------
     np.ndarray
         ``(M, 2)`` int32 ``[query_index, candidate_index]``, sorted by query index.
     """
-    return match_many(q, [c], matcher=matcher, ratio=ratio, max_matches=max_matches)[0]
+    if matcher not in _MATCHERS:
+        raise ValueError(f"matcher must be one of {_MATCHERS}, got {matcher!r}")
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    c = np.ascontiguousarray(c, dtype=np.float32)
+    if q.ndim != 2 or c.ndim != 2 or q.shape[1] != c.shape[1]:
+        raise ValueError(f"descriptors must be (Nq, D) and (Nc, D), got {q.shape} and {c.shape}")
+    if len(q) == 0 or len(c) == 0:
+        return _NO_PAIRS
+    # cv2.gemm runs on OpenCV's thread pool, which the host process sizes (a broker verifying
+    # pairs in its own threads should call cv2.setNumThreads(1)); numpy's matmul would go to
+    # OpenBLAS's pool, which cannot be resized at run time without an extra dependency
+    sim = cv2.gemm(q, c, 1.0, None, 0.0, flags=cv2.GEMM_2_T)
+    rows = np.arange(len(q))
+    nn = sim.argmax(axis=1)
+    best = sim[rows, nn]
+    if matcher == "mnn":
+        # mutual iff q's best is also the best in nn's column (column max is cheap, argmax not)
+        keep = best >= sim.max(axis=0)[nn]
+    else:
+        if len(c) < 2:
+            return _NO_PAIRS
+        sim[rows, nn] = -np.inf
+        second = sim.max(axis=1)
+        # ||a - b||^2 = 2 - 2 a.b for unit vectors
+        d1 = np.sqrt(np.maximum(2.0 - 2.0 * best, 0.0))
+        d2 = np.sqrt(np.maximum(2.0 - 2.0 * second, 0.0))
+        keep = d1 < ratio * d2
+        # one-to-one: of the queries sharing a candidate keep the most similar one (many-to-one
+        # matches let a collapsed, rank-1 "affine" map a whole cluster onto one point)
+        cand = np.flatnonzero(keep)
+        cand = cand[np.argsort(-best[cand], kind="stable")]
+        _, first = np.unique(nn[cand], return_index=True)
+        keep = np.zeros(len(q), dtype=bool)
+        keep[cand[first]] = True
+    kept = rows[keep]
+    if 0 < max_matches < len(kept):  # the most similar, ties by query index; back in query order
+        kept = np.sort(kept[np.argsort(-best[kept], kind="stable")[:max_matches]])
+    return np.stack([kept, nn[kept]], axis=1).astype(np.int32)
 
 
 def _fit(
@@ -449,17 +341,19 @@ def verify_many(
     candidates: Sequence[tuple[np.ndarray, np.ndarray, float | None]],
     params: VerifyParams = VerifyParams(),
 ) -> list[VerifyResult]:
-    """Verify one query against many candidates in the calling thread: the descriptors of
-    several candidates are matched in one matrix product (:func:`match_many`), then each pair
-    is fitted. The same results as :func:`verify_pair` on each pair.
+    """Verify one query against many candidates in the calling thread, one pair at a time (the
+    query cast once): the results of :func:`verify_pair` on each pair.
+
+    One matrix product for many candidates was measured and not adopted: the (Nq, sum Nc)
+    similarities leave the cache and cost more per pair than one product per pair, and a product
+    of another shape may round differently, which would change matches (BENCHMARKS.md).
 
     Parameters
     ----------
     query : (np.ndarray, np.ndarray)
         ``(keypoints (Nq, >=2), descriptors (Nq, D))``.
     candidates : sequence of (np.ndarray, np.ndarray, float or None)
-        Per candidate ``(keypoints (Nc, >=2), descriptors (Nc, D) floats or int8 codes,
-        longest side or None)``.
+        Per candidate ``(keypoints (Nc, >=2), descriptors (Nc, D), longest side or None)``.
     params : VerifyParams
 
     Returns
@@ -468,13 +362,14 @@ def verify_many(
         One per candidate, in input order.
     """
     q_kp = _checked_keypoints(query[0], query[1], "q_kp")
-    kps = []
+    q_desc = np.ascontiguousarray(query[1], dtype=np.float32)
+    out = []
     for c_kp, c_desc, side in candidates:
-        kps.append(_checked_keypoints(c_kp, c_desc, "c_kp"))
+        c_kp = _checked_keypoints(c_kp, c_desc, "c_kp")
         _check_side(side)
-    matches = match_many(query[1], [c[1] for c in candidates], matcher=params.matcher, ratio=params.ratio,
-                         max_matches=params.max_matches)
-    return [fit_matches(q_kp, kp, pairs, params, c[2]) for kp, pairs, c in zip(kps, matches, candidates)]
+        pairs = match_descriptors(q_desc, c_desc, matcher=params.matcher, ratio=params.ratio, max_matches=params.max_matches)
+        out.append(fit_matches(q_kp, c_kp, pairs, params, side))
+    return out
 
 
 def verify_candidates(
