@@ -147,6 +147,7 @@ class SearchPipeline:
                         crop=request.crop if request.HasField("crop") else None,
                         want_local=plan.verify is not None,
                         want_regional=plan.regional,
+                        query=True,
                     ),
                     deadline,
                 )
