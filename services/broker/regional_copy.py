@@ -90,6 +90,8 @@ class RegionalCopy:
         if not os.path.exists(index):
             return None
         with open(index, "rb") as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
+            if "dtype" not in z.files or str(z["dtype"]) != "float32":
+                return None  # another format (an earlier float16 copy): read from the shards until the next build
             ids, starts, counts, dim = [str(i) for i in z["ids"]], z["starts"], z["counts"], int(z["dim"])
             vectors = os.path.join(directory, str(z["vectors_file"]))
         rows = os.path.getsize(vectors) // (4 * dim) if dim else 0
@@ -149,7 +151,7 @@ class RegionalCopyWriter:
         self._file.close()
         buf = io.BytesIO()
         np.savez(buf, ids=np.array(self._ids, dtype=str), starts=starts, counts=counts, dim=np.int64(self._dim),
-                 vectors_file=np.array(self._name))
+                 vectors_file=np.array(self._name), dtype=np.array("float32"))
         index_tmp = os.path.join(self.directory, INDEX_FILE + ".tmp")
         with open(index_tmp, "wb") as f:
             f.write(buf.getvalue())

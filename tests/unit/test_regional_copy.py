@@ -68,6 +68,20 @@ def test_a_new_build_replaces_the_old_files_and_a_failed_one_leaves_them(tmp_pat
     np.testing.assert_array_equal(RegionalCopy.load(str(tmp_path)).get(["p1-0"])["p1-0"], before)
 
 
+def test_a_copy_of_another_format_is_not_read(tmp_path):
+    import io
+
+    writer = RegionalCopyWriter(str(tmp_path))
+    writer.add(["a"], [1], np.ones((1, 4), np.float32))
+    writer.finish()
+    with np.load(tmp_path / INDEX_FILE) as z:
+        fields = {k: z[k] for k in z.files if k != "dtype"}
+    buf = io.BytesIO()
+    np.savez(buf, **fields)  # as an earlier (float16) copy wrote it: no dtype
+    (tmp_path / INDEX_FILE).write_bytes(buf.getvalue())
+    assert RegionalCopy.load(str(tmp_path)) is None
+
+
 def test_writer_refuses_inconsistent_pages():
     writer = RegionalCopyWriter()
     with pytest.raises(ValueError, match="counts sum"):
