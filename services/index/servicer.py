@@ -281,7 +281,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             t1 = time.perf_counter()
             results = verify_locals(query, [c for _, c in group], params)
             spent += time.perf_counter() - t1
-            resp.results.extend(result_to_proto(image_id, r, c) for (image_id, _), r, c in zip(group, results, (c for _, c in group)))
+            resp.results.extend(result_to_proto(image_id, r, c) for (image_id, c), r in zip(group, results))
         resp.verify_seconds = spent
         resp.seconds = time.perf_counter() - t0
         if self.metrics is not None:
