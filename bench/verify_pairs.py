@@ -1,10 +1,16 @@
-"""Geometric verification benchmark: loupe DELF-style local features vs RootSIFT.
+"""Geometric verification benchmark: loupe DELF-style local features vs RootSIFT, and the
+per-pair cost before/after int8-code matching (issue 26, item 3).
 
 On ``../shared/data/phototourism_sample`` (13 photos, 4 landmarks, 7 listed same-scene pairs,
 60 cross-landmark pairs) it reports, per method: extraction images/s, inliers of the listed
 pairs and of the cross-landmark pairs, and verification time per pair (median / p99). It also
 times match + RANSAC on synthetic 1000 x 1000 40-D descriptor pairs for each robust estimator,
 sequentially and through a thread pool.
+
+``before/after`` (in the same run, candidates decoded from int8 as the shards store them,
+one thread): the served verification before (MAGSAC up to 1000 iterations) and after
+(``BrokerConfig().verify``), the after split into matching and fitting, and every pair's
+inliers both ways.
 
 Run (threads and allocator settings belong to the benchmark, not the library)::
 
@@ -31,12 +37,17 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import SHARED_DATA, machine  # noqa: E402
+from services.broker.config import BrokerConfig  # noqa: E402
 from services.common.images import decode_image  # noqa: E402
 from services.extractor.backbone import load_backbone  # noqa: E402
 from services.extractor.local_features import LocalConfig, LocalExtractor  # noqa: E402
 from services.space.whitening import LocalPCA  # noqa: E402
 from bench.rootsift import ROOTSIFT_RATIO, extract_rootsift  # noqa: E402
-from services.rerank.verify import VerifyParams, verify_candidates, verify_pair  # noqa: E402
+from services.common.local_candidates import dequantised  # noqa: E402
+from services.index.store import LocalStore  # noqa: E402
+from services.rerank.verify import (  # noqa: E402
+    VerifyParams, fit_matches, match_descriptors, verify_candidates, verify_many, verify_pair,
+)
 
 Features = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -122,6 +133,52 @@ def _bench_synthetic(repeat: int, threads: int) -> None:
     print(f"verify_candidates, {threads} threads: {1e3 * elapsed / len(candidates):.2f} ms per candidate (throughput)")
 
 
+def _before_after(queries: list[tuple], candidates: list[list[tuple]], label: str, repeat: int) -> None:
+    """``queries[i]`` = (kp, float desc); ``candidates[i]`` = [(kp, desc decoded from int8 as a shard
+    decodes it, side)]. Thread CPU per pair (one core) of the served verification before this
+    change (``VerifyParams(min_inliers=16)``: MAGSAC up to 1000 iterations) and after
+    (``BrokerConfig().verify``), with the after split into matching and fitting."""
+    after_params = BrokerConfig().verify
+    before_params = VerifyParams(min_inliers=16)
+    n_pairs = sum(len(c) for c in candidates)
+    before, after, match_t, fit_t = _Timer(), _Timer(), _Timer(), _Timer()
+    inl_before: list[int] = []
+    inl_after: list[int] = []
+    for r in range(repeat):
+        for (q_kp, q_desc), cands in zip(queries, candidates):
+            with before:
+                res_b = [verify_pair(q_kp, q_desc, kp, desc, before_params, candidate_side=side) for kp, desc, side in cands]
+            with after:
+                res_a = verify_many((q_kp, q_desc), cands, after_params)
+            with match_t:
+                pairs = [match_descriptors(q_desc, desc, max_matches=after_params.max_matches) for _, desc, _ in cands]
+            with fit_t:
+                for (kp, _, side), p in zip(cands, pairs):
+                    fit_matches(q_kp, kp, p, after_params, side)
+            if r == 0:
+                inl_before += [x.inliers for x in res_b]
+                inl_after += [x.inliers for x in res_a]
+
+    def per(t: _Timer) -> str:
+        per_query = n_pairs / len(queries)
+        return f"{1e3 * np.median(t.cpu) / per_query:.2f} ms CPU per pair ({1e3 * np.median(t.wall) / per_query:.2f} wall)"
+
+    print(f"{label}: {len(queries)} queries, {n_pairs} pairs, median over queries x {repeat} repeats")
+    print(f"  before ({before_params.max_iters} iterations, every match): {per(before)}")
+    print(f"  after ({after_params.max_iters} iterations, max_matches {after_params.max_matches}): {per(after)}")
+    print(f"    of which matching {per(match_t)}, fitting {per(fit_t)}")
+    a, b = np.asarray(inl_before), np.asarray(inl_after)
+    vb, va = a >= before_params.min_inliers, b >= after_params.min_inliers
+    print(f"  inliers identical in {int((a == b).sum())}/{len(a)} pairs; verified before {int(vb.sum())}, after {int(va.sum())}, "
+          f"both {int((va & vb).sum())}")
+
+
+def _stored(desc: np.ndarray) -> np.ndarray:
+    """Descriptors as a shard stores (int8) and decodes them."""
+    q = LocalStore.quantize(np.zeros((len(desc), 4)), desc)
+    return dequantised(q.descriptors, q.scale)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=SHARED_DATA / "phototourism_sample")
@@ -159,6 +216,17 @@ def main() -> None:
     loupe = {n: (f.keypoints, pca.apply(f.descriptors)) for n, f in local.items()}
     sift, rate = _extract_all(images, extract_rootsift)
     print(f"RootSIFT-1000: extraction {rate}")
+
+    # before/after: each photo queries the 12 others, candidates as the shards store them
+    names = sorted(loupe)
+    queries = [loupe[n] for n in names]
+    cands = [[(loupe[m][0], _stored(loupe[m][1]), float(max(images[m].shape[:2]))) for m in names if m != n] for n in names]
+    _before_after(queries, cands, "phototourism, every photo against the 12 others", args.repeat)
+    rng = np.random.default_rng(1)
+    synth = [_synthetic(rng) for _ in range(40)]
+    s_queries = [(synth[i][0], synth[i][1]) for i in range(0, 40, 10)]
+    s_cands = [[(p[2], _stored(p[3]), None) for p in synth[i : i + 10]] for i in range(0, 40, 10)]
+    _before_after(s_queries, s_cands, "synthetic 1000 x 1000 40-D", args.repeat)
 
     _evaluate("loupe + MNN + MAGSAC affine", loupe, same, cross, VerifyParams(), args.repeat)
     _evaluate("loupe + ratio 0.9 + MAGSAC affine", loupe, same, cross, VerifyParams(matcher="ratio"), args.repeat)

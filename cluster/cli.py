@@ -34,6 +34,8 @@ def _add_cluster_flags(p: argparse.ArgumentParser, *, temporary: bool) -> None:
     g.add_argument("--shard-threads", type=int, default=None, help="faiss search threads per shard (default: the CPU limit of its pod/machine shared by the shards there)")
     g.add_argument("--extractor-runtime", default=None, choices=["torch", "onnxruntime", "openvino"],
                    help="what runs the backbone in each replica (default openvino; env LOUPE_EXTRACTOR_RUNTIME)")
+    g.add_argument("--extractor-query-runtime", default=None, choices=["", "torch", "onnxruntime", "openvino"],
+                   help="what runs search queries' backbone passes (default onnxruntime: no recompiles for new sizes; '' = as --extractor-runtime)")
     g.add_argument("--extractor-batch-images", type=int, default=None,
                    help="most same-size images a replica describes in one batch (default 4; 1 = no batching)")
     g.add_argument("--extractor-batch-wait-ms", type=float, default=None,
@@ -195,6 +197,7 @@ def _cluster_config(args: argparse.Namespace, **extra: Any):
         "extractor_threads": args.extractor_threads,
         "shard_threads": args.shard_threads,
         "extractor_runtime": getattr(args, "extractor_runtime", None),
+        "extractor_query_runtime": getattr(args, "extractor_query_runtime", None),
         "extractor_batch_images": getattr(args, "extractor_batch_images", None),
         "extractor_batch_wait_ms": getattr(args, "extractor_batch_wait_ms", None),
         "data_dir": args.data_dir,

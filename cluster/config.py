@@ -68,6 +68,8 @@ class ClusterConfig:
         whatever its node has.
     extractor_runtime : {"torch", "onnxruntime", "openvino"}
         What runs the backbone in each replica (``ExtractorConfig.runtime``).
+    extractor_query_runtime : {"", "torch", "onnxruntime", "openvino"}
+        What runs search queries' backbone passes (``ExtractorConfig.query_runtime``; "" = the same).
     extractor_batch_images, extractor_batch_wait_ms : int, float
         Dynamic batching in each replica (``ExtractorConfig.batch_images`` / ``batch_wait_ms``).
     index_factory : str
@@ -144,6 +146,7 @@ class ClusterConfig:
     extractor_threads: int = 0
     shard_threads: int = 0
     extractor_runtime: str = ExtractorConfig.runtime
+    extractor_query_runtime: str = ExtractorConfig.query_runtime
     extractor_batch_images: int = ExtractorConfig.batch_images
     extractor_batch_wait_ms: float = ExtractorConfig.batch_wait_ms
     index_factory: str = "auto"
@@ -234,6 +237,7 @@ class ClusterConfig:
         return ExtractorConfig(
             weights_path=self.weights, global_config=self.global_config(), local_config=self.local_config(), attention_path=self.attention,
             regional_max_side=self.regional_max_side(), regions_per_image=self.regions_per_image, runtime=self.extractor_runtime,
+            query_runtime=self.extractor_query_runtime,
             batch_images=self.extractor_batch_images, batch_wait_ms=self.extractor_batch_wait_ms,
         )
 

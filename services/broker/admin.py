@@ -109,16 +109,25 @@ class Admin:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         k = request.k or self.config.diffusion.k
-        graph, regional, how = await build_graphs(
-            self.shards, self.collection.transform, k=k, regional_k=request.k or self.config.regional_diffusion.k,
-            page=self.config.graph_page, timeout=deadline.remaining,
-            run=lambda fn, *args: loop.run_in_executor(None, fn, *args),
-        )
-        if graph is None:
-            raise FailedPrecondition("collection: fewer than 2 images indexed, a graph needs at least 2")
+        writer = self.collection.begin_build()
+        try:
+            graph, regional, how = await build_graphs(
+                self.shards, self.collection.transform, k=k, regional_k=request.k or self.config.regional_diffusion.k,
+                page=self.config.graph_page, timeout=deadline.remaining,
+                run=lambda fn, *args: loop.run_in_executor(None, fn, *args), copy=writer,
+            )
+            if graph is None:
+                raise FailedPrecondition("collection: fewer than 2 images indexed, a graph needs at least 2")
+            copy = await loop.run_in_executor(None, writer.finish) if regional is not None else None
+            if copy is None:
+                writer.abort()
+        except BaseException:
+            writer.abort()
+            self.collection.end_build()
+            raise
         log.info("collection graphs built in %.1f s: global %s (%d images), regional %s", time.perf_counter() - t0,
                  how["global"], len(graph), how["regional"])
-        self.collection.set_graph(graph, regional)
+        self.collection.set_graph(graph, regional, copy)
         return retrieval_pb2.BuildGraphResponse(
             images=len(graph), k=graph.k, bytes=graph.nbytes + (regional.nbytes if regional else 0),
             seconds=time.perf_counter() - t0, regions=len(regional) if regional else 0,

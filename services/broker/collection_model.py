@@ -16,6 +16,8 @@ import threading
 
 import numpy as np
 
+from services.broker import regional_copy
+from services.broker.regional_copy import RegionalCopy, RegionalCopyWriter
 from services.space.whitening import LocalPCA, PCAWhitening, to_indexed_space
 from services.rerank.graph import CollectionGraph
 from services.space.regions import MAX_REGIONS_PER_IMAGE
@@ -52,11 +54,18 @@ class CollectionModel:
         graph, regional = self._read("graph.npz"), self._read("graph_regional.npz")
         self.graph: CollectionGraph | None = CollectionGraph.from_bytes(graph) if graph else None
         self.regional_graph: CollectionGraph | None = CollectionGraph.from_bytes(regional) if regional else None
+        # the regional vectors regional diffusion reads (memory-mapped; None: read from the shards)
+        self.regional_copy: RegionalCopy | None = (
+            RegionalCopy.load(directory) if directory and self.regional_graph is not None else None
+        )
         stale = self._read("graph_stale.txt").decode().split("\n")
         if self.graph is not None:
             self.graph.forget(stale)
         if self.regional_graph is not None:
             self.regional_graph.forget(region_nodes(stale))
+        if self.regional_copy is not None:
+            self.regional_copy.forget(stale)
+        self._forgotten_during_build: set[str] | None = None
 
     def _path(self, name: str = "local_pca.npz") -> str:
         return os.path.join(self.directory, name) if self.directory else ""
@@ -97,21 +106,48 @@ class CollectionModel:
             self.whitening = whitening
         self.set_graph(None)
 
-    def set_graph(self, graph: CollectionGraph | None, regional: CollectionGraph | None = None) -> None:
-        """Install (None: remove) the collection's kNN graphs (global; regional, whose node ids
-        come from :func:`region_nodes`) and persist them."""
+    def begin_build(self) -> RegionalCopyWriter:
+        """A graph build starts: images written from now on are forgotten by the graphs it
+        installs (they may have been paged before the write). Returns the writer of the build's
+        regional copy."""
         with self._lock:
-            self._write("graph_stale.txt", b"")
+            self._forgotten_during_build = set()
+        return RegionalCopyWriter(self.directory)
+
+    def end_build(self) -> None:
+        """A build ended without installing graphs."""
+        with self._lock:
+            self._forgotten_during_build = None
+
+    def set_graph(self, graph: CollectionGraph | None, regional: CollectionGraph | None = None,
+                  copy: RegionalCopy | None = None) -> None:
+        """Install (None: remove) the collection's kNN graphs (global; regional, whose node ids
+        come from :func:`region_nodes`) and the regional copy of the same build, and persist them."""
+        with self._lock:
+            written = sorted(self._forgotten_during_build or ())
+            self._forgotten_during_build = None
+            self._write("graph_stale.txt", "".join(i + "\n" for i in written).encode() if graph is not None else b"")
             self._write("graph.npz", graph.to_bytes() if graph is not None else b"")
             self._write("graph_regional.npz", regional.to_bytes() if regional is not None else b"")
-            self.graph, self.regional_graph = graph, regional
+            if copy is None:
+                regional_copy.remove(self.directory)
+            for g in (graph, copy):
+                if g is not None:
+                    g.forget(written)
+            if regional is not None:
+                regional.forget(region_nodes(written))
+            self.graph, self.regional_graph, self.regional_copy = graph, regional, copy
 
     def graph_forget(self, ids: list[str]) -> None:
         """Images replaced or deleted: the graphs stop covering them (persisted, appended)."""
         with self._lock:
+            if self._forgotten_during_build is not None:
+                self._forgotten_during_build.update(ids)
             graph = self.graph
             if graph is None:
                 return
+            if self.regional_copy is not None:
+                self.regional_copy.forget(ids)
             stale = [i for i in ids if graph.rows_of([i])[0] >= 0]
             if not stale:
                 return

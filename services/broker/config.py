@@ -93,8 +93,10 @@ class BrokerConfig:
     max_verify_candidates: int = 1000
     verify_threads: int = 2
     verify_on: str = "shards"
-    # min_inliers 16 measured best on the ROxford subset (4 → Medium 37.6, 10 → 43.1, 16 → 44.0)
-    verify: VerifyParams = VerifyParams(min_inliers=16)
+    # min_inliers 16 measured best on the ROxford subset (4 → Medium 37.6, 10 → 43.1, 16 → 44.0);
+    # MAGSAC up to 500 iterations, not 1000: on 627 ROxford query/candidate pairs the same pairs
+    # verify (one more positive) at 0.4x the fitting time (BENCHMARKS.md, "Cheaper pairs")
+    verify: VerifyParams = VerifyParams(min_inliers=16, max_iters=500)
     data_dir: str = ""
     diffusion: DiffusionParams = DiffusionParams(k=50, kq=10, alpha=0.99, gamma=3.0)
     regional_diffusion: DiffusionParams = DiffusionParams(k=50, kq=10, alpha=0.99, gamma=3.0, aggregate="max")

@@ -19,9 +19,10 @@ import numpy as np
 from loupe.tensors import from_tensor
 from loupe.v1 import shard_pb2
 from services.broker.backends import ShardClient
+from services.broker.regional_copy import RegionalCopyWriter
 from services.rerank.graph import EXACT_LIMIT, CollectionGraph, StreamingGraphBuilder
 
-PageHandler = Callable[[list[str], np.ndarray, list[str], np.ndarray], Awaitable[None]]
+PageHandler = Callable[[list[str], np.ndarray, list[str], np.ndarray, list[int]], Awaitable[None]]
 
 
 @dataclass
@@ -48,8 +49,8 @@ class _InMemory:
 async def page_all(
     shards: Sequence[ShardClient], page: int, regional: bool, timeout: Callable[[], float], on_page: PageHandler,
 ) -> None:
-    """Await ``on_page(ids (n,), vectors (n, D'), region_ids (m,), regional (m, D'))`` for every
-    page of every shard, in the indexed space (shards page concurrently)."""
+    """Await ``on_page(ids (n,), vectors (n, D'), region_ids (m,), regional (m, D'), regional
+    counts (n,))`` for every page of every shard, in the indexed space (shards page concurrently)."""
     from services.broker.collection_model import region_node
 
     async def one(shard: ShardClient) -> None:
@@ -65,7 +66,7 @@ async def page_all(
             if regional and sum(resp.regional_counts):
                 reg = from_tensor(resp.regional, field="regional")
                 reg_ids = [region_node(i, j) for i, c in zip(resp.ids, resp.regional_counts) for j in range(c)]
-            await on_page(list(resp.ids), vecs, reg_ids, reg)
+            await on_page(list(resp.ids), vecs, reg_ids, reg, list(resp.regional_counts) if regional else [])
             if resp.done:
                 return
             cursor = resp.next_cursor
@@ -119,12 +120,14 @@ async def build_graphs(
     timeout: Callable[[], float],
     run: Callable[..., Awaitable],
     train_sample: int = 100_000,
+    copy: RegionalCopyWriter | None = None,
 ) -> tuple[CollectionGraph | None, CollectionGraph | None, dict[str, str]]:
     """The collection's global and regional kNN graphs (None where fewer than 2 nodes).
 
     ``transform`` maps raw sampled vectors to the indexed space; ``run(fn, *args)`` runs CPU
-    work off the event loop. Returns the graphs and how each was built ("exact" or the IVF-PQ
-    factory string).
+    work off the event loop; ``copy`` (optional) receives every page's regional vectors as they
+    pass (the broker's regional copy, ``services.broker.regional_copy``). Returns the graphs and
+    how each was built ("exact" or the IVF-PQ factory string).
     """
     stats = await asyncio.gather(*(s.stats(timeout()) for s in shards))
     images = sum(s.images for s in stats)
@@ -142,11 +145,13 @@ async def build_graphs(
 
     lock = asyncio.Lock()  # pages of several shards arrive together; builders take one at a time
 
-    def collect(ids: list[str], vecs: np.ndarray, reg_ids: list[str], reg: np.ndarray) -> None:
+    def collect(ids: list[str], vecs: np.ndarray, reg_ids: list[str], reg: np.ndarray, counts: list[int]) -> None:
         builders["global"].add(ids, vecs)
         builders["regional"].add(reg_ids, reg)
+        if copy is not None and counts:
+            copy.add(ids, counts, reg)
 
-    def search(ids: list[str], vecs: np.ndarray, reg_ids: list[str], reg: np.ndarray) -> None:
+    def search(ids: list[str], vecs: np.ndarray, reg_ids: list[str], reg: np.ndarray, counts: list[int]) -> None:
         if streamed["global"] and ids:
             builders["global"].search(ids, vecs)
         if streamed["regional"] and reg_ids:

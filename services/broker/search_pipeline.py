@@ -147,6 +147,7 @@ class SearchPipeline:
                         crop=request.crop if request.HasField("crop") else None,
                         want_local=plan.verify is not None,
                         want_regional=plan.regional,
+                        query=True,
                     ),
                     deadline,
                 )
@@ -348,13 +349,20 @@ class SearchPipeline:
         }
 
     async def regional_nodes(self, hits: list[Hit], deadline: Budget) -> list[tuple[int, np.ndarray]]:
-        """Whitened ``(R_i, D')`` regional vectors of ``hits``, with the position of their image in ``hits``."""
-        features = await self.get_features(hits, deadline, want_regional=True)
-        return [
-            (i, from_tensor(features[h.image_id].regional, field="regional").astype(np.float32))
-            for i, h in enumerate(hits)
-            if h.image_id in features and features[h.image_id].regional.shape
-        ]
+        """Whitened ``(R_i, D')`` regional vectors of ``hits``, with the position of their image in ``hits``.
+
+        From the broker's regional copy (``services.broker.regional_copy``) where it holds the
+        image, else read from its shard (images written since the last graph build): the same
+        float16 values either way."""
+        copy = self.collection.regional_copy
+        held = copy.get([h.image_id for h in hits]) if copy is not None else {}
+        rest = [h for h in hits if h.image_id not in held]
+        if rest:
+            features = await self.get_features(rest, deadline, want_regional=True)
+            for image_id, f in features.items():
+                if f.regional.shape:
+                    held[image_id] = from_tensor(f.regional, field="regional").astype(np.float32)
+        return [(i, held[h.image_id]) for i, h in enumerate(hits) if h.image_id in held and len(held[h.image_id])]
 
     async def verify(self, query_local: tuple[np.ndarray, np.ndarray], hits: list[Hit], params: VerifyParams,
                      deadline: Budget) -> list[VerifiedHit]:

@@ -3,8 +3,9 @@
 Where the pairs are matched and fitted is the pipeline's choice (``SearchPipeline.verify``): on
 the shards that hold the candidates (the ``Verify`` rpc, default) or here, after reading the
 candidates' local features (``verify_locally``). Both verify each pair with
-``services.common.local_candidates.verify_local`` on the same decoded features, and both rank
-with ``rank_verified``: the results are the same.
+``services.rerank.verify.verify_pair`` on the same decoded features (the shard decodes them
+straight from its store, ``stored_candidate``), and both rank with ``rank_verified``: the
+results are the same.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from loupe.tensors import from_tensor, to_tensor
 from loupe.v1 import shard_pb2, types_pb2
 from services.common import limits
 from services.common.errors import InvalidArgument, Unavailable
-from services.rerank.verify import REFERENCE_SIDE_PX, VerifyParams, VerifyResult, verify_pair
+from services.rerank.verify import REFERENCE_SIDE_PX, VerifyParams, VerifyResult, verify_many, verify_pair
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,17 @@ class CandidateLocal:
     side: float
 
 
+def side_of(width: int, height: int) -> float:
+    """Longest side of a stored image (the reference side when the record has no size)."""
+    return float(max(width, height)) or REFERENCE_SIDE_PX
+
+
+def dequantised(codes: np.ndarray, scale: float) -> np.ndarray:
+    """``(N, C)`` int8 codes → float32 descriptors, exactly as ``loupe.tensors.from_tensor``
+    decodes an int8 ``Tensor`` whose (32-bit) scale is ``scale``."""
+    return codes.astype(np.float32) * float(np.float32(scale))
+
+
 def candidate_local(f: types_pb2.ImageFeatures) -> CandidateLocal | None:
     """A candidate's local features from its stored ``ImageFeatures`` (None when it has none)."""
     if not f.local.keypoints.shape:
@@ -36,7 +47,7 @@ def candidate_local(f: types_pb2.ImageFeatures) -> CandidateLocal | None:
     return CandidateLocal(
         from_tensor(f.local.keypoints, field="keypoints"),
         from_tensor(f.local.descriptors, field="descriptors"),
-        float(max(f.width, f.height)) or REFERENCE_SIDE_PX,
+        side_of(f.width, f.height),
     )
 
 
@@ -55,10 +66,15 @@ def verify_local(query: tuple[np.ndarray, np.ndarray], candidate: CandidateLocal
     return verify_pair(query[0], query[1], candidate.keypoints, candidate.descriptors, params, candidate_side=candidate.side)
 
 
+def verify_locals(query: tuple[np.ndarray, np.ndarray], candidates: list[CandidateLocal], params: VerifyParams) -> list[VerifyResult]:
+    """:func:`verify_local` of each candidate, in the calling thread (the same results)."""
+    return verify_many(query, [(c.keypoints, c.descriptors, c.side) for c in candidates], params)
+
+
 # --- the shard Verify rpc's messages ----------------------------------------------------------
 
 _PARAM_FIELDS = ("matcher", "ratio", "model", "estimator", "residual_px", "max_iters", "confidence", "min_inliers", "max_scale",
-                 "max_anisotropy")
+                 "max_anisotropy", "max_matches")
 
 
 def params_to_proto(params: VerifyParams) -> shard_pb2.ShardVerifyParams:

@@ -11,6 +11,7 @@ from services.extractor.runtime import RUNTIMES
 from services.space.regions import MAX_REGIONS_PER_IMAGE
 
 DEFAULT_RUNTIME = "openvino"
+DEFAULT_QUERY_RUNTIME = "onnxruntime"
 DEFAULT_BATCH_IMAGES = 4
 DEFAULT_BATCH_WAIT_MS = 2.0
 MAX_BATCH_IMAGES = 64
@@ -46,6 +47,11 @@ class ExtractorConfig:
     runtime : {"torch", "onnxruntime", "openvino"}
         What runs the backbone passes (``services.extractor.runtime``); descriptors match eager
         torch to float rounding. Default from BENCHMARKS.md "Extraction speed (issue 14)".
+    query_runtime : {"", "torch", "onnxruntime", "openvino"}
+        What runs the passes of search queries (``ExtractRequest.query``); "" = ``runtime``.
+        Default ONNX Runtime: a query crop is a new image size almost every time, and OpenVINO
+        recompiles its kernels for each new size (BENCHMARKS.md, "Query extraction"), ONNX
+        Runtime does not.
     runtime_cache_dir : str
         Where the exported backbone (ONNX) is cached ("" = ``~/.cache/loupe/backbones``).
     threads : int
@@ -66,6 +72,7 @@ class ExtractorConfig:
     regional_max_side: int = 1024
     regions_per_image: int = 5
     runtime: str = DEFAULT_RUNTIME
+    query_runtime: str = DEFAULT_QUERY_RUNTIME
     runtime_cache_dir: str = ""
     threads: int = 0
     batch_images: int = DEFAULT_BATCH_IMAGES
@@ -74,6 +81,8 @@ class ExtractorConfig:
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
             raise ValueError(f"extractor.runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if self.query_runtime and self.query_runtime not in RUNTIMES:
+            raise ValueError(f"extractor.query_runtime must be '' or one of {RUNTIMES}, got {self.query_runtime!r}")
         if self.threads < 0:
             raise ValueError(f"extractor.threads must be >= 0, got {self.threads}")
         if not 1 <= self.batch_images <= MAX_BATCH_IMAGES:

@@ -38,6 +38,7 @@ class Job:
     image: np.ndarray
     want_local: bool
     want_regional: bool
+    query: bool = False  # a search's query: described on the query runtime
 
 
 def crop_and_resize(image: np.ndarray, crop: types_pb2.Box | None, max_side: int) -> np.ndarray:
@@ -85,9 +86,16 @@ class Describer:
             local_config = config.local_config
         self.local_config = local_config
         self.taps = [local_config.layer, "head"]
-        self.backbone = BackboneRunner(
-            self.model, self.taps, config.runtime, threads=config.threads or torch.get_num_threads(), cache_dir=config.runtime_cache_dir
-        )
+        threads = config.threads or torch.get_num_threads()
+        self.backbone = BackboneRunner(self.model, self.taps, config.runtime, threads=threads, cache_dir=config.runtime_cache_dir)
+        # queries come in new sizes: a runtime that does not recompile per size (the same ONNX
+        # file), loaded now when the index runtime has already exported it, else on the first query
+        self._threads = threads
+        self._query_backbone: BackboneRunner | None = None
+        if not config.query_runtime or config.query_runtime == config.runtime:
+            self._query_backbone = self.backbone
+        elif config.runtime != "torch":
+            self._query_backbone = self._load_query_backbone()
         self.local_extractor = LocalExtractor(self.model, local_config, self.attention_head)
         self._model_lock = threading.Lock()
         # The working image serves every descriptor; each shrinks it further to its own max_side.
@@ -118,18 +126,33 @@ class Describer:
                 unique.append((level, taps))
         return unique
 
-    def _prefilled_passes(self, images: list[np.ndarray], plans: list[list[tuple[np.ndarray, list[str]]]]) -> list[SharedPasses]:
+    def _load_query_backbone(self) -> BackboneRunner:
+        return BackboneRunner(self.model, self.taps, self.config.query_runtime, threads=self._threads, cache_dir=self.config.runtime_cache_dir)
+
+    @property
+    def query_backbone(self) -> BackboneRunner:
+        """The runner of search queries' passes (``ExtractorConfig.query_runtime``)."""
+        if self._query_backbone is None:
+            self._query_backbone = self._load_query_backbone()  # under the model lock (describe_batch)
+        return self._query_backbone
+
+    def _runner(self, query: bool) -> BackboneRunner:
+        return self.query_backbone if query else self.backbone
+
+    def _prefilled_passes(self, images: list[np.ndarray], plans: list[list[tuple[np.ndarray, list[str]]]],
+                          query: bool = False) -> list[SharedPasses]:
         """``SharedPasses`` per image with the planned levels computed as stacked batches.
 
         All ``images`` have the same shape, so their i-th planned levels do too."""
-        passes = [SharedPasses(self.backbone, [self.local_config.layer]) for _ in images]  # type: ignore[arg-type]
+        runner = self._runner(query)
+        passes = [SharedPasses(runner, [self.local_config.layer]) for _ in images]  # type: ignore[arg-type]
         n_levels = min(len(p) for p in plans)
         for i in range(n_levels):
             if len({p[i][0].shape for p in plans}) != 1:
                 continue  # not the same plan (cannot happen for same-shape inputs; computed on demand)
             taps = list(dict.fromkeys(t for p in plans for t in p[i][1]))
             xs = [preprocess(p[i][0]) for p in plans]
-            maps = self.backbone.forward_taps(torch.cat(xs), taps)
+            maps = runner.forward_taps(torch.cat(xs), taps)
             for j, sp in enumerate(passes):
                 sp.prefill(xs[j], {t: m[j : j + 1] for t, m in maps.items()})
         return passes
@@ -139,36 +162,37 @@ class Describer:
 
         Returns one ``(vector, regional, local)`` or exception per job, in order."""
         out: list[Description | BaseException] = [RuntimeError("not described")] * len(jobs)
-        groups: dict[tuple[int, ...], list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
-            groups.setdefault(job.image.shape, []).append(i)
+            groups.setdefault((job.image.shape, job.query), []).append(i)
         with self._model_lock:
-            for idx in groups.values():
+            for (_, query), idx in groups.items():
                 passes: list[SharedPasses | None] = [None] * len(idx)
                 if len(idx) > 1:
                     try:
                         want_local = any(jobs[i].want_local for i in idx)
                         want_regional = any(jobs[i].want_regional for i in idx)
                         plans = [self.levels(jobs[i].image, want_local, want_regional) for i in idx]
-                        passes = list(self._prefilled_passes([jobs[i].image for i in idx], plans))
+                        passes = list(self._prefilled_passes([jobs[i].image for i in idx], plans, query))
                     except Exception:  # noqa: BLE001 - each image then runs (and fails) on its own
                         passes = [None] * len(idx)
                 for k, i in enumerate(idx):
                     try:
-                        out[i] = self.describe(jobs[i].image, jobs[i].want_local, jobs[i].want_regional, passes[k])
+                        out[i] = self.describe(jobs[i].image, jobs[i].want_local, jobs[i].want_regional, passes[k], query=query)
                     except Exception as exc:  # noqa: BLE001 - per image, to that image's caller
                         out[i] = exc
         return out
 
     def describe(
-        self, image: np.ndarray, want_local: bool, want_regional: bool = True, passes: SharedPasses | None = None
+        self, image: np.ndarray, want_local: bool, want_regional: bool = True, passes: SharedPasses | None = None, *, query: bool = False
     ) -> Description:
         """(D,) global and (R, D) regional descriptors (through the trained head if any; regional
         None unless ``want_regional``) and the local features (None unless ``want_local``), from
-        shared backbone passes (``SharedPasses``; ``passes`` may come prefilled by a batch)."""
+        shared backbone passes (``SharedPasses``; ``passes`` may come prefilled by a batch) on the
+        replica's runtime, or its query runtime for a search's ``query``."""
         # every pass keeps the local tap on its way; a pass runs to the head only when asked to
         if passes is None:
-            passes = SharedPasses(self.backbone, [self.local_config.layer])  # type: ignore[arg-type]
+            passes = SharedPasses(self._runner(query), [self.local_config.layer])  # type: ignore[arg-type]
         g = GlobalExtractor(passes, self.global_config).extract(image)  # type: ignore[arg-type]
         vector, regional = g.vector, g.regional if want_regional else None
         if want_regional and self.config.regional_max_side:

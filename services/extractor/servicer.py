@@ -55,7 +55,8 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
                 m.queue_wait_seconds.labels(m.replica).observe(w)
             self._batch_hist.labels(m.replica).observe(size)
 
-    def features(self, image_bytes: bytes, crop: types_pb2.Box | None, want_regional: bool, want_local: bool) -> types_pb2.ImageFeatures:
+    def features(self, image_bytes: bytes, crop: types_pb2.Box | None, want_regional: bool, want_local: bool,
+                 query: bool = False) -> types_pb2.ImageFeatures:
         """Decode, crop, resize and describe one image."""
         side = self.describer.working_side
         try:
@@ -63,7 +64,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
         except (InvalidImage, ImageTooLarge) as exc:
             raise type(exc)(f"image: {exc}") from None
         image = crop_and_resize(image, crop, side)
-        vector, regional, loc = self.batcher.submit(Job(image, want_local, want_regional))
+        vector, regional, loc = self.batcher.submit(Job(image, want_local, want_regional, query))
         out = types_pb2.ImageFeatures(width=image.shape[1], height=image.shape[0])
         out.__getattribute__("global").CopyFrom(to_tensor(vector.astype(np.float32)))
         if regional is not None:
@@ -95,7 +96,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
         if not request.image:
             raise InvalidArgument("image: empty image bytes")
         crop = request.crop if request.HasField("crop") else None
-        feats = self.features(request.image, crop, request.want_regional, request.want_local)
+        feats = self.features(request.image, crop, request.want_regional, request.want_local, request.query)
         return extractor_pb2.ExtractResponse(features=feats, seconds=time.perf_counter() - t0)
 
     @grpc_errors

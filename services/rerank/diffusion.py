@@ -203,6 +203,44 @@ def affinity_from_edges(
     w = np.maximum(np.asarray(sim, dtype=np.float32), 0.0) ** np.float32(gamma)
     keep = (src != dst) & (w > 0)
     src, dst, w = src[keep], dst[keep], w[keep]
+    pairs = _undirected_by_sparse(n, src, dst, w, mutual)
+    if pairs is None:  # a directed edge listed twice: the grouping below handles it as it always has
+        pairs = _undirected_by_sort(n, src, dst, w, mutual)
+    lo, hi, weight = pairs
+    rows, cols = np.concatenate([lo, hi]), np.concatenate([hi, lo])
+    return sp.csr_matrix((np.concatenate([weight, weight]).astype(np.float32), (rows, cols)), shape=(n, n))
+
+
+def _undirected_by_sparse(
+    n: int, src: np.ndarray, dst: np.ndarray, w: np.ndarray, mutual: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The undirected edges ``(lo, hi, weight)`` in ``lo * n + hi`` order, from sparse matrix
+    operations (several times faster than sorting the edge keys); None when a directed edge is
+    listed twice (then :func:`_undirected_by_sort` keeps its behaviour). The same arrays as
+    :func:`_undirected_by_sort` otherwise (``tests/unit/test_diffusion.py``)."""
+    if not len(w):
+        return None
+    A = sp.csr_matrix((w, (src, dst)), shape=(n, n))
+    A.sum_duplicates()  # canonical (sorted indices); merges a repeated edge, which we refuse
+    if A.nnz != len(w):
+        return None
+    B = A.T.tocsr()
+    B.sort_indices()
+    # min (mutual: both directions listed, else 0 and dropped) / max (either direction)
+    M = (A.minimum(B) if mutual else A.maximum(B)).tocoo()
+    upper = M.row < M.col
+    lo, hi, weight = M.row[upper].astype(np.int64), M.col[upper].astype(np.int64), M.data[upper]
+    key = lo * n + hi
+    if len(key) > 1 and not np.all(key[1:] > key[:-1]):  # canonical results come row-major already
+        order = np.argsort(key, kind="stable")
+        lo, hi, weight = lo[order], hi[order], weight[order]
+    return lo, hi, weight.astype(np.float32)
+
+
+def _undirected_by_sort(
+    n: int, src: np.ndarray, dst: np.ndarray, w: np.ndarray, mutual: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The undirected edges ``(lo, hi, weight)`` in ``lo * n + hi`` order, by sorting the edge keys."""
     # Undirected edge key (min, max); a pair listed in both directions appears twice.
     lo, hi = np.minimum(src, dst), np.maximum(src, dst)
     key = lo * n + hi
@@ -215,9 +253,7 @@ def affinity_from_edges(
     # min/max of the two directions keeps W exactly symmetric despite float round-off.
     weight = (np.minimum if mutual else np.maximum).reduceat(w, starts) if len(w) else w
     pick = counts >= 2 if mutual else np.ones(len(starts), dtype=bool)
-    lo, hi, weight = lo[starts][pick], hi[starts][pick], weight[pick]
-    rows, cols = np.concatenate([lo, hi]), np.concatenate([hi, lo])
-    return sp.csr_matrix((np.concatenate([weight, weight]).astype(np.float32), (rows, cols)), shape=(n, n))
+    return lo[starts][pick], hi[starts][pick], weight[pick]
 
 
 def normalise_symmetric(W: sp.spmatrix) -> sp.csr_matrix:

@@ -31,7 +31,9 @@ __all__ = [
     "VerifyParams",
     "VerifyResult",
     "match_descriptors",
+    "verify_many",
     "verify_pair",
+    "fit_matches",
     "verify_candidates",
     "rerank_by_inliers",
     "inlier_confidence",
@@ -76,6 +78,9 @@ class VerifyParams:
         Plausibility bound on the ratio of the linear part's singular values. Together with
         ``max_scale`` and "no reflection" this rejects the collapsed (near rank-1) models that
         otherwise fit chance matches of unrelated images.
+    max_matches : int
+        Matches handed to the robust estimator at most: the most similar ones (0 = all). The
+        estimator's cost grows with the matches it scores in every iteration.
     """
 
     matcher: str = "mnn"
@@ -88,6 +93,7 @@ class VerifyParams:
     min_inliers: int = 4
     max_scale: float = 8.0
     max_anisotropy: float = 4.0
+    max_matches: int = 0
 
     def __post_init__(self) -> None:
         if self.matcher not in _MATCHERS:
@@ -113,6 +119,8 @@ class VerifyParams:
             raise ValueError(f"max_scale must be >= 1, got {self.max_scale!r}")
         if not self.max_anisotropy >= 1.0:
             raise ValueError(f"max_anisotropy must be >= 1, got {self.max_anisotropy!r}")
+        if self.max_matches != 0 and self.max_matches < self.min_inliers:
+            raise ValueError(f"max_matches must be 0 (all) or >= min_inliers ({self.min_inliers}), got {self.max_matches!r}")
 
 
 @dataclass(frozen=True)
@@ -140,7 +148,7 @@ _UNVERIFIED = VerifyResult(0, _NO_PAIRS, None)
 
 
 def match_descriptors(
-    q: np.ndarray, c: np.ndarray, *, matcher: str = "mnn", ratio: float = 0.9
+    q: np.ndarray, c: np.ndarray, *, matcher: str = "mnn", ratio: float = 0.9, max_matches: int = 0
 ) -> np.ndarray:
     """Match L2-normalised descriptors by inner product.
 
@@ -155,6 +163,8 @@ def match_descriptors(
         query's nearest neighbour when ``d1 < ratio * d2`` (L2 distances to the two nearest).
     ratio : float
         Ratio-test threshold.
+    max_matches : int
+        Keep only the ``max_matches`` most similar matches (0 = all).
 
     Returns
     -------
@@ -195,7 +205,10 @@ def match_descriptors(
         _, first = np.unique(nn[cand], return_index=True)
         keep = np.zeros(len(q), dtype=bool)
         keep[cand[first]] = True
-    return np.stack([rows[keep], nn[keep]], axis=1).astype(np.int32)
+    kept = rows[keep]
+    if 0 < max_matches < len(kept):  # the most similar, ties by query index; back in query order
+        kept = np.sort(kept[np.argsort(-best[kept], kind="stable")[:max_matches]])
+    return np.stack([kept, nn[kept]], axis=1).astype(np.int32)
 
 
 def _fit(
@@ -280,15 +293,33 @@ def verify_pair(
         Inlier count, ``(I, 2)`` inlier index pairs and the model; 0 inliers and no model when
         fewer than ``params.min_inliers`` inliers were found or the model is implausible.
     """
-    q_kp = np.asarray(q_kp)
-    c_kp = np.asarray(c_kp)
-    if q_kp.ndim != 2 or q_kp.shape[1] < 2 or len(q_kp) != len(q_desc):
-        raise ValueError(f"q_kp must be (Nq, >=2) matching q_desc rows, got {q_kp.shape}")
-    if c_kp.ndim != 2 or c_kp.shape[1] < 2 or len(c_kp) != len(c_desc):
-        raise ValueError(f"c_kp must be (Nc, >=2) matching c_desc rows, got {c_kp.shape}")
-    if candidate_side is not None and not candidate_side > 0:
-        raise ValueError(f"candidate_side must be positive, got {candidate_side!r}")
-    pairs = match_descriptors(q_desc, c_desc, matcher=params.matcher, ratio=params.ratio)
+    q_kp = _checked_keypoints(q_kp, q_desc, "q_kp")
+    c_kp = _checked_keypoints(c_kp, c_desc, "c_kp")
+    _check_side(candidate_side)
+    pairs = match_descriptors(q_desc, c_desc, matcher=params.matcher, ratio=params.ratio, max_matches=params.max_matches)
+    return fit_matches(q_kp, c_kp, pairs, params, candidate_side)
+
+
+def _checked_keypoints(kp: np.ndarray, desc: np.ndarray, name: str) -> np.ndarray:
+    kp = np.asarray(kp)
+    if kp.ndim != 2 or kp.shape[1] < 2 or len(kp) != len(desc):
+        raise ValueError(f"{name} must be (N, >=2) matching its descriptors' rows, got {kp.shape}")
+    return kp
+
+
+def _check_side(side: float | None) -> None:
+    if side is not None and not side > 0:
+        raise ValueError(f"candidate_side must be positive, got {side!r}")
+
+
+def fit_matches(
+    q_kp: np.ndarray, c_kp: np.ndarray, pairs: np.ndarray, params: VerifyParams, candidate_side: float | None = None
+) -> VerifyResult:
+    """Fit ``params.model`` to matched keypoints and count its inliers (see :func:`verify_pair`).
+
+    A pair with fewer matches than ``params.min_inliers`` cannot reach the threshold and is
+    rejected before any fitting.
+    """
     if len(pairs) < params.min_inliers:
         return _UNVERIFIED
     src = np.ascontiguousarray(q_kp[pairs[:, 0], :2], dtype=np.float32)
@@ -303,6 +334,42 @@ def verify_pair(
         return _UNVERIFIED
     inlier_pairs = pairs[mask]
     return VerifyResult(len(inlier_pairs), inlier_pairs, model)
+
+
+def verify_many(
+    query: tuple[np.ndarray, np.ndarray],
+    candidates: Sequence[tuple[np.ndarray, np.ndarray, float | None]],
+    params: VerifyParams = VerifyParams(),
+) -> list[VerifyResult]:
+    """Verify one query against many candidates in the calling thread, one pair at a time (the
+    query cast once): the results of :func:`verify_pair` on each pair.
+
+    One matrix product for many candidates was measured and not adopted: the (Nq, sum Nc)
+    similarities leave the cache and cost more per pair than one product per pair, and a product
+    of another shape may round differently, which would change matches (BENCHMARKS.md).
+
+    Parameters
+    ----------
+    query : (np.ndarray, np.ndarray)
+        ``(keypoints (Nq, >=2), descriptors (Nq, D))``.
+    candidates : sequence of (np.ndarray, np.ndarray, float or None)
+        Per candidate ``(keypoints (Nc, >=2), descriptors (Nc, D), longest side or None)``.
+    params : VerifyParams
+
+    Returns
+    -------
+    list of VerifyResult
+        One per candidate, in input order.
+    """
+    q_kp = _checked_keypoints(query[0], query[1], "q_kp")
+    q_desc = np.ascontiguousarray(query[1], dtype=np.float32)
+    out = []
+    for c_kp, c_desc, side in candidates:
+        c_kp = _checked_keypoints(c_kp, c_desc, "c_kp")
+        _check_side(side)
+        pairs = match_descriptors(q_desc, c_desc, matcher=params.matcher, ratio=params.ratio, max_matches=params.max_matches)
+        out.append(fit_matches(q_kp, c_kp, pairs, params, side))
+    return out
 
 
 def verify_candidates(

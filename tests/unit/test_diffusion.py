@@ -242,3 +242,26 @@ def test_rerank_input_validation():
         diffusion_rerank(X[0], X, None, 0)
     with pytest.raises(ValueError, match="outside"):
         diffusion_rerank(X[0], X, np.array([0, 1, 2, 5]), 4)
+
+
+@pytest.mark.parametrize("mutual", [True, False])
+def test_affinity_by_sparse_operations_equals_the_key_sort(mutual: bool) -> None:
+    """The fast path gives the very arrays of the sort it replaces, so W, the diffusion and the
+    ranking are bitwise the same; a directed edge listed twice goes the old way."""
+    from services.rerank import diffusion as d
+
+    rng = np.random.default_rng(7)
+    n, k = 600, 12
+    src = np.repeat(np.arange(n), k)
+    dst = np.concatenate([rng.choice(np.delete(np.arange(n), i), k, replace=False) for i in range(n)])
+    back = rng.random(len(src)) < 0.5  # half the edges are listed both ways
+    src, dst = np.concatenate([src, dst[back]]), np.concatenate([dst, src[back]])
+    _, unique = np.unique(src * n + dst, return_index=True)
+    src, dst = src[np.sort(unique)], dst[np.sort(unique)]
+    w = rng.random(len(src)).astype(np.float32)
+    fast, slow = d._undirected_by_sparse(n, src, dst, w, mutual), d._undirected_by_sort(n, src, dst, w, mutual)
+    for a, b in zip(fast, slow):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    assert len(fast[0]) > 100
+    assert d._undirected_by_sparse(n, np.r_[src, src[:1]], np.r_[dst, dst[:1]], np.r_[w, w[:1]], mutual) is None

@@ -109,3 +109,32 @@ def test_descriptors_match_eager_on_real_photos(runtime: str, eager: Describer, 
         i0, i1 = np.array(pairs).T
         assert _cos(l0.descriptors[i0], l1.descriptors[i1]).min() >= COS_MIN, name
         np.testing.assert_allclose(l1.keypoints[i1, 3], l0.keypoints[i0, 3], rtol=1e-4)
+
+
+def test_queries_run_on_the_query_runtime_with_the_same_descriptors(cache_dir: str) -> None:
+    """Search queries (``Job.query``) go to ``query_runtime`` (ONNX Runtime: no recompiles per new
+    size), index images to ``runtime``; the descriptors agree to float rounding."""
+    from dataclasses import replace
+
+    from services.extractor.describer import Job
+
+    svc = Describer(replace(_cfg("openvino", cache_dir), query_runtime="onnxruntime"))
+    assert svc.query_backbone.runtime == "onnxruntime" and svc.backbone.runtime == "openvino"
+    calls = {"index": 0, "query": 0}
+    for kind, runner in (("index", svc.backbone), ("query", svc.query_backbone)):
+        forward = runner.forward_taps
+
+        def counting(x, taps, _forward=forward, _kind=kind):
+            calls[_kind] += 1
+            return _forward(x, taps)
+
+        runner.forward_taps = counting
+    image = data.chelsea()
+    (v0, r0, l0), (v1, r1, l1) = svc.describe_batch([Job(image, True, True), Job(image, True, True, query=True)])
+    assert calls["index"] > 0 and calls["query"] > 0
+    assert _cos(v0, v1) >= COS_MIN and _cos(r0, r1).min() >= COS_MIN
+    assert len(l0.keypoints) == len(l1.keypoints) and _cos(l0.descriptors, l1.descriptors).mean() >= COS_MIN
+    same = Describer(replace(_cfg("openvino", cache_dir), query_runtime=""))
+    assert same.query_backbone is same.backbone
+    with pytest.raises(ValueError, match="query_runtime"):
+        ExtractorConfig(query_runtime="tensorrt")

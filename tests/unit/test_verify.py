@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from services.index.store import LocalStore
 from services.rerank.verify import (
     CONFIDENCE_CENTER_INLIERS,
     VerifyParams,
@@ -14,6 +15,7 @@ from services.rerank.verify import (
     match_descriptors,
     rerank_by_inliers,
     verify_candidates,
+    verify_many,
     verify_pair,
 )
 
@@ -224,6 +226,60 @@ def test_verify_candidates_threaded_matches_sequential() -> None:
     assert counts[1] >= 180 and counts[3] >= 90 and counts[0] < 10 and counts[2] < 10
     with pytest.raises(ValueError, match="candidate_sides"):
         verify_candidates((q_kp, q_desc), candidates, candidate_sides=[1024.0])
+
+
+# -- many candidates, fewer matches ----------------------------------------------------------
+
+
+def test_max_matches_keeps_the_most_similar() -> None:
+    rng = np.random.default_rng(25)
+    q_kp, q_desc, c_kp, c_desc = _scene(rng, AFFINE)
+    every = match_descriptors(q_desc, c_desc)
+    top = match_descriptors(q_desc, c_desc, max_matches=50)
+    assert len(top) == 50 and len(every) > 50
+    sims = lambda p: (q_desc[p[:, 0]] * c_desc[p[:, 1]]).sum(axis=1)  # noqa: E731
+    assert sims(top).min() >= np.sort(sims(every))[-50]  # the 50 most similar, in query order
+    assert set(map(tuple, top)) <= set(map(tuple, every)) and np.all(np.diff(top[:, 0]) > 0)
+    with pytest.raises(ValueError, match="max_matches"):
+        VerifyParams(min_inliers=16, max_matches=10)
+
+
+def test_verify_many_equals_verify_pair() -> None:
+    rng = np.random.default_rng(24)
+    q_kp, q_desc, c_kp, c_desc = _scene(rng, AFFINE)
+    noise = (rng.uniform(0, 1024, (1000, 2)).astype(np.float32), _unit(rng.standard_normal((1000, 40))), None)
+    candidates = [noise, (c_kp, c_desc, 2048.0), (c_kp[:400], c_desc[:400], 1024.0), noise]
+    params = VerifyParams(min_inliers=16)
+    many = verify_many((q_kp, q_desc), candidates, params)
+    for got, (kp, desc, side) in zip(many, candidates):
+        expected = verify_pair(q_kp, q_desc, kp, desc, params, candidate_side=side)
+        assert got.inliers == expected.inliers
+        np.testing.assert_array_equal(got.inlier_pairs, expected.inlier_pairs)
+        np.testing.assert_array_equal(got.model if got.model is not None else [], expected.model if expected.model is not None else [])
+    assert many[1].inliers >= 150 and many[0].inliers == 0
+    with pytest.raises(ValueError, match="candidate_side"):
+        verify_many((q_kp, q_desc), [(c_kp, c_desc, 0.0)], params)
+
+
+def test_the_shard_reads_the_stored_codes_as_getfeatures_sends_them() -> None:
+    from services.common.local_candidates import candidate_local
+    from services.index.records import stored_to_features
+    from services.index.servicer import stored_candidate
+    from services.index.store import StoredImage
+
+    rng = np.random.default_rng(26)
+    kp = np.c_[rng.uniform(0, 1000, (300, 2)), np.ones((300, 2))].astype(np.float32)
+    for img in (StoredImage("a", _unit(rng.standard_normal((1, 8)))[0], None, LocalStore.quantize(kp, _unit(rng.standard_normal((300, 40)))),
+                            {}, 1024, 683),
+                StoredImage("b", _unit(rng.standard_normal((1, 8)))[0], None, None, {}, 640, 480)):
+        direct, sent = stored_candidate(img), candidate_local(stored_to_features(img, global_vec=None, regional=None, local=True))
+        if img.local is None:
+            assert direct is None and sent is None
+            continue
+        for name in ("keypoints", "descriptors"):
+            np.testing.assert_array_equal(getattr(direct, name), getattr(sent, name))
+            assert getattr(direct, name).dtype == np.float32
+        assert direct.side == sent.side == 1024.0
 
 
 # -- reranking and confidence ---------------------------------------------------------------

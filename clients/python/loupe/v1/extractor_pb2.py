@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from loupe.v1 import types_pb2 as loupe_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loupe/v1/extractor.proto\x12\x08loupe.v1\x1a\x14loupe/v1/types.proto\"g\n\x0e\x45xtractRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x1b\n\x04\x63rop\x18\x02 \x01(\x0b\x32\r.loupe.v1.Box\x12\x15\n\rwant_regional\x18\x03 \x01(\x08\x12\x12\n\nwant_local\x18\x04 \x01(\x08\"M\n\x0f\x45xtractResponse\x12)\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x17.loupe.v1.ImageFeatures\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x11\n\x0f\x44\x65scribeRequest\"w\n\x10\x44\x65scribeResponse\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\x0f\n\x07pooling\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\x0e\n\x06scales\x18\x04 \x03(\x02\x12\x10\n\x08max_side\x18\x05 \x01(\x05\x12\x11\n\tlocal_dim\x18\x06 \x01(\x05\x32\x8e\x01\n\tExtractor\x12>\n\x07\x45xtract\x12\x18.loupe.v1.ExtractRequest\x1a\x19.loupe.v1.ExtractResponse\x12\x41\n\x08\x44\x65scribe\x12\x19.loupe.v1.DescribeRequest\x1a\x1a.loupe.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loupe/v1/extractor.proto\x12\x08loupe.v1\x1a\x14loupe/v1/types.proto\"v\n\x0e\x45xtractRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x1b\n\x04\x63rop\x18\x02 \x01(\x0b\x32\r.loupe.v1.Box\x12\x15\n\rwant_regional\x18\x03 \x01(\x08\x12\x12\n\nwant_local\x18\x04 \x01(\x08\x12\r\n\x05query\x18\x05 \x01(\x08\"M\n\x0f\x45xtractResponse\x12)\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x17.loupe.v1.ImageFeatures\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x11\n\x0f\x44\x65scribeRequest\"w\n\x10\x44\x65scribeResponse\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\x0f\n\x07pooling\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\x0e\n\x06scales\x18\x04 \x03(\x02\x12\x10\n\x08max_side\x18\x05 \x01(\x05\x12\x11\n\tlocal_dim\x18\x06 \x01(\x05\x32\x8e\x01\n\tExtractor\x12>\n\x07\x45xtract\x12\x18.loupe.v1.ExtractRequest\x1a\x19.loupe.v1.ExtractResponse\x12\x41\n\x08\x44\x65scribe\x12\x19.loupe.v1.DescribeRequest\x1a\x1a.loupe.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loupe.v1.extractor_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXTRACTREQUEST']._serialized_start=60
-  _globals['_EXTRACTREQUEST']._serialized_end=163
-  _globals['_EXTRACTRESPONSE']._serialized_start=165
-  _globals['_EXTRACTRESPONSE']._serialized_end=242
-  _globals['_DESCRIBEREQUEST']._serialized_start=244
-  _globals['_DESCRIBEREQUEST']._serialized_end=261
-  _globals['_DESCRIBERESPONSE']._serialized_start=263
-  _globals['_DESCRIBERESPONSE']._serialized_end=382
-  _globals['_EXTRACTOR']._serialized_start=385
-  _globals['_EXTRACTOR']._serialized_end=527
+  _globals['_EXTRACTREQUEST']._serialized_end=178
+  _globals['_EXTRACTRESPONSE']._serialized_start=180
+  _globals['_EXTRACTRESPONSE']._serialized_end=257
+  _globals['_DESCRIBEREQUEST']._serialized_start=259
+  _globals['_DESCRIBEREQUEST']._serialized_end=276
+  _globals['_DESCRIBERESPONSE']._serialized_start=278
+  _globals['_DESCRIBERESPONSE']._serialized_end=397
+  _globals['_EXTRACTOR']._serialized_start=400
+  _globals['_EXTRACTOR']._serialized_end=542
 # @@protoc_insertion_point(module_scope)

@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExtractRequest(_message.Message):
-    __slots__ = ("image", "crop", "want_regional", "want_local")
+    __slots__ = ("image", "crop", "want_regional", "want_local", "query")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     CROP_FIELD_NUMBER: _ClassVar[int]
     WANT_REGIONAL_FIELD_NUMBER: _ClassVar[int]
     WANT_LOCAL_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     crop: _types_pb2.Box
     want_regional: bool
     want_local: bool
-    def __init__(self, image: _Optional[bytes] = ..., crop: _Optional[_Union[_types_pb2.Box, _Mapping]] = ..., want_regional: _Optional[bool] = ..., want_local: _Optional[bool] = ...) -> None: ...
+    query: bool
+    def __init__(self, image: _Optional[bytes] = ..., crop: _Optional[_Union[_types_pb2.Box, _Mapping]] = ..., want_regional: _Optional[bool] = ..., want_local: _Optional[bool] = ..., query: _Optional[bool] = ...) -> None: ...
 
 class ExtractResponse(_message.Message):
     __slots__ = ("features", "seconds")

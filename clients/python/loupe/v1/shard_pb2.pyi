@@ -381,7 +381,7 @@ class ListIdsResponse(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[ShardImageInfo, _Mapping]]] = ..., done: _Optional[bool] = ..., scanned_to: _Optional[str] = ...) -> None: ...
 
 class ShardVerifyParams(_message.Message):
-    __slots__ = ("matcher", "ratio", "model", "estimator", "residual_px", "max_iters", "confidence", "min_inliers", "max_scale", "max_anisotropy")
+    __slots__ = ("matcher", "ratio", "model", "estimator", "residual_px", "max_iters", "confidence", "min_inliers", "max_scale", "max_anisotropy", "max_matches")
     MATCHER_FIELD_NUMBER: _ClassVar[int]
     RATIO_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -392,6 +392,7 @@ class ShardVerifyParams(_message.Message):
     MIN_INLIERS_FIELD_NUMBER: _ClassVar[int]
     MAX_SCALE_FIELD_NUMBER: _ClassVar[int]
     MAX_ANISOTROPY_FIELD_NUMBER: _ClassVar[int]
+    MAX_MATCHES_FIELD_NUMBER: _ClassVar[int]
     matcher: str
     ratio: float
     model: str
@@ -402,7 +403,8 @@ class ShardVerifyParams(_message.Message):
     min_inliers: int
     max_scale: float
     max_anisotropy: float
-    def __init__(self, matcher: _Optional[str] = ..., ratio: _Optional[float] = ..., model: _Optional[str] = ..., estimator: _Optional[str] = ..., residual_px: _Optional[float] = ..., max_iters: _Optional[int] = ..., confidence: _Optional[float] = ..., min_inliers: _Optional[int] = ..., max_scale: _Optional[float] = ..., max_anisotropy: _Optional[float] = ...) -> None: ...
+    max_matches: int
+    def __init__(self, matcher: _Optional[str] = ..., ratio: _Optional[float] = ..., model: _Optional[str] = ..., estimator: _Optional[str] = ..., residual_px: _Optional[float] = ..., max_iters: _Optional[int] = ..., confidence: _Optional[float] = ..., min_inliers: _Optional[int] = ..., max_scale: _Optional[float] = ..., max_anisotropy: _Optional[float] = ..., max_matches: _Optional[int] = ...) -> None: ...
 
 class ShardVerifyRequest(_message.Message):
     __slots__ = ("shard_id", "query", "ids", "params", "timeout_s")
