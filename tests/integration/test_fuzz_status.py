@@ -1,6 +1,8 @@
 """Status-code contract under malformed input, fuzzed with hypothesis against a real cluster.
 
-Every public rpc of ``loupe.v1.Retrieval`` gets generated bad (and some good) requests:
+Every public rpc of ``loupe.v1.Retrieval`` gets generated bad (and some good) requests, and so
+does every rpc of a shard's and an extractor's internal port (sent with the valid internal token
+the broker holds: those ports check their input themselves and owe a token holder the same contract):
 structured messages with out-of-range, NaN/inf, oversized or control-character fields, and
 raw bytes that are not a valid message at all (sent through a generic channel with identity
 serializers). The contract (docs/faults.md):
@@ -32,7 +34,7 @@ from cluster.config import ClusterConfig
 from cluster.demo import encode_jpeg, load_photo
 from cluster.launcher import Cluster
 from loupe.client import ImageToAdd, RetrievalClient
-from loupe.v1 import retrieval_pb2, types_pb2
+from loupe.v1 import extractor_pb2, extractor_pb2_grpc, retrieval_pb2, shard_pb2, shard_pb2_grpc, types_pb2
 
 pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the whole run (tests/conftest.py)
 
@@ -299,6 +301,97 @@ def run_reads(env, n: int) -> None:
     _assert_serving(env)
 
 
+# --- the internal services: a shard and an extractor port, called with a valid internal token ---
+def _internal(env) -> dict:
+    """Channels to shard 0 and extractor 0 and the internal token's call metadata (what the broker
+    sends): the ports trust no caller, so a token holder's bad input gets the same contract."""
+    cluster = env["cluster"]
+    shard = ray.get(cluster.shard_actors[0].address.remote())
+    extractor = ray.get(cluster.extractor_actors[0].address.remote())
+    return {"shard": grpc.insecure_channel(shard, options=_MSG), "extractor": grpc.insecure_channel(extractor, options=_MSG),
+            "md": (("authorization", f"Bearer {cluster._internal_token}"),)}  # the token the broker holds
+
+
+_MSG = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+SHARD_METHODS = tuple(m.name for m in shard_pb2.DESCRIPTOR.services_by_name["Shard"].methods)
+EXTRACTOR_METHODS = tuple(m.name for m in extractor_pb2.DESCRIPTOR.services_by_name["Extractor"].methods)
+_unknown_id = _text.filter(lambda t: t not in ("coffee/0",))  # never delete what the other batches search for
+
+
+@st.composite
+def shard_requests(draw) -> tuple[str, object]:
+    """A structured request to one of the shard's rpcs, with bad (and some good) fields."""
+    sid = draw(st.sampled_from([0, 0, 0, 1, -1, 2**31 - 1]))
+    which = draw(st.sampled_from(["Add", "Delete", "Search", "GetFeatures", "ListVersions", "GetRecords", "ListVectors", "Verify", "GetInfo"]))
+    if which == "Add":
+        req = shard_pb2.ShardAddRequest(shard_id=sid)
+        for _ in range(draw(st.integers(0, 3))):
+            r = req.records.add(id=draw(_unknown_id), version=draw(st.integers(0, 2**64 - 1)),
+                                metadata=draw(st.dictionaries(_text, st.one_of(_text, st.just("v" * 20_000)), max_size=3)))
+            getattr(r.features, "global").CopyFrom(draw(tensors()))
+            if draw(st.booleans()):
+                r.features.regional.CopyFrom(draw(tensors()))
+            if draw(st.booleans()):
+                r.features.local.keypoints.CopyFrom(draw(tensors()))
+                r.features.local.descriptors.CopyFrom(draw(tensors()))
+        return which, req
+    if which == "Delete":
+        return which, shard_pb2.ShardDeleteRequest(shard_id=sid, ids=draw(st.lists(_unknown_id, max_size=4)),
+                                                   versions=draw(st.lists(st.integers(0, 2**64 - 1), max_size=3)))
+    if which == "Search":
+        return which, shard_pb2.ShardSearchRequest(shard_id=sid, query=draw(tensors()), top_k=draw(_i32), return_vectors=draw(st.booleans()),
+                                                   query_transformed=draw(st.booleans()))
+    if which == "GetFeatures":
+        return which, shard_pb2.GetFeaturesRequest(shard_id=sid, ids=draw(st.lists(st.one_of(_text, st.just("coffee/0")), max_size=4)),
+                                                   want_global=draw(st.booleans()), want_regional=draw(st.booleans()), want_local=draw(st.booleans()))
+    if which == "ListVersions":
+        return which, shard_pb2.ListVersionsRequest(shard_id=sid, after=draw(_text), upto=draw(_text), limit=draw(_i32))
+    if which == "GetRecords":
+        return which, shard_pb2.GetRecordsRequest(shard_id=sid, ids=draw(st.lists(st.one_of(_text, st.just("coffee/0")), max_size=4)))
+    if which == "ListVectors":
+        return which, shard_pb2.ListVectorsRequest(shard_id=sid, cursor=draw(st.integers(-(2**63), 2**63 - 1)), limit=draw(_i32))
+    if which == "Verify":
+        req = shard_pb2.ShardVerifyRequest(shard_id=sid, ids=draw(st.lists(st.one_of(_text, st.just("coffee/0")), max_size=3)),
+                                           timeout_s=draw(_f32))
+        req.query.keypoints.CopyFrom(draw(tensors()))
+        req.query.descriptors.CopyFrom(draw(tensors()))
+        p = req.params
+        p.matcher, p.model, p.estimator = draw(_text), draw(st.sampled_from(["", "affine", "homography", "x"])), draw(_text)
+        p.ratio, p.residual_px, p.confidence, p.max_scale, p.max_anisotropy = (draw(_f32) for _ in range(5))
+        p.max_iters, p.min_inliers = draw(_i32), draw(_i32)
+        return which, req
+    return which, shard_pb2.GetInfoRequest(shard_id=sid, ids=draw(st.lists(_text, max_size=4)))
+
+
+def run_internal(env, n: int) -> None:
+    ports = _internal(env)
+    stub = shard_pb2_grpc.ShardStub(ports["shard"])
+    extract = extractor_pb2_grpc.ExtractorStub(ports["extractor"]).Extract
+
+    @settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(target=st.sampled_from(["shard", "extractor"]), data=st.binary(max_size=128), shard_call=shard_requests(),
+           image=st.one_of(st.binary(max_size=64), st.just(env["jpeg"])), kind=st.sampled_from(["raw", "structured"]))
+    def body(target, data, shard_call, image, kind):
+        if kind == "raw":
+            methods = SHARD_METHODS if target == "shard" else EXTRACTOR_METHODS
+            service = "Shard" if target == "shard" else "Extractor"
+            for method in methods:
+                fn = ports[target].unary_unary(f"/loupe.v1.{service}/{method}", request_serializer=None, response_deserializer=None)
+                _call(fn, data, timeout=TIMEOUT_S, metadata=ports["md"])
+        elif target == "shard":
+            method, req = shard_call
+            _call(getattr(stub, method), req, timeout=TIMEOUT_S, metadata=ports["md"])
+        else:
+            _call(extract, extractor_pb2.ExtractRequest(image=image, want_regional=True, want_local=True), timeout=TIMEOUT_S, metadata=ports["md"])
+
+    try:
+        body()
+    finally:
+        ports["shard"].close()
+        ports["extractor"].close()
+    _assert_serving(env)
+
+
 def _run_all(env, scale: int) -> dict[str, tuple[float, float]]:
     pids = _pids(env["cluster"])
     before = {name: _rss_mib(pid) for name, pid in pids.items()}
@@ -308,6 +401,7 @@ def _run_all(env, scale: int) -> dict[str, tuple[float, float]]:
         run_search(env, _budget(800))
         run_writes(env, _budget(550))
         run_reads(env, _budget(300))
+        run_internal(env, _budget(150))
     after = {name: _rss_mib(pid) for name, pid in pids.items()}
     print(f"\nfuzz: {sum(HISTOGRAM.values())} requests, status histogram {dict(HISTOGRAM.most_common())}")
     print("fuzz: RSS MiB before → after " + ", ".join(f"{n} {before[n]:.0f} → {after[n]:.0f}" for n in pids))
