@@ -106,10 +106,9 @@ class Backups:
             try:
                 files = await self._run(restoring.model_files, storage, manifest)
                 await self._run(self.collection.install, files)
-                payload = self.collection.whitening_payload()
-                if payload:
-                    await asyncio.gather(*(s.set_whitening(shard_pb2.SetWhiteningRequest(shard_id=s.shard_id, whitening=payload),
-                                                           max(1.0, deadline.remaining())) for s in self.shards))
+                payload = self.collection.whitening_payload()  # b"" = none: the shards drop any they had
+                await asyncio.gather(*(s.set_whitening(shard_pb2.SetWhiteningRequest(shard_id=s.shard_id, whitening=payload),
+                                                       max(1.0, deadline.remaining())) for s in self.shards))
                 settings = restoring.RestoreSettings(timeout_s=min(120.0, max(1.0, deadline.remaining())),
                                                      max_add_bytes=max(1 << 20, self.max_message_bytes // 2))
                 await restoring.write_records(storage, manifest, self.shards, self._run, progress, settings)
