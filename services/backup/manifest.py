@@ -20,7 +20,7 @@ from services.common.errors import DataLoss
 
 FORMAT = "loupe-backup-1"
 BACKUPS = "backups/"
-ID_PATTERN = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}$")
+ID_PATTERN = re.compile(r"^[0-9]{8}T[0-9]{9}Z-[0-9a-f]{6}$")
 
 
 def manifest_name(backup_id: str) -> str:

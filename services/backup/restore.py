@@ -46,7 +46,7 @@ class RestoreSettings:
 def resolve(storage: BackupStorage, backup_id: str) -> Manifest:
     """The manifest of ``backup_id`` ("" = the newest complete backup at the URL), verified."""
     if backup_id and not ID_PATTERN.match(backup_id):
-        raise InvalidArgument(f"backup_id: {backup_id!r} is not a backup id (YYYYMMDDTHHMMSSZ-xxxxxx; see loupe backup --list)")
+        raise InvalidArgument(f"backup_id: {backup_id!r} is not a backup id (YYYYMMDDTHHMMSSmmmZ-xxxxxx; see loupe backup --list)")
     if not backup_id:
         complete, incomplete = list_manifests(storage)
         if not complete:

@@ -54,8 +54,10 @@ class BackupSettings:
 
 
 def new_backup_id(now: float | None = None) -> str:
-    """``YYYYMMDDTHHMMSSZ-xxxxxx``: sorts by time, unique."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + secrets.token_hex(3)
+    """``YYYYMMDDTHHMMSSmmmZ-xxxxxx`` (UTC, milliseconds): sorts by time (backups of one broker
+    never start in the same millisecond: they run one at a time), unique by the random suffix."""
+    now = time.time() if now is None else now
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}Z-" + secrets.token_hex(3)
 
 
 def list_manifests(storage: BackupStorage) -> tuple[list[str], list[str]]:

@@ -212,3 +212,62 @@ def test_manifest_json_is_stable_and_checked(tmp_path):
     with pytest.raises(DataLoss, match="shard 0 lists"):
         Manifest.from_json(json.dumps(raw).encode(), "m.json")
     assert os.path.exists(tmp_path / manifest_name(m.id))
+
+
+# --- the broker's side: model files, the restore marker, refusals -------------------------------------
+class _Extractors:
+    def __init__(self, dim: int | None) -> None:
+        self.dim = dim
+
+    async def describe(self, timeout_s: float):
+        from loupe.v1 import extractor_pb2
+        from services.common.errors import Unavailable
+
+        if self.dim is None:
+            raise Unavailable("no extractor replica reachable")
+        return extractor_pb2.DescribeResponse(backbone="b", pooling="gem", dim=self.dim)
+
+
+def _broker(tmp_path, name: str, shards: list[MemShard], dim: int | None = 8):
+    from services.broker.backups import Backups
+    from services.broker.collection_model import CollectionModel
+    from services.broker.versions import VersionClock
+
+    return Backups(_Extractors(dim), shards, CollectionModel(str(tmp_path / name)), VersionClock(), 64 << 20)
+
+
+def test_broker_backup_and_restore_carry_the_model_and_refuse_what_they_must(tmp_path):
+    from loupe.v1 import retrieval_pb2
+    from services.broker.deadlines import Deadline
+    from services.common.errors import FailedPrecondition
+    from services.space.whitening import PCAWhitening
+
+    src = _source(60)
+    source = _broker(tmp_path, "source", src)
+    w = PCAWhitening()
+    w.fit(np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32))
+    source.collection.set_whitening(w)
+    url = str(tmp_path / "backups")
+    first = asyncio.run(source.backup(retrieval_pb2.BackupRequest(url=url), Deadline(60, 60)))
+    assert first.images == 60 and first.shards == 2 and first.started_version > 0
+
+    target = [MemShard(i) for i in range(3)]
+    target[2].fail_adds_after = 1
+    broker = _broker(tmp_path, "target", target)
+    with pytest.raises(Exception, match=r"stopped after \d+ of 60 images were written: .*run the same restore again"):
+        asyncio.run(broker.restore(retrieval_pb2.RestoreRequest(url=url), Deadline(60, 60)))
+    assert json.loads((tmp_path / "target" / "restore.json").read_text())["state"] == "writing"
+    target[2].fail_adds_after = None
+    r = asyncio.run(broker.restore(retrieval_pb2.RestoreRequest(url=url), Deadline(60, 60)))
+    assert r.resumed and r.images == 60 and (r.source_shards, r.target_shards) == (2, 3)
+    assert broker.collection.whitening is not None and all(t.whitening == w.to_bytes() for t in target)
+    assert (tmp_path / "target" / "whitening.npz").read_bytes() == w.to_bytes()
+
+    second = asyncio.run(source.backup(retrieval_pb2.BackupRequest(url=url), Deadline(60, 60)))
+    with pytest.raises(FailedPrecondition, match="not empty .*it holds part or all of backup"):
+        asyncio.run(broker.restore(retrieval_pb2.RestoreRequest(url=url, backup_id=second.backup_id), Deadline(60, 60)))
+    other = _broker(tmp_path, "other", [MemShard(0)], dim=16)
+    with pytest.raises(FailedPrecondition, match="dim=8.*dim=16"):
+        asyncio.run(other.restore(retrieval_pb2.RestoreRequest(url=url), Deadline(60, 60)))
+    listed = asyncio.run(source.list(retrieval_pb2.ListBackupsRequest(url=url)))
+    assert [(b.backup_id, b.complete, b.images) for b in listed.backups] == [(first.backup_id, True, 60), (second.backup_id, True, 60)]
