@@ -41,9 +41,11 @@ from services.backup.storage import open_storage  # noqa: E402
 from services.backup.take import BackupSettings, take_backup  # noqa: E402
 from services.broker.backends import GrpcShardClient  # noqa: E402
 from services.broker.versions import VersionClock  # noqa: E402
+from services.common.grpc_server import ServerOptions  # noqa: E402
 from services.space.placement import shard_for  # noqa: E402
 
 D = 512
+CHANNEL = ServerOptions().channel_options()  # the broker's message limits (64 MiB), not gRPC's 4 MiB default
 
 
 class ShardProcess:
@@ -124,7 +126,7 @@ async def backup(url: str, clients, full: bool = False):
 
 async def restore(url: str, tmp: str, target_shards: int) -> tuple[float, float, list[int]]:
     procs = [ShardProcess(tempfile.mkdtemp(dir=tmp), i) for i in range(target_shards)]
-    clients = [GrpcShardClient(i, p.address) for i, p in enumerate(procs)]
+    clients = [GrpcShardClient(i, p.address, CHANNEL) for i, p in enumerate(procs)]
     storage = await run(open_storage, url)
     t0 = time.perf_counter()
     m = await run(restoring.resolve, storage, "")
@@ -157,7 +159,7 @@ async def main() -> None:
     n = args.images
     with tempfile.TemporaryDirectory(prefix="loupe-bench-backup-") as tmp:
         procs = [ShardProcess(tempfile.mkdtemp(dir=tmp), i) for i in range(args.shards)]
-        clients = [GrpcShardClient(i, p.address) for i, p in enumerate(procs)]
+        clients = [GrpcShardClient(i, p.address, CHANNEL) for i, p in enumerate(procs)]
         clock = VersionClock()
         t0 = time.perf_counter()
         await fill(clients, range(n), args.local, clock)
