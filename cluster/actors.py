@@ -49,6 +49,11 @@ def shard_actor_name(shard: int, replica: int) -> str:
     return f"loupe-shard-{shard}" if replica == 0 else f"loupe-shard-{shard}-r{replica}"
 
 
+def extractor_actor_name(replica: int) -> str:
+    """Ray actor name of an extractor replica."""
+    return f"loupe-extractor-{replica}"
+
+
 def _advertised(host: str, port: int) -> str:
     """Address other processes use: the node IP when bound to all interfaces."""
     if host in ("0.0.0.0", "::", ""):

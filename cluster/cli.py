@@ -299,7 +299,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         # with status 15 and skips the graceful stop: take the signals back once Ray is up
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        info = {"broker": cluster.broker_address, "metrics": f"http://{cluster.metrics_address}/metrics", "shards": cfg.shards, "replicas": cfg.replicas,
+        info = {"broker": cluster.broker_address, "metrics": f"http://{cluster.metrics_address}/metrics", "shards": cfg.shards,
+                "replication_factor": cfg.replication_factor, "replicas": cfg.replicas,
                 "tls": bool(cfg.tls_cert_file), "auth": bool(cfg.auth_tokens_file), "prometheus_targets": cluster.targets_file}
         if args.json:
             print(json.dumps(info), flush=True)

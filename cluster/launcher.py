@@ -23,7 +23,7 @@ import cv2
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster.actors import REGISTRY_NAME, ExtractorActor, Registry, ShardActor, shard_actor_name
+from cluster.actors import REGISTRY_NAME, ExtractorActor, Registry, ShardActor, extractor_actor_name, shard_actor_name
 from cluster.config import ClusterConfig, is_loopback
 from cluster.prometheus_targets import TargetsWriter, targets_path
 from services.broker.servicer import BrokerConfig, RunningBroker, create_server
@@ -128,6 +128,37 @@ def _private_ray_token() -> None:
     atexit.register(shutil.rmtree, directory, True)
 
 
+def init_ray(cfg: ClusterConfig) -> bool:
+    """Connect to ``cfg.ray_address``, or start a local Ray for ``cfg``; returns whether this
+    call started a local instance (whose owner shuts it down). Nothing is done, and False is
+    returned, when this process is already connected: several clusters may then run, one after
+    the other, on one Ray (each stops its own actors)."""
+    env = {"env_vars": dict(cfg.env)}
+    if ray.is_initialized():
+        return False
+    if cfg.ray_address:
+        ray.init(address=cfg.ray_address, namespace=cfg.namespace, runtime_env=env, log_to_driver=False)
+        return False
+    local_only = is_loopback(cfg.host)
+    _private_ray_token()
+    with _ray_on_loopback(local_only):
+        start_local_ray(
+            # a loopback-only cluster keeps Ray's own servers (GCS, raylet, workers,
+            # autoscaler monitor, runtime-env agent) on loopback too; see _ray_on_loopback
+            _node_ip_address="127.0.0.1" if local_only else None,
+            namespace=cfg.namespace,
+            runtime_env=env,
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=256 * 1024 * 1024,
+            # a local cluster is its own shard and extractor node
+            resources=_local_resources(cfg),
+            configure_logging=True,
+            logging_level=logging.WARNING,
+        )
+    return True
+
+
 class Cluster:
     """A running loupe cluster. Use as a context manager, or ``start()`` / ``stop()``.
 
@@ -183,31 +214,7 @@ class Cluster:
         return self
 
     def _init_ray(self) -> None:
-        cfg = self.config
-        env = {"env_vars": dict(cfg.env)}
-        if ray.is_initialized():
-            return
-        if cfg.ray_address:
-            ray.init(address=cfg.ray_address, namespace=cfg.namespace, runtime_env=env, log_to_driver=False)
-        else:
-            local_only = is_loopback(cfg.host)
-            _private_ray_token()
-            with _ray_on_loopback(local_only):
-                start_local_ray(
-                    # a loopback-only cluster keeps Ray's own servers (GCS, raylet, workers,
-                    # autoscaler monitor, runtime-env agent) on loopback too; see _ray_on_loopback
-                    _node_ip_address="127.0.0.1" if local_only else None,
-                    namespace=cfg.namespace,
-                    runtime_env=env,
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    object_store_memory=256 * 1024 * 1024,
-                    # a local cluster is its own shard and extractor node
-                    resources=_local_resources(cfg),
-                    configure_logging=True,
-                    logging_level=logging.WARNING,
-                )
-            self._owns_ray = True
+        self._owns_ray = init_ray(self.config)
 
     def _load_auth(self) -> None:
         """Public tokens from ``auth_tokens_file``; the internal token from its file or, always
@@ -269,7 +276,7 @@ class Cluster:
         ext_opts = ServerOptions(host=cfg.host, port=0, workers=4, max_concurrent_rpcs=64, **self._internal_server_fields())
         for i in range(cfg.replicas):
             self.extractor_actors.append(
-                ext_cls.options(name=f"loupe-extractor-{i}", namespace=cfg.namespace, num_cpus=0, max_restarts=-1, **ext_res).remote(
+                ext_cls.options(name=extractor_actor_name(i), namespace=cfg.namespace, num_cpus=0, max_restarts=-1, **ext_res).remote(
                     i, ext_opts, ext_cfg, cfg.extractor_threads, cfg.namespace, cfg.metrics_host, cfg.extractor_metrics_port,
                     cfg.extractor_resource, cfg.replicas,
                 )
@@ -361,10 +368,26 @@ class Cluster:
                     ray.kill(actor, no_restart=True)
                 except Exception:  # already dead
                     pass
+            self._wait_names_released()
             if self._owns_ray:
                 ray.shutdown()
                 self._owns_ray = False
         self.shard_actors, self.extractor_actors, self._registry = [], [], None
+
+    def _wait_names_released(self, timeout_s: float = 15.0) -> None:
+        """Wait until Ray has released the names of this cluster's actors, so that a cluster
+        started next on the same Ray (a restarted ``loupe up --ray-address``) can take them."""
+        cfg = self.config
+        names = [REGISTRY_NAME] + [shard_actor_name(i, j) for i in range(cfg.shards) for j in range(cfg.replication_factor)]
+        names += [extractor_actor_name(i) for i in range(cfg.replicas)]
+        deadline = time.monotonic() + timeout_s
+        for name in names:
+            while time.monotonic() < deadline:
+                try:
+                    ray.get_actor(name, namespace=cfg.namespace)
+                except ValueError:  # released
+                    break
+                time.sleep(0.05)
 
     def shard_actor(self, shard_id: int, replica: int = 0) -> Any:
         """The actor of replica ``replica`` of shard ``shard_id``."""

@@ -4,7 +4,7 @@ Upsert: re-adding an id replaces its whole record (features and metadata; metada
 merged). A write is acknowledged only after every owning shard has stored it durably and
 indexed it on its write quorum of replicas, so a search, get or list that starts after the
 acknowledgement sees it (read-your-writes; tests/integration/test_api.py,
-tests/integration/test_replication.py). Every write carries one version of the broker's clock
+tests/integration/test_moving_backends.py). Every write carries one version of the broker's clock
 (``services.broker.versions``): replicas keep the newest version of each id.
 """
 

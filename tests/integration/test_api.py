@@ -18,6 +18,8 @@ from loupe.tensors import from_tensor
 from loupe.v1 import retrieval_pb2, types_pb2
 from services.common.auth import READ, required_role
 
+pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the whole run (tests/conftest.py)
+
 PHOTOS = ("coffee", "chelsea", "rocket", "astronaut", "camera")
 IA = grpc.StatusCode.INVALID_ARGUMENT
 

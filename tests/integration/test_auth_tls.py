@@ -22,6 +22,8 @@ from loupe.tensors import to_tensor
 from loupe.v1 import extractor_pb2, extractor_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc, shard_pb2, shard_pb2_grpc
 from services.common.auth import PERMISSION_DENIED_DETAIL, UNAUTHENTICATED_DETAIL
 
+pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the whole run (tests/conftest.py)
+
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 

@@ -67,6 +67,8 @@ PYTHON_PROBE = r"""
 import json, sys
 import loupe
 from loupe.client import RetrievalClient, token_from_env
+
+pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the whole run (tests/conftest.py)
 address, ca_file, token_file, query = sys.argv[1:]
 with RetrievalClient(address, token=token_from_env(token_file), tls_ca_file=ca_file) as c:
     resp = c.search(image=open(query, "rb").read(), k=3, timeout_s=60)

@@ -177,6 +177,8 @@ def test_metrics_are_scraped_over_http(cluster, client):
 # --- rerank stages through the cluster (run before the shard-failure tests below) ----------
 from loupe.rerank_spec import parse_rerank  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the whole run (tests/conftest.py)
+
 
 def test_verification_reranks_and_explains(client):
     opts = parse_rerank("verify")

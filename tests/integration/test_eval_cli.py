@@ -12,6 +12,8 @@ from cluster.config import ClusterConfig
 from cluster.demo import HELD_OUT, INDEXED, PHOTOS, encode_jpeg, load_photo
 from cluster.launcher import Cluster
 
+pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the whole run (tests/conftest.py)
+
 PHOTO_SUBSET = PHOTOS[:3]
 
 

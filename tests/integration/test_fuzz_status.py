@@ -34,6 +34,8 @@ from cluster.launcher import Cluster
 from loupe.client import ImageToAdd, RetrievalClient
 from loupe.v1 import retrieval_pb2, types_pb2
 
+pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the whole run (tests/conftest.py)
+
 FORBIDDEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 LEAKS = ("Traceback", "google.protobuf", "numpy", "np.", "faiss", "torch", "File \"", "Error(", "grpc._")
 RSS_GROWTH_MIB = 300

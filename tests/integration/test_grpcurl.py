@@ -19,6 +19,8 @@ from cluster.demo import INDEXED, PHOTOS, encode_jpeg, load_photo
 from cluster.launcher import Cluster
 from loupe.client import ImageToAdd, RetrievalClient
 
+pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the whole run (tests/conftest.py)
+
 
 
 def _grpcurl() -> str:

@@ -16,6 +16,8 @@ from cluster.config import ClusterConfig
 from cluster.launcher import Cluster
 from services.space.layout import Layout, check_layout
 
+pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the whole run (tests/conftest.py)
+
 LOUPE = str(Path(sys.executable).parent / "loupe")
 
 

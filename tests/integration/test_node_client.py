@@ -26,6 +26,8 @@ from cluster.launcher import Cluster
 from loupe.client import ImageToAdd, RetrievalClient
 from loupe.v1 import retrieval_pb2
 
+pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the whole run (tests/conftest.py)
+
 NODE_DIR = Path(__file__).resolve().parents[2] / "clients" / "node"
 PHOTO_SUBSET = PHOTOS[:4]
 
