@@ -36,7 +36,7 @@ from services.backup.chunks import decode_chunk
 from services.backup.storage import DirectoryStorage
 from services.backup.take import read_manifest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]  # one Ray for the whole run (tests/conftest.py)
 CLUSTER = {"replicas": 1, "max_side": 256, "global_max_side": 256, "scales": (1.0,), "startup_timeout_s": 180}
 BUCKET = "loupe-backups"
 DELETED = [f"{p}/rotate" for p in PHOTOS[:4]]
