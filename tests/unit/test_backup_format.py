@@ -271,3 +271,40 @@ def test_broker_backup_and_restore_carry_the_model_and_refuse_what_they_must(tmp
         asyncio.run(other.restore(retrieval_pb2.RestoreRequest(url=url), Deadline(60, 60)))
     listed = asyncio.run(source.list(retrieval_pb2.ListBackupsRequest(url=url)))
     assert [(b.backup_id, b.complete, b.images) for b in listed.backups] == [(first.backup_id, True, 60), (second.backup_id, True, 60)]
+
+
+def test_writes_during_the_backup_are_whole_or_absent_and_earlier_ones_all_there(tmp_path):
+    """Between the pages of the version listing the shard keeps changing: new ids, rewrites of ids
+    listed and not yet listed, deletes. Every id that existed before and was not deleted is in the
+    backup; every record in it is one version exactly as written (never a mix)."""
+    src = _source(120, shards=1)
+    before = dict(src[0].records)
+    written: dict[tuple[str, int], shard_pb2.ShardRecord] = {(r.id, r.version): r for r in before.values()}
+    shard = src[0]
+    listing = shard.list_versions
+    rng = np.random.default_rng(3)
+    state = {"version": 100, "deleted": set()}
+
+    async def churn(req, timeout_s):
+        for _ in range(5):
+            state["version"] += 1
+            i = int(rng.integers(0, 160))  # an existing id or a new one
+            r = _record(i, version=state["version"])
+            r.metadata["v"] = str(state["version"])
+            shard.records[r.id] = r
+            shard.tombstones.pop(r.id, None)
+            written[(r.id, r.version)] = r
+        victim = f"img-{int(rng.integers(0, 120)):05d}"
+        if victim in shard.records:
+            del shard.records[victim]
+            shard.tombstones[victim] = state["version"]
+            state["deleted"].add(victim)
+        return await listing(req, timeout_s)
+
+    shard.list_versions = churn  # type: ignore[method-assign]
+    storage = DirectoryStorage(str(tmp_path))
+    m = _backup(storage, src)
+    got = {r.id: r for s in m.shards for c in s.chunks for r in decode_chunk(storage.get(c.file), c.file)}
+    assert set(before) - state["deleted"] <= set(got)
+    for image_id, r in got.items():
+        assert written[(image_id, r.version)] == r  # whole: exactly one write's record
