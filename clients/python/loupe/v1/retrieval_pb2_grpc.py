@@ -43,7 +43,8 @@ class RetrievalStub:
     traceback. Each shard call gets a budget shorter than the caller's deadline (broker
     settings shard_budget_fraction, shard_budget_s), so a hung shard yields a partial answer
     listing it, not a DEADLINE_EXCEEDED.
-    Retrying any rpc is safe: AddImages is an idempotent upsert by id.
+    Retrying any rpc is safe: AddImages is an idempotent upsert by id; a retried Backup takes
+    another (incremental) backup, a retried Restore completes the same restore.
     """
 
     def __init__(self, channel):
@@ -132,7 +133,8 @@ class RetrievalServicer:
     traceback. Each shard call gets a budget shorter than the caller's deadline (broker
     settings shard_budget_fraction, shard_budget_s), so a hung shard yields a partial answer
     listing it, not a DEADLINE_EXCEEDED.
-    Retrying any rpc is safe: AddImages is an idempotent upsert by id.
+    Retrying any rpc is safe: AddImages is an idempotent upsert by id; a retried Backup takes
+    another (incremental) backup, a retried Restore completes the same restore.
     """
 
     def Search(self, request, context):
@@ -373,7 +375,8 @@ class Retrieval:
     traceback. Each shard call gets a budget shorter than the caller's deadline (broker
     settings shard_budget_fraction, shard_budget_s), so a hung shard yields a partial answer
     listing it, not a DEADLINE_EXCEEDED.
-    Retrying any rpc is safe: AddImages is an idempotent upsert by id.
+    Retrying any rpc is safe: AddImages is an idempotent upsert by id; a retried Backup takes
+    another (incremental) backup, a retried Restore completes the same restore.
     """
 
     @staticmethod
