@@ -87,7 +87,8 @@ class DirectoryStorage:
 
     def list(self, prefix: str) -> list[str]:
         out = []
-        for dirpath, _dirs, files in os.walk(self.root):
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""  # walk only below the prefix's folder (not chunks/)
+        for dirpath, _dirs, files in os.walk(self._path(base) if base else self.root):
             rel = os.path.relpath(dirpath, self.root)
             for f in files:
                 if ".tmp-" in f:
