@@ -1,4 +1,4 @@
-"""The ``loupe`` command line: up, index, search, stats, eval, demo."""
+"""The ``loupe`` command line: up, index, search, stats, eval, backup, restore, demo."""
 
 from __future__ import annotations
 
@@ -167,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch", type=int, default=16)
     ev.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     _add_common(ev)
+
+    bk = sub.add_parser("backup", help="back the collection up to a directory or s3://bucket/prefix (or list the backups there)",
+                        description="A consistent copy taken while the cluster serves: every write acknowledged before the backup "
+                                    "starts is in it. The broker writes it: a directory is a path on the broker's machine, S3 "
+                                    "credentials come from the broker's AWS_* environment. Without --address a temporary cluster "
+                                    "over --data-dir is backed up (offline).")
+    bk.add_argument("--to", required=True, metavar="URL", help="directory path (made absolute here) or s3://bucket/prefix")
+    bk.add_argument("--full", action="store_true", help="write every chunk again (default: reuse the unchanged chunks of the newest backup there)")
+    bk.add_argument("--list", action="store_true", help="list the backups at --to instead (through --address, else read here)")
+    _add_common(bk)
+
+    rs = sub.add_parser("restore", help="restore a backup into an empty cluster, with any shard count",
+                        description="Every file is checked against the backup's manifest before anything is written; records "
+                                    "are re-placed by this cluster's shard count. Without --address the restore goes into "
+                                    "--data-dir with --shards (then `loupe up` on it).")
+    rs.add_argument("--from", dest="source", required=True, metavar="URL", help="directory path or s3://bucket/prefix")
+    rs.add_argument("--backup", default="", metavar="ID", help="backup id (default: the newest complete one; see loupe backup --list)")
+    _add_common(rs)
 
     de = sub.add_parser("demo", help="self-contained demo on photos bundled with scikit-image")
     de.add_argument("--json", action="store_true")
@@ -538,6 +556,75 @@ def _run_eval_with_whitening(client, args, reranks, progress, run_eval) -> dict:
     return result
 
 
+def _backup_url(url: str) -> str:
+    """A local directory path made absolute (the broker needs one); URLs as they are."""
+    return url if "://" in url else os.path.abspath(url)
+
+
+def _needs_target(args: argparse.Namespace, what: str) -> None:
+    if not args.address and not args.data_dir:
+        raise ValueError(f"{what}: give --address of a running cluster, or --data-dir (and --shards) of a data directory")
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    url = _backup_url(args.to)
+    if args.list:
+        return _print_backups(args, url)
+    _needs_target(args, "backup")
+    with _connect(args) as client:
+        r = client.backup(url, full=args.full)
+    out = {"backup_id": r.backup_id, "images": r.images, "shards": r.shards, "chunks": r.chunks, "chunks_reused": r.chunks_reused,
+           "bytes": r.bytes, "bytes_written": r.bytes_written, "seconds": round(r.seconds, 3), "incremental_from": r.incremental_from}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        inc = f", {r.chunks_reused} of {r.chunks} chunks reused from {r.incremental_from}" if r.incremental_from else ""
+        print(f"backup {r.backup_id}: {r.images} images of {r.shards} shards, {r.bytes / 1e6:.1f} MB "
+              f"({r.bytes_written / 1e6:.1f} MB written{inc}) in {r.seconds:.1f} s → {url}")
+    return 0
+
+
+def _print_backups(args: argparse.Namespace, url: str) -> int:
+    if args.address:
+        with _connect(args) as client:
+            resp = client.list_backups(url)
+    else:  # read the location from here: no cluster needed
+        from services.backup.storage import open_storage
+        from services.broker.backups import list_backups
+
+        resp = list_backups(open_storage(url))
+    rows = [{"backup_id": b.backup_id, "complete": b.complete, "created": b.created, "images": b.images, "shards": b.shards,
+             "bytes": b.bytes, "seconds": round(b.seconds, 3), "incremental_from": b.incremental_from, "problem": b.problem}
+            for b in resp.backups]
+    if args.json:
+        print(json.dumps({"url": url, "backups": rows}))
+        return 0
+    if not rows:
+        print(f"no backups at {url}")
+    for b in rows:
+        if b["complete"]:
+            print(f"{b['backup_id']}  {b['created']}  {b['images']:>9} images  {b['shards']} shards  {b['bytes'] / 1e6:9.1f} MB  "
+                  f"{b['seconds']:.1f} s" + (f"  (reuses {b['incremental_from']})" if b["incremental_from"] else ""))
+        else:
+            print(f"{b['backup_id']}  INCOMPLETE" + (f": {b['problem']}" if b["problem"] else " (no manifest: interrupted)"))
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    url = _backup_url(args.source)
+    _needs_target(args, "restore")
+    with _connect(args) as client:
+        r = client.restore(url, backup_id=args.backup)
+    out = {"backup_id": r.backup_id, "images": r.images, "source_shards": r.source_shards, "target_shards": r.target_shards,
+           "bytes_read": r.bytes_read, "seconds": round(r.seconds, 3), "verify_seconds": round(r.verify_seconds, 3), "resumed": r.resumed}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"restored backup {r.backup_id}{' (completed a stopped restore)' if r.resumed else ''}: {r.images} images, "
+              f"{r.source_shards} → {r.target_shards} shards, in {r.seconds:.1f} s (verification {r.verify_seconds:.1f} s)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cluster.demo import run_demo
 
@@ -558,14 +645,19 @@ def cmd_train_attention(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "up": cmd_up, "index": cmd_index, "search": cmd_search, "get": cmd_get, "ls": cmd_ls, "stats": cmd_stats, "eval": cmd_eval, "demo": cmd_demo,
-    "build-graph": cmd_build_graph, "train": cmd_train, "train-attention": cmd_train_attention,
+    "build-graph": cmd_build_graph, "backup": cmd_backup, "restore": cmd_restore, "train": cmd_train, "train-attention": cmd_train_attention,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from services.common.errors import LoupeError
+
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except LoupeError as exc:  # raised here, not by the broker: `loupe backup --list` without --address
+        print(f"loupe {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     except grpc.RpcError as exc:
         print(f"loupe {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 2

@@ -24,6 +24,8 @@ from services.space.regions import MAX_REGIONS_PER_IMAGE
 
 LOCAL_DIM = 40
 MAX_FIT_DESCRIPTORS = 50_000
+MODEL_FILES = ("local_pca.npz", "whitening.npz", "graph.npz", "graph_regional.npz", "graph_stale.txt")
+"""Files of the collection model in the broker's data directory (what a backup copies)."""
 
 
 def region_node(image_id: str, j: int) -> str:
@@ -48,17 +50,21 @@ class CollectionModel:
     def __init__(self, directory: str = "") -> None:
         self.directory = directory
         self._lock = threading.Lock()
-        pca, whitening = self._read("local_pca.npz"), self._read("whitening.npz")
+        self._load({name: self._read(name) for name in MODEL_FILES})
+
+    def _load(self, files: dict[str, bytes]) -> None:
+        """Set the in-memory model from file contents by name (absent or empty = none)."""
+        pca, whitening = files.get("local_pca.npz", b""), files.get("whitening.npz", b"")
         self.local_pca: LocalPCA | None = LocalPCA.from_bytes(pca) if pca else None
         self.whitening: PCAWhitening | None = PCAWhitening.from_bytes(whitening) if whitening else None
-        graph, regional = self._read("graph.npz"), self._read("graph_regional.npz")
+        graph, regional = files.get("graph.npz", b""), files.get("graph_regional.npz", b"")
         self.graph: CollectionGraph | None = CollectionGraph.from_bytes(graph) if graph else None
         self.regional_graph: CollectionGraph | None = CollectionGraph.from_bytes(regional) if regional else None
         # the regional vectors regional diffusion reads (memory-mapped; None: read from the shards)
         self.regional_copy: RegionalCopy | None = (
-            RegionalCopy.load(directory) if directory and self.regional_graph is not None else None
+            RegionalCopy.load(self.directory) if self.directory and self.regional_graph is not None else None
         )
-        stale = self._read("graph_stale.txt").decode().split("\n")
+        stale = files.get("graph_stale.txt", b"").decode().split("\n")
         if self.graph is not None:
             self.graph.forget(stale)
         if self.regional_graph is not None:
@@ -66,6 +72,31 @@ class CollectionModel:
         if self.regional_copy is not None:
             self.regional_copy.forget(stale)
         self._forgotten_during_build: set[str] | None = None
+
+    def files(self) -> dict[str, bytes]:
+        """The model as its files (name → bytes, only those that exist), read together under the
+        lock: what a backup copies. Without a directory, the in-memory model serialised (the graphs
+        without their list of stale ids)."""
+        with self._lock:
+            if self.directory:
+                return {name: data for name in MODEL_FILES if (data := self._read(name))}
+            out = {"local_pca.npz": self.local_pca.to_bytes() if self.local_pca is not None else b"",
+                   "whitening.npz": self.whitening.to_bytes() if self.whitening is not None else b"",
+                   "graph.npz": self.graph.to_bytes() if self.graph is not None else b"",
+                   "graph_regional.npz": self.regional_graph.to_bytes() if self.regional_graph is not None else b""}
+            return {name: data for name, data in out.items() if data}
+
+    def install(self, files: dict[str, bytes]) -> None:
+        """Replace the whole model by ``files`` (name → bytes, as ``files()`` gives; a name not in
+        ``MODEL_FILES`` is ignored): parsed first (a bad file raises before anything changes),
+        then persisted and loaded. What a restore does."""
+        with self._lock:
+            probe = CollectionModel.__new__(CollectionModel)
+            probe.directory = ""  # parse only: no memory-mapped files
+            probe._load(files)  # parse errors surface here, the current model untouched
+            for name in MODEL_FILES:
+                self._write(name, files.get(name, b""))
+            self._load(files)
 
     def _path(self, name: str = "local_pca.npz") -> str:
         return os.path.join(self.directory, name) if self.directory else ""

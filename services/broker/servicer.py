@@ -8,6 +8,7 @@ delegates the work to one module:
 - how a search runs: ``services.broker.search_pipeline`` (plan: ``search_plan``);
 - writes (AddImages, Delete routing): ``services.broker.writes``;
 - collection administration (stats, whitening, graphs): ``services.broker.admin``;
+- backups and restores: ``services.broker.backups`` (over ``services.backup``);
 - reads of stored records (GetImages, ListImages and its cursor): ``services.broker.reads``;
 - many queries in one call (SearchBatch): ``services.broker.batch``.
 """
@@ -26,6 +27,7 @@ from grpc_health.v1 import health_pb2
 
 from loupe.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.broker.admin import Admin
+from services.broker.backups import Backups
 from services.broker.backends import ExtractorPool, GrpcShardClient, ShardClient
 from services.broker.replicas import ReplicatedShard
 from services.broker.versions import VersionClock
@@ -97,6 +99,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         self.admin = Admin(extractors, self.shards, self.collection, metrics, config)
         self.reader = Reader(self.shards, config)
         self.batch = BatchSearcher(self.pipeline, config)
+        self.backups = Backups(extractors, self.shards, self.collection, self.clock, budget.max_message_bytes)
 
     # --- plumbing -------------------------------------------------------------------------
     async def _observe(self, method: str, context: grpc.aio.ServicerContext, body: Callable[[], Awaitable[T]]) -> T:
@@ -211,6 +214,16 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
     # --- BuildGraph -----------------------------------------------------------------------
     async def BuildGraph(self, request: retrieval_pb2.BuildGraphRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.BuildGraphResponse:
         return await self._observe("BuildGraph", context, lambda: self.admin.build_graph(request, self._deadline(context)))
+
+    # --- Backup / ListBackups / Restore ---------------------------------------------------
+    async def Backup(self, request: retrieval_pb2.BackupRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.BackupResponse:
+        return await self._observe("Backup", context, lambda: self.backups.backup(request, self._deadline(context)))
+
+    async def ListBackups(self, request: retrieval_pb2.ListBackupsRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.ListBackupsResponse:
+        return await self._observe("ListBackups", context, lambda: self.backups.list(request))
+
+    async def Restore(self, request: retrieval_pb2.RestoreRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.RestoreResponse:
+        return await self._observe("Restore", context, lambda: self.backups.restore(request, self._deadline(context)))
 
 
 @dataclass

@@ -6,7 +6,8 @@ The method → role table (``METHOD_ROLES``) is declared once, here:
 
 - ``read``: ``Retrieval/Search``, ``SearchBatch``, ``GetImages``, ``ListImages``, ``GetStats`` and server reflection (so that an
   anonymous caller cannot even list the services when auth is on);
-- ``write`` (implies read): ``Retrieval/AddImages``, ``Delete``, ``FitWhitening``, ``BuildGraph``;
+- ``write`` (implies read): ``Retrieval/AddImages``, ``Delete``, ``FitWhitening``, ``BuildGraph``, ``Backup``,
+  ``ListBackups``, ``Restore`` (a backup's url names where the broker writes and reads);
 - ``internal``: every method of the internal ``Shard`` and ``Extractor`` services; only the
   broker holds the cluster-internal token;
 - open: gRPC health checking (``Check``/``Watch``), for load balancers and Kubernetes probes.
@@ -47,6 +48,9 @@ METHOD_ROLES: Mapping[str, str] = {
     _RETRIEVAL + "Delete": WRITE,
     _RETRIEVAL + "FitWhitening": WRITE,
     _RETRIEVAL + "BuildGraph": WRITE,
+    _RETRIEVAL + "Backup": WRITE,
+    _RETRIEVAL + "ListBackups": WRITE,
+    _RETRIEVAL + "Restore": WRITE,
     "/grpc.health.v1.Health/Check": OPEN,
     "/grpc.health.v1.Health/Watch": OPEN,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": READ,

@@ -45,6 +45,7 @@ SECURE: dict[str, Any] = {
     "auth": {"enabled": True, "readToken": "r" * 40, "writeToken": "w" * 40, "internalToken": "i" * 40},
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}},
     "persistence": {"mode": "shared", "existingClaim": "loupe-rwx"},
+    "backup": {"enabled": True, "url": "s3://loupe-backups", "full": True},
 }
 # what an operator adds around the pods, and every token given explicitly
 EXTRAS: dict[str, Any] = {
@@ -61,6 +62,8 @@ EXTRAS: dict[str, Any] = {
     "extraVolumeMounts": [{"name": "ca-bundle", "mountPath": "/etc/corp-ca", "readOnly": True}],
     "extraInitContainers": [{"name": "wait-for-dns", "image": "busybox:1.37", "command": ["sh", "-c", "nslookup kubernetes.default"]}],
     "persistence": {"fixOwnership": True, "storageClass": "gp3", "accessModes": ["ReadWriteOncePod"]},
+    "backup": {"enabled": True, "url": "s3://loupe-backups/prod", "credentialsSecret": "loupe-s3", "endpointUrl": "https://minio.storage.svc:9000",
+               "region": "eu-west-1", "timeZone": "Europe/Paris"},
 }
 # the example shipped next to values.yaml
 EXAMPLE: dict[str, Any] = yaml.safe_load((CHART_DIR / "values-production.yaml").read_text())

@@ -15,7 +15,7 @@ from chart_render import CHART_DIR, NAMESPACE, RAYCLUSTER_CRD, RELEASE, REPO_ROO
 
 helm_python = pytest.importorskip("helm_python", reason="helm-python-sdk (test extra) is not installed")
 
-CORE_KINDS = {"Service", "Secret", "PersistentVolumeClaim", "PodDisruptionBudget", "ConfigMap", "Pod", "ServiceAccount"}
+CORE_KINDS = {"Service", "Secret", "PersistentVolumeClaim", "PodDisruptionBudget", "ConfigMap", "Pod", "ServiceAccount", "CronJob"}
 MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 K8S_VERSION = "1.37.0"
 
@@ -137,8 +137,8 @@ def test_object_kinds_per_value_set(rendered):
         "default": {"Secret", "PersistentVolumeClaim"},
         "minimal": set(),
         "production": {"PersistentVolumeClaim", "PodDisruptionBudget", "PodMonitor"},
-        "tls-auth-servicemonitor": {"Secret", "ServiceMonitor"},
-        "extras-explicit-tokens": {"Secret", "PersistentVolumeClaim", "PodDisruptionBudget", "ServiceAccount"},
+        "tls-auth-servicemonitor": {"Secret", "ServiceMonitor", "CronJob"},
+        "extras-explicit-tokens": {"Secret", "PersistentVolumeClaim", "PodDisruptionBudget", "ServiceAccount", "CronJob"},
         "values-production.yaml": {"PersistentVolumeClaim", "PodDisruptionBudget", "ServiceAccount", "PodMonitor"},
     }[name]
     assert expected_extra <= set(kinds), (name, kinds)
@@ -638,6 +638,11 @@ def test_the_projects_dashboard_and_rules_render_when_present():
         ({"metrics": {"shardPort": 0}}, "/metrics/shardPort"),
         ({"metrics": {"extractorPort": "9092"}}, "/metrics/extractorPort"),
         ({"metrics": {"rayExportPort": 8080}}, "additional properties 'rayExportPort' not allowed"),
+        ({"backup": {"url": "/data/backups"}}, "/backup/url"),
+        ({"backup": {"url": "gs://bucket/x"}}, "/backup/url"),
+        ({"backup": {"enabled": "daily"}}, "/backup/enabled"),
+        ({"backup": {"endpointUrl": "minio:9000"}}, "/backup/endpointUrl"),
+        ({"backup": {"bucket": "x"}}, "additional properties 'bucket' not allowed"),
     ],
 )
 def test_schema_rejects_bad_values_with_a_message_naming_the_key(values, message):
@@ -657,6 +662,7 @@ def test_schema_rejects_bad_values_with_a_message_naming_the_key(values, message
         ({"persistence": {"accessModes": ["ReadOnlyMany"]}}, "ReadOnlyMany cannot work"),
         ({"tls": {"enabled": True}}, "tls.existingSecret"),
         ({"loupe": {"extractorResource": "loupe_shard"}}, "must differ"),
+        ({"backup": {"enabled": True}}, "backup.url: required"),
     ],
 )
 def test_render_fails_on_inconsistent_values(values, message):
@@ -844,3 +850,57 @@ def test_pods_carry_a_checksum_of_the_secrets_they_run_with():
     assert checksums(render(fixed)) == checksums(render(fixed))
     assert checksums(render(fixed)) != checksums(render({**fixed, "rayAuth": {"token": "e" * 48}}))
     assert checksums(render({"auth": {"existingSecret": "s"}, "rayAuth": {"existingSecret": "r"}})) != checksums(render({"auth": {"existingSecret": "s2"}, "rayAuth": {"existingSecret": "r"}}))
+
+
+# --- the backup CronJob ------------------------------------------------------------------------------
+def test_no_backup_cronjob_by_default():
+    objs = render({})
+    assert not [o for o in objs if o["kind"] == "CronJob"]
+    assert "envFrom" not in _head(one(objs, "RayCluster"))
+
+
+def test_the_backup_cronjob_asks_the_broker_with_the_write_token(rendered):
+    """The job runs `loupe backup --to <url>` against the Service (TLS CA and write token when on);
+    the head, which writes the backup, gets the S3 credentials and endpoint."""
+    name, values, objs = rendered
+    v = _merged(values)
+    jobs = [o for o in objs if o["kind"] == "CronJob"]
+    if not v["backup"]["enabled"]:
+        assert not jobs, name
+        return
+    (job,) = jobs
+    assert job["apiVersion"] == "batch/v1" and len(job["metadata"]["name"]) <= 52
+    spec = job["spec"]
+    assert spec["schedule"] == v["backup"]["schedule"] and spec["concurrencyPolicy"] == "Forbid"
+    pod = spec["jobTemplate"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    cmd = c["command"]
+    assert cmd[:2] == ["loupe", "backup"] and _flag(cmd, "--to") == v["backup"]["url"]
+    assert _flag(cmd, "--address") == f"{one(objs, 'Service')['metadata']['name']}.{NAMESPACE}.svc:{v['loupe']['port']}"
+    assert ("--full" in cmd) == v["backup"]["full"]
+    mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+    volumes = {vol["name"]: vol for vol in pod.get("volumes", [])}
+    if v["auth"]["enabled"]:
+        assert _flag(cmd, "--token-file") == mounts["auth"] + "/write-token"
+        assert volumes["auth"]["secret"]["items"] == [{"key": "write-token", "path": "write-token"}]
+    else:
+        assert "--token-file" not in cmd
+    if v["tls"]["enabled"]:
+        assert _flag(cmd, "--tls-ca-file") == mounts["tls"] + "/ca.crt"
+    assert pod["securityContext"]["runAsNonRoot"] and pod["automountServiceAccountToken"] is False
+    head = _head(one(objs, "RayCluster"))
+    env = {e["name"]: e.get("value") for e in head["env"]}
+    if v["backup"]["credentialsSecret"]:
+        assert head["envFrom"] == [{"secretRef": {"name": v["backup"]["credentialsSecret"]}}]
+    if v["backup"]["endpointUrl"]:
+        assert env["AWS_ENDPOINT_URL"] == v["backup"]["endpointUrl"]
+    if v["backup"]["region"]:
+        assert env["AWS_DEFAULT_REGION"] == v["backup"]["region"]
+    if v["backup"]["timeZone"]:
+        assert spec["timeZone"] == v["backup"]["timeZone"]
+
+
+def test_the_backup_cronjob_name_fits_with_the_longest_release_name():
+    objs = render(VALUE_SETS["tls-auth-servicemonitor"], release="r" * 53)
+    (job,) = [o for o in objs if o["kind"] == "CronJob"]
+    assert len(job["metadata"]["name"]) <= 52 and job["metadata"]["name"].endswith("-backup")

@@ -425,7 +425,8 @@ def test_bad_input_soak(env):
 
 
 def test_raw_garbage_is_invalid_argument_naming_the_request(env):
-    for method in METHODS:
+    # the backup rpcs take a url the broker writes to: garbage only, never fuzzed into a valid one
+    for method in METHODS + ("Backup", "ListBackups", "Restore"):
         with pytest.raises(grpc.RpcError) as err:
             fn = env["channel"].unary_unary(f"/loupe.v1.Retrieval/{method}", request_serializer=None, response_deserializer=None)
             if method == "AddImages":

@@ -45,3 +45,15 @@ def test_broker_limit_flags_reach_the_broker_config(capsys) -> None:
     assert cfg.max_extract_queue == 8 and cfg.shard_budget_fraction == 0.5  # unset flags keep the defaults
     assert main(["up", "--shard-budget-fraction", "1.5"]) == 2
     assert "shard_budget_fraction" in capsys.readouterr().err
+
+
+def test_backup_and_restore_need_a_cluster_or_a_data_dir_and_list_reads_locally(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["backup", "--to", "backups"]) == 2
+    assert "backup: give --address of a running cluster, or --data-dir" in capsys.readouterr().err
+    assert main(["restore", "--from", "backups"]) == 2
+    assert "restore: give --address" in capsys.readouterr().err
+    assert main(["backup", "--list", "--to", "backups"]) == 0  # a relative directory, made absolute here
+    assert f"no backups at {tmp_path / 'backups'}" in capsys.readouterr().out
+    assert main(["backup", "--list", "--to", "gs://bucket/x"]) == 2
+    assert "InvalidArgument: url: scheme 'gs'" in capsys.readouterr().err

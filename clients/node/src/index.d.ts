@@ -90,6 +90,9 @@ export class LoupeClient {
   getImages(ids: string[], opts?: { withVector?: boolean; deadlineMs?: number }): Promise<{ images: StoredImage[]; missing: string[]; unavailable: string[] }>;
   listImages(opts?: { pageSize?: number; cursor?: string; filter?: Filter; deadlineMs?: number }): Promise<{ images: StoredImage[]; next_cursor: string }>;
   buildGraph(opts?: { k?: number; remove?: boolean; deadlineMs?: number }): Promise<{ images: number; k: number; bytes: number; seconds: number; regions: number }>;
+  backup(url: string, opts?: { full?: boolean; deadlineMs?: number }): Promise<{ backup_id: string; images: number; shards: number; chunks: number; chunks_reused: number; bytes: number; bytes_written: number; seconds: number; started_version: number; incremental_from: string }>;
+  listBackups(url: string, opts?: { deadlineMs?: number }): Promise<{ backups: Array<{ backup_id: string; complete: boolean; created: string; images: number; shards: number; bytes: number; seconds: number; incremental_from: string; problem: string }> }>;
+  restore(url: string, opts?: { backupId?: string; deadlineMs?: number }): Promise<{ backup_id: string; images: number; source_shards: number; target_shards: number; bytes_read: number; seconds: number; verify_seconds: number; resumed: boolean }>;
   fitWhitening(opts?: { maxVectors?: number; dim?: number; remove?: boolean; deadlineMs?: number }): Promise<{ sample_size: number; dim: number }>;
   health(service?: string, opts?: { deadlineMs?: number }): Promise<'UNKNOWN' | 'SERVING' | 'NOT_SERVING' | 'SERVICE_UNKNOWN'>;
   waitReady(deadlineMs?: number): Promise<void>;

@@ -217,6 +217,24 @@ class LoupeClient {
   }
 
   /**
+   * Back the collection up to `url` (an absolute directory path on the broker's machine, or
+   * s3://bucket/prefix); incremental unless `opts.full`. Write role. No deadline by default.
+   */
+  backup(url, opts = {}) {
+    return this._unary('Backup', { url, full: !!opts.full }, opts.deadlineMs === undefined ? 24 * 3600000 : opts.deadlineMs);
+  }
+
+  /** The backups at `url`, oldest first. Write role. */
+  listBackups(url, opts = {}) {
+    return this._unary('ListBackups', { url }, opts.deadlineMs === undefined ? 120000 : opts.deadlineMs);
+  }
+
+  /** Restore backup `opts.backupId` ("" = the newest) at `url` into this empty cluster. Write role. */
+  restore(url, opts = {}) {
+    return this._unary('Restore', { url, backup_id: opts.backupId || '' }, opts.deadlineMs === undefined ? 24 * 3600000 : opts.deadlineMs);
+  }
+
+  /**
    * gRPC health status of the broker ("SERVING", ...). Needs no token.
    * @param {string} [service] "" for the server, or "loupe.v1.Retrieval"
    */

@@ -188,6 +188,19 @@ class RetrievalClient:
         """Learn and install the collection's PCA-whitening (or remove it)."""
         return self.stub.FitWhitening(retrieval_pb2.FitWhiteningRequest(max_vectors=max_vectors, dim=dim, remove=remove), timeout=timeout_s, metadata=self.metadata)
 
+    def backup(self, url: str, full: bool = False, timeout_s: float | None = 24 * 3600.0) -> retrieval_pb2.BackupResponse:
+        """Back the collection up to ``url`` (an absolute directory path on the broker's machine, or
+        s3://bucket/prefix); incremental unless ``full``."""
+        return self.stub.Backup(retrieval_pb2.BackupRequest(url=url, full=full), timeout=timeout_s, metadata=self.metadata)
+
+    def list_backups(self, url: str, timeout_s: float = 120.0) -> retrieval_pb2.ListBackupsResponse:
+        """The backups at ``url``, oldest first."""
+        return self.stub.ListBackups(retrieval_pb2.ListBackupsRequest(url=url), timeout=timeout_s, metadata=self.metadata)
+
+    def restore(self, url: str, backup_id: str = "", timeout_s: float | None = 24 * 3600.0) -> retrieval_pb2.RestoreResponse:
+        """Restore backup ``backup_id`` ("" = the newest) at ``url`` into this (empty) cluster."""
+        return self.stub.Restore(retrieval_pb2.RestoreRequest(url=url, backup_id=backup_id), timeout=timeout_s, metadata=self.metadata)
+
 
 def search_request(
     *, image: bytes | None = None, vector: np.ndarray | None = None, image_id: str | None = None, k: int = 10, offset: int = 0,

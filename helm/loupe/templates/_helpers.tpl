@@ -233,6 +233,22 @@ Environment of every Ray container: Ray token auth and extra variables.
 {{- end }}
 
 {{/*
+Environment of the head container for backups to S3 (the broker writes them): the keys of
+`backup.credentialsSecret` (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) and the endpoint/region
+values. boto3 in the broker reads these.
+*/}}
+{{- define "loupe.backupEnv" -}}
+{{- with .Values.backup.endpointUrl }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.backup.region }}
+- name: AWS_DEFAULT_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
 Volumes shared by the Ray pods: /dev/shm for Ray's object store (KubeRay recommends a memory
 emptyDir) and, for the head and shard pods, the data volume.
 */}}
@@ -419,6 +435,9 @@ Checks across values that a JSON schema cannot express.
 {{- end }}
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) }}
 {{- fail "tls.existingSecret: required when tls.enabled (a Secret with tls.crt, tls.key and ca.crt)" }}
+{{- end }}
+{{- if and .Values.backup.enabled (not .Values.backup.url) }}
+{{- fail "backup.url: required when backup.enabled (s3://bucket/prefix)" }}
 {{- end }}
 {{- if eq .Values.loupe.shardResource .Values.loupe.extractorResource }}
 {{- fail (printf "loupe.shardResource and loupe.extractorResource must differ (both %q): shards and extractors would share pods" .Values.loupe.shardResource) }}

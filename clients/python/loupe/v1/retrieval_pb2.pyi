@@ -402,3 +402,97 @@ class SearchBatchResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[SearchBatchResult]
     timings: _containers.RepeatedCompositeFieldContainer[_types_pb2.StageTiming]
     def __init__(self, results: _Optional[_Iterable[_Union[SearchBatchResult, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[_types_pb2.StageTiming, _Mapping]]] = ...) -> None: ...
+
+class BackupRequest(_message.Message):
+    __slots__ = ("url", "full")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    full: bool
+    def __init__(self, url: _Optional[str] = ..., full: _Optional[bool] = ...) -> None: ...
+
+class BackupResponse(_message.Message):
+    __slots__ = ("backup_id", "images", "shards", "chunks", "chunks_reused", "bytes", "bytes_written", "seconds", "started_version", "incremental_from")
+    BACKUP_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_REUSED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INCREMENTAL_FROM_FIELD_NUMBER: _ClassVar[int]
+    backup_id: str
+    images: int
+    shards: int
+    chunks: int
+    chunks_reused: int
+    bytes: int
+    bytes_written: int
+    seconds: float
+    started_version: int
+    incremental_from: str
+    def __init__(self, backup_id: _Optional[str] = ..., images: _Optional[int] = ..., shards: _Optional[int] = ..., chunks: _Optional[int] = ..., chunks_reused: _Optional[int] = ..., bytes: _Optional[int] = ..., bytes_written: _Optional[int] = ..., seconds: _Optional[float] = ..., started_version: _Optional[int] = ..., incremental_from: _Optional[str] = ...) -> None: ...
+
+class ListBackupsRequest(_message.Message):
+    __slots__ = ("url",)
+    URL_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    def __init__(self, url: _Optional[str] = ...) -> None: ...
+
+class BackupInfo(_message.Message):
+    __slots__ = ("backup_id", "complete", "created", "images", "shards", "bytes", "seconds", "incremental_from", "problem")
+    BACKUP_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INCREMENTAL_FROM_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    backup_id: str
+    complete: bool
+    created: str
+    images: int
+    shards: int
+    bytes: int
+    seconds: float
+    incremental_from: str
+    problem: str
+    def __init__(self, backup_id: _Optional[str] = ..., complete: _Optional[bool] = ..., created: _Optional[str] = ..., images: _Optional[int] = ..., shards: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., incremental_from: _Optional[str] = ..., problem: _Optional[str] = ...) -> None: ...
+
+class ListBackupsResponse(_message.Message):
+    __slots__ = ("backups",)
+    BACKUPS_FIELD_NUMBER: _ClassVar[int]
+    backups: _containers.RepeatedCompositeFieldContainer[BackupInfo]
+    def __init__(self, backups: _Optional[_Iterable[_Union[BackupInfo, _Mapping]]] = ...) -> None: ...
+
+class RestoreRequest(_message.Message):
+    __slots__ = ("url", "backup_id")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_ID_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    backup_id: str
+    def __init__(self, url: _Optional[str] = ..., backup_id: _Optional[str] = ...) -> None: ...
+
+class RestoreResponse(_message.Message):
+    __slots__ = ("backup_id", "images", "source_shards", "target_shards", "bytes_read", "seconds", "verify_seconds", "resumed")
+    BACKUP_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
+    backup_id: str
+    images: int
+    source_shards: int
+    target_shards: int
+    bytes_read: int
+    seconds: float
+    verify_seconds: float
+    resumed: bool
+    def __init__(self, backup_id: _Optional[str] = ..., images: _Optional[int] = ..., source_shards: _Optional[int] = ..., target_shards: _Optional[int] = ..., bytes_read: _Optional[int] = ..., seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., resumed: _Optional[bool] = ...) -> None: ...

@@ -43,7 +43,8 @@ class RetrievalStub:
     traceback. Each shard call gets a budget shorter than the caller's deadline (broker
     settings shard_budget_fraction, shard_budget_s), so a hung shard yields a partial answer
     listing it, not a DEADLINE_EXCEEDED.
-    Retrying any rpc is safe: AddImages is an idempotent upsert by id.
+    Retrying any rpc is safe: AddImages is an idempotent upsert by id; a retried Backup takes
+    another (incremental) backup, a retried Restore completes the same restore.
     """
 
     def __init__(self, channel):
@@ -97,6 +98,21 @@ class RetrievalStub:
                 request_serializer=loupe_dot_v1_dot_retrieval__pb2.SearchBatchRequest.SerializeToString,
                 response_deserializer=loupe_dot_v1_dot_retrieval__pb2.SearchBatchResponse.FromString,
                 _registered_method=True)
+        self.Backup = channel.unary_unary(
+                '/loupe.v1.Retrieval/Backup',
+                request_serializer=loupe_dot_v1_dot_retrieval__pb2.BackupRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_retrieval__pb2.BackupResponse.FromString,
+                _registered_method=True)
+        self.ListBackups = channel.unary_unary(
+                '/loupe.v1.Retrieval/ListBackups',
+                request_serializer=loupe_dot_v1_dot_retrieval__pb2.ListBackupsRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_retrieval__pb2.ListBackupsResponse.FromString,
+                _registered_method=True)
+        self.Restore = channel.unary_unary(
+                '/loupe.v1.Retrieval/Restore',
+                request_serializer=loupe_dot_v1_dot_retrieval__pb2.RestoreRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_retrieval__pb2.RestoreResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServicer:
@@ -117,7 +133,8 @@ class RetrievalServicer:
     traceback. Each shard call gets a budget shorter than the caller's deadline (broker
     settings shard_budget_fraction, shard_budget_s), so a hung shard yields a partial answer
     listing it, not a DEADLINE_EXCEEDED.
-    Retrying any rpc is safe: AddImages is an idempotent upsert by id.
+    Retrying any rpc is safe: AddImages is an idempotent upsert by id; a retried Backup takes
+    another (incremental) backup, a retried Restore completes the same restore.
     """
 
     def Search(self, request, context):
@@ -229,6 +246,46 @@ class RetrievalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backup(self, request, context):
+        """Backs the collection up to `url` while the cluster keeps serving: every shard's live records
+        (read from in-sync replicas, in chunk files of a few MB named by their SHA-256), the broker's
+        model files (whitening, local PCA, kNN graphs), the layout and a manifest listing every file
+        with its checksum. A write acknowledged before the call started is in the backup; writes made
+        while it runs may or may not be, each record whole at one version. Incremental: chunks whose
+        ids and versions equal a chunk of an earlier backup at the same url are reused, not read again.
+        `url`: an absolute directory path on the broker's machine (or file:///path) or
+        s3://bucket/prefix (endpoint and credentials from the broker's AWS_* environment). Role: write.
+        Errors: INVALID_ARGUMENT naming `url`; FAILED_PRECONDITION (the target refuses the write, no
+        credentials, no such bucket); UNAVAILABLE (a shard with no in-sync replica, S3 unreachable).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBackups(self, request, context):
+        """The backups at `url`, oldest first (complete ones, and incomplete ones: interrupted backups
+        without a manifest; a manifest that fails its checks is listed with the problem). Role: write.
+        Errors: as Backup.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restore(self, request, context):
+        """Restores a backup into this cluster, which must be empty (or hold a restore of the same
+        backup that stopped midway: running it again completes it). Any shard count: records are
+        re-placed by this cluster's placement and stored with their own versions; the model files are
+        installed (the whitening on every shard). Every file is read and checked against the manifest
+        before anything is written. Role: write.
+        Errors: DATA_LOSS naming the file when a file is missing, cut short or altered (nothing was
+        restored); NOT_FOUND (no backup at url, unknown backup_id); FAILED_PRECONDITION (the cluster
+        is not empty, or its extractor model differs from the backup's); INVALID_ARGUMENT naming the
+        field. A failure while writing says how many records were written: run the same restore again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -277,6 +334,21 @@ def add_RetrievalServicer_to_server(servicer, server):
                     request_deserializer=loupe_dot_v1_dot_retrieval__pb2.SearchBatchRequest.FromString,
                     response_serializer=loupe_dot_v1_dot_retrieval__pb2.SearchBatchResponse.SerializeToString,
             ),
+            'Backup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=loupe_dot_v1_dot_retrieval__pb2.BackupRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_retrieval__pb2.BackupResponse.SerializeToString,
+            ),
+            'ListBackups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBackups,
+                    request_deserializer=loupe_dot_v1_dot_retrieval__pb2.ListBackupsRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_retrieval__pb2.ListBackupsResponse.SerializeToString,
+            ),
+            'Restore': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=loupe_dot_v1_dot_retrieval__pb2.RestoreRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_retrieval__pb2.RestoreResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'loupe.v1.Retrieval', rpc_method_handlers)
@@ -303,7 +375,8 @@ class Retrieval:
     traceback. Each shard call gets a budget shorter than the caller's deadline (broker
     settings shard_budget_fraction, shard_budget_s), so a hung shard yields a partial answer
     listing it, not a DEADLINE_EXCEEDED.
-    Retrying any rpc is safe: AddImages is an idempotent upsert by id.
+    Retrying any rpc is safe: AddImages is an idempotent upsert by id; a retried Backup takes
+    another (incremental) backup, a retried Restore completes the same restore.
     """
 
     @staticmethod
@@ -539,6 +612,87 @@ class Retrieval:
             '/loupe.v1.Retrieval/SearchBatch',
             loupe_dot_v1_dot_retrieval__pb2.SearchBatchRequest.SerializeToString,
             loupe_dot_v1_dot_retrieval__pb2.SearchBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Retrieval/Backup',
+            loupe_dot_v1_dot_retrieval__pb2.BackupRequest.SerializeToString,
+            loupe_dot_v1_dot_retrieval__pb2.BackupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBackups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Retrieval/ListBackups',
+            loupe_dot_v1_dot_retrieval__pb2.ListBackupsRequest.SerializeToString,
+            loupe_dot_v1_dot_retrieval__pb2.ListBackupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Retrieval/Restore',
+            loupe_dot_v1_dot_retrieval__pb2.RestoreRequest.SerializeToString,
+            loupe_dot_v1_dot_retrieval__pb2.RestoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
