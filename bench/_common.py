@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
+import signal
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,3 +97,24 @@ def rss_mib(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+class ShardProcess:
+    """``python -m services.index`` serving one shard id on a directory (a real shard process:
+    gRPC on 127.0.0.1, LMDB, faiss); ``pause``/``resume`` with SIGSTOP/SIGCONT, ``stop`` with SIGTERM."""
+
+    def __init__(self, data_dir: str, shard_id: int = 0) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.index", "--data-dir", data_dir, "--shard-id", str(shard_id),
+                                      "--snapshot-every", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.address = json.loads(self.proc.stdout.readline())["address"]
+
+    def pause(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.resume()
+        self.proc.terminate()
+        self.proc.wait(60)

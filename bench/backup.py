@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import subprocess
@@ -33,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import machine  # noqa: E402
+from bench._common import ShardProcess, machine  # noqa: E402
 from loupe.tensors import to_tensor  # noqa: E402
 from loupe.v1 import shard_pb2, types_pb2  # noqa: E402
 from services.backup import restore as restoring  # noqa: E402
@@ -46,19 +45,6 @@ from services.space.placement import shard_for  # noqa: E402
 
 D = 512
 CHANNEL = ServerOptions().channel_options()  # the broker's message limits (64 MiB), not gRPC's 4 MiB default
-
-
-class ShardProcess:
-    """``python -m services.index`` for one shard id on a directory; stopped with SIGTERM at the end."""
-
-    def __init__(self, data_dir: str, shard_id: int) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.index", "--data-dir", data_dir, "--shard-id", str(shard_id),
-                                      "--snapshot-every", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.address = json.loads(self.proc.stdout.readline())["address"]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
 
 
 def record(i: int, rng: np.random.Generator, local: int, version: int) -> shard_pb2.ShardRecord:

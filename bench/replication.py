@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import machine  # noqa: E402
+from bench._common import ShardProcess, machine  # noqa: E402
 from loupe.tensors import to_tensor  # noqa: E402
 from loupe.v1 import shard_pb2, types_pb2  # noqa: E402
 from services.broker.backends import GrpcShardClient  # noqa: E402
@@ -44,26 +41,6 @@ from services.common.grpc_server import ServerOptions  # noqa: E402
 
 D = 512
 CHANNEL = ServerOptions().channel_options()  # the broker's message limits (64 MiB), as its own channels have
-
-
-class ShardProcess:
-    """``python -m services.index`` on a directory; stopped with SIGTERM at the end."""
-
-    def __init__(self, data_dir: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.index", "--data-dir", data_dir, "--snapshot-every", "1000000"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.address = json.loads(self.proc.stdout.readline())["address"]
-
-    def pause(self) -> None:
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-    def stop(self) -> None:
-        self.resume()
-        self.proc.terminate()
-        self.proc.wait(60)
 
 
 def record(i: int, rng: np.random.Generator, local: int, version: int) -> shard_pb2.ShardRecord:
