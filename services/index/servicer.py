@@ -227,6 +227,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
     def GetFeatures(self, request: shard_pb2.GetFeaturesRequest, context: grpc.ServicerContext) -> shard_pb2.GetFeaturesResponse:
         t0 = time.perf_counter()
         self._check_shard(request.shard_id)
+        for i, image_id in enumerate(request.ids):
+            check_id(image_id, f"ids[{i}]")  # an empty or over-long id is no LMDB key
         per_image = features_bytes(self.index.dim, want_global=request.want_global, want_regional=request.want_regional,
                                    want_local=request.want_local)
         self.budget.check(len(request.ids), per_image, "ids", "images")
@@ -355,6 +357,10 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         self._check_shard(request.shard_id)
         if not 1 <= request.limit <= MAX_RECORDS_PAGE:
             raise InvalidArgument(f"limit: must be in 1..{MAX_RECORDS_PAGE}, got {request.limit}")
+        if request.after:
+            check_id(request.after, "after")
+        if request.upto:
+            check_id(request.upto, "upto")
         limit = min(request.limit, self.budget.items(version_entry_bytes()))
         entries, done = self.index.store.versions_after(request.after, limit, request.upto or None)
         return shard_pb2.ListVersionsResponse(
@@ -366,6 +372,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         self._check_shard(request.shard_id)
         if len(request.ids) > MAX_RECORDS_PAGE:
             raise InvalidArgument(f"ids: {len(request.ids)} ids, the limit is {MAX_RECORDS_PAGE} per call")
+        for i, image_id in enumerate(request.ids):
+            check_id(image_id, f"ids[{i}]")  # an empty or over-long id is no LMDB key (found by the internal-port fuzzer)
         resp = shard_pb2.GetRecordsResponse()
         size = 0
         for image_id in request.ids:

@@ -78,3 +78,27 @@ def test_an_empty_replica_receives_the_whole_shard(two_shards):
     assert a.index.stats()["digest"] == b.index.stats()["digest"]
     q = a.index.get("img-0123").vector
     assert a.index.search(q, 5).ids == b.index.search(q, 5).ids
+
+
+@pytest.mark.parametrize("bad", ["", "a" * 600])
+def test_replication_rpcs_refuse_ids_no_store_can_hold(two_shards, bad):
+    """An empty or over-long id is no LMDB key: INVALID_ARGUMENT naming the field, never INTERNAL
+    (the internal-port fuzzer found GetRecords answering INTERNAL for "")."""
+    import grpc
+
+    from loupe.v1 import shard_pb2, shard_pb2_grpc
+
+    _, addresses = two_shards
+    with grpc.insecure_channel(addresses[0]) as channel:
+        stub = shard_pb2_grpc.ShardStub(channel)
+        calls = [
+            (stub.GetRecords, shard_pb2.GetRecordsRequest(shard_id=0, ids=["ok", bad]), "ids[1]"),
+            (stub.GetFeatures, shard_pb2.GetFeaturesRequest(shard_id=0, ids=[bad], want_global=True), "ids[0]"),
+        ]
+        if bad:  # "" is "from the start" for a cursor
+            calls += [(stub.ListVersions, shard_pb2.ListVersionsRequest(shard_id=0, after=bad, limit=10), "after"),
+                      (stub.ListVersions, shard_pb2.ListVersionsRequest(shard_id=0, upto=bad, limit=10), "upto")]
+        for fn, req, field in calls:
+            with pytest.raises(grpc.RpcError) as err:
+                fn(req, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(field), err.value.details()
