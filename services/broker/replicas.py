@@ -41,9 +41,6 @@ from services.common.errors import DeadlineExceeded, Overloaded, Unavailable
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 
-QUORUMS = ("all", "majority")
-
-
 def quorum_size(quorum: str, replicas: int) -> int:
     """Replicas that must store a write before it is acknowledged: ``all``, ``majority`` (more
     than half: 2 of 2, 2 of 3), or a number 1..replicas."""
@@ -136,7 +133,6 @@ class ReplicatedShard:
         self._catch_ups: dict[int, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._digest_mismatch_rounds = 0
-        self.catch_up_seconds: list[float] = []  # durations of completed catch-ups (for logs and benches)
 
     # --- identity -----------------------------------------------------------------------
     @property
@@ -452,7 +448,6 @@ class ReplicatedShard:
                 log.info("shard %d replica %d failed a write during its catch-up: merging again", self.shard_id, i)
             state.in_sync, state.missed, state.progress = True, 0, 1.0
             took = time.monotonic() - t0
-            self.catch_up_seconds.append(took)
             log.warning("shard %d replica %d is in sync again after %.1f s (%d ids compared, %d records and %d deletes copied to it, "
                         "%d records and %d deletes copied back)", self.shard_id, i, took, report.compared, report.records_to_b,
                         report.deletes_to_b, report.records_to_a, report.deletes_to_a)
@@ -475,15 +470,6 @@ class ReplicatedShard:
         if payload is None:
             return
         await self.replicas[i].set_whitening(shard_pb2.SetWhiteningRequest(shard_id=self.shard_id, whitening=payload), 300.0)
-
-    async def wait_in_sync(self, timeout_s: float) -> bool:
-        """Wait until every replica is readable (tests, benches, drains); returns whether they are."""
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            if len(self.readable_replicas()) == len(self.replicas):
-                return True
-            await asyncio.sleep(0.05)
-        return False
 
     # --- lifecycle ----------------------------------------------------------------------
     async def refresh(self) -> bool:
