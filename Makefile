@@ -21,9 +21,12 @@ demo: $(STAMP)
 # process died with SIGSEGV exactly there (no Python stack: something replaced faulthandler's
 # handler), after ~20 local Ray start/stop cycles and with the Helm Go SDK (a Go c-shared library)
 # loaded in the same process. Apart, it starts from a clean process and cannot take the run down.
+# Two pytest workers, one test module at a time each (`--dist loadfile`: a module's cluster fixture
+# stays in one process): most integration time is waiting on servers, Ray and subprocesses, so on
+# 2 cores the run takes ~0.8x its one-process time (BENCHMARKS.md, "The test suite").
 test: $(STAMP)
 	$(VENV)/bin/ruff check --quiet .
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=15 -m "not soak and not isolated" tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 -m "not soak and not isolated" tests
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "isolated and not soak" tests
 
 soak: $(STAMP)

@@ -20,7 +20,7 @@ def shared_dataset(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """One local Ray (loopback only, private token) for every in-process ``Cluster`` of the run.
+    """One local Ray (loopback only, private token) for every in-process ``Cluster`` of this pytest process (each xdist worker has its own).
 
     Each test module still starts and stops its own loupe cluster (actors, broker); only Ray's
     own daemons are shared, so the run pays for one Ray start instead of one per module (~6 s
