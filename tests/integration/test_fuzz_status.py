@@ -397,11 +397,11 @@ def _run_all(env, scale: int) -> dict[str, tuple[float, float]]:
     before = {name: _rss_mib(pid) for name, pid in pids.items()}
     HISTOGRAM.clear()
     for _ in range(scale):
-        run_raw(env, _budget(500))
-        run_search(env, _budget(500))
-        run_writes(env, _budget(350))
-        run_reads(env, _budget(200))
-        run_internal(env, _budget(120))
+        run_raw(env, _budget(600))
+        run_search(env, _budget(600))
+        run_writes(env, _budget(450))
+        run_reads(env, _budget(250))
+        run_internal(env, _budget(130))
     after = {name: _rss_mib(pid) for name, pid in pids.items()}
     print(f"\nfuzz: {sum(HISTOGRAM.values())} requests, status histogram {dict(HISTOGRAM.most_common())}")
     print("fuzz: RSS MiB before → after " + ", ".join(f"{n} {before[n]:.0f} → {after[n]:.0f}" for n in pids))
