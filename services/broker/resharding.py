@@ -131,7 +131,11 @@ class Resharder:
             if source == target:
                 return resp
             t0 = time.monotonic()
-            await self._run(source, target, resp)
+            self.routing.resharding = True
+            try:
+                await self._run(source, target, resp)
+            finally:
+                self.routing.resharding = False
             resp.seconds = time.monotonic() - t0
         log.warning("resharded %d → %d shards (%s → %s) in %.1f s: %d records moved, %d copies removed", source.shards, target.shards,
                     source.rule, target.rule, resp.seconds, resp.records_moved, resp.copies_removed)
@@ -272,11 +276,15 @@ class Resharder:
         log.warning("a reshard %s → %s shards stopped midway; the collection has %d shards (%s): removing the copies it left",
                     marker.get("from"), marker.get("to"), placement.shards, placement.rule)
         self.routing.enter("cleaning", placement)
+        self.routing.resharding = True
         removed = 0
-        for sid, shard in enumerate(self.shards[: placement.shards]):
-            removed += await self._sweep(shard, lambda image_id, sid=sid: placement.shard_of(image_id) == sid, self.settings.timeout_s)
-        self.routing.enter("idle")
-        await self._retire(placement.shards)
+        try:
+            for sid, shard in enumerate(self.shards[: placement.shards]):
+                removed += await self._sweep(shard, lambda image_id, sid=sid: placement.shard_of(image_id) == sid, self.settings.timeout_s)
+            self.routing.enter("idle")
+            await self._retire(placement.shards)
+        finally:
+            self.routing.resharding = False
         self._set_marker(None)
         log.warning("reshard recovery removed %d copies", removed)
         return removed

@@ -75,6 +75,9 @@ class Routing:
         Where a running reshard moves records to.
     phase : str
         One of ``PHASES``.
+    resharding : bool
+        Whether a reshard runs (also while it starts or retires shards, in phase "idle"): the
+        collection-wide model operations (FitWhitening, BuildGraph) wait for it to end.
     reads, writes : InFlight
         Requests in progress, for the resharder's waits.
     """
@@ -83,6 +86,7 @@ class Routing:
         self.current = placement
         self.target: Placement | None = None
         self.phase = "idle"
+        self.resharding = False  # a reshard (or its recovery) runs, from its first step to its last
         self.reads = InFlight()
         self.writes = InFlight()
 

@@ -101,7 +101,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         self.pipeline = SearchPipeline(extractors, self.shards, self.collection, metrics, config, self._verify_pool, budget, self.routing)
         self.clock = clock or VersionClock()
         self.writer = Writer(extractors, self.shards, self.collection, metrics, config, self.clock, self.routing)
-        self.admin = Admin(extractors, self.shards, self.collection, metrics, config)
+        self.admin = Admin(extractors, self.shards, self.collection, metrics, config, self.routing)
         self.reader = Reader(self.shards, config, self.routing)
         self.batch = BatchSearcher(self.pipeline, config)
         self.backups = Backups(extractors, self.shards, self.collection, self.clock, budget.max_message_bytes, routing=self.routing)

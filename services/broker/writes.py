@@ -130,6 +130,7 @@ class Writer:
         for image_id in request.ids:
             for sid in self.routing.write_owners(image_id):
                 by_shard.setdefault(sid, []).append(image_id)
+        owner = {image_id: self.routing.owner(image_id) for image_id in request.ids}  # as routed (a reshard may switch meanwhile)
         version = self.clock.next()
 
         async def one(sid: int, ids: list[str]) -> shard_pb2.ShardDeleteResponse:
@@ -140,7 +141,6 @@ class Writer:
         self.collection.graph_forget(list(request.ids))
         resp = retrieval_pb2.DeleteResponse(replicas_stored=min((r.replicas for r in results), default=0))
         # during a reshard an id is deleted on two shards: it existed if it existed on its owner
-        owner = {image_id: self.routing.owner(image_id) for image_id in request.ids}
         for sid, r in zip(by_shard, results):
             resp.deleted.extend(i for i in r.deleted if owner[i] == sid)
             resp.missing.extend(i for i in r.missing if owner[i] == sid)

@@ -329,3 +329,18 @@ def test_legacy_collection_migrates_at_the_same_count(tmp_path) -> None:
 def test_read_layout_reads_what_write_records(tmp_path) -> None:
     check_layout(tmp_path, Layout(shards=4))
     assert read_layout(tmp_path) == Layout(shards=4, placement=PLACEMENT_VERSION)
+
+
+def test_model_operations_wait_for_a_running_reshard() -> None:
+    from services.broker.admin import Admin
+    from services.broker.config import BrokerConfig
+    from services.broker.deadlines import Deadline
+    from services.broker.metrics import BrokerMetrics
+
+    routing = Routing(Placement(2))
+    admin = Admin(None, [], CollectionModel(""), BrokerMetrics.create(), BrokerConfig(), routing)  # type: ignore[arg-type]
+    routing.resharding = True
+    with pytest.raises(FailedPrecondition, match="reshard is running; run FitWhitening"):
+        asyncio.run(admin.fit_whitening(retrieval_pb2.FitWhiteningRequest(), Deadline(10.0, 10.0)))
+    with pytest.raises(FailedPrecondition, match="run BuildGraph"):
+        asyncio.run(admin.build_graph(retrieval_pb2.BuildGraphRequest(), Deadline(10.0, 10.0)))
