@@ -75,8 +75,9 @@ class Reader:
             limits.check_id(image_id, f"ids[{i}]")
         timeout = shard_timeout(deadline, self.config)
         with self.routing.reads.running():
+            view = self.routing.view()
             for image_id in ids:
-                by_shard.setdefault(self.routing.owner(image_id), []).append(image_id)
+                by_shard.setdefault(view.owner(image_id), []).append(image_id)
             answers = await asyncio.gather(
                 *(self.shards[sid].get_info(shard_pb2.GetInfoRequest(shard_id=sid, ids=sids, want_vector=request.with_vector), timeout)
                   for sid, sids in by_shard.items()),
@@ -123,7 +124,8 @@ class Reader:
             return await shard.list_ids(req, timeout)
 
         with self.routing.reads.running():
-            shards = self.routing.read_shards(self.shards)
+            view = self.routing.view()
+            shards = view.read_shards(self.shards)
             answers = await asyncio.gather(*(one(s) for s in shards))
         # a shard that stopped early has returned everything up to its scanned_to: cut there
         bounds = [a.scanned_to for a in answers if not a.done]
@@ -131,7 +133,7 @@ class Reader:
         # during a reshard a shard may also hold copies of records it does not own: counted once, from the owner
         merged = sorted(
             ((img.id, sid, img) for sid, a in enumerate(answers) for img in a.images
-             if (bound is None or img.id <= bound) and self.routing.counts(shards[sid].shard_id, img.id)),
+             if (bound is None or img.id <= bound) and view.counts(shards[sid].shard_id, img.id)),
             key=lambda t: t[0],
         )
         page = merged[:page_size]

@@ -17,7 +17,7 @@ The steps, while searches and writes go on (``services.broker.routing`` says whe
    owners until every request routed before the switch has finished.
 4. **Clean** (phase "cleaning": writes go to the new owner only): every shard deletes the records
    it no longer owns. Reads count a record only from its owner under the placement they use, so a
-   copy on a second shard is never seen twice (``Routing.counts``).
+   copy on a second shard is never seen twice (``ReadView.counts``).
 5. **Retire** (shrinking): the broker stops asking the shards beyond the new count, waits for the
    reads that may still ask them, and stops them (``ShardFleet.stop``).
 

@@ -17,8 +17,8 @@ A record may sit on two shards during a reshard (copied, not yet removed from it
 reads count it only from the owner under the placement reads use, so an answer holds it once,
 and never misses it: before the switch the old owner holds every write (writes go to both), after
 it the new owner does (everything was copied, and writes still go to both until the switch is
-behind every request). ``InFlight`` lets the resharder wait for the reads and writes that started
-under an earlier phase.
+behind every request). A read takes its ``ReadView`` once, when it starts, and keeps it; ``InFlight``
+lets the resharder wait for the reads and writes that started under an earlier phase.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from dataclasses import dataclass
 from typing import Iterator, Sequence, TypeVar
 
 from services.space.placement import Placement
@@ -64,6 +65,27 @@ class InFlight:
             await self._done.wait()
 
 
+@dataclass(frozen=True)
+class ReadView:
+    """Where one read goes, fixed when it starts (a reshard may switch while it runs; the read then
+    finishes on the side it started on, whose shards keep the records until it has ended)."""
+
+    placement: Placement
+    filtering: bool
+
+    def owner(self, image_id: str) -> int:
+        """The shard reads of ``image_id`` go to."""
+        return self.placement.shard_of(image_id)
+
+    def read_shards(self, shards: Sequence[T]) -> list[T]:
+        """The shards a fan-out asks: those of the read placement."""
+        return list(shards[: self.placement.shards])
+
+    def counts(self, shard_id: int, image_id: str) -> bool:
+        """Whether ``image_id`` found on ``shard_id`` counts (its owner, while a reshard runs)."""
+        return not self.filtering or self.owner(image_id) == shard_id
+
+
 class Routing:
     """The broker's placement (and a reshard's target); see the module docstring.
 
@@ -100,8 +122,12 @@ class Routing:
         """Whether a shard may hold records it does not own (copies of a running reshard)."""
         return self.phase != "idle"
 
+    def view(self) -> ReadView:
+        """Where a read starting now goes: take it once per read and keep it."""
+        return ReadView(self.read, self.filtering)
+
     def owner(self, image_id: str) -> int:
-        """The shard reads of ``image_id`` go to."""
+        """The shard reads of ``image_id`` go to now."""
         return self.read.shard_of(image_id)
 
     def write_owners(self, image_id: str) -> tuple[int, ...]:
@@ -110,14 +136,6 @@ class Routing:
             a, b = self.current.shard_of(image_id), self.target.shard_of(image_id)
             return (a,) if a == b else (a, b)
         return (self.owner(image_id),)
-
-    def read_shards(self, shards: Sequence[T]) -> list[T]:
-        """The shards a fan-out asks: those of the read placement."""
-        return list(shards[: self.read.shards])
-
-    def counts(self, shard_id: int, image_id: str) -> bool:
-        """Whether a read counts ``image_id`` as found on ``shard_id`` (its owner, while a reshard runs)."""
-        return not self.filtering or self.owner(image_id) == shard_id
 
     def enter(self, phase: str, target: Placement | None = None) -> None:
         """Move to ``phase`` (from "idle": with its ``target``); "idle" makes the target current."""

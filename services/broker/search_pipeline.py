@@ -31,7 +31,7 @@ from services.broker.deadlines import Deadline, PerCallBudget, shard_timeout
 from services.broker.metrics import BrokerMetrics
 from services.broker.query import Query, unit_vector
 from services.broker.rerank_stages import RerankState
-from services.broker.routing import Routing
+from services.broker.routing import ReadView, Routing
 from services.broker.search_plan import SearchPlan
 from services.broker.topk import Hit, ids_by_shard, merge_topk
 from services.broker.verification import Outcome, VerifiedHit, confidence, query_confidence, rank_verified, verify_locally
@@ -71,6 +71,13 @@ def hits_of(resp: shard_pb2.ShardSearchResponse, shard_id: int, with_vectors: bo
             vectors[i] if vectors is not None else None)
         for i, (image_id, score, md) in enumerate(zip(resp.ids, resp.scores, _padded(resp.metadata, len(resp.ids))))
     ]
+
+
+def owned(view: ReadView, hits: list[Hit]) -> list[Hit]:
+    """A shard's hits less the copies it holds of records another shard owns (a reshard running)."""
+    if not view.filtering:
+        return hits
+    return [h for h in hits if view.counts(h.shard_id, h.image_id)]
 
 
 class SearchPipeline:
@@ -170,7 +177,7 @@ class SearchPipeline:
     async def stored_query(self, image_id: str, plan: SearchPlan, deadline: Budget) -> Query:
         """The query of a search by stored id: the image's stored raw global vector, its indexed
         regional vectors and its (collection-PCA) local features, read from its shard."""
-        sid = self.routing.owner(image_id)
+        sid = self.routing.view().owner(image_id)
         req = shard_pb2.GetFeaturesRequest(shard_id=sid, ids=[image_id], want_global=True, want_raw_global=True,
                                            want_regional=plan.regional, want_local=plan.verify is not None)
         resp = await self.shards[sid].get_features(req, shard_timeout(deadline, self.config))
@@ -213,17 +220,12 @@ class SearchPipeline:
                 shard_id=shard.shard_id, query=tensor, top_k=depth, timeout_s=timeout,
                 return_vectors=return_vectors, query_transformed=transformed, filter=flt,
             )
-            return self.owned(hits_of(await shard.search(req, timeout), shard.shard_id, return_vectors))
+            return owned(view, hits_of(await shard.search(req, timeout), shard.shard_id, return_vectors))
 
-        shards = self.routing.read_shards(self.shards)
+        view = self.routing.view()
+        shards = view.read_shards(self.shards)
         results = await asyncio.gather(*(one(s) for s in shards), return_exceptions=True)
         return self.sort_out(shards, results, deadline)
-
-    def owned(self, hits: list[Hit]) -> list[Hit]:
-        """A shard's hits less the copies it holds of records another shard owns (a reshard running)."""
-        if not self.routing.filtering:
-            return hits
-        return [h for h in hits if self.routing.counts(h.shard_id, h.image_id)]
 
     async def fanout_batch(
         self, items: Sequence[tuple[Query, int, bool]], deadline: Budget
@@ -245,7 +247,8 @@ class SearchPipeline:
                                 return_vectors=return_vectors, filter=query.filter)
             return await shard.search_batch(req, timeout)
 
-        shards = self.routing.read_shards(self.shards)
+        view = self.routing.view()
+        shards = view.read_shards(self.shards)
         calls = [(pos, group) for pos in range(len(shards)) for group in groups]
         answers = await asyncio.gather(*(one(shards[pos], group) for pos, group in calls), return_exceptions=True)
         # per query, per shard: that shard's result for it, or the exception of the call that carried it
@@ -264,7 +267,7 @@ class SearchPipeline:
                 elif r.code:
                     per_query.append(Unavailable(f"shard {shard.shard_id}: {r.message}"))
                 else:
-                    per_query.append(self.owned(hits_of(r.response, shard.shard_id, return_vectors)))
+                    per_query.append(owned(view, hits_of(r.response, shard.shard_id, return_vectors)))
             try:
                 out.append(self.sort_out(shards, per_query, deadline, count_failures=i in (g[0] for g in groups)))
             except Exception as exc:  # this query's own error (bad query, no shard answered)

@@ -70,17 +70,19 @@ def test_routing_phases_send_writes_to_both_owners_and_count_reads_once() -> Non
     r = Routing(Placement(2))
     mover = next(i for i in IDS if Placement(3).shard_of(i) == 2)
     old = Placement(2).shard_of(mover)
-    assert r.write_owners(mover) == (old,) and r.counts(2, mover) and r.read_shards([0, 1, 2]) == [0, 1]
+    assert r.write_owners(mover) == (old,) and r.view().counts(2, mover) and r.view().read_shards([0, 1, 2]) == [0, 1]
     r.enter("copying", Placement(3))
-    assert r.write_owners(mover) == (old, 2) and r.owner(mover) == old and r.read_shards([0, 1, 2]) == [0, 1]
-    assert r.counts(old, mover) and not r.counts(2, mover)
+    before = r.view()
+    assert r.write_owners(mover) == (old, 2) and r.owner(mover) == old and before.read_shards([0, 1, 2]) == [0, 1]
+    assert before.counts(old, mover) and not before.counts(2, mover)
     r.enter("switched")
-    assert r.write_owners(mover) == (old, 2) and r.owner(mover) == 2 and r.read_shards([0, 1, 2]) == [0, 1, 2]
-    assert not r.counts(old, mover) and r.counts(2, mover)
+    assert r.write_owners(mover) == (old, 2) and r.owner(mover) == 2 and r.view().read_shards([0, 1, 2]) == [0, 1, 2]
+    assert not r.view().counts(old, mover) and r.view().counts(2, mover)
+    assert before.counts(old, mover) and before.owner(mover) == old  # a read keeps the side it started on
     r.enter("cleaning")
     assert r.write_owners(mover) == (2,)
     r.enter("idle")
-    assert r.current == Placement(3) and r.target is None and r.counts(old, mover)
+    assert r.current == Placement(3) and r.target is None and r.view().counts(old, mover)
 
 
 def test_in_flight_drain_waits_for_earlier_operations_only() -> None:
@@ -227,9 +229,10 @@ class Cluster:
     def visible(self) -> dict[str, str]:
         """What a search sees: every read shard's records that it counts (each id at most once)."""
         seen: dict[str, str] = {}
-        for shard in self.routing.read_shards(self.shards):
+        view = self.routing.view()
+        for shard in view.read_shards(self.shards):
             for image_id, payload in shard.live().items():
-                if self.routing.counts(shard.shard_id, image_id):
+                if view.counts(shard.shard_id, image_id):
                     assert image_id not in seen, f"{image_id} counted twice"
                     seen[image_id] = payload
         return seen
