@@ -100,11 +100,14 @@ class Resharder:
         None: this broker cannot start or stop shards (FAILED_PRECONDITION).
     make_shard : MakeShard or None
         Client of a new shard's replica set.
+    on_retire : callable ``(shard id, replicas) -> None`` or None
+        Told when a shard was retired (its metrics series are dropped).
     """
 
     def __init__(self, shards: list[ShardClient], routing: Routing, clock: VersionClock, collection: CollectionModel,
                  exclusive: Callable[[], asyncio.Lock], fleet: ShardFleet | None = None, make_shard: MakeShard | None = None,
-                 settings: ReshardSettings = ReshardSettings()) -> None:
+                 settings: ReshardSettings = ReshardSettings(), on_retire: Callable[[int, int], None] | None = None) -> None:
+        self.on_retire = on_retire
         self.shards = shards
         self.routing = routing
         self.clock = clock
@@ -209,6 +212,9 @@ class Resharder:
             await shard.close()
         if self.fleet is not None:
             await self.fleet.stop([s.shard_id for s in retired])
+        if self.on_retire is not None:
+            for shard in retired:
+                self.on_retire(shard.shard_id, len(getattr(shard, "replicas", [shard])))
 
     # --- copy and sweep -------------------------------------------------------------------
     async def _copy(self, source: ShardClient, target: Placement) -> int:

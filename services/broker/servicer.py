@@ -105,7 +105,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         self.reader = Reader(self.shards, config, self.routing)
         self.batch = BatchSearcher(self.pipeline, config)
         self.backups = Backups(extractors, self.shards, self.collection, self.clock, budget.max_message_bytes, routing=self.routing)
-        self.resharder = Resharder(self.shards, self.routing, self.clock, self.collection, self.backups.exclusive)
+        self.resharder = Resharder(self.shards, self.routing, self.clock, self.collection, self.backups.exclusive,
+                                   on_retire=metrics.forget_shard)
 
     # --- plumbing -------------------------------------------------------------------------
     async def _observe(self, method: str, context: grpc.aio.ServicerContext, body: Callable[[], Awaitable[T]]) -> T:

@@ -7,7 +7,8 @@ API (a Restore of a backup written with the backup modules: no extraction), then
 not change) and lists the collection, and another adds real images and deletes some of them.
 Every answer during the moves must be complete (not partial, the same ids and scores as before),
 without a duplicate; afterwards every acknowledged add is there, no acknowledged delete is, and the
-layout files say 2 shards of the bucket placement.
+layout files say 2 shards of the bucket placement, the retired shard's metrics are gone, and a
+restart over the same directories (with the marker a reshard stopped midway leaves) serves the same.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ from loupe.tensors import to_tensor
 from loupe.v1 import shard_pb2, types_pb2
 from services.backup.storage import DirectoryStorage
 from services.backup.take import take_backup
+from services.broker.resharding import MARKER
 from services.space.layout import Layout, read_layout
 from services.space.placement import PLACEMENT_VERSION
 
@@ -174,3 +177,15 @@ def test_reshard_2_3_2_under_search_and_write_load(tmp_path: Path) -> None:
         assert read_layout(data) == Layout(shards=2, placement=PLACEMENT_VERSION)
         stats = client.stats()
         assert [s.shard_id for s in stats.shards] == [0, 1] and stats.images == len(ids)
+        exported = urllib.request.urlopen(f"http://{cluster.metrics_address}/metrics", timeout=10).read().decode()
+        assert 'loupe_shard_up{shard="1"}' in exported and 'shard="2"' not in exported  # the retired shard's series are gone
+
+    # a broker stopped midway leaves its marker: the next start removes what that reshard left (nothing
+    # here) before it serves, with the layout the files record
+    (data / MARKER).write_text(json.dumps({"from": 2, "to": 3}))
+    with Cluster(cfg) as cluster, RetrievalClient(cluster.broker_address, retries=False) as client:
+        client.wait_ready(60)
+        assert not (data / MARKER).exists()
+        assert sorted(img.id for img in client.iter_images(page_size=1000)) == sorted(ids)
+        again = _answers(client, queries)
+        assert all(_same(again[q], before[q]) for q in queries)

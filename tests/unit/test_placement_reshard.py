@@ -302,6 +302,33 @@ def test_a_reshard_that_fails_before_its_switch_rolls_back_and_is_finished_later
     asyncio.run(main())
 
 
+def test_a_reshard_that_fails_after_its_switch_rolls_forward(tmp_path) -> None:
+    async def main() -> None:
+        c = Cluster(tmp_path, n=3)
+        for i in range(200):
+            await c.put(f"id-{i:04d}", "v0")
+        real_delete = VersionedShard.delete
+
+        async def refuse(self, req, timeout_s):
+            raise FailedPrecondition("disk full")
+
+        VersionedShard.delete = refuse  # type: ignore[method-assign]
+        try:
+            with pytest.raises(FailedPrecondition, match="disk full"):
+                await c.resharder.reshard(retrieval_pb2.ReshardRequest(shards=2))  # the cleaning fails
+        finally:
+            VersionedShard.delete = real_delete  # type: ignore[method-assign]
+        assert c.fleet.layouts == [Placement(2)] and c.routing.read == Placement(2) and (tmp_path / MARKER).exists()
+        assert c.visible() == c.truth  # the new owners answer; shard 2's copies are not counted
+        await c.put("id-0002", "after")
+        assert c.visible() == c.truth
+        assert await c.resharder.recover() == 0  # no copy on shards 0 and 1 to remove (a shrink copies onto owners); shard 2 retired
+        assert c.routing.current == Placement(2) and c.routing.phase == "idle" and len(c.shards) == 2 and c.fleet.stopped == [2]
+        assert c.visible() == c.truth and not (tmp_path / MARKER).exists()
+
+    asyncio.run(main())
+
+
 def test_reshard_refuses_bad_counts_and_brokers_without_a_fleet(tmp_path) -> None:
     async def main() -> None:
         c = Cluster(tmp_path)
