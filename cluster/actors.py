@@ -122,6 +122,7 @@ class ShardActor:
     def __init__(
         self, shard_id: int, opts: ServerOptions, settings: object, data_dir: str, namespace: str,
         metrics_host: str = "", metrics_port: int = 0, threads: int = 0, resource: str = "", members: int = 1, replica: int = 0,
+        placement: str = "",
     ) -> None:
         import tempfile
 
@@ -130,7 +131,7 @@ class ShardActor:
         from services.common.metrics import ShardMetrics
         from services.index.servicer import create_server
         from services.space.layout import Layout, check_layout
-        from services.space.placement import shard_member
+        from services.space.placement import PLACEMENT_VERSION, shard_member
 
         _normal_priority()
         self.threads = _threads_here(threads, resource, members)
@@ -144,7 +145,8 @@ class ShardActor:
         # this shard, with a placement rule this build knows; the collection's shard count is the
         # head's to check (a reshard changes it while this actor's arguments, which a Ray restart
         # reuses, keep the count it was created with; ``set_layout`` records the new one)
-        check_layout(data_dir, Layout(shards=members, placement="", shard=shard_id, replica=replica), check_count=False)
+        check_layout(data_dir, Layout(shards=members, placement="", shard=shard_id, replica=replica), check_count=False,
+                     new_placement=placement or PLACEMENT_VERSION)
         self.data_dir, self.shard_id, self.replica = data_dir, shard_id, replica
         member = shard_member(shard_id, replica)
         port = _reuse_port("shard", member, namespace)

@@ -639,9 +639,11 @@ def cmd_reshard(args: argparse.Namespace) -> int:
         raise ValueError("reshard: --shards (the new shard count) is required")
     target = args.shards
     if not args.address:
-        from services.space.layout import read_layout
+        from services.space.layout import LAYOUT_FILE, read_layout
 
         _needs_target(args, "reshard")
+        if not os.path.exists(os.path.join(args.data_dir, LAYOUT_FILE)):
+            raise ValueError(f"reshard: --data-dir {args.data_dir} holds no collection (no {LAYOUT_FILE})")
         args = argparse.Namespace(**{**vars(args), "shards": read_layout(args.data_dir).shards})  # start as recorded
     with _connect(args) as client:
         r = client.reshard(target)

@@ -258,7 +258,7 @@ class Cluster:
         ).remote()
         ray.get(self._registry.snapshot.remote())
         for i in range(cfg.shards):
-            self.shard_actors.extend(self.new_shard_actors(i, cfg.shards))
+            self.shard_actors.extend(self.new_shard_actors(i, cfg.shards, self.placement_rule))
         ext_res = {"resources": {cfg.extractor_resource: 1}} if cfg.extractor_resource else {}
         ext_cfg = cfg.extractor_config()
         ext_cls = ray.remote(ExtractorActor)
@@ -277,9 +277,9 @@ class Cluster:
             raise TimeoutError(f"startup_timeout_s: {len(pending)} actors not ready after {cfg.startup_timeout_s} s{hint}")
         ray.get(ready)
 
-    def new_shard_actors(self, shard: int, shards: int) -> list[Any]:
-        """Create the replica actors of shard ``shard`` (of a collection of ``shards``), replica j at j;
-        they answer ``address()`` once serving."""
+    def new_shard_actors(self, shard: int, shards: int, placement: str) -> list[Any]:
+        """Create the replica actors of shard ``shard`` (of a collection of ``shards`` placed by rule
+        ``placement``), replica j at j; they answer ``address()`` once serving."""
         cfg = self.config
         opts = ServerOptions(host=cfg.host, port=0, **self._internal_server_fields())
         # replicas of a shard on different nodes: each asks its own resource (the chart: one worker
@@ -294,7 +294,7 @@ class Cluster:
                     name=shard_actor_name(shard, j), namespace=cfg.namespace, num_cpus=0, max_restarts=-1, max_task_retries=0,
                     **({"resources": {resource: 1}} if resource else {}), **spread,
                 ).remote(shard, opts, cfg.index_settings(), cfg.shard_store_dir(shard, j), cfg.namespace, cfg.metrics_host,
-                         cfg.shard_metrics_port, cfg.shard_threads, resource, shards, j)
+                         cfg.shard_metrics_port, cfg.shard_threads, resource, shards, j, placement)
             )
         return actors
 

@@ -37,7 +37,7 @@ class RayShardFleet:
         cluster's replication factor) and wait until they serve; their addresses per shard."""
         def go() -> list[list[str]]:
             cfg = self.cluster.config
-            per_shard = [self.cluster.new_shard_actors(i, placement.shards) for i in shards]
+            per_shard = [self.cluster.new_shard_actors(i, placement.shards, placement.rule) for i in shards]
             refs = [a.address.remote() for actors in per_shard for a in actors]
             ready, pending = ray.wait(refs, num_returns=len(refs), timeout=cfg.startup_timeout_s)
             if pending:

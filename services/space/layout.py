@@ -53,10 +53,10 @@ class Layout:
     replica: int | None = None
 
 
-def check_layout(directory: str | Path, expected: Layout, check_count: bool = True) -> Layout:
-    """Write ``expected`` to ``directory/layout.json`` on first use, else check it is the same
-    (the shard count only with ``check_count``: see the module docstring); returns the recorded
-    layout (what a "" rule of ``expected`` resolved to).
+def check_layout(directory: str | Path, expected: Layout, check_count: bool = True, new_placement: str = PLACEMENT_VERSION) -> Layout:
+    """Write ``expected`` to ``directory/layout.json`` on first use (a "" rule: ``new_placement``),
+    else check it is the same (the shard count only with ``check_count``: see the module
+    docstring); returns the recorded layout (what a "" rule of ``expected`` resolved to).
 
     Raises
     ------
@@ -65,7 +65,7 @@ def check_layout(directory: str | Path, expected: Layout, check_count: bool = Tr
     """
     path = Path(directory) / LAYOUT_FILE
     if not path.exists():
-        written = replace(expected, placement=expected.placement or PLACEMENT_VERSION)
+        written = replace(expected, placement=expected.placement or new_placement)
         write_layout(directory, written)
         return written
     recorded = read_layout(directory)
