@@ -37,7 +37,10 @@ class RayShardFleet:
         cluster's replication factor) and wait until they serve; their addresses per shard."""
         def go() -> list[list[str]]:
             cfg = self.cluster.config
-            per_shard = [self.cluster.new_shard_actors(i, placement.shards, placement.rule) for i in shards]
+            rf = cfg.replication_factor
+            have = len(self.cluster.shard_actors) // rf  # a reshard that failed after starting them left them running
+            per_shard = [self.cluster.shard_actors[i * rf:(i + 1) * rf] if i < have else
+                         self.cluster.new_shard_actors(i, placement.shards, placement.rule) for i in shards]
             refs = [a.address.remote() for actors in per_shard for a in actors]
             ready, pending = ray.wait(refs, num_returns=len(refs), timeout=cfg.startup_timeout_s)
             if pending:
@@ -46,7 +49,7 @@ class RayShardFleet:
                         ray.kill(a, no_restart=True)
                 hint = f" (does a Ray node advertise shard_resource={cfg.shard_resource!r}?)" if cfg.shard_resource else ""
                 raise TimeoutError(f"startup_timeout_s: {len(pending)} new shard replicas not ready after {cfg.startup_timeout_s} s{hint}")
-            self.cluster.shard_actors.extend(a for actors in per_shard for a in actors)
+            self.cluster.shard_actors.extend(a for i, actors in zip(shards, per_shard) if i >= have for a in actors)
             return [ray.get([a.address.remote() for a in actors]) for actors in per_shard]
 
         return await self._off_loop(go)

@@ -117,18 +117,27 @@ class Resharder:
         self.make_shard = make_shard
         self.settings = settings
         self._marker: dict[str, Any] | None = None  # without a data directory
+        self._running: asyncio.Task[retrieval_pb2.ReshardResponse] | None = None
 
     # --- the rpc ------------------------------------------------------------------------
     async def reshard(self, request: retrieval_pb2.ReshardRequest) -> retrieval_pb2.ReshardResponse:
-        """Move the collection to ``request.shards`` shards and the bucket placement."""
+        """Move the collection to ``request.shards`` shards and the bucket placement. A caller that
+        goes away (cancels, its deadline passes) does not stop it: it runs to its end in the background."""
         if not 1 <= request.shards <= MAX_SHARDS:
             raise InvalidArgument(f"shards: must be 1..{MAX_SHARDS}, got {request.shards}")
         if self.fleet is None or self.make_shard is None:
             raise FailedPrecondition("broker: this broker was started without a cluster that can start and stop shards "
                                      "(`loupe up` provides one); it cannot reshard")
-        async with self.exclusive():
+        lock = self.exclusive()  # FAILED_PRECONDITION now when another collection-wide operation runs
+        task = asyncio.get_running_loop().create_task(self._reshard(request.shards, lock), name="loupe-reshard")
+        self._running = task
+        task.add_done_callback(_logged)
+        return await asyncio.shield(task)
+
+    async def _reshard(self, shards: int, lock: asyncio.Lock) -> retrieval_pb2.ReshardResponse:
+        async with lock:
             await self.recover()  # a reshard that failed midway is finished first
-            source, target = self.routing.current, Placement(request.shards, PLACEMENT_VERSION)
+            source, target = self.routing.current, Placement(shards, PLACEMENT_VERSION)
             resp = retrieval_pb2.ReshardResponse(from_shards=source.shards, to_shards=target.shards, from_placement=source.rule,
                                                  to_placement=target.rule)
             if source == target:
@@ -328,3 +337,9 @@ class Resharder:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+def _logged(task: "asyncio.Task[Any]") -> None:
+    """Log how a reshard whose caller went away ended (its caller, when still there, gets the same)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("reshard stopped: %s: %s", type(task.exception()).__name__, task.exception())

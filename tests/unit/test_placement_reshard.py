@@ -207,7 +207,13 @@ class Cluster:
         self.routing = Routing(Placement(n))
         self.clock = VersionClock()
         self.lock = asyncio.Lock()
-        self.resharder = Resharder(self.shards, self.routing, self.clock, CollectionModel(str(tmp_path)), lambda: self.lock,
+
+        def exclusive() -> asyncio.Lock:  # as the broker's: refused at once while taken
+            if self.lock.locked():
+                raise FailedPrecondition("a backup, restore or reshard is already running")
+            return self.lock
+
+        self.resharder = Resharder(self.shards, self.routing, self.clock, CollectionModel(str(tmp_path)), exclusive,
                                    self.fleet, self.fleet.make)
         self.truth: dict[str, str] = {}  # acknowledged state
 
@@ -325,6 +331,28 @@ def test_a_reshard_that_fails_after_its_switch_rolls_forward(tmp_path) -> None:
         assert await c.resharder.recover() == 0  # no copy on shards 0 and 1 to remove (a shrink copies onto owners); shard 2 retired
         assert c.routing.current == Placement(2) and c.routing.phase == "idle" and len(c.shards) == 2 and c.fleet.stopped == [2]
         assert c.visible() == c.truth and not (tmp_path / MARKER).exists()
+
+    asyncio.run(main())
+
+
+def test_a_caller_that_goes_away_does_not_stop_the_reshard(tmp_path) -> None:
+    async def main() -> None:
+        c = Cluster(tmp_path)
+        for i in range(200):
+            await c.put(f"id-{i:04d}", "v0")
+        call = asyncio.ensure_future(c.resharder.reshard(retrieval_pb2.ReshardRequest(shards=3)))
+        while c.routing.phase != "copying":
+            await asyncio.sleep(0.001)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        with pytest.raises(FailedPrecondition, match="already running"):
+            await c.resharder.reshard(retrieval_pb2.ReshardRequest(shards=2))
+        for _ in range(2000):
+            if c.routing.current == Placement(3) and c.routing.phase == "idle" and not c.lock.locked():
+                break
+            await asyncio.sleep(0.005)
+        assert c.routing.current == Placement(3) and c.visible() == c.truth and not (tmp_path / MARKER).exists()
 
     asyncio.run(main())
 

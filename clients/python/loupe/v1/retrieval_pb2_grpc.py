@@ -298,7 +298,8 @@ class RetrievalServicer:
         are started first, the retired ones stopped last. Searches and reads stay complete and correct
         (a record is counted from one shard, never two, never none); writes are not blocked and none
         acknowledged is lost. A broker that stops midway finishes on the next start (README "Scaling
-        the collection"). One at a time, not during a backup or restore. Role: write.
+        the collection"). One at a time, not during a backup or restore; a call its caller cancels
+        (or whose deadline passes) does not stop the reshard, which runs to its end. Role: write.
         Errors: INVALID_ARGUMENT naming `shards`; FAILED_PRECONDITION (another collection-wide
         operation runs, or the broker cannot start shards); UNAVAILABLE (a shard did not answer: run
         it again, it continues).
