@@ -41,7 +41,7 @@ from services.backup.take import BackupSettings, take_backup  # noqa: E402
 from services.broker.backends import GrpcShardClient  # noqa: E402
 from services.broker.versions import VersionClock  # noqa: E402
 from services.common.grpc_server import ServerOptions  # noqa: E402
-from services.space.placement import shard_for  # noqa: E402
+from services.space.placement import Placement  # noqa: E402
 
 D = 512
 CHANNEL = ServerOptions().channel_options()  # the broker's message limits (64 MiB), not gRPC's 4 MiB default
@@ -67,7 +67,7 @@ async def fill(clients: list[GrpcShardClient], ids: range, local: int, clock: Ve
         version = clock.next()
         for i in range(s, min(s + batch, ids.stop)):
             r = record(i, rng, local, version)
-            by.setdefault(shard_for(r.id, len(clients)), []).append(r)
+            by.setdefault(Placement(len(clients)).shard_of(r.id), []).append(r)
         await asyncio.gather(*(clients[sid].add(shard_pb2.ShardAddRequest(shard_id=sid, records=recs), 300.0) for sid, recs in by.items()))
 
 
@@ -163,7 +163,7 @@ async def main() -> None:
         ids = np.random.default_rng(7).choice(n, changed, replace=False)
         for i in ids:  # rewritten one by one: new versions, new contents
             r = record(int(i), np.random.default_rng(int(i) + 10**6), args.local, clock.next())
-            sid = shard_for(r.id, len(clients))
+            sid = Placement(len(clients)).shard_of(r.id)
             await clients[sid].add(shard_pb2.ShardAddRequest(shard_id=sid, records=[r]), 30.0)
         m3, took = await backup(directory, clients)
         print(f"directory, incremental backup after {changed} rewritten records ({args.changed:.0%}): {took:.2f} s, "

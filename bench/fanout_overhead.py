@@ -40,7 +40,7 @@ from cluster.launcher import Cluster  # noqa: E402
 from loupe.client import RetrievalClient  # noqa: E402
 from loupe.tensors import to_tensor  # noqa: E402
 from loupe.v1 import retrieval_pb2, shard_pb2, shard_pb2_grpc, types_pb2  # noqa: E402
-from services.space.placement import shard_for  # noqa: E402
+from services.space.placement import Placement  # noqa: E402
 
 D = 1280
 
@@ -93,7 +93,7 @@ def fill_shards(client: RetrievalClient, x: np.ndarray, n_shards: int) -> None:
         image_id = f"v{i:08d}"
         f = types_pb2.ImageFeatures(width=1024, height=768)
         f.__getattribute__("global").CopyFrom(to_tensor(v))
-        sid = shard_for(image_id, n_shards)
+        sid = Placement(n_shards).shard_of(image_id)
         by_shard[sid].append(shard_pb2.ShardRecord(id=image_id, features=f))
         if len(by_shard[sid]) >= 2000:
             flush(sid)

@@ -47,7 +47,7 @@ from services.common.grpc_server import ServerOptions  # noqa: E402
 from services.common.local_candidates import params_to_proto, query_local_to_proto  # noqa: E402
 from services.index.store import LocalStore, StoredImage  # noqa: E402
 from services.rerank.verify import VerifyParams  # noqa: E402
-from services.space.placement import shard_for  # noqa: E402
+from services.space.placement import Placement  # noqa: E402
 
 N_KP, DIM = 1000, 40
 
@@ -129,10 +129,11 @@ def main() -> None:
     views = _views(rng, args.candidates, (pts, desc))
     ids = [f"cand{i:05d}" for i in range(args.candidates)]
     per_shard: list[list[StoredImage]] = [[] for _ in range(args.shards)]
+    placement = Placement(args.shards)
     for image_id, (kp, d) in zip(ids, views):
         vec = _unit(rng.normal(size=(1, 16)))[0]
-        per_shard[shard_for(image_id, args.shards)].append(StoredImage(image_id, vec, None, LocalStore.quantize(kp, d), {}, 1024, 768))
-    hits = [Hit(1.0 - i / 1000, image_id, shard_for(image_id, args.shards)) for i, image_id in enumerate(ids)]
+        per_shard[placement.shard_of(image_id)].append(StoredImage(image_id, vec, None, LocalStore.quantize(kp, d), {}, 1024, 768))
+    hits = [Hit(1.0 - i / 1000, image_id, placement.shard_of(image_id)) for i, image_id in enumerate(ids)]
     ctx = mp.get_context("spawn")
     stop, ready = ctx.Event(), ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:

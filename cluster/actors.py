@@ -122,6 +122,7 @@ class ShardActor:
     def __init__(
         self, shard_id: int, opts: ServerOptions, settings: object, data_dir: str, namespace: str,
         metrics_host: str = "", metrics_port: int = 0, threads: int = 0, resource: str = "", members: int = 1, replica: int = 0,
+        placement: str = "",
     ) -> None:
         import tempfile
 
@@ -130,7 +131,7 @@ class ShardActor:
         from services.common.metrics import ShardMetrics
         from services.index.servicer import create_server
         from services.space.layout import Layout, check_layout
-        from services.space.placement import shard_member
+        from services.space.placement import PLACEMENT_VERSION, shard_member
 
         _normal_priority()
         self.threads = _threads_here(threads, resource, members)
@@ -141,8 +142,12 @@ class ShardActor:
         self._temporary = "" if data_dir else tempfile.mkdtemp(prefix=f"loupe-shard-{shard_id}-r{replica}-")
         data_dir = data_dir or self._temporary
         # the directory (its own volume on Kubernetes) must have been written for this replica of
-        # this shard of a collection of this many shards (``members``)
-        check_layout(data_dir, Layout(shards=members, shard=shard_id, replica=replica))
+        # this shard, with a placement rule this build knows; the collection's shard count is the
+        # head's to check (a reshard changes it while this actor's arguments, which a Ray restart
+        # reuses, keep the count it was created with; ``set_layout`` records the new one)
+        check_layout(data_dir, Layout(shards=members, placement="", shard=shard_id, replica=replica), check_count=False,
+                     new_placement=placement or PLACEMENT_VERSION)
+        self.data_dir, self.shard_id, self.replica = data_dir, shard_id, replica
         member = shard_member(shard_id, replica)
         port = _reuse_port("shard", member, namespace)
         try:
@@ -165,6 +170,12 @@ class ShardActor:
 
     def metrics_address(self) -> str:
         return self.metrics_addr
+
+    def set_layout(self, shards: int, placement: str) -> None:
+        """Record the collection's new layout in this replica's directory (a reshard's switch)."""
+        from services.space.layout import Layout, write_layout
+
+        write_layout(self.data_dir, Layout(shards=shards, placement=placement, shard=self.shard_id, replica=self.replica))
 
     def stop(self) -> None:
         """Stop serving, snapshot the index, close the store (and drop a temporary one)."""

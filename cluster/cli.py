@@ -1,4 +1,4 @@
-"""The ``loupe`` command line: up, index, search, stats, eval, backup, restore, demo."""
+"""The ``loupe`` command line: up, index, search, stats, eval, backup, restore, reshard, demo."""
 
 from __future__ import annotations
 
@@ -185,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--from", dest="source", required=True, metavar="URL", help="directory path or s3://bucket/prefix")
     rs.add_argument("--backup", default="", metavar="ID", help="backup id (default: the newest complete one; see loupe backup --list)")
     _add_common(rs)
+
+    rh = sub.add_parser("reshard", help="change the shard count of a live collection (records move, nothing is re-extracted)",
+                        description="The broker starts the new shards (growing), copies the records whose shard changes while "
+                                    "searches and writes go on, switches every data directory's layout, removes the moved "
+                                    "records from their old shards and stops the retired shards (shrinking). About 1/N of the "
+                                    "records move when one shard is added. --shards is the new count. Without --address a "
+                                    "temporary cluster over --data-dir (with its recorded count) is resharded (offline). "
+                                    "On Kubernetes see README \"Scaling the collection\".")
+    _add_common(rh)
 
     de = sub.add_parser("demo", help="self-contained demo on photos bundled with scikit-image")
     de.add_argument("--json", action="store_true")
@@ -625,6 +634,32 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reshard(args: argparse.Namespace) -> int:
+    if args.shards is None:
+        raise ValueError("reshard: --shards (the new shard count) is required")
+    target = args.shards
+    if not args.address:
+        from services.space.layout import LAYOUT_FILE, read_layout
+
+        _needs_target(args, "reshard")
+        if not os.path.exists(os.path.join(args.data_dir, LAYOUT_FILE)):
+            raise ValueError(f"reshard: --data-dir {args.data_dir} holds no collection (no {LAYOUT_FILE})")
+        args = argparse.Namespace(**{**vars(args), "shards": read_layout(args.data_dir).shards})  # start as recorded
+    with _connect(args) as client:
+        r = client.reshard(target)
+    out = {"from_shards": r.from_shards, "to_shards": r.to_shards, "from_placement": r.from_placement, "to_placement": r.to_placement,
+           "records_moved": r.records_moved, "copies_removed": r.copies_removed, "seconds": round(r.seconds, 3),
+           "copy_seconds": round(r.copy_seconds, 3)}
+    if args.json:
+        print(json.dumps(out))
+    elif r.from_shards == r.to_shards and r.from_placement == r.to_placement:
+        print(f"the collection already has {r.to_shards} shards ({r.to_placement}): nothing moved")
+    else:
+        print(f"resharded {r.from_shards} → {r.to_shards} shards ({r.from_placement} → {r.to_placement}): {r.records_moved} records "
+              f"moved in {r.seconds:.1f} s (copying {r.copy_seconds:.1f} s), {r.copies_removed} old copies removed")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cluster.demo import run_demo
 
@@ -645,7 +680,7 @@ def cmd_train_attention(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "up": cmd_up, "index": cmd_index, "search": cmd_search, "get": cmd_get, "ls": cmd_ls, "stats": cmd_stats, "eval": cmd_eval, "demo": cmd_demo,
-    "build-graph": cmd_build_graph, "backup": cmd_backup, "restore": cmd_restore, "train": cmd_train, "train-attention": cmd_train_attention,
+    "build-graph": cmd_build_graph, "backup": cmd_backup, "restore": cmd_restore, "reshard": cmd_reshard, "train": cmd_train, "train-attention": cmd_train_attention,
 }
 
 

@@ -26,12 +26,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from cluster.actors import REGISTRY_NAME, ExtractorActor, Registry, ShardActor, extractor_actor_name, shard_actor_name
 from cluster.config import ClusterConfig, is_loopback
 from cluster.prometheus_targets import TargetsWriter, targets_path
+from cluster.shard_fleet import RayShardFleet
 from services.broker.servicer import BrokerConfig, RunningBroker, create_server
 from services.common.auth import AuthPolicy, new_internal_token, read_token_file, read_tokens_file
 from services.common.grpc_server import ServerOptions
 from services.common.tls import InternalTls
 from services.space.layout import Layout, check_layout
-from services.space.placement import shard_member
+from services.space.placement import PLACEMENT_VERSION, shard_member
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,8 @@ class Cluster:
         self._targets: TargetsWriter | None = None
         self._public_auth: AuthPolicy | None = None
         self._internal_token = ""
+        self.placement_rule = PLACEMENT_VERSION
+        """The collection's placement rule (its layout file's; a new collection: the bucket rule)."""
 
     def __enter__(self) -> "Cluster":
         self.start()
@@ -201,7 +204,7 @@ class Cluster:
     # --- start ------------------------------------------------------------------------
     def start(self) -> "Cluster":
         if self.config.data_dir:  # refuse before anything starts when the shard count changed
-            check_layout(self.config.data_dir, Layout(shards=self.config.shards))
+            self.placement_rule = check_layout(self.config.data_dir, Layout(shards=self.config.shards, placement="")).placement
         self._load_auth()
         self._init_ray()
         try:
@@ -247,7 +250,6 @@ class Cluster:
 
     def _start_actors(self) -> None:
         cfg = self.config
-        opts = ServerOptions(host=cfg.host, port=0, **self._internal_server_fields())
         # the registry lives on this (the head's) node: anywhere else, losing that node would lose
         # every address and make restarted actors fail at start (seen: a shard node took it along)
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
@@ -255,22 +257,9 @@ class Cluster:
             name=REGISTRY_NAME, namespace=cfg.namespace, num_cpus=0, scheduling_strategy=here
         ).remote()
         ray.get(self._registry.snapshot.remote())
-        shard_cls = ray.remote(ShardActor)
-        ext_res = {"resources": {cfg.extractor_resource: 1}} if cfg.extractor_resource else {}
-        # replicas of a shard on different nodes: each asks its own resource (the chart: one worker
-        # group per shard replica) and Ray spreads them where the resources allow; on a single node
-        # (``loupe up``) they share it, each with its own store directory
-        spread = {"scheduling_strategy": "SPREAD"} if cfg.replication_factor > 1 else {}
         for i in range(cfg.shards):
-            for j in range(cfg.replication_factor):
-                resource = cfg.shard_resource_of(i, j)
-                self.shard_actors.append(
-                    shard_cls.options(
-                        name=shard_actor_name(i, j), namespace=cfg.namespace, num_cpus=0, max_restarts=-1, max_task_retries=0,
-                        **({"resources": {resource: 1}} if resource else {}), **spread,
-                    ).remote(i, opts, cfg.index_settings(), cfg.shard_store_dir(i, j), cfg.namespace, cfg.metrics_host,
-                             cfg.shard_metrics_port, cfg.shard_threads, resource, cfg.shards, j)
-                )
+            self.shard_actors.extend(self.new_shard_actors(i, cfg.shards, self.placement_rule))
+        ext_res = {"resources": {cfg.extractor_resource: 1}} if cfg.extractor_resource else {}
         ext_cfg = cfg.extractor_config()
         ext_cls = ray.remote(ExtractorActor)
         ext_opts = ServerOptions(host=cfg.host, port=0, workers=4, max_concurrent_rpcs=64, **self._internal_server_fields())
@@ -287,6 +276,27 @@ class Cluster:
             hint = f" (does a Ray node advertise shard_resource={cfg.shard_resource!r} / extractor_resource={cfg.extractor_resource!r}?)" if cfg.shard_resource or cfg.extractor_resource else ""
             raise TimeoutError(f"startup_timeout_s: {len(pending)} actors not ready after {cfg.startup_timeout_s} s{hint}")
         ray.get(ready)
+
+    def new_shard_actors(self, shard: int, shards: int, placement: str) -> list[Any]:
+        """Create the replica actors of shard ``shard`` (of a collection of ``shards`` placed by rule
+        ``placement``), replica j at j; they answer ``address()`` once serving."""
+        cfg = self.config
+        opts = ServerOptions(host=cfg.host, port=0, **self._internal_server_fields())
+        # replicas of a shard on different nodes: each asks its own resource (the chart: one worker
+        # group per shard replica) and Ray spreads them where the resources allow; on a single node
+        # (``loupe up``) they share it, each with its own store directory
+        spread = {"scheduling_strategy": "SPREAD"} if cfg.replication_factor > 1 else {}
+        actors = []
+        for j in range(cfg.replication_factor):
+            resource = cfg.shard_resource_of(shard, j)
+            actors.append(
+                ray.remote(ShardActor).options(
+                    name=shard_actor_name(shard, j), namespace=cfg.namespace, num_cpus=0, max_restarts=-1, max_task_retries=0,
+                    **({"resources": {resource: 1}} if resource else {}), **spread,
+                ).remote(shard, opts, cfg.index_settings(), cfg.shard_store_dir(shard, j), cfg.namespace, cfg.metrics_host,
+                         cfg.shard_metrics_port, cfg.shard_threads, resource, shards, j, placement)
+            )
+        return actors
 
     def _start_broker(self) -> None:
         cfg = self.config
@@ -315,6 +325,8 @@ class Cluster:
                 internal_token=self._internal_token,
                 internal_tls=self._internal_tls(),
                 lookup=self._lookup,
+                placement_rule=self.placement_rule,
+                fleet=RayShardFleet(self),
             ),
             self._loop,
         )

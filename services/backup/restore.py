@@ -4,7 +4,7 @@
    it lists (model files, chunk files) read back whole, hashed and, for chunks, parsed and
    counted. A missing, cut-short or altered file → ``DataLoss`` naming the file; nothing is written.
 2. **Write**: each chunk is read again (and hashed again), its records are re-placed by the
-   target's placement (``shard_for(id, target shard count)``) and stored with ``Add`` carrying each
+   target's placement (``Placement.shard_of(id)`` of the target cluster) and stored with ``Add`` carrying each
    record's own version. A record written twice is the same write (last writer wins on equal
    versions), so a restore that stopped midway is completed by running it again.
 
@@ -26,7 +26,7 @@ from services.backup.take import list_manifests, read_manifest
 from services.broker.backends import ShardClient
 from services.common.errors import DataLoss, InvalidArgument, NotFound
 from services.common.limits import MAX_WRITE_RECORDS
-from services.space.placement import shard_for
+from services.space.placement import Placement
 
 log = logging.getLogger(__name__)
 Run = Callable[..., Awaitable[Any]]
@@ -138,10 +138,10 @@ class WriteProgress:
 
 
 async def write_records(storage: BackupStorage, manifest: Manifest, shards: Sequence[ShardClient], run: Run,
-                        progress: WriteProgress, settings: RestoreSettings = RestoreSettings()) -> None:
-    """Store every record of the backup on its target shard (``shard_for(id, len(shards))``) with
-    its version. The next chunk is read while the current one is written."""
-    targets = len(shards)
+                        progress: WriteProgress, settings: RestoreSettings = RestoreSettings(), placement: Placement | None = None) -> None:
+    """Store every record of the backup on its target shard (``placement.shard_of(id)``; None = the
+    bucket placement over ``shards``) with its version. The next chunk is read while the current one is written."""
+    placement = placement or Placement(len(shards))
     chunks = [(c, f"shard {s.shard} chunk {j + 1} of {len(s.chunks)}") for s in manifest.shards for j, c in enumerate(s.chunks)]
     progress.total = manifest.images
 
@@ -157,7 +157,7 @@ async def write_records(storage: BackupStorage, manifest: Manifest, shards: Sequ
             nxt = asyncio.ensure_future(run(load, i + 1)) if i + 1 < len(chunks) else None
             by_shard: dict[int, list[shard_pb2.ShardRecord]] = {}
             for r in records:
-                by_shard.setdefault(shard_for(r.id, targets), []).append(r)
+                by_shard.setdefault(placement.shard_of(r.id), []).append(r)
                 progress.max_version = max(progress.max_version, r.version)
 
             async def store(sid: int, recs: list[shard_pb2.ShardRecord]) -> None:

@@ -18,6 +18,7 @@ from services.broker.config import BrokerConfig
 from services.broker.deadlines import Deadline
 from services.broker.graph_build import build_graphs
 from services.broker.metrics import BrokerMetrics
+from services.broker.routing import Routing
 from services.common import limits
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.space.whitening import PCAWhitening
@@ -29,7 +30,8 @@ class Admin:
     """GetStats, FitWhitening and BuildGraph over every shard."""
 
     def __init__(self, extractors: ExtractorPool, shards: Sequence[ShardClient], collection: CollectionModel,
-                 metrics: BrokerMetrics, config: BrokerConfig) -> None:
+                 metrics: BrokerMetrics, config: BrokerConfig, routing: Routing | None = None) -> None:
+        self.routing = routing  # None: no reshard can run
         self.extractors = extractors
         self.shards = shards
         self.collection = collection
@@ -72,8 +74,14 @@ class Admin:
             resp.model = f"{d.backbone} {d.pooling} D={d.dim} scales={[round(s, 3) for s in d.scales]} max_side={d.max_side}"
         return resp
 
+    def _not_resharding(self, what: str) -> None:
+        """FAILED_PRECONDITION while a reshard runs: shards come and go, records sit on two of them."""
+        if self.routing is not None and self.routing.resharding:
+            raise FailedPrecondition(f"broker: a reshard is running; run {what} when it has finished")
+
     async def fit_whitening(self, request: retrieval_pb2.FitWhiteningRequest, deadline: Deadline) -> retrieval_pb2.FitWhiteningResponse:
         """Learn the PCA-whitening on a sample of every shard and install it everywhere (or remove it)."""
+        self._not_resharding("FitWhitening")
         limits.check_int_range(request.max_vectors, "max_vectors", 0, limits.MAX_WHITENING_SAMPLE)
         limits.check_int_range(request.dim, "dim", 0, limits.MAX_VECTOR_DIM)
         payload = b""
@@ -101,6 +109,7 @@ class Admin:
 
     async def build_graph(self, request: retrieval_pb2.BuildGraphRequest, deadline: Deadline) -> retrieval_pb2.BuildGraphResponse:
         """Build (or remove) the collection's global and regional kNN graphs."""
+        self._not_resharding("BuildGraph")
         if request.k < 0 or request.k > self.config.max_graph_k:
             raise InvalidArgument(f"k: must be in 0..{self.config.max_graph_k}, got {request.k}")
         if request.remove:

@@ -28,7 +28,8 @@ from services.broker.collection_model import CollectionModel
 from services.broker.deadlines import Deadline
 from services.broker.versions import VersionClock
 from services.common.errors import DataLoss, FailedPrecondition, LoupeError, Unavailable
-from services.space.placement import PLACEMENT_VERSION
+from services.broker.routing import Routing
+from services.space.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ class Backups:
     """The three rpcs' bodies over the broker's shards, collection model and clock."""
 
     def __init__(self, extractors: ExtractorPool, shards: Sequence[ShardClient], collection: CollectionModel, clock: VersionClock,
-                 max_message_bytes: int, open_store: Callable[[str], BackupStorage] = open_storage) -> None:
+                 max_message_bytes: int, open_store: Callable[[str], BackupStorage] = open_storage, routing: Routing | None = None) -> None:
+        self.routing = routing or Routing(Placement(len(shards)))  # None: the bucket placement over shards, no reshard
         self.extractors = extractors
         self.shards = shards
         self.collection = collection
@@ -55,9 +57,10 @@ class Backups:
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
-    def _exclusive(self) -> asyncio.Lock:
+    def exclusive(self) -> asyncio.Lock:
+        """The lock of the collection-wide operations (backup, restore, reshard: one at a time)."""
         if self._busy.locked():
-            raise FailedPrecondition("broker: a backup or restore is already running; try again when it has finished")
+            raise FailedPrecondition("broker: a backup, restore or reshard is already running; try again when it has finished")
         return self._busy
 
     async def _model(self, timeout_s: float) -> dict[str, Any]:
@@ -71,11 +74,11 @@ class Backups:
     # --- Backup ---------------------------------------------------------------------------
     async def backup(self, request: retrieval_pb2.BackupRequest, deadline: Deadline) -> retrieval_pb2.BackupResponse:
         storage = await self._run(self.open_store, request.url)
-        async with self._exclusive():
+        async with self.exclusive():
             started_version = self.clock.next()  # before anything is read: every acknowledged write is below it
             model = await self._model(min(5.0, deadline.remaining()))
             files = await self._run(self.collection.files)
-            layout = {"shards": len(self.shards), "placement": PLACEMENT_VERSION,
+            layout = {"shards": self.routing.current.shards, "placement": self.routing.current.rule,
                       "replication_factor": len(getattr(self.shards[0], "replicas", [None]))}
             m = await take_backup(storage, self.shards, files, started_version=started_version, layout=layout, model=model, run=self._run,
                                   settings=BackupSettings(full=request.full, timeout_s=min(60.0, max(1.0, deadline.remaining()))))
@@ -94,7 +97,7 @@ class Backups:
     async def restore(self, request: retrieval_pb2.RestoreRequest, deadline: Deadline) -> retrieval_pb2.RestoreResponse:
         t0 = time.monotonic()
         storage = await self._run(self.open_store, request.url)
-        async with self._exclusive():
+        async with self.exclusive():
             manifest = await self._run(restoring.resolve, storage, request.backup_id)
             await self._check_model(manifest.model, min(5.0, deadline.remaining()))
             resumed = await self._check_empty(manifest.id, min(30.0, deadline.remaining()))
@@ -111,7 +114,7 @@ class Backups:
                                                        max(1.0, deadline.remaining())) for s in self.shards))
                 settings = restoring.RestoreSettings(timeout_s=min(120.0, max(1.0, deadline.remaining())),
                                                      max_add_bytes=max(1 << 20, self.max_message_bytes // 2))
-                await restoring.write_records(storage, manifest, self.shards, self._run, progress, settings)
+                await restoring.write_records(storage, manifest, self.shards, self._run, progress, settings, self.routing.current)
             except LoupeError as exc:
                 raise type(exc)(
                     f"restore of backup {manifest.id} stopped after {progress.written} of {progress.total} images were written: {exc}. "

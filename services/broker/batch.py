@@ -76,6 +76,10 @@ class BatchSearcher:
 
     async def search(self, request: retrieval_pb2.SearchBatchRequest, deadline: Deadline) -> retrieval_pb2.SearchBatchResponse:
         """Answer every query of ``request`` in order."""
+        with self.pipeline.routing.reads.running():  # a reshard retires a shard only after the searches that may ask it
+            return await self._search(request, deadline)
+
+    async def _search(self, request: retrieval_pb2.SearchBatchRequest, deadline: Deadline) -> retrieval_pb2.SearchBatchResponse:
         n = len(request.queries)
         if not 1 <= n <= limits.MAX_BATCH_QUERIES:
             raise InvalidArgument(f"queries: must hold 1..{limits.MAX_BATCH_QUERIES} queries, got {n}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -144,6 +146,17 @@ class BrokerMetrics:
             self.replica_catch_up.labels(*labels).set(state.progress)
         self.replicas_in_sync.labels(sid).set(sum(1 for s in shard.states if s.readable and s.up))
         self.replication_factor.labels(sid).set(len(shard.states))
+
+    def forget_shard(self, shard_id: int, replicas: int) -> None:
+        """Drop the series of a shard a reshard retired (else they would report its last state forever)."""
+        sid = str(shard_id)
+        for gauge in (self.shard_up, self.shard_vectors, self.shard_store_bytes, self.replicas_in_sync, self.replication_factor):
+            with contextlib.suppress(KeyError):
+                gauge.remove(sid)
+        for j in range(replicas):
+            for gauge in (self.replica_up, self.replica_in_sync, self.replica_lag, self.replica_catch_up):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(sid, str(j))
 
     def serve(self, host: str, port: int) -> int:
         """Expose ``/metrics`` over HTTP; returns the bound port (``port=0`` picks one)."""

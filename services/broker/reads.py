@@ -23,9 +23,10 @@ from loupe.v1 import retrieval_pb2, shard_pb2
 from services.broker.backends import ShardClient
 from services.broker.config import BrokerConfig
 from services.broker.deadlines import Deadline, shard_timeout
+from services.broker.routing import Routing
 from services.common import limits
 from services.common.errors import InvalidArgument, Unavailable
-from services.space.placement import shard_for
+from services.space.placement import Placement
 
 _CURSOR_TAG = b"loupe-list-1\x00"
 
@@ -59,9 +60,10 @@ def decode_cursor(cursor: str, field: str = "cursor") -> str:
 class Reader:
     """GetImages and ListImages over every shard."""
 
-    def __init__(self, shards: Sequence[ShardClient], config: BrokerConfig) -> None:
+    def __init__(self, shards: Sequence[ShardClient], config: BrokerConfig, routing: Routing | None = None) -> None:
         self.shards = shards
         self.config = config
+        self.routing = routing or Routing(Placement(len(shards)))  # None: the bucket placement over shards, no reshard
 
     async def get(self, request: retrieval_pb2.GetImagesRequest, deadline: Deadline) -> retrieval_pb2.GetImagesResponse:
         """Stored records of ``request.ids`` in request order; unknown ids listed as missing."""
@@ -71,14 +73,16 @@ class Reader:
         by_shard: dict[int, list[str]] = {}
         for i, image_id in enumerate(request.ids):
             limits.check_id(image_id, f"ids[{i}]")
-        for image_id in ids:
-            by_shard.setdefault(shard_for(image_id, len(self.shards)), []).append(image_id)
         timeout = shard_timeout(deadline, self.config)
-        answers = await asyncio.gather(
-            *(self.shards[sid].get_info(shard_pb2.GetInfoRequest(shard_id=sid, ids=sids, want_vector=request.with_vector), timeout)
-              for sid, sids in by_shard.items()),
-            return_exceptions=True,
-        )
+        with self.routing.reads.running():
+            view = self.routing.view()
+            for image_id in ids:
+                by_shard.setdefault(view.owner(image_id), []).append(image_id)
+            answers = await asyncio.gather(
+                *(self.shards[sid].get_info(shard_pb2.GetInfoRequest(shard_id=sid, ids=sids, want_vector=request.with_vector), timeout)
+                  for sid, sids in by_shard.items()),
+                return_exceptions=True,
+            )
         found: dict[str, retrieval_pb2.StoredImage] = {}
         missing: set[str] = set()
         unavailable: set[str] = set()
@@ -119,18 +123,23 @@ class Reader:
             req = shard_pb2.ListIdsRequest(shard_id=shard.shard_id, after=after, limit=page_size, filter=request.filter)
             return await shard.list_ids(req, timeout)
 
-        answers = await asyncio.gather(*(one(s) for s in self.shards))
+        with self.routing.reads.running():
+            view = self.routing.view()
+            shards = view.read_shards(self.shards)
+            answers = await asyncio.gather(*(one(s) for s in shards))
         # a shard that stopped early has returned everything up to its scanned_to: cut there
         bounds = [a.scanned_to for a in answers if not a.done]
         bound = min(bounds) if bounds else None
+        # during a reshard a shard may also hold copies of records it does not own: counted once, from the owner
         merged = sorted(
-            ((img.id, sid, img) for sid, a in enumerate(answers) for img in a.images if bound is None or img.id <= bound),
+            ((img.id, sid, img) for sid, a in enumerate(answers) for img in a.images
+             if (bound is None or img.id <= bound) and view.counts(shards[sid].shard_id, img.id)),
             key=lambda t: t[0],
         )
         page = merged[:page_size]
         resp = retrieval_pb2.ListImagesResponse()
         for image_id, sid, img in page:
-            resp.images.add(id=image_id, metadata=img.metadata, width=img.width, height=img.height, shard_id=self.shards[sid].shard_id)
+            resp.images.add(id=image_id, metadata=img.metadata, width=img.width, height=img.height, shard_id=shards[sid].shard_id)
         if len(merged) > page_size:
             resp.next_cursor = encode_cursor(page[-1][0])
         elif bound is not None:

@@ -484,6 +484,7 @@ class ReplicatedShard:
             task.add_done_callback(then)
 
     async def close(self) -> None:
+        self._on_change = None  # closed (e.g. retired by a reshard): its state is nobody's business any more
         for task in list(self._catch_ups.values()) + list(self._background):
             task.cancel()
         for r in self.replicas:

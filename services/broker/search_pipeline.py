@@ -31,6 +31,7 @@ from services.broker.deadlines import Deadline, PerCallBudget, shard_timeout
 from services.broker.metrics import BrokerMetrics
 from services.broker.query import Query, unit_vector
 from services.broker.rerank_stages import RerankState
+from services.broker.routing import ReadView, Routing
 from services.broker.search_plan import SearchPlan
 from services.broker.topk import Hit, ids_by_shard, merge_topk
 from services.broker.verification import Outcome, VerifiedHit, confidence, query_confidence, rank_verified, verify_locally
@@ -43,9 +44,9 @@ from services.common.local_candidates import (
     query_local_to_proto,
     result_from_proto,
 )
+from services.space.placement import Placement
 from services.common.message_size import MessageBudget, features_bytes, shard_hit_bytes, verified_candidate_bytes
 from services.rerank.verify import VerifyParams
-from services.space.placement import shard_for
 
 __all__ = ["Query", "SearchPipeline", "hits_of", "unit_vector"]
 
@@ -72,6 +73,13 @@ def hits_of(resp: shard_pb2.ShardSearchResponse, shard_id: int, with_vectors: bo
     ]
 
 
+def owned(view: ReadView, hits: list[Hit]) -> list[Hit]:
+    """A shard's hits less the copies it holds of records another shard owns (a reshard running)."""
+    if not view.filtering:
+        return hits
+    return [h for h in hits if view.counts(h.shard_id, h.image_id)]
+
+
 class SearchPipeline:
     """Runs searches over the broker's backends.
 
@@ -80,7 +88,7 @@ class SearchPipeline:
     extractors : ExtractorPool
         Where image queries are described.
     shards : sequence of ShardClient
-        Every shard, index = shard id.
+        Every shard, index = shard id (the broker's list: a reshard adds and retires shards).
     collection : CollectionModel
         Whitening, local PCA and kNN graphs of the collection.
     metrics : BrokerMetrics
@@ -92,10 +100,15 @@ class SearchPipeline:
     budget : MessageBudget
         The message limit shard answers must fit: batch fan-outs are split and feature reads
         batched so that each shard answer fits by construction.
+    routing : Routing or None
+        Which shards a fan-out asks and which shard's hit of an id counts (``services.broker.routing``;
+        None = the bucket placement over ``shards``, no reshard).
     """
 
     def __init__(self, extractors: ExtractorPool, shards: Sequence[ShardClient], collection: CollectionModel,
-                 metrics: BrokerMetrics, config: BrokerConfig, verify_pool: Executor, budget: MessageBudget = MessageBudget()) -> None:
+                 metrics: BrokerMetrics, config: BrokerConfig, verify_pool: Executor, budget: MessageBudget = MessageBudget(),
+                 routing: Routing | None = None) -> None:
+        self.routing = routing or Routing(Placement(len(shards)))
         self.budget = budget
         self.extractors = extractors
         self.shards = shards
@@ -120,10 +133,12 @@ class SearchPipeline:
         """Run a validated request end to end."""
         timings: list[types_pb2.StageTiming] = []
         t_total = time.perf_counter()
-        query = await self.prepare(request, plan, deadline, timings)
-        with self.stage("fanout", timings):
-            per_shard, missing = await self.fanout(query.vector, query.depth(request, plan), deadline, plan.need_vectors, flt=query.filter)
-        return await self.finish(request, plan, query, per_shard, missing, deadline, timings, t_total)
+        with self.routing.reads.running():  # a reshard retires a shard only after the searches that may ask it
+            query = await self.prepare(request, plan, deadline, timings)
+            with self.stage("fanout", timings):
+                per_shard, missing = await self.fanout(query.vector, query.depth(request, plan), deadline, plan.need_vectors,
+                                                       flt=query.filter)
+            return await self.finish(request, plan, query, per_shard, missing, deadline, timings, t_total)
 
     # --- the query ---------------------------------------------------------------------------
     async def extract(self, request: extractor_pb2.ExtractRequest, deadline: Budget) -> extractor_pb2.ExtractResponse:
@@ -162,7 +177,7 @@ class SearchPipeline:
     async def stored_query(self, image_id: str, plan: SearchPlan, deadline: Budget) -> Query:
         """The query of a search by stored id: the image's stored raw global vector, its indexed
         regional vectors and its (collection-PCA) local features, read from its shard."""
-        sid = shard_for(image_id, len(self.shards))
+        sid = self.routing.view().owner(image_id)
         req = shard_pb2.GetFeaturesRequest(shard_id=sid, ids=[image_id], want_global=True, want_raw_global=True,
                                            want_regional=plan.regional, want_local=plan.verify is not None)
         resp = await self.shards[sid].get_features(req, shard_timeout(deadline, self.config))
@@ -205,10 +220,12 @@ class SearchPipeline:
                 shard_id=shard.shard_id, query=tensor, top_k=depth, timeout_s=timeout,
                 return_vectors=return_vectors, query_transformed=transformed, filter=flt,
             )
-            return hits_of(await shard.search(req, timeout), shard.shard_id, return_vectors)
+            return owned(view, hits_of(await shard.search(req, timeout), shard.shard_id, return_vectors))
 
-        results = await asyncio.gather(*(one(s) for s in self.shards), return_exceptions=True)
-        return self.sort_out(results, deadline)
+        view = self.routing.view()
+        shards = view.read_shards(self.shards)
+        results = await asyncio.gather(*(one(s) for s in shards), return_exceptions=True)
+        return self.sort_out(shards, results, deadline)
 
     async def fanout_batch(
         self, items: Sequence[tuple[Query, int, bool]], deadline: Budget
@@ -230,17 +247,19 @@ class SearchPipeline:
                                 return_vectors=return_vectors, filter=query.filter)
             return await shard.search_batch(req, timeout)
 
-        calls = [(pos, group) for pos in range(len(self.shards)) for group in groups]
-        answers = await asyncio.gather(*(one(self.shards[pos], group) for pos, group in calls), return_exceptions=True)
+        view = self.routing.view()
+        shards = view.read_shards(self.shards)
+        calls = [(pos, group) for pos in range(len(shards)) for group in groups]
+        answers = await asyncio.gather(*(one(shards[pos], group) for pos, group in calls), return_exceptions=True)
         # per query, per shard: that shard's result for it, or the exception of the call that carried it
-        by_query: list[list] = [[None] * len(self.shards) for _ in items]
+        by_query: list[list] = [[None] * len(shards) for _ in items]
         for (pos, group), res in zip(calls, answers):
             for j, i in enumerate(group):
                 by_query[i][pos] = res if isinstance(res, BaseException) else res.results[j]
         out: list[tuple[list[list[Hit]], list[int]] | Exception] = []
         for i, (_, _, return_vectors) in enumerate(items):
             per_query = []
-            for shard, r in zip(self.shards, by_query[i]):
+            for shard, r in zip(shards, by_query[i]):
                 if isinstance(r, BaseException):
                     per_query.append(r)
                 elif r.code == _INVALID_ARGUMENT:
@@ -248,19 +267,20 @@ class SearchPipeline:
                 elif r.code:
                     per_query.append(Unavailable(f"shard {shard.shard_id}: {r.message}"))
                 else:
-                    per_query.append(hits_of(r.response, shard.shard_id, return_vectors))
+                    per_query.append(owned(view, hits_of(r.response, shard.shard_id, return_vectors)))
             try:
-                out.append(self.sort_out(per_query, deadline, count_failures=i in (g[0] for g in groups)))
+                out.append(self.sort_out(shards, per_query, deadline, count_failures=i in (g[0] for g in groups)))
             except Exception as exc:  # this query's own error (bad query, no shard answered)
                 out.append(exc)
         return out
 
-    def sort_out(self, results: Sequence[T | BaseException], deadline: Budget, count_failures: bool = True) -> tuple[list[T], list[int]]:
-        """Per-shard outcomes → (answers, missing shard ids); a shard's INVALID_ARGUMENT is the
+    def sort_out(self, shards: Sequence[ShardClient], results: Sequence[T | BaseException], deadline: Budget,
+                 count_failures: bool = True) -> tuple[list[T], list[int]]:
+        """Per-shard outcomes (of ``shards``, in order) → (answers, missing shard ids); a shard's INVALID_ARGUMENT is the
         caller's, every other failure makes the shard missing (UNAVAILABLE when all are).
         ``count_failures`` counts shard failures in the metrics (once per fan-out)."""
         lists, missing = [], []
-        for shard, res in zip(self.shards, results):
+        for shard, res in zip(shards, results):
             if isinstance(res, BaseException):
                 if isinstance(res, InvalidArgument):
                     raise InvalidArgument(str(res) or "invalid query") from None
@@ -271,7 +291,7 @@ class SearchPipeline:
                 missing.append(shard.shard_id)
             else:
                 lists.append(res)
-        if len(missing) == len(self.shards):
+        if len(missing) == len(shards):
             deadline.remaining()  # a deadline that ran out is reported as such
             raise Unavailable("no shard answered the search")
         return lists, missing

@@ -9,6 +9,7 @@ delegates the work to one module:
 - writes (AddImages, Delete routing): ``services.broker.writes``;
 - collection administration (stats, whitening, graphs): ``services.broker.admin``;
 - backups and restores: ``services.broker.backups`` (over ``services.backup``);
+- resharding: ``services.broker.resharding`` (where each read and write goes: ``services.broker.routing``);
 - reads of stored records (GetImages, ListImages and its cursor): ``services.broker.reads``;
 - many queries in one call (SearchBatch): ``services.broker.batch``.
 """
@@ -30,8 +31,10 @@ from services.broker.admin import Admin
 from services.broker.backups import Backups
 from services.broker.backends import ExtractorPool, GrpcShardClient, ShardClient
 from services.broker.replicas import ReplicatedShard
+from services.broker.resharding import Resharder, ShardFleet
+from services.broker.routing import Routing
 from services.broker.versions import VersionClock
-from services.space.placement import shard_member
+from services.space.placement import PLACEMENT_VERSION, Placement, shard_member
 from services.broker.members import Resolve
 from services.broker.batch import BatchSearcher
 from services.broker.collection_model import CollectionModel
@@ -79,6 +82,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         config: BrokerConfig = BrokerConfig(),
         budget: MessageBudget = MessageBudget(),
         clock: VersionClock | None = None,
+        placement_rule: str = PLACEMENT_VERSION,
     ) -> None:
         if not shards:
             raise ValueError("shards: at least one shard is required")
@@ -93,13 +97,16 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         self.metrics.graph_images.set_function(lambda: len(self.collection.graph) if self.collection.graph is not None else 0)
         self._inflight = 0
         self._verify_pool = ThreadPoolExecutor(max_workers=config.verify_threads, thread_name_prefix="loupe-verify")
-        self.pipeline = SearchPipeline(extractors, self.shards, self.collection, metrics, config, self._verify_pool, budget)
+        self.routing = Routing(Placement(len(self.shards), placement_rule))  # self.shards: one list, a reshard grows and cuts it
+        self.pipeline = SearchPipeline(extractors, self.shards, self.collection, metrics, config, self._verify_pool, budget, self.routing)
         self.clock = clock or VersionClock()
-        self.writer = Writer(extractors, self.shards, self.collection, metrics, config, self.clock)
-        self.admin = Admin(extractors, self.shards, self.collection, metrics, config)
-        self.reader = Reader(self.shards, config)
+        self.writer = Writer(extractors, self.shards, self.collection, metrics, config, self.clock, self.routing)
+        self.admin = Admin(extractors, self.shards, self.collection, metrics, config, self.routing)
+        self.reader = Reader(self.shards, config, self.routing)
         self.batch = BatchSearcher(self.pipeline, config)
-        self.backups = Backups(extractors, self.shards, self.collection, self.clock, budget.max_message_bytes)
+        self.backups = Backups(extractors, self.shards, self.collection, self.clock, budget.max_message_bytes, routing=self.routing)
+        self.resharder = Resharder(self.shards, self.routing, self.clock, self.collection, self.backups.exclusive,
+                                   on_retire=metrics.forget_shard)
 
     # --- plumbing -------------------------------------------------------------------------
     async def _observe(self, method: str, context: grpc.aio.ServicerContext, body: Callable[[], Awaitable[T]]) -> T:
@@ -225,6 +232,10 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
     async def Restore(self, request: retrieval_pb2.RestoreRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.RestoreResponse:
         return await self._observe("Restore", context, lambda: self.backups.restore(request, self._deadline(context)))
 
+    # --- Reshard --------------------------------------------------------------------------
+    async def Reshard(self, request: retrieval_pb2.ReshardRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.ReshardResponse:
+        return await self._observe("Reshard", context, lambda: self.resharder.reshard(request))
+
 
 @dataclass
 class RunningBroker:
@@ -262,6 +273,8 @@ async def create_server(
     internal_token: str = "",
     internal_tls: InternalTls | None = None,
     lookup: Lookup | None = None,
+    placement_rule: str = PLACEMENT_VERSION,
+    fleet: ShardFleet | None = None,
 ) -> RunningBroker:
     """Start the public Retrieval server (asyncio) and its ``/metrics`` exporter.
 
@@ -270,6 +283,9 @@ async def create_server(
     ``shard_member(shard, replica)``, or "extractor" with the replica index) finds a member's
     current address when it moved (None = fixed addresses). ``internal_token`` ("" = none) is
     sent with every call to shards and extractors, over mutual TLS when ``internal_tls`` is set.
+    ``placement_rule`` is the collection's (its layout file's); ``fleet`` starts and stops shards
+    for ``Reshard`` (None: the broker cannot reshard). A reshard that stopped midway is finished
+    (``Resharder.recover``) before this returns.
     """
     channel_opts = opts.channel_options()
     metrics = BrokerMetrics.create()
@@ -286,6 +302,11 @@ async def create_server(
         ]
         return ReplicatedShard(i, replicas, config.write_quorum, config.replica_hedge_s, on_change=metrics.observe_replicas)
 
+    def new_shard(i: int, addresses: Sequence[str]) -> ReplicatedShard:  # a reshard's new shard
+        shard = replicated(i, addresses)
+        shard.whitening = servicer.collection.whitening_payload
+        return shard
+
     servicer = RetrievalServicer(
         ExtractorPool(extractor_addresses, channel_opts, internal_token=internal_token, tls=internal_tls,
                       max_concurrency_per_replica=config.extract_slots_per_replica, max_queue=config.max_extract_queue,
@@ -295,7 +316,9 @@ async def create_server(
         metrics,
         config,
         MessageBudget(opts.max_message_bytes),  # answers and shard calls sized under the same limit as the channels
+        placement_rule=placement_rule,
     )
+    servicer.resharder.fleet, servicer.resharder.make_shard = fleet, new_shard
     for shard in servicer.shards:  # a replica caught up from a peer gets the collection whitening too
         shard.whitening = servicer.collection.whitening_payload  # type: ignore[attr-defined]
     server = await create_aio_server(
@@ -311,6 +334,7 @@ async def create_server(
     replicated_shards = [s for s in servicer.shards if len(s.replicas) > 1]  # type: ignore[attr-defined]
     if replicated_shards:  # which replicas are in sync: decided before the first read
         await asyncio.gather(*(s.check(config.shard_health_timeout_s) for s in replicated_shards), return_exceptions=True)
+    await servicer.resharder.recover()
     health = ShardHealth(servicer.shards, metrics, config.shard_health_period_s, config.shard_health_timeout_s,
                          extractors=servicer.extractors, down_grace_s=config.shard_down_grace_s, on_complete=on_complete,
                          observe_version=servicer.clock.observe).start()

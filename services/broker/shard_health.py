@@ -38,7 +38,7 @@ class ShardHealth:
     Parameters
     ----------
     shards : sequence of ReplicatedShard
-        The broker's shards (each over its replicas).
+        The broker's shards (each over its replicas); read every round (a reshard changes it).
     metrics : BrokerMetrics
         Gauges ``shard_up``, ``shard_vectors``, ``shard_store_bytes`` are set here.
     period_s : float
@@ -62,7 +62,7 @@ class ShardHealth:
             raise ValueError(f"broker.shard_health_period_s must be > 0, got {period_s}")
         if timeout_s <= 0:
             raise ValueError(f"broker.shard_health_timeout_s must be > 0, got {timeout_s}")
-        self.shards = list(shards)
+        self.shards = shards  # the broker's own list: a reshard adds and retires shards
         self.metrics = metrics
         self.period_s = period_s
         self.timeout_s = min(timeout_s, period_s)

@@ -23,20 +23,21 @@ from services.broker.collection_model import CollectionModel
 from services.broker.config import BrokerConfig
 from services.broker.deadlines import Deadline, PerCallBudget
 from services.broker.metrics import BrokerMetrics
+from services.broker.routing import Routing
 from services.broker.versions import VersionClock
 from services.common import limits
 from services.common.errors import InvalidArgument, NotFound, Overloaded, status_for
 from services.common.limits import check_id
-from services.space.placement import shard_for
 
 Budget = Deadline | PerCallBudget
 
 
 class Writer:
-    """Routes writes to the owning shards (``shard_for(id)``)."""
+    """Routes writes to the owning shards (``routing.write_owners(id)``: two while a reshard moves it)."""
 
     def __init__(self, extractors: ExtractorPool, shards: Sequence[ShardClient], collection: CollectionModel,
-                 metrics: BrokerMetrics, config: BrokerConfig, clock: VersionClock) -> None:
+                 metrics: BrokerMetrics, config: BrokerConfig, clock: VersionClock, routing: Routing) -> None:
+        self.routing = routing
         self.extractors = extractors
         self.shards = shards
         self.collection = collection
@@ -75,12 +76,17 @@ class Writer:
         self.metrics.stage_seconds.labels("extract").observe(time.perf_counter() - t_ext)
         if self.config.index_local:
             self._project_local(features)
+        with self.routing.writes.running():  # routed and versioned at once: a reshard waits for it
+            return await self._store(batch, features, deadline)
+
+    async def _store(self, batch: retrieval_pb2.AddImagesRequest, features: Sequence[types_pb2.ImageFeatures],
+                     deadline: Budget) -> tuple[int, int]:
         by_shard: dict[int, shard_pb2.ShardAddRequest] = {}
         version = self.clock.next()
         for rec, feat in zip(batch.images, features):
-            sid = shard_for(rec.id, len(self.shards))
-            req = by_shard.setdefault(sid, shard_pb2.ShardAddRequest(shard_id=sid))
-            req.records.add(id=rec.id, features=feat, metadata=dict(rec.metadata), version=version)
+            for sid in self.routing.write_owners(rec.id):
+                req = by_shard.setdefault(sid, shard_pb2.ShardAddRequest(shard_id=sid))
+                req.records.add(id=rec.id, features=feat, metadata=dict(rec.metadata), version=version)
 
         async def write(sid: int, req: shard_pb2.ShardAddRequest) -> shard_pb2.ShardAddResponse:
             return await self.shards[sid].add(req, deadline.remaining())
@@ -88,7 +94,8 @@ class Writer:
         self.collection.graph_forget([rec.id for rec in batch.images])  # replaced images leave the graph
         outcomes = await asyncio.gather(*(write(s, r) for s, r in by_shard.items()), return_exceptions=True)
         answers = [o for o in outcomes if not isinstance(o, BaseException)]
-        n = int(sum(o.stored for o in answers))
+        # an id is written to two shards while a reshard moves it: count each image once
+        n = len({r.id for req, o in zip(by_shard.values(), outcomes) if not isinstance(o, BaseException) for r in req.records})
         self.metrics.images_added.inc(n)
         failed = [(sid, o) for sid, o in zip(by_shard, outcomes) if isinstance(o, BaseException)]
         if failed:
@@ -113,10 +120,17 @@ class Writer:
             raise InvalidArgument("ids: at least one id is required")
         if len(request.ids) > limits.MAX_DELETE_IDS:
             raise InvalidArgument(f"ids: {len(request.ids)} ids, the limit is {limits.MAX_DELETE_IDS} per request")
-        by_shard: dict[int, list[str]] = {}
         for i, image_id in enumerate(request.ids):
             check_id(image_id, f"ids[{i}]")
-            by_shard.setdefault(shard_for(image_id, len(self.shards)), []).append(image_id)
+        with self.routing.writes.running():  # routed and versioned at once: a reshard waits for it
+            return await self._delete(request, deadline)
+
+    async def _delete(self, request: retrieval_pb2.DeleteRequest, deadline: Budget) -> retrieval_pb2.DeleteResponse:
+        by_shard: dict[int, list[str]] = {}
+        for image_id in request.ids:
+            for sid in self.routing.write_owners(image_id):
+                by_shard.setdefault(sid, []).append(image_id)
+        owner = {image_id: self.routing.owner(image_id) for image_id in request.ids}  # as routed (a reshard may switch meanwhile)
         version = self.clock.next()
 
         async def one(sid: int, ids: list[str]) -> shard_pb2.ShardDeleteResponse:
@@ -126,9 +140,10 @@ class Writer:
         results = await asyncio.gather(*(one(s, ids) for s, ids in by_shard.items()))
         self.collection.graph_forget(list(request.ids))
         resp = retrieval_pb2.DeleteResponse(replicas_stored=min((r.replicas for r in results), default=0))
-        for r in results:
-            resp.deleted.extend(r.deleted)
-            resp.missing.extend(r.missing)
+        # during a reshard an id is deleted on two shards: it existed if it existed on its owner
+        for sid, r in zip(by_shard, results):
+            resp.deleted.extend(i for i in r.deleted if owner[i] == sid)
+            resp.missing.extend(i for i in r.missing if owner[i] == sid)
         if not resp.deleted:
             raise NotFound(f"ids: none of {list(request.ids)[:5]} exists")
         return resp

@@ -7,7 +7,7 @@ The method → role table (``METHOD_ROLES``) is declared once, here:
 - ``read``: ``Retrieval/Search``, ``SearchBatch``, ``GetImages``, ``ListImages``, ``GetStats`` and server reflection (so that an
   anonymous caller cannot even list the services when auth is on);
 - ``write`` (implies read): ``Retrieval/AddImages``, ``Delete``, ``FitWhitening``, ``BuildGraph``, ``Backup``,
-  ``ListBackups``, ``Restore`` (a backup's url names where the broker writes and reads);
+  ``ListBackups``, ``Restore`` (a backup's url names where the broker writes and reads), ``Reshard``;
 - ``internal``: every method of the internal ``Shard`` and ``Extractor`` services; only the
   broker holds the cluster-internal token;
 - open: gRPC health checking (``Check``/``Watch``), for load balancers and Kubernetes probes.
@@ -51,6 +51,7 @@ METHOD_ROLES: Mapping[str, str] = {
     _RETRIEVAL + "Backup": WRITE,
     _RETRIEVAL + "ListBackups": WRITE,
     _RETRIEVAL + "Restore": WRITE,
+    _RETRIEVAL + "Reshard": WRITE,
     "/grpc.health.v1.Health/Check": OPEN,
     "/grpc.health.v1.Health/Watch": OPEN,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": READ,

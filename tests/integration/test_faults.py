@@ -181,12 +181,12 @@ def test_searches_are_admitted_while_indexing_fills_its_queue(cluster):
 
 def test_a_failed_write_lists_the_ids_it_stored(cluster):
     """Last in the module: shard 1 is killed for good."""
-    from services.space.placement import shard_for
+    from services.space.placement import Placement
 
     cluster.kill_shard(1)
     ids = [f"w/{i}" for i in range(8)]
-    on0 = [i for i in ids if shard_for(i, 2) == 0]
-    on1 = [i for i in ids if shard_for(i, 2) == 1]
+    on0 = [i for i in ids if Placement(2).shard_of(i) == 0]
+    on1 = [i for i in ids if Placement(2).shard_of(i) == 1]
     assert on0 and on1
     with RetrievalClient(cluster.broker_address, retries=False) as client:
         with pytest.raises(grpc.RpcError) as err:

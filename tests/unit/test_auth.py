@@ -23,7 +23,7 @@ def test_every_public_rpc_has_a_declared_role():
     assert roles == {
         "Search": READ, "GetStats": READ, "SearchBatch": READ, "GetImages": READ, "ListImages": READ,
         "AddImages": WRITE, "Delete": WRITE, "FitWhitening": WRITE, "BuildGraph": WRITE,
-        "Backup": WRITE, "ListBackups": WRITE, "Restore": WRITE,
+        "Backup": WRITE, "ListBackups": WRITE, "Restore": WRITE, "Reshard": WRITE,
     }
 
 

@@ -19,7 +19,7 @@ from services.backup.manifest import Manifest, manifest_name
 from services.backup.storage import DirectoryStorage, open_storage
 from services.backup.take import BackupSettings, read_manifest, take_backup
 from services.common.errors import DataLoss, InvalidArgument
-from services.space.placement import shard_for
+from services.space.placement import Placement
 
 
 def _record(i: int, version: int = 1) -> shard_pb2.ShardRecord:
@@ -83,7 +83,7 @@ def _source(n: int = 200, shards: int = 2) -> list[MemShard]:
     out = [MemShard(i) for i in range(shards)]
     for i in range(n):
         r = _record(i)
-        out[shard_for(r.id, shards)].records[r.id] = r
+        out[Placement(shards).shard_of(r.id)].records[r.id] = r
     return out
 
 
@@ -115,7 +115,7 @@ def test_cut_points_depend_on_the_id_alone_and_halve_when_the_target_doubles():
 def test_backup_and_restore_into_another_shard_count(tmp_path):
     src = _source()
     doomed = "img-00007"
-    sid = shard_for(doomed, 2)
+    sid = Placement(2).shard_of(doomed)
     src[sid].tombstones[doomed] = 9
     del src[sid].records[doomed]
     storage = DirectoryStorage(str(tmp_path))
@@ -130,7 +130,7 @@ def test_backup_and_restore_into_another_shard_count(tmp_path):
     asyncio.run(restoring.write_records(storage, got, target, _run, progress))
     assert progress.written == 199
     for t in target:  # re-placed by the target's placement, versions kept
-        assert all(shard_for(i, 3) == t.shard_id for i in t.records)
+        assert all(Placement(3).shard_of(i) == t.shard_id for i in t.records)
     restored = {i: r for t in target for i, r in t.records.items()}
     original = {i: r for s in src for i, r in s.records.items()}
     assert restored == original and doomed not in restored
@@ -146,7 +146,7 @@ def test_incremental_backup_reads_only_the_changed_chunks(tmp_path):
     assert sum(s.get_calls for s in src) == calls and second.bytes_written == 0  # nothing read, nothing written
 
     changed = _record(3, version=7)  # one record rewritten
-    src[shard_for(changed.id, 2)].records[changed.id] = changed
+    src[Placement(2).shard_of(changed.id)].records[changed.id] = changed
     third = _backup(storage, src)
     chunks = sum(len(s.chunks) for s in third.shards)
     assert third.chunks_reused == chunks - 1 and 0 < third.bytes_written < first.bytes_written

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from services.space.layout import LAYOUT_FILE, Layout, LayoutMismatch, check_layout
+from services.space.placement import PLACEMENT_VERSION
 
 
 def test_first_start_writes_the_layout_and_the_same_start_passes(tmp_path) -> None:
@@ -26,8 +27,8 @@ def test_a_volume_given_to_another_shard_or_rule_refuses(tmp_path) -> None:
     check_layout(tmp_path, Layout(shards=2, shard=0, replica=0))
     with pytest.raises(LayoutMismatch, match="holds shard 0 but was given to shard 1"):
         check_layout(tmp_path, Layout(shards=2, shard=1, replica=0))
-    with pytest.raises(LayoutMismatch, match="placement 'blake2b64-mod-v1'"):
-        check_layout(tmp_path, Layout(shards=2, placement="buckets-v2", shard=0, replica=0))
+    with pytest.raises(LayoutMismatch, match=f"placement '{PLACEMENT_VERSION}'"):
+        check_layout(tmp_path, Layout(shards=2, placement="blake2b64-mod-v1", shard=0, replica=0))
     (tmp_path / LAYOUT_FILE).write_text("{not json")
     with pytest.raises(LayoutMismatch, match="unreadable layout file"):
         check_layout(tmp_path, Layout(shards=2, shard=0, replica=0))

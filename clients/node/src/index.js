@@ -235,6 +235,14 @@ class LoupeClient {
   }
 
   /**
+   * Move the collection to `shards` shards while it serves (records move between shards, nothing
+   * is re-extracted). Write role. No deadline by default.
+   */
+  reshard(shards, opts = {}) {
+    return this._unary('Reshard', { shards }, opts.deadlineMs === undefined ? 24 * 3600000 : opts.deadlineMs);
+  }
+
+  /**
    * gRPC health status of the broker ("SERVING", ...). Needs no token.
    * @param {string} [service] "" for the server, or "loupe.v1.Retrieval"
    */

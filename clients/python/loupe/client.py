@@ -201,6 +201,10 @@ class RetrievalClient:
         """Restore backup ``backup_id`` ("" = the newest) at ``url`` into this (empty) cluster."""
         return self.stub.Restore(retrieval_pb2.RestoreRequest(url=url, backup_id=backup_id), timeout=timeout_s, metadata=self.metadata)
 
+    def reshard(self, shards: int, timeout_s: float | None = 24 * 3600.0) -> retrieval_pb2.ReshardResponse:
+        """Move the collection to ``shards`` shards while it serves (records move, nothing is re-extracted)."""
+        return self.stub.Reshard(retrieval_pb2.ReshardRequest(shards=shards), timeout=timeout_s, metadata=self.metadata)
+
 
 def search_request(
     *, image: bytes | None = None, vector: np.ndarray | None = None, image_id: str | None = None, k: int = 10, offset: int = 0,

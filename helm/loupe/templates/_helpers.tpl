@@ -98,6 +98,14 @@ Argument: (list root shard replica).
 {{- end }}
 
 {{/*
+Shard worker groups (and claims) provisioned: loupe.shards, or more with loupe.shardGroups (room
+for `loupe reshard` to grow into).
+*/}}
+{{- define "loupe.shardGroups" -}}
+{{- max (int .Values.loupe.shards) (int .Values.loupe.shardGroups) }}
+{{- end }}
+
+{{/*
 Worker group (and Ray resource suffix) of one shard replica. Argument: (list shard replica).
 */}}
 {{- define "loupe.shardGroup" -}}
@@ -415,6 +423,9 @@ failureThreshold: 3
 Checks across values that a JSON schema cannot express.
 */}}
 {{- define "loupe.validate" -}}
+{{- if and (gt (int .Values.loupe.shardGroups) 0) (lt (int .Values.loupe.shardGroups) (int .Values.loupe.shards)) }}
+{{- fail (printf "loupe.shardGroups = %d is less than loupe.shards = %d: every shard needs its worker groups (0 = as many as shards)" (int .Values.loupe.shardGroups) (int .Values.loupe.shards)) }}
+{{- end }}
 {{- $extSlots := mul .Values.extractorWorkers.replicas .Values.extractorWorkers.slotsPerPod }}
 {{- if lt (int $extSlots) (int .Values.loupe.replicas) }}
 {{- fail (printf "extractorWorkers: replicas × slotsPerPod = %d is less than loupe.replicas = %d: some extractor replicas could never be placed" (int $extSlots) (int .Values.loupe.replicas)) }}
@@ -427,7 +438,7 @@ Checks across values that a JSON schema cannot express.
 {{- end }}
 {{- if eq $p.mode "shared" }}
 {{- if and (not $p.existingClaim) (not (has "ReadWriteMany" $modes)) }}
-{{- fail (printf "persistence.mode=shared mounts one claim on the head and %d shard pods: its accessModes %v must include ReadWriteMany (a ReadWriteOnce volume attaches to one node: the other pods stay Pending or fail with Multi-Attach). Use persistence.mode=perReplica (one ReadWriteOnce claim per shard replica) or a ReadWriteMany storage class" (mul .Values.loupe.shards .Values.loupe.replicationFactor) $modes) }}
+{{- fail (printf "persistence.mode=shared mounts one claim on the head and %d shard pods: its accessModes %v must include ReadWriteMany (a ReadWriteOnce volume attaches to one node: the other pods stay Pending or fail with Multi-Attach). Use persistence.mode=perReplica (one ReadWriteOnce claim per shard replica) or a ReadWriteMany storage class" (mul (int (include "loupe.shardGroups" .)) (int .Values.loupe.replicationFactor)) $modes) }}
 {{- end }}
 {{- else if $p.existingClaim }}
 {{- fail "persistence.existingClaim is for persistence.mode=shared (one claim for all pods); persistence.mode=perReplica creates one claim per shard replica and one for the head" }}

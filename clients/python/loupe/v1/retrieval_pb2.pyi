@@ -496,3 +496,29 @@ class RestoreResponse(_message.Message):
     verify_seconds: float
     resumed: bool
     def __init__(self, backup_id: _Optional[str] = ..., images: _Optional[int] = ..., source_shards: _Optional[int] = ..., target_shards: _Optional[int] = ..., bytes_read: _Optional[int] = ..., seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., resumed: _Optional[bool] = ...) -> None: ...
+
+class ReshardRequest(_message.Message):
+    __slots__ = ("shards",)
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    shards: int
+    def __init__(self, shards: _Optional[int] = ...) -> None: ...
+
+class ReshardResponse(_message.Message):
+    __slots__ = ("from_shards", "to_shards", "from_placement", "to_placement", "records_moved", "copies_removed", "seconds", "copy_seconds")
+    FROM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    TO_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    FROM_PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    TO_PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_MOVED_FIELD_NUMBER: _ClassVar[int]
+    COPIES_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COPY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    from_shards: int
+    to_shards: int
+    from_placement: str
+    to_placement: str
+    records_moved: int
+    copies_removed: int
+    seconds: float
+    copy_seconds: float
+    def __init__(self, from_shards: _Optional[int] = ..., to_shards: _Optional[int] = ..., from_placement: _Optional[str] = ..., to_placement: _Optional[str] = ..., records_moved: _Optional[int] = ..., copies_removed: _Optional[int] = ..., seconds: _Optional[float] = ..., copy_seconds: _Optional[float] = ...) -> None: ...

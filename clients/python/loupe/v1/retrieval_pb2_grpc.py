@@ -113,6 +113,11 @@ class RetrievalStub:
                 request_serializer=loupe_dot_v1_dot_retrieval__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=loupe_dot_v1_dot_retrieval__pb2.RestoreResponse.FromString,
                 _registered_method=True)
+        self.Reshard = channel.unary_unary(
+                '/loupe.v1.Retrieval/Reshard',
+                request_serializer=loupe_dot_v1_dot_retrieval__pb2.ReshardRequest.SerializeToString,
+                response_deserializer=loupe_dot_v1_dot_retrieval__pb2.ReshardResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServicer:
@@ -286,6 +291,23 @@ class RetrievalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reshard(self, request, context):
+        """Changes the collection's shard count while it keeps serving: records move between shards
+        without re-extraction, to the bucket placement (about 1/N of them move when one shard is added;
+        the same count moves a collection of the older placement to it). The new shards' replica sets
+        are started first, the retired ones stopped last. Searches and reads stay complete and correct
+        (a record is counted from one shard, never two, never none); writes are not blocked and none
+        acknowledged is lost. A broker that stops midway finishes on the next start (README "Scaling
+        the collection"). One at a time, not during a backup or restore; a call its caller cancels
+        (or whose deadline passes) does not stop the reshard, which runs to its end. Role: write.
+        Errors: INVALID_ARGUMENT naming `shards`; FAILED_PRECONDITION (another collection-wide
+        operation runs, or the broker cannot start shards); UNAVAILABLE (a shard did not answer: run
+        it again, it continues).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -348,6 +370,11 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.Restore,
                     request_deserializer=loupe_dot_v1_dot_retrieval__pb2.RestoreRequest.FromString,
                     response_serializer=loupe_dot_v1_dot_retrieval__pb2.RestoreResponse.SerializeToString,
+            ),
+            'Reshard': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reshard,
+                    request_deserializer=loupe_dot_v1_dot_retrieval__pb2.ReshardRequest.FromString,
+                    response_serializer=loupe_dot_v1_dot_retrieval__pb2.ReshardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -693,6 +720,33 @@ class Retrieval:
             '/loupe.v1.Retrieval/Restore',
             loupe_dot_v1_dot_retrieval__pb2.RestoreRequest.SerializeToString,
             loupe_dot_v1_dot_retrieval__pb2.RestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reshard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loupe.v1.Retrieval/Reshard',
+            loupe_dot_v1_dot_retrieval__pb2.ReshardRequest.SerializeToString,
+            loupe_dot_v1_dot_retrieval__pb2.ReshardResponse.FromString,
             options,
             channel_credentials,
             insecure,
