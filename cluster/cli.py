@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-inflight", type=int, default=None, help="requests the broker works on at once; more → RESOURCE_EXHAUSTED (default 128)")
     lim.add_argument("--max-extract-queue", type=int, default=None,
                      help="search images, and indexing images, that may wait for extraction (each; searches go first); more → RESOURCE_EXHAUSTED (default 8)")
+    lim.add_argument("--rerank-slots", type=int, default=None,
+                     help="searches with rerank stages (verify, diffuse, expand) worked on at once, from admission to answer (default 4)")
+    lim.add_argument("--max-rerank-queue", type=int, default=None,
+                     help="such searches that may wait for a rerank slot; more → RESOURCE_EXHAUSTED before any extraction (default 8)")
     lim.add_argument("--shard-budget-s", type=float, default=None, help="longest a shard may take per call before the answer goes partial (default 2.0)")
     lim.add_argument("--shard-budget-fraction", type=float, default=None,
                      help="a shard call gets at most this fraction of the caller's remaining deadline (default 0.5)")
@@ -267,7 +271,7 @@ def _log(args: argparse.Namespace, msg: str) -> None:
 
 
 BROKER_LIMIT_FLAGS = (
-    "max_inflight", "max_extract_queue", "shard_budget_s", "shard_budget_fraction", "default_timeout_s", "shutdown_grace_s",
+    "max_inflight", "max_extract_queue", "rerank_slots", "max_rerank_queue", "shard_budget_s", "shard_budget_fraction", "default_timeout_s", "shutdown_grace_s",
     "extract_hedge_s", "shard_down_grace_s", "write_quorum", "replica_hedge_s",
 )
 

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2
 
 from loupe.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.broker.admin import Admin
+from services.broker.admission import RerankBudget
 from services.broker.backups import Backups
 from services.broker.backends import ExtractorPool, GrpcShardClient, ShardClient
 from services.broker.replicas import ReplicatedShard
@@ -94,11 +95,14 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         self._inflight = 0
         self._verify_pool = ThreadPoolExecutor(max_workers=config.verify_threads, thread_name_prefix="loupe-verify")
         self.pipeline = SearchPipeline(extractors, self.shards, self.collection, metrics, config, self._verify_pool, budget)
+        self.rerank = RerankBudget(config.rerank_slots, config.max_rerank_queue, config.retry_after_ms)
+        metrics.observe_slots("rerank", self.rerank.slots)
+        metrics.observe_slots("extract", extractors.slots)
         self.clock = clock or VersionClock()
         self.writer = Writer(extractors, self.shards, self.collection, metrics, config, self.clock)
         self.admin = Admin(extractors, self.shards, self.collection, metrics, config)
         self.reader = Reader(self.shards, config)
-        self.batch = BatchSearcher(self.pipeline, config)
+        self.batch = BatchSearcher(self.pipeline, config, self.rerank)
         self.backups = Backups(extractors, self.shards, self.collection, self.clock, budget.max_message_bytes)
 
     # --- plumbing -------------------------------------------------------------------------
@@ -152,7 +156,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         deadline = self._deadline(context)
         validate_search(request, self.config)
         plan = build_plan(request.rerank, self.config)
-        return await self.pipeline.search(request, plan, deadline)
+        async with self.rerank.hold(plan.reranks, deadline):  # admitted or refused before any work
+            return await self.pipeline.search(request, plan, deadline)
 
     # --- SearchBatch ----------------------------------------------------------------------
     async def SearchBatch(self, request: retrieval_pb2.SearchBatchRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.SearchBatchResponse:
