@@ -37,7 +37,7 @@ from services.broker.deadlines import Deadline
 from services.broker.search_pipeline import Query, SearchPipeline
 from services.broker.search_plan import SearchPlan, build_plan, validate_search
 from services.common import limits
-from services.common.errors import InvalidArgument, status_for
+from services.common.errors import InvalidArgument, public_details, status_for
 from services.common.message_size import MessageBudget, result_bytes
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,10 @@ def query_status(exc: BaseException | None) -> retrieval_pb2.QueryStatus:
     if code is None:
         log.error("internal error in a SearchBatch query", exc_info=exc)
         return retrieval_pb2.QueryStatus(code=grpc.StatusCode.INTERNAL.value[0], message="internal error (see broker log)")
-    return retrieval_pb2.QueryStatus(code=code.value[0], message=str(exc))
+    details = public_details(str(exc))
+    if details != str(exc):
+        log.warning("a SearchBatch query answered %s: %s", code.name, exc)  # the addresses stay in the log
+    return retrieval_pb2.QueryStatus(code=code.value[0], message=details)
 
 
 def check_batch_fits(request: retrieval_pb2.SearchBatchRequest, budget: MessageBudget, max_k: int) -> None:

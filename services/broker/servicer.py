@@ -50,6 +50,7 @@ from services.common.errors import (
     InvalidArgument,
     Overloaded,
     Unavailable,
+    public_details,
     retry_trailer,
     status_for,
 )
@@ -128,7 +129,10 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             trailer = retry_trailer(exc, code)
             if trailer:
                 context.set_trailing_metadata(trailer)
-            await context.abort(code, str(exc))
+            details = public_details(str(exc))
+            if details != str(exc):
+                log.warning("%s answered %s: %s", method, code.name, exc)  # the addresses stay in the log
+            await context.abort(code, details)
             raise  # unreachable: abort raises
         finally:
             self._inflight -= 1
