@@ -301,11 +301,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with Cluster(cfg, broker_config) as cluster:
+    cluster = Cluster(cfg, broker_config)
+    # Ray's daemons (GCS, raylet, ...) are started from this thread and inherit its signal mask:
+    # with SIGTERM blocked they ignore a SIGTERM sent to the whole process group (systemd, a
+    # terminal's kill of the group), so the actors are stopped (shards snapshot) before Ray is;
+    # Ray already starts them with SIGINT blocked. ``Cluster.stop`` ends them with SIGKILL
+    # after 1 s each. A SIGTERM meanwhile stays pending and stops us once serving.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        cluster.start()
         # ray.init (joining a cluster) installs Ray's C++ SIGTERM handler, which ends the process
         # with status 15 and skips the graceful stop: take the signals back once Ray is up
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    try:
         info = {"broker": cluster.broker_address, "metrics": f"http://{cluster.metrics_address}/metrics", "shards": cfg.shards,
                 "replication_factor": cfg.replication_factor, "replicas": cfg.replicas,
                 "tls": bool(cfg.tls_cert_file), "auth": bool(cfg.auth_tokens_file), "prometheus_targets": cluster.targets_file}
@@ -315,6 +326,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"loupe broker listening on {info['broker']}  (metrics {info['metrics']}); Ctrl-C to stop", flush=True)
         stop.wait()
         _log(args, "shutting down ...")
+    finally:
+        cluster.stop()
     return 0
 
 
