@@ -242,13 +242,15 @@ def test_a_default_rerank_burst_admits_no_more_than_the_rerank_budget(cluster):
     gc.collect()
     rss_before = (_rss_mib(os.getpid()), _rss_mib(extractor_pid))
 
-    peaks: dict[str, float] = {}
+    peaks: dict[str, float] = {IN_USE: 0.0, WAITING: 0.0, SEARCHES: 0.0}
+    samples = []
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
             for name, value in _metric_values(cluster.metrics_address, (IN_USE, WAITING, SEARCHES)).items():
-                peaks[name] = max(peaks.get(name, 0.0), value)
+                peaks[name] = max(peaks[name], value)
+            samples.append(time.perf_counter())
             time.sleep(0.005)
 
     async def burst() -> list[tuple[str, float, str, str | None]]:
@@ -286,14 +288,14 @@ def test_a_default_rerank_burst_admits_no_more_than_the_rerank_budget(cluster):
     refused = [r for r in results if r[0] == "RESOURCE_EXHAUSTED"]
     admitted = [r[1] for r in results if r[0] != "RESOURCE_EXHAUSTED"]
     print(f"\nrerank burst: {BURST} default-rerank searches in {wall:.1f} s: {dict(codes)}; admitted p99 {_pct(admitted, 99):.2f} s, "
-          f"refused p99 {_pct([r[1] for r in refused], 99) * 1000:.0f} ms; peak rerank in flight {peaks.get(IN_USE, 0):.0f} "
-          f"(slots {slots}), waiting {peaks.get(WAITING, 0):.0f} (queue {queue}), Search calls in the broker "
-          f"{peaks.get(SEARCHES, 0):.0f}; RSS MiB broker {rss_before[0]:.0f} -> {rss_after[0]:.0f}, "
+          f"refused p99 {_pct([r[1] for r in refused], 99) * 1000:.0f} ms; peak rerank in flight {peaks[IN_USE]:.0f} "
+          f"(slots {slots}), waiting {peaks[WAITING]:.0f} (queue {queue}), Search calls in the broker "
+          f"{peaks[SEARCHES]:.0f} ({len(samples)} samples of /metrics); RSS MiB broker {rss_before[0]:.0f} -> {rss_after[0]:.0f}, "
           f"extractor {rss_before[1]:.0f} -> {rss_after[1]:.0f}")
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, [r for r in results if r[0] not in ("OK", "RESOURCE_EXHAUSTED")][:3]
     assert refused and admitted
     assert all(r[3] is not None and int(r[3]) > 0 and "retry after" in r[2] for r in refused), refused[0]
-    assert peaks[IN_USE] <= slots and peaks[WAITING] <= queue, peaks
+    assert len(samples) >= 10 and peaks[IN_USE] <= slots and peaks[WAITING] <= queue, (len(samples), peaks)
 
 
 def test_a_batch_of_reranking_queries_runs_under_its_share(cluster):
