@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-inflight", type=int, default=None, help="requests the broker works on at once; more → RESOURCE_EXHAUSTED (default 128)")
     lim.add_argument("--max-extract-queue", type=int, default=None,
                      help="search images, and indexing images, that may wait for extraction (each; searches go first); more → RESOURCE_EXHAUSTED (default 8)")
+    lim.add_argument("--rerank-slots", type=int, default=None,
+                     help="searches with rerank stages (verify, diffuse, expand) worked on at once, from admission to answer (default 4)")
+    lim.add_argument("--max-rerank-queue", type=int, default=None,
+                     help="such searches that may wait for a rerank slot; more → RESOURCE_EXHAUSTED before any extraction (default 8)")
     lim.add_argument("--shard-budget-s", type=float, default=None, help="longest a shard may take per call before the answer goes partial (default 2.0)")
     lim.add_argument("--shard-budget-fraction", type=float, default=None,
                      help="a shard call gets at most this fraction of the caller's remaining deadline (default 0.5)")
@@ -276,7 +280,7 @@ def _log(args: argparse.Namespace, msg: str) -> None:
 
 
 BROKER_LIMIT_FLAGS = (
-    "max_inflight", "max_extract_queue", "shard_budget_s", "shard_budget_fraction", "default_timeout_s", "shutdown_grace_s",
+    "max_inflight", "max_extract_queue", "rerank_slots", "max_rerank_queue", "shard_budget_s", "shard_budget_fraction", "default_timeout_s", "shutdown_grace_s",
     "extract_hedge_s", "shard_down_grace_s", "write_quorum", "replica_hedge_s",
 )
 
@@ -306,11 +310,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with Cluster(cfg, broker_config) as cluster:
+    cluster = Cluster(cfg, broker_config)
+    # Ray's daemons (GCS, raylet, ...) are started from this thread and inherit its signal mask:
+    # with SIGTERM blocked they ignore a SIGTERM sent to the whole process group (systemd, a
+    # terminal's kill of the group), so the actors are stopped (shards snapshot) before Ray is;
+    # Ray already starts them with SIGINT blocked. ``Cluster.stop`` ends them with SIGKILL
+    # after 1 s each. A SIGTERM meanwhile stays pending and stops us once serving.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        cluster.start()
         # ray.init (joining a cluster) installs Ray's C++ SIGTERM handler, which ends the process
         # with status 15 and skips the graceful stop: take the signals back once Ray is up
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    try:
         info = {"broker": cluster.broker_address, "metrics": f"http://{cluster.metrics_address}/metrics", "shards": cfg.shards,
                 "replication_factor": cfg.replication_factor, "replicas": cfg.replicas,
                 "tls": bool(cfg.tls_cert_file), "auth": bool(cfg.auth_tokens_file), "prometheus_targets": cluster.targets_file}
@@ -320,6 +335,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"loupe broker listening on {info['broker']}  (metrics {info['metrics']}); Ctrl-C to stop", flush=True)
         stop.wait()
         _log(args, "shutting down ...")
+    finally:
+        cluster.stop()
     return 0
 
 

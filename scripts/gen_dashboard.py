@@ -77,6 +77,22 @@ def rows() -> list[tuple[str, list[dict]]]:
               [target(f"sum({_rate('loupe_images_added_total')})", "images/s")],
               "Images stored through AddImages (after extraction, acknowledged by their shard)."),
     ]
+    admission = [
+        panel("Rerank budget: searches in flight and waiting", "short",
+              [target(f'max(loupe_admission_in_use{{{NS}, pool="rerank"}})', "in flight"),
+               target(f'max(loupe_admission_waiting{{{NS}, pool="rerank"}})', "waiting"),
+               target(f'max(loupe_admission_capacity{{{NS}, pool="rerank"}})', "slots (--rerank-slots)"),
+               target(f'max(loupe_admission_max_waiting{{{NS}, pool="rerank"}})', "queue limit (--max-rerank-queue)")],
+              "Searches with rerank stages (verify, diffuse, expand) the broker works on, each from admission to answer, and those "
+              "waiting for a slot; with the queue at its limit, more are refused RESOURCE_EXHAUSTED before their extraction."),
+        panel("Extraction slots in the broker: in use and waiting", "short",
+              [target(f'max(loupe_admission_in_use{{{NS}, pool="extract"}})', "in use"),
+               target(f'max(loupe_admission_waiting{{{NS}, pool="extract"}})', "waiting (searches + indexing)"),
+               target(f'max(loupe_admission_capacity{{{NS}, pool="extract"}})', "slots"),
+               target(f'max(loupe_admission_max_waiting{{{NS}, pool="extract"}})', "queue limit per class (--max-extract-queue)")],
+              "Images the broker has sent to the extractor replicas and images waiting for a slot (searches first); a full queue "
+              "refuses more of its class with RESOURCE_EXHAUSTED."),
+    ]
     latency = [
         panel("Search latency, end to end", "s",
               [target(_quantile(q, "loupe_request_duration_seconds", sel=NS + ', grpc_method="Search"'), f"p{int(q * 100)}")
@@ -201,7 +217,7 @@ def rows() -> list[tuple[str, list[dict]]]:
               "/metrics exporters Prometheus reaches, against the targets it knows, per role. Scrape health only: in Kubernetes "
               "a spare shard pod is a target that never answers, so shard health is the broker's loupe_shard_up (Shards row)."),
     ]
-    return [("Traffic", traffic), ("Latency", latency), ("Rerank", rerank), ("Shards", shards), ("Replication", replication),
+    return [("Traffic", traffic), ("Admission", admission), ("Latency", latency), ("Rerank", rerank), ("Shards", shards), ("Replication", replication),
             ("Extractors", extractors), ("Storage", storage), ("Resources", resources)]
 
 

@@ -7,7 +7,6 @@ clients. Every call takes the caller's remaining time as ``timeout_s``.
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import time
 from typing import Awaitable, Callable, Protocol, Sequence
@@ -16,9 +15,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loupe.v1 import extractor_pb2, extractor_pb2_grpc, shard_pb2, shard_pb2_grpc
+from services.broker.admission import Slots
 from services.broker.backend_errors import from_rpc_error, translate_rpc_errors
 from services.common.auth import AioBearerInterceptor
-from services.common.errors import DeadlineExceeded, Overloaded, Unavailable
+from services.common.errors import DeadlineExceeded, Unavailable
 from services.broker.members import MemberChannel, Resolve, hedged
 from services.common.tls import InternalTls
 
@@ -127,73 +127,6 @@ class GrpcShardClient:
         await self._member.close()
 
 
-class SlotsFull(Exception):
-    """A class of callers already has its maximum of waiters (admission refused)."""
-
-    def __init__(self, waiting: int) -> None:
-        super().__init__(f"{waiting} callers already wait")
-        self.waiting = waiting
-
-
-class ExtractionSlots:
-    """``capacity`` slots shared by two classes of callers: queries and bulk (indexing).
-
-    A freed slot goes to the longest-waiting query first, then to bulk work, so a stream of
-    AddImages calls cannot make searches wait behind it; each class has its own bound on
-    waiters (``max_waiting``, 0 = unbounded), so indexing that fills its queue gets
-    RESOURCE_EXHAUSTED while searches are still admitted.
-    """
-
-    def __init__(self, capacity: int, max_waiting: int = 0) -> None:
-        self.capacity = capacity
-        self.max_waiting = max_waiting
-        self.in_use = 0
-        self._waiters: dict[bool, collections.deque[asyncio.Future[None]]] = {True: collections.deque(), False: collections.deque()}
-
-    def waiting(self, query: bool | None = None) -> int:
-        """Callers waiting for a slot (of one class, or all)."""
-        if query is None:
-            return len(self._waiters[True]) + len(self._waiters[False])
-        return len(self._waiters[query])
-
-    async def acquire(self, query: bool, timeout_s: float | None = None) -> None:
-        """Take a slot, or wait for one in the class's queue (queries are handed freed slots first).
-
-        The caller is admitted or refused before the first await, so concurrent callers cannot
-        all pass a check before any of them is counted (await this coroutine directly, not
-        through a task). Raises ``SlotsFull`` when the class already has ``max_waiting``
-        waiters, ``asyncio.TimeoutError`` after ``timeout_s``; a caller that gives up (timeout or
-        cancellation) leaves the queue, or passes on a slot handed to it at that very moment.
-        """
-        if self.in_use < self.capacity and not self.waiting():
-            self.in_use += 1
-            return
-        queue = self._waiters[query]
-        if self.max_waiting and len(queue) >= self.max_waiting:
-            raise SlotsFull(len(queue))
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue.append(fut)
-        try:
-            await asyncio.wait_for(fut, timeout_s)
-        except (asyncio.CancelledError, asyncio.TimeoutError):
-            if fut.done() and not fut.cancelled():
-                self.release()  # the slot was handed over just as the caller gave up: pass it on
-            elif fut in queue:
-                queue.remove(fut)
-            raise
-
-    def release(self) -> None:
-        """Hand the slot to the next waiter (queries first) or free it."""
-        for cls in (True, False):
-            queue = self._waiters[cls]
-            while queue:
-                fut = queue.popleft()
-                if not fut.done():
-                    fut.set_result(None)
-                    return
-        self.in_use -= 1
-
-
 class ExtractorPool:
     """Extractor replicas behind one admission queue; a dead, moved or hung replica costs latency, not errors.
 
@@ -216,7 +149,7 @@ class ExtractorPool:
     max_queue : int
         Calls of each class (queries, indexing) allowed to wait for a slot (0 = unbounded);
         beyond it ``extract`` raises ``Overloaded`` at once with ``retry_after_ms`` (admission
-        control). Queries take freed slots before indexing (:class:`ExtractionSlots`).
+        control). Queries take freed slots before indexing (:class:`~services.broker.admission.Slots`).
     retry_after_ms : int
         Retry hint of that answer.
     resolve : callable ``(replica id) -> Resolve`` or None
@@ -241,19 +174,13 @@ class ExtractorPool:
         self._rr = itertools.count()
         self._suspect: set[int] = set()
         self.concurrency = max_concurrency_per_replica * len(self._members)
-        self._slots = ExtractionSlots(self.concurrency, max_queue)
-        self.retry_after_ms = retry_after_ms
+        self.slots = Slots(self.concurrency, max_queue, name="extraction", setting="broker.max_extract_queue", retry_after_ms=retry_after_ms)
         self.hedge_after_s = hedge_after_s
 
     @property
     def addresses(self) -> list[str]:
         """Current address of each replica."""
         return [m.address for m in self._members]
-
-    @property
-    def waiting(self) -> int:
-        """Images waiting for an extraction slot (queries and indexing)."""
-        return self._slots.waiting()
 
     def _order(self) -> list[int]:
         """Replicas to try: healthy ones in round-robin order, then the suspect ones."""
@@ -268,17 +195,7 @@ class ExtractorPool:
         ``query``: a search's image (waits ahead of indexing, in its own queue). Raises
         ``Overloaded`` without waiting when ``max_queue`` callers of its class already wait."""
         t0 = time.monotonic()
-        try:
-            await self._slots.acquire(query, timeout_s)  # admitted or refused before its first await
-        except SlotsFull as full:
-            kind = "search" if query else "indexing"
-            raise Overloaded(
-                f"extractors: {full.waiting} {kind} images wait for {self.concurrency} extraction slots, the limit is "
-                f"broker.max_extract_queue={self._slots.max_waiting}; retry after {self.retry_after_ms} ms",
-                retry_after_ms=self.retry_after_ms,
-            ) from None
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded("deadline exceeded while waiting for an extraction slot") from None
+        await self.slots.admit(query, timeout_s, "search images" if query else "indexing images")  # admitted or refused before its first await
         timeout_s = max(0.001, timeout_s - (time.monotonic() - t0))
         try:
             attempts = [self._attempt(i, request) for i in self._order()]
@@ -291,7 +208,7 @@ class ExtractorPool:
                     raise Unavailable(f"no extractor replica reachable ({exc.details()})") from None
                 raise from_rpc_error(exc, "image") from None
         finally:
-            self._slots.release()
+            self.slots.release()
 
     def _attempt(self, i: int, request: extractor_pb2.ExtractRequest) -> Callable[[float], Awaitable[extractor_pb2.ExtractResponse]]:
         member = self._members[i]

@@ -6,7 +6,11 @@ The batch shares what can be shared and keeps per-query failures apart:
    the worst-case result (``message_size.result_bytes``: id, 4 KiB of metadata, matches when
    asked) must fit, or the whole batch is refused up front with INVALID_ARGUMENT naming the
    limit and how many queries of that k fit (``check_batch_fits``);
-1. every query is validated and planned alone (a bad option fails that query only);
+1. every query is validated and planned alone (a bad option fails that query only); when any
+   query reranks, the batch takes its share of the rerank budget before any extraction
+   (``RerankBudget.hold_batch``: its first slot admitted like a search's — refused, the whole
+   batch is RESOURCE_EXHAUSTED with a retry hint — then free slots up to half the budget), and
+   its reranking queries run their stages at most that many at a time;
 2. queries are prepared concurrently: image queries go to the extractors together (at most
    the pool's concurrency in flight, so a batch never trips the extraction-queue admission
    limit by itself; the replicas batch concurrent images), id queries read their stored
@@ -19,6 +23,7 @@ The batch shares what can be shared and keeps per-query failures apart:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import logging
 import time
@@ -26,12 +31,13 @@ import time
 import grpc
 
 from loupe.v1 import retrieval_pb2, types_pb2
+from services.broker.admission import RerankBudget
 from services.broker.config import BrokerConfig
 from services.broker.deadlines import Deadline
 from services.broker.search_pipeline import Query, SearchPipeline
 from services.broker.search_plan import SearchPlan, build_plan, validate_search
 from services.common import limits
-from services.common.errors import InvalidArgument, status_for
+from services.common.errors import InvalidArgument, public_details, status_for
 from services.common.message_size import MessageBudget, result_bytes
 
 log = logging.getLogger(__name__)
@@ -45,7 +51,10 @@ def query_status(exc: BaseException | None) -> retrieval_pb2.QueryStatus:
     if code is None:
         log.error("internal error in a SearchBatch query", exc_info=exc)
         return retrieval_pb2.QueryStatus(code=grpc.StatusCode.INTERNAL.value[0], message="internal error (see broker log)")
-    return retrieval_pb2.QueryStatus(code=code.value[0], message=str(exc))
+    details = public_details(str(exc))
+    if details != str(exc):
+        log.warning("a SearchBatch query answered %s: %s", code.name, exc)  # the addresses stay in the log
+    return retrieval_pb2.QueryStatus(code=code.value[0], message=details)
 
 
 def check_batch_fits(request: retrieval_pb2.SearchBatchRequest, budget: MessageBudget, max_k: int) -> None:
@@ -69,10 +78,11 @@ def check_batch_fits(request: retrieval_pb2.SearchBatchRequest, budget: MessageB
 class BatchSearcher:
     """Runs SearchBatch requests over a ``SearchPipeline``."""
 
-    def __init__(self, pipeline: SearchPipeline, config: BrokerConfig) -> None:
+    def __init__(self, pipeline: SearchPipeline, config: BrokerConfig, rerank: RerankBudget) -> None:
         self.pipeline = pipeline
         self.config = config
         self.budget = pipeline.budget
+        self.rerank = rerank
 
     async def search(self, request: retrieval_pb2.SearchBatchRequest, deadline: Deadline) -> retrieval_pb2.SearchBatchResponse:
         """Answer every query of ``request`` in order."""
@@ -85,7 +95,6 @@ class BatchSearcher:
             raise InvalidArgument(f"queries: must hold 1..{limits.MAX_BATCH_QUERIES} queries, got {n}")
         check_batch_fits(request, self.budget, self.config.max_k)
         t_total = time.perf_counter()
-        p = self.pipeline
         timings: list[types_pb2.StageTiming] = []
         errors: list[BaseException | None] = [None] * n
         plans: dict[int, SearchPlan] = {}
@@ -95,6 +104,25 @@ class BatchSearcher:
                 plans[i] = build_plan(q.rerank, self.config)
             except Exception as exc:  # this query's own error; the others go on
                 errors[i] = _prefixed(exc, i)
+        reranking = sum(plan.reranks for plan in plans.values())
+        async with self.rerank.hold_batch(reranking, deadline) as share:
+            responses = await self._run(request, plans, errors, share, deadline, timings, t_total)
+        out = retrieval_pb2.SearchBatchResponse()
+        for i in range(n):
+            r = out.results.add(status=query_status(errors[i]))
+            if i in responses:
+                r.response.CopyFrom(responses[i])
+        dt = time.perf_counter() - t_total
+        timings.append(types_pb2.StageTiming(stage="total", seconds=dt))
+        out.timings.extend(timings)
+        return out
+
+    async def _run(self, request: retrieval_pb2.SearchBatchRequest, plans: dict[int, SearchPlan], errors: list[BaseException | None],
+                   share: asyncio.Semaphore, deadline: Deadline, timings: list[types_pb2.StageTiming],
+                   t_total: float) -> dict[int, retrieval_pb2.SearchResponse]:
+        """Steps 2-4 for the planned queries; returns the responses by position (failures go to
+        ``errors``). Reranking queries run their stages under one permit of ``share`` each."""
+        p = self.pipeline
         query_timings: dict[int, list[types_pb2.StageTiming]] = {i: [] for i in plans}
         sem = asyncio.Semaphore(max(1, p.extractors.concurrency))
 
@@ -113,21 +141,13 @@ class BatchSearcher:
 
         async def finish(i: int, got) -> retrieval_pb2.SearchResponse:
             per_shard, missing = got
-            return await p.finish(request.queries[i], plans[i], queries[i], per_shard, missing, deadline, query_timings[i], t_total)
+            async with share if plans[i].reranks else contextlib.nullcontext():
+                return await p.finish(request.queries[i], plans[i], queries[i], per_shard, missing, deadline, query_timings[i], t_total)
 
         jobs = _successes(order, fanned, errors)
         with p.stage("batch_rerank", timings):
             finished = await asyncio.gather(*(finish(i, got) for i, got in jobs.items()), return_exceptions=True)
-        responses: dict[int, retrieval_pb2.SearchResponse] = _successes(list(jobs), finished, errors)
-        out = retrieval_pb2.SearchBatchResponse()
-        for i in range(n):
-            r = out.results.add(status=query_status(errors[i]))
-            if i in responses:
-                r.response.CopyFrom(responses[i])
-        dt = time.perf_counter() - t_total
-        timings.append(types_pb2.StageTiming(stage="total", seconds=dt))
-        out.timings.extend(timings)
-        return out
+        return _successes(list(jobs), finished, errors)
 
 
 _FIELD_FIRST = re.compile(r"^[A-Za-z_][\w.\[\]]*:")  # "k: must be ..." → "queries[3].k: must be ..."

@@ -59,6 +59,13 @@ class BrokerConfig:
         Images of each class (search images, indexing images) allowed to wait for an extraction
         slot (``extract_slots_per_replica`` per replica run at once; searches take freed slots
         first); beyond it RESOURCE_EXHAUSTED at once, with a retry hint (0 = unbounded).
+    rerank_slots : int
+        Searches with rerank stages (verification, diffusion, expansion) the broker works on at
+        once, each from its admission (before extraction) to its answer; a SearchBatch holds up
+        to half of them (``services.broker.admission.RerankBudget``).
+    max_rerank_queue : int
+        Such searches allowed to wait for a rerank slot; beyond it RESOURCE_EXHAUSTED at once,
+        with a retry hint, before any of the search's work (its extraction included).
     extract_slots_per_replica : int
         Extract calls in flight per extractor replica; the launcher raises it to the replicas'
         batch size so that their dynamic batches can fill.
@@ -113,6 +120,8 @@ class BrokerConfig:
     max_inflight: int = 128
     max_extract_queue: int = 8  # measured: ~4 image searches/s per replica here → ≤ ~2 s of queueing
     extract_slots_per_replica: int = 2
+    rerank_slots: int = 4
+    max_rerank_queue: int = 8
     retry_after_ms: int = 100
     features_batch: int = 32
     shutdown_grace_s: float = 5.0
@@ -129,7 +138,7 @@ class BrokerConfig:
         for name in ("max_inflight", "features_batch"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"broker.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_extract_queue", "shard_budget_s", "extract_slots_per_replica"):
+        for name in ("max_extract_queue", "shard_budget_s", "extract_slots_per_replica", "rerank_slots", "max_rerank_queue"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"broker.{name} must be > 0, got {getattr(self, name)}")
         if self.shard_down_grace_s <= 0:

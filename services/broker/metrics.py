@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from services.common.metrics import RoleProcessCollector
 
 if TYPE_CHECKING:
+    from services.broker.admission import Slots
     from services.broker.replicas import ReplicatedShard
 
 STAGES = ("extract", "fanout", "merge", "expand", "diffuse", "verify", "total")
@@ -47,6 +48,10 @@ class BrokerMetrics:
     replica_catch_up: Gauge
     replicas_in_sync: Gauge
     replication_factor: Gauge
+    admission_in_use: Gauge
+    admission_waiting: Gauge
+    admission_capacity: Gauge
+    admission_max_waiting: Gauge
 
     @classmethod
     def create(cls) -> "BrokerMetrics":
@@ -130,10 +135,30 @@ class BrokerMetrics:
             replication_factor=Gauge(
                 "loupe_shard_replication_factor", "Replicas the shard is configured with (count).", ["shard"], registry=r,
             ),
+            admission_in_use=Gauge(
+                "loupe_admission_in_use", "Slots held now, by pool: rerank = searches with rerank stages between admission and "
+                "answer, extract = images being described (count).", ["pool"], registry=r,
+            ),
+            admission_waiting=Gauge(
+                "loupe_admission_waiting", "Callers waiting for a slot, by pool (extract: searches and indexing together; count).",
+                ["pool"], registry=r,
+            ),
+            admission_capacity=Gauge("loupe_admission_capacity", "Slots of each pool (count).", ["pool"], registry=r),
+            admission_max_waiting=Gauge(
+                "loupe_admission_max_waiting", "Callers of each class allowed to wait, by pool; beyond: RESOURCE_EXHAUSTED (count).",
+                ["pool"], registry=r,
+            ),
         )
         for stage in STAGES:  # every stage's series exists from the start (dashboards, alerts)
             m.stage_seconds.labels(stage)
         return m
+
+    def observe_slots(self, pool: str, slots: "Slots") -> None:
+        """Export an admission pool's state (read at each scrape)."""
+        self.admission_in_use.labels(pool).set_function(lambda: slots.in_use)
+        self.admission_waiting.labels(pool).set_function(lambda: slots.waiting())
+        self.admission_capacity.labels(pool).set(slots.capacity)
+        self.admission_max_waiting.labels(pool).set(slots.max_waiting)
 
     def observe_replicas(self, shard: "ReplicatedShard") -> None:
         """Publish the state of every replica of ``shard``."""

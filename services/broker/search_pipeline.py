@@ -36,7 +36,7 @@ from services.broker.search_plan import SearchPlan
 from services.broker.topk import Hit, ids_by_shard, merge_topk
 from services.broker.verification import Outcome, VerifiedHit, confidence, query_confidence, rank_verified, verify_locally
 from services.common import limits
-from services.common.errors import InvalidArgument, NotFound, Unavailable
+from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from services.common.local_candidates import (
     candidate_local,
     candidate_locals,
@@ -176,11 +176,18 @@ class SearchPipeline:
 
     async def stored_query(self, image_id: str, plan: SearchPlan, deadline: Budget) -> Query:
         """The query of a search by stored id: the image's stored raw global vector, its indexed
-        regional vectors and its (collection-PCA) local features, read from its shard."""
+        regional vectors and its (collection-PCA) local features, read from its shard. A shard
+        that does not answer within its budget (``shard_timeout``) is UNAVAILABLE while the
+        caller's own deadline still runs: no other shard holds the image."""
         sid = self.routing.view().owner(image_id)
         req = shard_pb2.GetFeaturesRequest(shard_id=sid, ids=[image_id], want_global=True, want_raw_global=True,
                                            want_regional=plan.regional, want_local=plan.verify is not None)
-        resp = await self.shards[sid].get_features(req, shard_timeout(deadline, self.config))
+        budget = shard_timeout(deadline, self.config)
+        try:
+            resp = await self.shards[sid].get_features(req, budget)
+        except DeadlineExceeded:  # the shard's budget ran out, not (yet) the caller's: the shard is unavailable
+            deadline.remaining()
+            raise Unavailable(f"id: shard {sid}, which holds {image_id!r}, did not answer within {budget:.1f} s") from None
         if not resp.ids:
             raise NotFound(f"id: no image {image_id!r} is indexed")
         feats = resp.features[0]

@@ -38,6 +38,11 @@ class SearchPlan:
         return next((s for s in self.stages if isinstance(s, kind)), None)
 
     @property
+    def reranks(self) -> bool:
+        """The search runs rerank stages: it holds a rerank slot (``services.broker.admission``)."""
+        return bool(self.stages)
+
+    @property
     def verify(self) -> VerifyParams | None:
         """Verification parameters (None: no verification): the query needs local features."""
         stage = self._first(Verify)

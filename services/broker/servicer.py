@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2
 
 from loupe.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.broker.admin import Admin
+from services.broker.admission import RerankBudget
 from services.broker.backups import Backups
 from services.broker.backends import ExtractorPool, GrpcShardClient, ShardClient
 from services.broker.replicas import ReplicatedShard
@@ -52,6 +53,7 @@ from services.common.errors import (
     InvalidArgument,
     Overloaded,
     Unavailable,
+    public_details,
     retry_trailer,
     status_for,
 )
@@ -99,11 +101,14 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         self._verify_pool = ThreadPoolExecutor(max_workers=config.verify_threads, thread_name_prefix="loupe-verify")
         self.routing = Routing(Placement(len(self.shards), placement_rule))  # self.shards: one list, a reshard grows and cuts it
         self.pipeline = SearchPipeline(extractors, self.shards, self.collection, metrics, config, self._verify_pool, budget, self.routing)
+        self.rerank = RerankBudget(config.rerank_slots, config.max_rerank_queue, config.retry_after_ms)
+        metrics.observe_slots("rerank", self.rerank.slots)
+        metrics.observe_slots("extract", extractors.slots)
         self.clock = clock or VersionClock()
         self.writer = Writer(extractors, self.shards, self.collection, metrics, config, self.clock, self.routing)
         self.admin = Admin(extractors, self.shards, self.collection, metrics, config, self.routing)
         self.reader = Reader(self.shards, config, self.routing)
-        self.batch = BatchSearcher(self.pipeline, config)
+        self.batch = BatchSearcher(self.pipeline, config, self.rerank)
         self.backups = Backups(extractors, self.shards, self.collection, self.clock, budget.max_message_bytes, routing=self.routing)
         self.resharder = Resharder(self.shards, self.routing, self.clock, self.collection, self.backups.exclusive,
                                    on_retire=metrics.forget_shard)
@@ -131,7 +136,10 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             trailer = retry_trailer(exc, code)
             if trailer:
                 context.set_trailing_metadata(trailer)
-            await context.abort(code, str(exc))
+            details = public_details(str(exc))
+            if details != str(exc):
+                log.warning("%s answered %s: %s", method, code.name, exc)  # the addresses stay in the log
+            await context.abort(code, details)
             raise  # unreachable: abort raises
         finally:
             self._inflight -= 1
@@ -159,7 +167,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         deadline = self._deadline(context)
         validate_search(request, self.config)
         plan = build_plan(request.rerank, self.config)
-        return await self.pipeline.search(request, plan, deadline)
+        async with self.rerank.hold(plan.reranks, deadline):  # admitted or refused before any work
+            return await self.pipeline.search(request, plan, deadline)
 
     # --- SearchBatch ----------------------------------------------------------------------
     async def SearchBatch(self, request: retrieval_pb2.SearchBatchRequest, context: grpc.aio.ServicerContext) -> retrieval_pb2.SearchBatchResponse:

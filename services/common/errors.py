@@ -12,6 +12,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import re
 from typing import Any, Callable
 
 import grpc
@@ -83,6 +84,20 @@ def status_for(exc: BaseException) -> grpc.StatusCode | None:
         if cls in STATUS_TABLE:
             return STATUS_TABLE[cls]
     return None
+
+
+_INTERNAL_ADDRESS = re.compile(
+    r"\b(?:ipv4|ipv6|dns|unix|unix-abstract):[^\s,;'\")\]}]+?(?=:?(?:[\s,;'\")\]}]|$))"  # gRPC's targets ("ipv4:10.0.0.7:50061")
+    r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d{1,5})?\b"  # IPv4 literals, with a port
+    r"|\[[0-9A-Fa-f.%]*:[0-9A-Fa-f:.%]*\](?::\d{1,5})?"  # bracketed IPv6 literals, with a port
+)
+
+
+def public_details(text: str) -> str:
+    """A status message as callers of the public API get it: backend addresses (what gRPC puts
+    in a transport failure, e.g. "ipv4:10.0.0.7:50061: Connection refused") replaced by
+    ``<internal address>``; the broker logs the full text for operators."""
+    return _INTERNAL_ADDRESS.sub("<internal address>", text)
 
 
 def retry_trailer(exc: BaseException, code: grpc.StatusCode) -> tuple[tuple[str, str], ...]:

@@ -36,7 +36,8 @@ def decode_image(
         JPEG, PNG or WebP file contents (animated images: first frame).
     max_pixels : int
         Largest accepted ``width * height`` as declared by the header. Pillow's own
-        ``Image.MAX_IMAGE_PIXELS`` guard also applies and is reported as ``ImageTooLarge``.
+        ``Image.MAX_IMAGE_PIXELS`` guard also applies and is reported as ``ImageTooLarge``
+        naming ``max_pixels`` (error messages carry no library text: callers see them).
     max_side : int or None
         Downscale so that ``max(H, W) <= max_side``; ``None`` keeps the full resolution.
 
@@ -65,12 +66,12 @@ def decode_image(
             return _decode(data, max_pixels, max_side)
         except (InvalidImage, ImageTooLarge):
             raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageTooLarge(str(e)) from e
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # Pillow's own guard: its text stays here
+            raise ImageTooLarge(f"image declares more than max_pixels={max_pixels} pixels") from e
         except UnidentifiedImageError as e:
             raise InvalidImage(f"not a JPEG, PNG or WebP image ({len(data)} bytes)") from e
         except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise InvalidImage(f"corrupt or truncated image: {e}") from e
+            raise InvalidImage(f"corrupt or truncated image ({len(data)} bytes)") from e
 
 
 def _decode(data: bytes, max_pixels: int, max_side: int | None) -> np.ndarray:

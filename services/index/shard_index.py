@@ -143,6 +143,7 @@ class ShardIndex:
         self.dim = int(raw_d) if raw_d else 0
         self._faiss: ExactIndex | ApproxIndex | None = None
         self._last_snapshot_seq = 0
+        self._snapshot_compacted = store.compacted  # the store shrank at open: rewrite the snapshot too
         self._meta: MetadataIndex | None = None  # built on the first filtered call
         self._withheld_logged: set[str] = set()  # ids whose oversized parts were already logged
         self.startup = self._load()
@@ -545,8 +546,10 @@ class ShardIndex:
                     and self._faiss.ntotal >= self.settings.retrain_growth * self._faiss.trained_for
                 )
             )
-            seq = self.store.counters()["seq"]
-            need_snapshot = seq - self._last_snapshot_seq >= self.settings.snapshot_every
+            pending = self.store.pending_changes()
+            # every ``snapshot_every`` changes (not commits: one AddImages batch is many), and at
+            # once after the store was compacted at open: the old snapshot still holds what it freed
+            need_snapshot = pending >= self.settings.snapshot_every or (pending > 0 and self._snapshot_compacted)
             if not (need_approx or need_snapshot):
                 return
             if not self.background:
@@ -584,6 +587,7 @@ class ShardIndex:
                 return self._last_snapshot_seq  # whitening changed while writing: the file is stale
             self.store.record_snapshot(seq, record)
             self._last_snapshot_seq = seq
+            self._snapshot_compacted = False
         log.info("shard store %s: snapshot at seq %d (%.1f MB)", self.store.path, seq, record["bytes"] / 1e6)
         return seq
 

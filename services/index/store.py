@@ -5,7 +5,7 @@ returns (copy-on-write B+tree, fsync at commit: no log to replay, reopening take
 size), reads are zero-copy from a memory map (one image's local features in ~9 µs, the path every
 verified candidate takes), it runs no background threads on a 2-core node, a full disk fails the
 commit with ENOSPC and leaves the environment usable, and freed pages are reused by later writes
-(the file is compacted on open when more than half of it is free).
+(the file is compacted on open when more than half of it, and at least 1 MiB, is free).
 
 Layout (one LMDB environment per shard directory, named sub-databases):
 
@@ -255,14 +255,21 @@ class ShardStore:
     map_size_bytes : int
         Upper bound of the store's size (address space reserved, not disk: the file grows as
         data arrives). Past it writes fail as ``StoreFull``.
-    compact_min_bytes : int
-        Files smaller than this are never compacted at open.
+    compact_min_free_bytes : int
+        The file is compacted at open when more than half of it, and at least this many bytes,
+        are free (pages freed by deletes and replaced records), whatever its size.
+
+    Attributes
+    ----------
+    compacted : bool
+        The file was compacted when this store opened (the index's snapshot is rewritten then).
     """
 
-    def __init__(self, path: str, map_size_bytes: int = 1 << 40, compact_min_bytes: int = 64 << 20) -> None:
+    def __init__(self, path: str, map_size_bytes: int = 1 << 40, compact_min_free_bytes: int = 1 << 20) -> None:
         self.path = path
         self.map_size_bytes = map_size_bytes
-        self.compact_min_bytes = compact_min_bytes
+        self.compact_min_free_bytes = compact_min_free_bytes
+        self.compacted = False
         self.on_commit: Callable[[float], None] | None = None  # called with each durable commit's seconds (metrics)
         os.makedirs(path, exist_ok=True)
         self._compact_if_mostly_free()
@@ -327,13 +334,14 @@ class ShardStore:
             log.warning("shard store %s: %d records are above today's write limits (answers withhold their oversized parts)", self.path, n)
 
     def _compact_if_mostly_free(self) -> None:
-        """Rewrite ``data.mdb`` without its free pages when they are over half of it.
+        """Rewrite ``data.mdb`` without its free pages when they are over half of it and at least
+        ``compact_min_free_bytes``.
 
         Runs before the shard serves (no writer exists), so its cost follows the live data,
         not the history of writes.
         """
         data = os.path.join(self.path, "data.mdb")
-        if not os.path.exists(data) or os.path.getsize(data) < self.compact_min_bytes:
+        if not os.path.exists(data) or os.path.getsize(data) < self.compact_min_free_bytes:
             return
         try:
             env = lmdb.open(self.path, map_size=self.map_size_bytes, max_dbs=len(_DBS), readonly=False, lock=True)
@@ -343,7 +351,7 @@ class ShardStore:
             info, stat = env.info(), env.stat()
             used = (info["last_pgno"] + 1) * stat["psize"]
             live = self._live_pages(env) * stat["psize"]
-            if live * 2 > used:
+            if live * 2 > used or used - live < self.compact_min_free_bytes:
                 return
             tmp = os.path.join(self.path, "compact.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -354,6 +362,7 @@ class ShardStore:
         os.replace(os.path.join(tmp, "data.mdb"), data)
         shutil.rmtree(tmp, ignore_errors=True)
         _fsync_dir(self.path)
+        self.compacted = True
         log.info("shard store %s compacted: %.1f MB → %.1f MB", self.path, used / 1e6, os.path.getsize(data) / 1e6)
 
     @staticmethod
@@ -453,6 +462,12 @@ class ShardStore:
             else:
                 w.txn.put(key.encode(), value, db=self.dbs["settings"])
             return w.seq
+
+    def pending_changes(self) -> int:
+        """Changes (an image added, deleted or replaced counts each label it adds or removes)
+        the last faiss snapshot does not reflect: the snapshot cadence counts these."""
+        with self.env.begin() as txn:
+            return int(txn.stat(self.dbs["changes"])["entries"])
 
     def record_snapshot(self, seq: int, record: dict) -> None:
         """Remember a saved faiss snapshot and drop the changes it already reflects."""

@@ -118,7 +118,7 @@ def test_bad_search_input_gets_a_clear_status(client, kwargs, code, field):
         client.search(**kwargs)
     assert err.value.code() == code, err.value.details()
     assert field in err.value.details()
-    assert "Traceback" not in err.value.details()
+    assert "Traceback" not in err.value.details() and "DOS attack" not in err.value.details()  # no library text (Pillow's bomb guard)
     assert client.search(image=query("coffee"), k=1).results  # still serving
 
 

@@ -237,3 +237,58 @@ def test_disk_full_fails_writes_keeps_reads_and_recovers(tmp_path):
         if shard.proc is not None and shard.proc.poll() is None:
             shard.proc.kill()
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _bulk_records(first: int, n: int, rng: random.Random) -> shard_pb2.ShardAddRequest:
+    """``n`` records of ~64 KiB each (local features), ids ``bulk-{first}``.. — one Add call."""
+    recs = []
+    for i in range(first, first + n):
+        feats = types_pb2.ImageFeatures(width=64, height=48)
+        feats.__getattribute__("global").CopyFrom(to_tensor(_vector(rng)))
+        feats.local.keypoints.CopyFrom(to_tensor(np.zeros((256, 4), np.float32)))
+        feats.local.descriptors.CopyFrom(to_tensor(np.ones((256, 128), np.float16)))
+        recs.append(shard_pb2.ShardRecord(id=f"bulk-{i}", features=feats))
+    return shard_pb2.ShardAddRequest(shard_id=0, records=recs)
+
+
+def _wait_for(condition, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_snapshots_follow_changes_and_compaction_rewrites_them(tmp_path):
+    """On a real shard process: one Add of ``snapshot_every`` records (one commit, that many
+    changes) brings a snapshot; a small store (~10 MB) mostly deleted and then crashed is
+    compacted at the next start, and the snapshot that still held the deleted images is
+    rewritten at once, not at the next clean stop."""
+    rng = random.Random(5)
+    data = tmp_path / "shard"
+    shard = ShardProcess(data, snapshot_every=150, log_path=tmp_path / "shard.log")
+    snapshot = data / "index.faiss"
+    try:
+        shard.start()
+        shard.stub.Add(_bulk_records(0, 60, rng), timeout=30)
+        assert not _wait_for(snapshot.exists, 1.0)  # 60 changes: none yet
+        shard.stub.Add(_bulk_records(60, 100, rng), timeout=30)  # 160 changes in two commits (the old cadence counted 2)
+        assert _wait_for(snapshot.exists), "no snapshot after snapshot_every changes"
+        snap_bytes = snapshot.stat().st_size
+        shard.stub.Delete(shard_pb2.ShardDeleteRequest(shard_id=0, ids=[f"bulk-{i}" for i in range(20, 160)]), timeout=30)
+        size_before = (data / "data.mdb").stat().st_size
+        shard.kill()  # no snapshot at stop: the one on disk still holds the 140 deleted images
+        shard.start()
+        size_after = (data / "data.mdb").stat().st_size
+        assert shard.startup["source"] == "snapshot" and shard.startup["replayed"] == 140, shard.startup
+        assert _wait_for(lambda: snapshot.stat().st_size < snap_bytes / 4), "the stale snapshot stayed after compaction"
+        print(f"\ncompaction at start: data.mdb {size_before / 1e6:.1f} MB -> {size_after / 1e6:.1f} MB; "
+              f"index.faiss {snap_bytes} -> {snapshot.stat().st_size} bytes")
+        assert size_after < size_before / 2
+        stats = shard.stub.Stats(shard_pb2.ShardStatsRequest(shard_id=0), timeout=10)
+        assert stats.images == 20
+        assert shard.terminate() == 0
+    finally:
+        if shard.proc is not None and shard.proc.poll() is None:
+            shard.proc.kill()

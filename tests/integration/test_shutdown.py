@@ -70,17 +70,61 @@ def _processes_in_group(pgid: int) -> list[str]:
     return out
 
 
-# SIGINT to the group (Ctrl-C) in `make test` (SIGTERM to the pid, as Kubernetes and `kill` send
-# it, is test_sigterm_drains_a_call_in_flight below); SIGTERM to the whole group (systemd's
-# control-group stop) in `make soak`
-@pytest.mark.parametrize("sig, target", [pytest.param(signal.SIGTERM, "group", marks=pytest.mark.soak), (signal.SIGINT, "group")])
-def test_loupe_up_stops_cleanly(tmp_path, sig, target):
+def _write_changes(broker: str, token: str, n: int) -> None:
+    """``n`` records written straight to shard 0 (its address from GetStats, the internal token):
+    ``n`` changes its store holds and its faiss snapshot does not reflect yet."""
+    import grpc
+    import numpy as np
+
+    from loupe.client import RetrievalClient
+    from loupe.tensors import to_tensor
+    from loupe.v1 import shard_pb2, shard_pb2_grpc, types_pb2
+
+    with RetrievalClient(broker) as client:
+        client.wait_ready(30)
+        address = next(s.address for s in client.stats().shards if s.shard_id == 0)
+    rng = np.random.default_rng(0)
+    with grpc.insecure_channel(address) as ch:
+        stub = shard_pb2_grpc.ShardStub(ch)
+        for start in range(0, n, 1000):
+            recs = []
+            for i in range(start, min(n, start + 1000)):
+                feats = types_pb2.ImageFeatures(width=8, height=8)
+                v = rng.standard_normal(64).astype(np.float32)
+                feats.__getattribute__("global").CopyFrom(to_tensor(v / np.linalg.norm(v)))
+                recs.append(shard_pb2.ShardRecord(id=f"change-{i}", features=feats))
+            stub.Add(shard_pb2.ShardAddRequest(shard_id=0, records=recs), timeout=60, metadata=(("authorization", f"Bearer {token}"),))
+
+
+def _snapshot_is_current(shard_dir: Path) -> tuple[bool, str]:
+    """Whether the store's faiss snapshot reflects every change it holds (the shutdown snapshot ran)."""
+    from services.index.store import ShardStore
+
+    store = ShardStore(str(shard_dir))
+    try:
+        record, seq, pending = store.read_snapshot_record(), store.counters()["seq"], store.pending_changes()
+    finally:
+        store.close()
+    return record is not None and record["seq"] == seq and pending == 0, f"snapshot {record and record['seq']}, store seq {seq}, pending {pending}"
+
+
+# SIGTERM to the whole group (systemd's control-group stop) and SIGINT to the group (Ctrl-C), each
+# after some thousands of changes the snapshot does not hold yet: the shutdown snapshot must (Ray's
+# daemons must not die before the shards have written it); SIGTERM to the pid alone (Kubernetes,
+# `kill`) is test_sigterm_drains_a_call_in_flight below; `make soak` repeats the group SIGTERM
+# after 20,000 changes
+@pytest.mark.parametrize("sig, target, changes", [(signal.SIGTERM, "group", 3000), (signal.SIGINT, "group", 3000),
+                                                  pytest.param(signal.SIGTERM, "group", 19_999, marks=pytest.mark.soak)])
+def test_loupe_up_stops_cleanly(tmp_path, sig, target, changes):
     loupe = Path(sys.executable).with_name("loupe")
     log_path = tmp_path / "up.log"
+    token = "t" * 32
+    (tmp_path / "internal-token").write_text(token)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [str(loupe), "up", "--port", "0", "--json", "--shards", "1", "--replicas", "1", "--max-side", "128",
-             "--global-max-side", "128", "--scales", "1", "--data-dir", str(tmp_path / "data")],
+             "--global-max-side", "128", "--scales", "1", "--data-dir", str(tmp_path / "data"),
+             "--internal-token-file", str(tmp_path / "internal-token")],
             stdout=subprocess.PIPE, stderr=log, start_new_session=True,  # its own process group, as a terminal gives it
         )
         try:
@@ -88,7 +132,7 @@ def test_loupe_up_stops_cleanly(tmp_path, sig, target):
             assert line, log_path.read_text(errors="replace")[-3000:]
             info = json.loads(line)
             assert info["broker"]
-            time.sleep(1.0)
+            _write_changes(info["broker"], token, changes)  # below the snapshot cadence (20,000): only the shutdown snapshot holds them
             children = _descendants(proc.pid)
             assert any(b"ShardActor" in Path(f"/proc/{p}/cmdline").read_bytes() for p in children if _alive(p)), children
             if target == "group":
@@ -100,6 +144,8 @@ def test_loupe_up_stops_cleanly(tmp_path, sig, target):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
     _assert_clean_exit(rc, log_path, proc.pid, children)
+    current, state = _snapshot_is_current(tmp_path / "data" / "shard-000")
+    assert current, f"no shutdown snapshot after {changes} changes: {state}\n{log_path.read_text(errors='replace')[-3000:]}"
 
 
 def _assert_clean_exit(rc: int, log_path: Path, pgid: int, children: set[int]) -> None:

@@ -9,7 +9,7 @@ from conftest import DASHBOARD
 from dashboard_queries import lint_dashboard, metric_names, panel_targets
 from gen_dashboard import build_dashboard, render_json
 
-ROWS = ["Traffic", "Latency", "Rerank", "Shards", "Replication", "Extractors", "Storage", "Resources"]
+ROWS = ["Traffic", "Admission", "Latency", "Rerank", "Shards", "Replication", "Extractors", "Storage", "Resources"]
 
 
 def test_committed_dashboard_is_the_generated_one():

@@ -21,7 +21,8 @@ def test_every_metric_has_help_and_a_unit_or_count_suffix():
               "loupe_extractor_queue_depth", "loupe_extractor_queue_capacity", "loupe_inflight_requests", "loupe_shard_vectors", "loupe_shard_up", "loupe_extractor_up",
               "loupe_graph_images", "loupe_actor_restarts", "loupe_process_open_fds", "loupe_shard_replica_up", "loupe_shard_replica_in_sync",
               "loupe_shard_replica_lag_writes", "loupe_shard_replica_catch_up_ratio", "loupe_shard_replicas_in_sync",
-              "loupe_shard_replication_factor"}
+              "loupe_shard_replication_factor", "loupe_admission_in_use", "loupe_admission_waiting", "loupe_admission_capacity",
+              "loupe_admission_max_waiting"}
     for registry in (BrokerMetrics.create().registry, ShardMetrics.create(0).registry, ExtractorMetrics.create(0, 4).registry):
         for family in registry.collect():
             assert family.documentation, family.name

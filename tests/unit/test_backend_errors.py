@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from services.broker.backend_errors import failure_reason, from_rpc_error, translate_rpc_errors
-from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, Overloaded, Unavailable
+from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, Overloaded, Unavailable, public_details
 
 
 def rpc_error(code: grpc.StatusCode, details: str = "boom") -> grpc.aio.AioRpcError:
@@ -53,3 +53,16 @@ def test_client_decorator_translates_every_public_coroutine_but_close():
     with pytest.raises(grpc.aio.AioRpcError):
         asyncio.run(c.close())
     assert c.sync() == "untouched" and Client.search.__name__ == "search"
+
+
+@pytest.mark.parametrize("text, public", [
+    ("shard 1: failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:41235: Connection refused",
+     "shard 1: failed to connect to all addresses; last error: UNAVAILABLE: <internal address>: Connection refused"),
+    ("no extractor replica reachable (last error: UNKNOWN: ipv6:%5B::1%5D:5000: Failed)",
+     "no extractor replica reachable (last error: UNKNOWN: <internal address>: Failed)"),
+    ("upstream 10.1.2.3:50051 reset, [fe80::1]:7000 too", "upstream <internal address> reset, <internal address> too"),
+    ("queries[3].k: must be in 1..1000, got 0", "queries[3].k: must be in 1..1000, got 0"),
+    ("id: no image 'host:8080' is indexed", "id: no image 'host:8080' is indexed"),
+])
+def test_public_details_leave_out_internal_addresses_only(text, public):
+    assert public_details(text) == public

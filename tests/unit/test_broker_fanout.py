@@ -12,6 +12,7 @@ import pytest
 
 from loupe.tensors import to_tensor
 from loupe.v1 import retrieval_pb2, shard_pb2
+from services.broker.admission import Slots
 from services.broker.metrics import BrokerMetrics
 from services.broker.servicer import BrokerConfig, RetrievalServicer
 from services.common.errors import Unavailable
@@ -58,6 +59,7 @@ class AbortCalled(Exception):
 class NoExtractors:
     addresses: list[str] = []
     concurrency = 1
+    slots = Slots(1)
 
     async def close(self) -> None:
         pass

@@ -195,6 +195,10 @@ tests/integration/test_multinode.py runs the same list against a multi-node Ray 
 - {{ .Values.loupe.limits.maxInflight | quote }}
 - --max-extract-queue
 - {{ .Values.loupe.limits.maxExtractQueue | quote }}
+- --rerank-slots
+- {{ .Values.loupe.limits.rerankSlots | quote }}
+- --max-rerank-queue
+- {{ .Values.loupe.limits.maxRerankQueue | quote }}
 - --shard-budget-s
 - {{ .Values.loupe.limits.shardBudgetS | quote }}
 - --shard-budget-fraction
