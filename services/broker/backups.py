@@ -13,9 +13,7 @@ the same backup may run into it again (completing the one that stopped).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -23,6 +21,7 @@ from loupe.v1 import retrieval_pb2, shard_pb2
 from services.backup import restore as restoring
 from services.backup.storage import BackupStorage, open_storage
 from services.backup.take import BackupSettings, list_manifests, read_manifest, take_backup
+from services.broker.marker_file import MarkerFile
 from services.broker.backends import ExtractorPool, ShardClient
 from services.broker.collection_model import CollectionModel
 from services.broker.deadlines import Deadline
@@ -52,7 +51,7 @@ class Backups:
         self.max_message_bytes = max_message_bytes
         self.open_store = open_store
         self._busy = asyncio.Lock()
-        self._marker: dict[str, Any] | None = None  # without a data directory
+        self._marker = MarkerFile(collection.directory, MARKER, "restore")
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -104,7 +103,7 @@ class Backups:
             t_verify = time.monotonic()
             read = await restoring.verify(storage, manifest, self._run)
             verify_s = time.monotonic() - t_verify
-            await self._run(self._set_marker, {"backup_id": manifest.id, "url": storage.url, "state": "writing"})
+            await self._run(self._marker.set, {"backup_id": manifest.id, "url": storage.url, "state": "writing"})
             progress = restoring.WriteProgress(total=manifest.images)
             try:
                 files = await self._run(restoring.model_files, storage, manifest)
@@ -122,7 +121,7 @@ class Backups:
                     f"with their own versions, nothing is doubled)"
                 ) from None
             self.clock.observe(progress.max_version)
-            await self._run(self._set_marker, {"backup_id": manifest.id, "url": storage.url, "state": "done"})
+            await self._run(self._marker.set, {"backup_id": manifest.id, "url": storage.url, "state": "done"})
         source = len(manifest.shards)
         log.warning("restored backup %s (%d images, %d → %d shards) in %.1f s", manifest.id, manifest.images, source, len(self.shards),
                     time.monotonic() - t0)
@@ -147,7 +146,7 @@ class Backups:
         when it holds anything else."""
         stats = await asyncio.gather(*(s.stats(timeout_s) for s in self.shards))
         held = {s.shard_id: st.images + st.tombstones for s, st in zip(self.shards, stats)}
-        marker = await self._run(self._get_marker)
+        marker = await self._run(self._marker.get)
         if not any(held.values()):
             return False  # empty shards: the model files (and any old marker) are replaced
         if marker is not None and marker.get("backup_id") == backup_id:
@@ -156,33 +155,6 @@ class Backups:
         what = f"; it holds part or all of backup {marker['backup_id']}" if marker is not None else ""
         raise FailedPrecondition(f"cluster: not empty ({detail}{what}): restore into a new cluster or onto empty volumes")
 
-    def _marker_path(self) -> str:
-        return os.path.join(self.collection.directory, MARKER) if self.collection.directory else ""
-
-    def _get_marker(self) -> dict[str, Any] | None:
-        path = self._marker_path()
-        if not path:
-            return self._marker
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise DataLoss(f"{path}: unreadable restore marker ({exc})") from None
-
-    def _set_marker(self, marker: dict[str, Any]) -> None:
-        path = self._marker_path()
-        if not path:
-            self._marker = marker
-            return
-        os.makedirs(self.collection.directory, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(marker, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
 
 def list_backups(storage: BackupStorage) -> retrieval_pb2.ListBackupsResponse:

@@ -33,19 +33,18 @@ Shards a rolled-back growth had started are not part of the collection; the next
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 from loupe.v1 import retrieval_pb2, shard_pb2
+from services.broker.marker_file import MarkerFile
 from services.broker.backends import ShardClient
 from services.broker.collection_model import CollectionModel
 from services.broker.routing import Routing
 from services.broker.versions import VersionClock
-from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.limits import MAX_WRITE_RECORDS
 from services.space.placement import MAX_SHARDS, PLACEMENT_VERSION, Placement
 
@@ -116,7 +115,7 @@ class Resharder:
         self.fleet = fleet
         self.make_shard = make_shard
         self.settings = settings
-        self._marker: dict[str, Any] | None = None  # without a data directory
+        self._marker = MarkerFile(collection.directory, MARKER, "reshard")
         self._running: asyncio.Task[retrieval_pb2.ReshardResponse] | None = None
 
     # --- the rpc ------------------------------------------------------------------------
@@ -155,7 +154,7 @@ class Resharder:
 
     async def _run(self, source: Placement, target: Placement, resp: retrieval_pb2.ReshardResponse) -> None:
         assert self.fleet is not None
-        self._set_marker({"from": source.shards, "from_placement": source.rule, "to": target.shards, "to_placement": target.rule})
+        self._marker.set({"from": source.shards, "from_placement": source.rule, "to": target.shards, "to_placement": target.rule})
         timeout = self.settings.timeout_s
         committed = False
         try:
@@ -191,7 +190,7 @@ class Resharder:
             raise
         self.routing.enter("idle")
         await self._retire(target.shards)  # 5. (shrinking)
-        self._set_marker(None)
+        self._marker.set(None)
 
     async def _start(self, target: Placement) -> None:
         """Start shards ``len(shards)..target.shards-1`` and install the collection whitening on them."""
@@ -284,7 +283,7 @@ class Resharder:
         """At start: when a reshard stopped midway (its marker is there), remove from every shard
         the records the collection's placement (the head's layout file) does not give it; reads
         count records from their owners only meanwhile. Returns how many were removed."""
-        marker = self._get_marker()
+        marker = self._marker.get()
         if marker is None:
             return 0
         placement = self.routing.read  # at start the head's layout; after a failed reshard the side of its commit point
@@ -300,43 +299,9 @@ class Resharder:
             await self._retire(placement.shards)
         finally:
             self.routing.resharding = False
-        self._set_marker(None)
+        self._marker.set(None)
         log.warning("reshard recovery removed %d copies", removed)
         return removed
-
-    # --- marker ---------------------------------------------------------------------------
-    def _marker_path(self) -> str:
-        return os.path.join(self.collection.directory, MARKER) if self.collection.directory else ""
-
-    def _get_marker(self) -> dict[str, Any] | None:
-        path = self._marker_path()
-        if not path:
-            return self._marker
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise DataLoss(f"{path}: unreadable reshard marker ({exc})") from None
-
-    def _set_marker(self, marker: dict[str, Any] | None) -> None:
-        """Record (None: remove) the running reshard, durably."""
-        path = self._marker_path()
-        if not path:
-            self._marker = marker
-            return
-        if marker is None:
-            if os.path.exists(path):
-                os.remove(path)
-            return
-        os.makedirs(self.collection.directory, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(marker, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
 
 def _logged(task: "asyncio.Task[Any]") -> None:
