@@ -41,6 +41,12 @@ def target(expr: str, legend: str) -> dict:
     return {"expr": expr, "legendFormat": legend, "datasource": DS}
 
 
+def _admission_targets(pool: str, legends: tuple[str, str, str, str]) -> list[dict]:
+    """The four ``loupe_admission_*`` gauges of one admission pool: in use, waiting, capacity, queue limit."""
+    gauges = ("in_use", "waiting", "capacity", "max_waiting")
+    return [target(f'max(loupe_admission_{g}{{{NS}, pool="{pool}"}})', legend) for g, legend in zip(gauges, legends)]
+
+
 def panel(title: str, unit: str, targets: list[dict], description: str, *, min0: bool = True, max1: bool = False) -> dict:
     """A time series panel (position and ids are filled in by ``layout``)."""
     defaults: dict = {"unit": unit, "custom": {"lineWidth": 1, "fillOpacity": 10, "showPoints": "never"}}
@@ -79,17 +85,11 @@ def rows() -> list[tuple[str, list[dict]]]:
     ]
     admission = [
         panel("Rerank budget: searches in flight and waiting", "short",
-              [target(f'max(loupe_admission_in_use{{{NS}, pool="rerank"}})', "in flight"),
-               target(f'max(loupe_admission_waiting{{{NS}, pool="rerank"}})', "waiting"),
-               target(f'max(loupe_admission_capacity{{{NS}, pool="rerank"}})', "slots (--rerank-slots)"),
-               target(f'max(loupe_admission_max_waiting{{{NS}, pool="rerank"}})', "queue limit (--max-rerank-queue)")],
+              _admission_targets("rerank", ("in flight", "waiting", "slots (--rerank-slots)", "queue limit (--max-rerank-queue)")),
               "Searches with rerank stages (verify, diffuse, expand) the broker works on, each from admission to answer, and those "
               "waiting for a slot; with the queue at its limit, more are refused RESOURCE_EXHAUSTED before their extraction."),
         panel("Extraction slots in the broker: in use and waiting", "short",
-              [target(f'max(loupe_admission_in_use{{{NS}, pool="extract"}})', "in use"),
-               target(f'max(loupe_admission_waiting{{{NS}, pool="extract"}})', "waiting (searches + indexing)"),
-               target(f'max(loupe_admission_capacity{{{NS}, pool="extract"}})', "slots"),
-               target(f'max(loupe_admission_max_waiting{{{NS}, pool="extract"}})', "queue limit per class (--max-extract-queue)")],
+              _admission_targets("extract", ("in use", "waiting (searches + indexing)", "slots", "queue limit per class (--max-extract-queue)")),
               "Images the broker has sent to the extractor replicas and images waiting for a slot (searches first); a full queue "
               "refuses more of its class with RESOURCE_EXHAUSTED."),
     ]
