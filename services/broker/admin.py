@@ -16,7 +16,7 @@ from services.broker.backends import ExtractorPool, ShardClient
 from services.broker.collection_model import CollectionModel
 from services.broker.config import BrokerConfig
 from services.broker.deadlines import Deadline
-from services.broker.graph_build import build_graphs
+from services.broker.graph_build import build_graphs, one_dimension
 from services.broker.metrics import BrokerMetrics
 from services.broker.routing import Routing
 from services.common import limits
@@ -93,7 +93,9 @@ class Admin:
                 *(s.sample_vectors(shard_pb2.SampleVectorsRequest(shard_id=s.shard_id, max_vectors=per_shard, seed=i), deadline.remaining())
                   for i, s in enumerate(self.shards))
             )
-            x = np.concatenate([from_tensor(s.vectors, field="vectors") for s in samples if s.vectors.shape])
+            parts = {s.shard_id: from_tensor(r.vectors, field="vectors") for s, r in zip(self.shards, samples) if r.vectors.shape}
+            one_dimension({sid: p.shape[1] if len(p) else 0 for sid, p in parts.items()}, "global")
+            x = np.concatenate(list(parts.values())) if parts else np.zeros((0, 0), np.float32)
             if len(x) < 2:
                 raise FailedPrecondition(f"collection: {len(x)} images indexed, whitening needs at least 2")
             if request.dim > x.shape[1]:

@@ -20,6 +20,7 @@ from loupe.tensors import from_tensor
 from loupe.v1 import shard_pb2
 from services.broker.backends import ShardClient
 from services.broker.regional_copy import RegionalCopyWriter
+from services.common.errors import FailedPrecondition
 from services.rerank.graph import EXACT_LIMIT, CollectionGraph, StreamingGraphBuilder
 
 PageHandler = Callable[[list[str], np.ndarray, list[str], np.ndarray, list[int]], Awaitable[None]]
@@ -44,6 +45,21 @@ class _InMemory:
         keep = np.array(sorted(last.values()), dtype=np.int64)
         vectors = np.concatenate(self.vectors)[keep]
         return CollectionGraph.build([self.ids[i] for i in keep], vectors, k)
+
+
+def one_dimension(dims: dict[int, int], what: str) -> int:
+    """The dimension every shard holding vectors agrees on (``dims``: shard id -> dimension, 0 =
+    empty), or 0 when all are empty. Shards that disagree (records written past the broker by an
+    internal-token holder, or a model change without re-indexing) make a collection-wide build
+    meaningless: FAILED_PRECONDITION naming each shard's dimension."""
+    held = {sid: d for sid, d in dims.items() if d}
+    if len(set(held.values())) > 1:
+        listed = ", ".join(f"shard {sid}: {d}" for sid, d in sorted(held.items()))
+        raise FailedPrecondition(
+            f"collection: shards hold {what} vectors of different dimensions ({listed}); "
+            "delete the records of the wrong dimension or restore a backup, then retry"
+        )
+    return next(iter(held.values()), 0)
 
 
 async def page_all(
@@ -130,6 +146,7 @@ async def build_graphs(
     how each was built ("exact" or the IVF-PQ factory string).
     """
     stats = await asyncio.gather(*(s.stats(timeout()) for s in shards))
+    one_dimension({s.shard_id: s.dim if s.images else 0 for s in stats}, "indexed")
     images = sum(s.images for s in stats)
     regions = sum(s.regional_vectors for s in stats)
     streamed = {"global": images > EXACT_LIMIT, "regional": regions > EXACT_LIMIT}

@@ -253,7 +253,7 @@ class ShardIndex:
             for rec in records:
                 if rec.vector.ndim != 1:
                     raise ValueError(f"features.global of {rec.image_id!r}: expected a (D,) vector")
-                expected = self.dim or records[0].vector.shape[0]
+                expected = self.dim or (self.whitening.input_dim if self.whitening is not None else records[0].vector.shape[0])
                 if rec.vector.shape[0] != expected:
                     raise ValueError(
                         f"features.global of {rec.image_id!r}: dimension {rec.vector.shape[0]} != index dimension {expected}"

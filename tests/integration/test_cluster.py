@@ -20,7 +20,7 @@ from cluster.config import ClusterConfig
 from cluster.demo import HELD_OUT, INDEXED, PHOTOS, encode_jpeg, load_photo
 from cluster.launcher import Cluster
 from loupe.client import ImageToAdd, RetrievalClient
-from loupe.tensors import from_tensor
+from loupe.tensors import from_tensor, to_tensor
 from loupe.v1 import extractor_pb2, extractor_pb2_grpc, shard_pb2, shard_pb2_grpc
 
 pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the whole run (tests/conftest.py)
@@ -298,7 +298,7 @@ def test_killed_shard_gives_partial_results(cluster, client):
     assert 'loupe_shard_failures_total{reason="UNAVAILABLE",shard="1"}' in body
 
 
-def test_internal_ports_refuse_callers_without_the_internal_token(cluster):
+def test_internal_ports_refuse_callers_without_the_internal_token(cluster, client):
     """Even without public tokens, nothing but the broker may write or wipe a shard: the
     cluster-internal token is always on (generated per cluster when no file is given)."""
     address = ray.get(cluster.shard_actors[0].address.remote())
@@ -311,6 +311,23 @@ def test_internal_ports_refuse_callers_without_the_internal_token(cluster):
         stats = shard_pb2_grpc.ShardStub(ch).Stats(shard_pb2.ShardStatsRequest(shard_id=0), timeout=10,
                                                   metadata=(("authorization", f"Bearer {INTERNAL_TOKEN}"),))
     assert stats.images > 0  # nothing was deleted
+
+
+def test_a_shard_refuses_a_record_of_another_dimension_from_the_token_holder(cluster, client):
+    """The shard checks what even the internal-token holder writes: a vector of the wrong dimension
+    is INVALID_ARGUMENT naming the field, and the shard's count is unchanged."""
+    address = ray.get(cluster.shard_actors[0].address.remote())
+    md = (("authorization", f"Bearer {INTERNAL_TOKEN}"),)
+    with grpc.insecure_channel(address) as ch:
+        stub = shard_pb2_grpc.ShardStub(ch)
+        before = stub.Stats(shard_pb2.ShardStatsRequest(shard_id=0), timeout=10, metadata=md).images
+        req = shard_pb2.ShardAddRequest(shard_id=0)
+        getattr(req.records.add(id="odd/0").features, "global").CopyFrom(to_tensor(np.ones(2, np.float32)))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Add(req, timeout=10, metadata=md)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "dimension" in err.value.details()
+        assert stub.Stats(shard_pb2.ShardStatsRequest(shard_id=0), timeout=10, metadata=md).images == before
 
 
 def test_ray_token_is_private_to_this_process_owner():

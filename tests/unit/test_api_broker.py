@@ -94,3 +94,15 @@ def test_filter_limits():
     values = types_pb2.Filter(all=[types_pb2.Condition(key="k", any_of=types_pb2.ValueSet(values=["v"] * 257))])
     with pytest.raises(InvalidArgument, match=r"any_of"):
         check_filter(values)
+
+
+def test_shards_of_different_dimensions_fail_the_collection_build_naming_each():
+    """A collection-wide build (graph, whitening) over shards that disagree on the dimension is
+    FAILED_PRECONDITION listing every shard's (records written past the broker, issue 24's soak)."""
+    from services.broker.graph_build import one_dimension
+    from services.common.errors import FailedPrecondition
+
+    assert one_dimension({0: 0, 1: 1280, 2: 1280}, "indexed") == 1280
+    assert one_dimension({0: 0, 1: 0}, "indexed") == 0
+    with pytest.raises(FailedPrecondition, match=r"shard 0: 2, shard 1: 1280"):
+        one_dimension({1: 1280, 0: 2, 2: 0}, "indexed")
