@@ -20,8 +20,9 @@ from cluster.config import ClusterConfig
 from cluster.demo import HELD_OUT, INDEXED, PHOTOS, encode_jpeg, load_photo
 from cluster.launcher import Cluster
 from loupe.client import ImageToAdd, RetrievalClient
-from loupe.tensors import from_tensor, to_tensor
+from loupe.tensors import from_tensor
 from loupe.v1 import extractor_pb2, extractor_pb2_grpc, shard_pb2, shard_pb2_grpc
+from shard_records import shard_record
 
 pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the whole run (tests/conftest.py)
 
@@ -321,8 +322,7 @@ def test_a_shard_refuses_a_record_of_another_dimension_from_the_token_holder(clu
     with grpc.insecure_channel(address) as ch:
         stub = shard_pb2_grpc.ShardStub(ch)
         before = stub.Stats(shard_pb2.ShardStatsRequest(shard_id=0), timeout=10, metadata=md).images
-        req = shard_pb2.ShardAddRequest(shard_id=0)
-        getattr(req.records.add(id="odd/0").features, "global").CopyFrom(to_tensor(np.ones(2, np.float32)))
+        req = shard_pb2.ShardAddRequest(shard_id=0, records=[shard_record("odd/0", np.ones(2, np.float32))])
         with pytest.raises(grpc.RpcError) as err:
             stub.Add(req, timeout=10, metadata=md)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()

@@ -28,8 +28,8 @@ from cluster.config import ClusterConfig
 from cluster.demo import INDEXED, PHOTOS, encode_jpeg, load_photo
 from cluster.launcher import Cluster
 from loupe.client import ImageToAdd, RetrievalClient
-from loupe.tensors import to_tensor
-from loupe.v1 import shard_pb2, types_pb2
+from loupe.v1 import shard_pb2
+from shard_records import shard_record, unit_vector
 from services.backup.storage import DirectoryStorage
 from services.backup.take import take_backup
 from services.broker.resharding import MARKER
@@ -51,10 +51,7 @@ class _Seed:
         self.shard_id = 0
         self.records: dict[str, shard_pb2.ShardRecord] = {}
         for i in range(n):
-            v = rng.standard_normal(dim).astype(np.float32)
-            f = types_pb2.ImageFeatures(width=64, height=64)
-            f.__getattribute__("global").CopyFrom(to_tensor(v / np.linalg.norm(v)))
-            self.records[f"base/{i:05d}"] = shard_pb2.ShardRecord(id=f"base/{i:05d}", features=f, metadata={"set": "base"}, version=1)
+            self.records[f"base/{i:05d}"] = shard_record(f"base/{i:05d}", unit_vector(rng, dim), metadata={"set": "base"}, version=1)
 
     async def stats(self, timeout_s: float) -> shard_pb2.ShardStatsResponse:
         return shard_pb2.ShardStatsResponse(shard_id=0, images=len(self.records), store_id="seed")

@@ -26,6 +26,7 @@ import pytest
 
 from loupe.tensors import to_tensor
 from loupe.v1 import shard_pb2, shard_pb2_grpc, types_pb2
+from shard_records import shard_record
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 D = 48
@@ -241,13 +242,7 @@ def test_disk_full_fails_writes_keeps_reads_and_recovers(tmp_path):
 
 def _bulk_records(first: int, n: int, rng: random.Random) -> shard_pb2.ShardAddRequest:
     """``n`` records of ~64 KiB each (local features), ids ``bulk-{first}``.. — one Add call."""
-    recs = []
-    for i in range(first, first + n):
-        feats = types_pb2.ImageFeatures(width=64, height=48)
-        feats.__getattribute__("global").CopyFrom(to_tensor(_vector(rng)))
-        feats.local.keypoints.CopyFrom(to_tensor(np.zeros((256, 4), np.float32)))
-        feats.local.descriptors.CopyFrom(to_tensor(np.ones((256, 128), np.float16)))
-        recs.append(shard_pb2.ShardRecord(id=f"bulk-{i}", features=feats))
+    recs = [shard_record(f"bulk-{i}", _vector(rng), keypoints=256) for i in range(first, first + n)]
     return shard_pb2.ShardAddRequest(shard_id=0, records=recs)
 
 

@@ -75,10 +75,10 @@ def _write_changes(broker: str, token: str, n: int) -> None:
     ``n`` changes its store holds and its faiss snapshot does not reflect yet."""
     import grpc
     import numpy as np
+    from shard_records import shard_record, unit_vector
 
     from loupe.client import RetrievalClient
-    from loupe.tensors import to_tensor
-    from loupe.v1 import shard_pb2, shard_pb2_grpc, types_pb2
+    from loupe.v1 import shard_pb2, shard_pb2_grpc
 
     with RetrievalClient(broker) as client:
         client.wait_ready(30)
@@ -87,12 +87,7 @@ def _write_changes(broker: str, token: str, n: int) -> None:
     with grpc.insecure_channel(address) as ch:
         stub = shard_pb2_grpc.ShardStub(ch)
         for start in range(0, n, 1000):
-            recs = []
-            for i in range(start, min(n, start + 1000)):
-                feats = types_pb2.ImageFeatures(width=8, height=8)
-                v = rng.standard_normal(64).astype(np.float32)
-                feats.__getattribute__("global").CopyFrom(to_tensor(v / np.linalg.norm(v)))
-                recs.append(shard_pb2.ShardRecord(id=f"change-{i}", features=feats))
+            recs = [shard_record(f"change-{i}", unit_vector(rng, 64)) for i in range(start, min(n, start + 1000))]
             stub.Add(shard_pb2.ShardAddRequest(shard_id=0, records=recs), timeout=60, metadata=(("authorization", f"Bearer {token}"),))
 
 

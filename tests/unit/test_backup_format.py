@@ -11,8 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from loupe.tensors import to_tensor
-from loupe.v1 import shard_pb2, types_pb2
+from loupe.v1 import shard_pb2
+from shard_records import shard_record, unit_vector
 from services.backup import restore as restoring
 from services.backup.chunks import cuts_after, decode_chunk, encode_chunk, ids_per_cut
 from services.backup.manifest import Manifest, manifest_name
@@ -23,10 +23,7 @@ from services.space.placement import Placement
 
 
 def _record(i: int, version: int = 1) -> shard_pb2.ShardRecord:
-    v = np.random.default_rng(i).standard_normal(8).astype(np.float32)
-    f = types_pb2.ImageFeatures(width=10, height=10)
-    f.__getattribute__("global").CopyFrom(to_tensor(v / np.linalg.norm(v)))
-    return shard_pb2.ShardRecord(id=f"img-{i:05d}", features=f, metadata={"n": str(i)}, version=version)
+    return shard_record(f"img-{i:05d}", unit_vector(np.random.default_rng(i), 8), metadata={"n": str(i)}, version=version, width=10, height=10)
 
 
 class MemShard:
