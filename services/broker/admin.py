@@ -12,12 +12,13 @@ import numpy as np
 
 from loupe.tensors import from_tensor
 from loupe.v1 import retrieval_pb2, shard_pb2
-from services.broker.backends import ExtractorPool, ShardClient
+from services.broker.backends import ExtractorPool
 from services.broker.collection_model import CollectionModel
 from services.broker.config import BrokerConfig
 from services.broker.deadlines import Deadline
 from services.broker.graph_build import build_graphs, one_dimension
 from services.broker.metrics import BrokerMetrics
+from services.broker.replicas import ReplicatedShard
 from services.broker.routing import Routing
 from services.common import limits
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 class Admin:
     """GetStats, FitWhitening and BuildGraph over every shard."""
 
-    def __init__(self, extractors: ExtractorPool, shards: Sequence[ShardClient], collection: CollectionModel,
+    def __init__(self, extractors: ExtractorPool, shards: Sequence[ReplicatedShard], collection: CollectionModel,
                  metrics: BrokerMetrics, config: BrokerConfig, routing: Routing | None = None) -> None:
         self.routing = routing  # None: no reshard can run
         self.extractors = extractors
@@ -39,8 +40,8 @@ class Admin:
         self.config = config
 
     async def stats(self, deadline: Deadline) -> retrieval_pb2.GetStatsResponse:
-        """Collection and per-shard statistics (an unreachable shard is listed unhealthy)."""
-        results = await asyncio.gather(*(s.stats(min(5.0, deadline.remaining())) for s in self.shards), return_exceptions=True)
+        """Collection and per-shard statistics (a shard with no readable copy answering is listed
+        unhealthy). Every copy is asked once; a shard's figures are its first readable copy's."""
         graph, regional = self.collection.graph, self.collection.regional_graph
         resp = retrieval_pb2.GetStatsResponse(
             extractors=self.extractors.addresses,
@@ -48,17 +49,18 @@ class Admin:
             graph_regions=len(regional) if regional is not None else 0,
         )
         per_replica = await asyncio.gather(
-            *(asyncio.gather(*(r.stats(min(5.0, deadline.remaining())) for r in getattr(s, "replicas", [])), return_exceptions=True)
+            *(asyncio.gather(*(r.stats(min(5.0, deadline.remaining())) for r in s.replicas), return_exceptions=True)
               for s in self.shards)
         )
-        for shard, res, replica_results in zip(self.shards, results, per_replica):
-            st = resp.shards.add(shard_id=shard.shard_id, address=shard.address, healthy=not isinstance(res, BaseException))
-            for j, (client, state, rres) in enumerate(zip(getattr(shard, "replicas", []), getattr(shard, "states", []), replica_results)):
+        for shard, replica_results in zip(self.shards, per_replica):
+            res = next((r for r, state in zip(replica_results, shard.states) if state.readable and not isinstance(r, BaseException)), None)
+            st = resp.shards.add(shard_id=shard.shard_id, address=shard.address, healthy=res is not None)
+            for j, (client, state, rres) in enumerate(zip(shard.replicas, shard.states, replica_results)):
                 rep = st.replicas.add(replica=j, address=client.address, state=state.state if not isinstance(rres, BaseException) else "down",
                                       lag_writes=state.missed, catch_up_progress=state.progress)
                 if not isinstance(rres, BaseException):
                     rep.images, rep.digest, rep.store_id = rres.images, rres.digest, rres.store_id
-            if isinstance(res, BaseException):
+            if res is None:
                 continue
             st.images, st.feature_bytes = res.images, res.feature_bytes
             st.regional_vectors, st.local_features = res.regional_vectors, res.local_features

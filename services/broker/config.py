@@ -9,6 +9,23 @@ from services.rerank.diffusion import DiffusionParams
 from services.rerank.verify import VerifyParams
 
 
+def quorum_size(quorum: str, replicas: int | None) -> int:
+    """Replicas that must store a write before it is acknowledged: ``all``, ``majority`` (more
+    than half: 2 of 2, 2 of 3), or a number 1..replicas. ``replicas`` None (not known yet, when the
+    configuration is read): only the form is checked, and 0 is returned."""
+    if quorum == "all":
+        return replicas or 0
+    if quorum == "majority":
+        return replicas // 2 + 1 if replicas else 0
+    try:
+        n = int(quorum)
+    except ValueError:
+        raise ValueError(f"write_quorum: 'all', 'majority' or a number of replicas, got {quorum!r}") from None
+    if n < 1 or (replicas is not None and n > replicas):
+        raise ValueError(f"write_quorum: {n} is not in 1..{replicas or 'the replication factor'}")
+    return n if replicas is not None else 0
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
     """Limits and defaults of the public API.
@@ -143,8 +160,7 @@ class BrokerConfig:
                 raise ValueError(f"broker.{name} must be > 0, got {getattr(self, name)}")
         if self.shard_down_grace_s <= 0:
             raise ValueError(f"broker.shard_down_grace_s must be > 0, got {self.shard_down_grace_s}")
-        if self.write_quorum not in ("all", "majority") and not self.write_quorum.isdigit():
-            raise ValueError(f"broker.write_quorum must be 'all', 'majority' or a number of replicas, got {self.write_quorum!r}")
+        quorum_size(self.write_quorum, None)
         if self.replica_hedge_s < 0:
             raise ValueError(f"broker.replica_hedge_s must be >= 0, got {self.replica_hedge_s}")
         if self.extract_hedge_s < 0:

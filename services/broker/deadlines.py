@@ -21,6 +21,11 @@ class Deadline:
             raise DeadlineExceeded("deadline exceeded before the request finished")
         return left
 
+    def check(self) -> None:
+        """Raise DeadlineExceeded when the caller's deadline has passed: a backend that ran out of
+        its share is the caller's DEADLINE_EXCEEDED only then, else it is UNAVAILABLE."""
+        self.remaining()
+
 
 class PerCallBudget:
     """No caller deadline on an open-ended stream: each backend call gets ``budget_s``."""
@@ -30,6 +35,9 @@ class PerCallBudget:
 
     def remaining(self) -> float:
         return self.budget_s
+
+    def check(self) -> None:
+        """No caller deadline: never passed."""
 
 
 def shard_timeout(deadline: Deadline | PerCallBudget, config: BrokerConfig, queries: int = 1) -> float:

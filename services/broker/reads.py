@@ -99,7 +99,7 @@ class Reader:
                 found[img.id] = retrieval_pb2.StoredImage(id=img.id, metadata=img.metadata, width=img.width, height=img.height,
                                                           shard_id=sid, vector=img.vector if img.HasField("vector") else None)
         if unavailable and len(unavailable) == len(ids):
-            deadline.remaining()
+            deadline.check()
             raise Unavailable(f"no shard holding the {len(ids)} ids answered")
         resp = retrieval_pb2.GetImagesResponse()
         for image_id in ids:

@@ -35,27 +35,12 @@ from loupe.v1 import shard_pb2
 from services.broker.backend_errors import failure_reason
 from services.broker.backends import ShardClient
 from services.broker.catch_up import merge
+from services.broker.config import quorum_size
 from services.broker.members import hedged
 from services.common.errors import DeadlineExceeded, Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
-
-def quorum_size(quorum: str, replicas: int) -> int:
-    """Replicas that must store a write before it is acknowledged: ``all``, ``majority`` (more
-    than half: 2 of 2, 2 of 3), or a number 1..replicas."""
-    if quorum == "all":
-        return replicas
-    if quorum == "majority":
-        return replicas // 2 + 1
-    try:
-        n = int(quorum)
-    except ValueError:
-        raise ValueError(f"write_quorum: 'all', 'majority' or a number of replicas, got {quorum!r}") from None
-    if not 1 <= n <= replicas:
-        raise ValueError(f"write_quorum: {n} is not in 1..{replicas} (the replication factor)")
-    return n
-
 
 def _replica_failure(exc: BaseException) -> bool:
     """Failures another replica may not have: it is gone, moved, hung, overloaded or full (the

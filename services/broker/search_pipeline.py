@@ -186,7 +186,7 @@ class SearchPipeline:
         try:
             resp = await self.shards[sid].get_features(req, budget)
         except DeadlineExceeded:  # the shard's budget ran out, not (yet) the caller's: the shard is unavailable
-            deadline.remaining()
+            deadline.check()
             raise Unavailable(f"id: shard {sid}, which holds {image_id!r}, did not answer within {budget:.1f} s") from None
         if not resp.ids:
             raise NotFound(f"id: no image {image_id!r} is indexed")

@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 from loupe.v1 import shard_pb2
-from services.broker.replicas import ReplicatedShard, quorum_size
+from services.broker.config import BrokerConfig, quorum_size
+from services.broker.replicas import ReplicatedShard
 from services.common.errors import InvalidArgument, Unavailable
 
 
@@ -66,6 +67,11 @@ def test_quorum_sizes():
     assert quorum_size("all", 3) == 3 and quorum_size("1", 3) == 1
     with pytest.raises(ValueError, match="write_quorum"):
         quorum_size("4", 3)
+    # the configuration checks the form before the replication factor is known
+    assert BrokerConfig(write_quorum="3").write_quorum == "3"
+    for bad in ("most", "0", "-1", ""):
+        with pytest.raises(ValueError, match="write_quorum"):
+            BrokerConfig(write_quorum=bad)
 
 
 def test_a_write_below_the_quorum_is_refused_as_not_stored():
