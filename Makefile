@@ -26,7 +26,7 @@ demo: $(STAMP)
 # 2 cores the run takes ~0.8x its one-process time (BENCHMARKS.md, "The test suite").
 test: $(STAMP)
 	$(VENV)/bin/ruff check --quiet .
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 -m "not soak and not isolated" tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --max-worker-restart 0 --durations=15 -m "not soak and not isolated" tests
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "isolated and not soak" tests
 
 soak: $(STAMP)
