@@ -231,7 +231,9 @@ def main() -> None:
         for label, main_s, other in (("global (served)", scores[BASELINE], None),
                                      ("global ∪ regional reg5", scores[BASELINE], scores["reg5/served"]),
                                      ("global ∪ regional regall", scores[BASELINE], scores["regall/served"]),
-                                     ("rmac-ms+reg5-max", scores["rmac-ms+reg5-max/served"], None)):
+                                     ("rmac-ms+reg5-max", scores["rmac-ms+reg5-max/served"], None),
+                                     ("rmac-ms+reg5-sum", scores["rmac-ms+reg5-sum/served"], None),
+                                     ("rmac-ms+reg5-sum ∪ global", scores["rmac-ms+reg5-sum/served"], scores[BASELINE])):
             cells = []
             for v in SHORTLISTS:
                 rh, sh = shortlist_recall(main_s, gt, held, v, other)
