@@ -15,6 +15,7 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from services.common.local_candidates import CandidateLocal, dequantised, side_o
 from services.index.store import ShardStore
 from services.rerank.verify import VerifyParams
 from services.space.whitening import LocalPCA
+
+if TYPE_CHECKING:
+    from services.extractor.describer import Describer
 
 
 @dataclass(frozen=True)
@@ -71,13 +75,14 @@ def stored_locals(data_dir: str, names: list[str]) -> dict[str, CandidateLocal]:
     return out
 
 
-def photo_local(describer, pca: LocalPCA, path: Path) -> tuple[np.ndarray, np.ndarray, int, int]:
+def photo_local(describer: "Describer", pca: LocalPCA, path: Path) -> tuple[np.ndarray, np.ndarray, int, int]:
     """``(keypoints (N, 4), PCA descriptors (N, 40), width, height)`` of the photo at ``path``,
     described as the extractor describes a database image."""
     from bench._common import load_as_served
 
     image = load_as_served(path.read_bytes(), None, describer.working_side)
     _, _, loc = describer.describe(image, want_local=True, want_regional=False)
+    assert loc is not None  # want_local=True
     desc = pca.apply(np.asarray(loc.descriptors, dtype=np.float32)).astype(np.float32)
     return np.asarray(loc.keypoints, dtype=np.float32), desc, int(image.shape[1]), int(image.shape[0])
 
