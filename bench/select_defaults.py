@@ -4,10 +4,19 @@ Two steps, so the expensive part (indexing through a real cluster) is done once 
 setting and every analysis reads the saved ``loupe eval --json`` outputs:
 
 ``make-set``
-    Writes the confirmation set (``services.eval.heldout``): a reduced database (the held-out
+    Writes the confirmation set (``bench/heldout.py``): a reduced database (the held-out
     photos removed) whose ground truth lists the 9 known queries, then the held-out queries
-    made from database photos of the landmarks with >= 10 positives; plus ``split.json``
-    (which query is known / held-out, and each query's landmark).
+    made from database photos of the landmarks with >= ``--min-positives`` positives, as whole
+    photos (``gnd.json``); plus ``split.json`` (which query is known / held-out, each query's
+    landmark, and the split's parameters).
+
+``make-crops``
+    After ``loupe eval --gnd gnd.json`` indexed that reduced database into ``--data-dir`` (and
+    the cluster stopped): the held-out queries as **crops** (issue 27), boxed by geometric
+    verification against their landmark's other positives (``bench/heldout_crops.py``), in
+    ``gnd-crop.json`` (same database and labels, only the held-out ``bbx`` differ) and
+    ``crops.json`` (each box and its evidence); prints the crop-size distribution beside the
+    known queries' boxes.
 
 ``report``
     Reads eval outputs (one per extraction setting; each holds several rerank
@@ -20,6 +29,7 @@ setting and every analysis reads the saved ``loupe eval --json`` outputs:
     at 9 + 12 queries: one query moving 20 points moves a mean by ~2).
 
     .venv/bin/python bench/select_defaults.py make-set --out /tmp/loupe-sel
+    .venv/bin/python bench/select_defaults.py make-crops --out /tmp/loupe-sel --data-dir DATA_DIR
     loupe eval --images ../shared/data/roxford5k_subset/jpg --gnd /tmp/loupe-sel/gnd.json \
         --rerank none --rerank verify,diffuse-regional ... --json > /tmp/loupe-sel/A.json
     .venv/bin/python bench/select_defaults.py report --split /tmp/loupe-sel/split.json \
@@ -39,27 +49,71 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import require_roxford  # noqa: E402
 from services.eval.ground_truth import load_ground_truth  # noqa: E402
-from bench.heldout import heldout_split, to_json  # noqa: E402
+from bench.heldout import CropRule, HeldoutSplit, box_shape, heldout_split, to_json, with_boxes  # noqa: E402
 
 
-def make_set(out: str) -> None:
+def _image_size(name: str) -> tuple[int, int]:
     from PIL import Image
 
-    root = require_roxford()
-    gt = load_ground_truth(root / "gnd_roxford5k_subset.pkl")
+    with Image.open(require_roxford() / "jpg" / f"{name}.jpg") as im:
+        return im.size
 
-    def size(name: str) -> tuple[int, int]:
-        with Image.open(root / "jpg" / f"{name}.jpg") as im:
-            return im.size
 
-    split = heldout_split(gt, size)
+def _split(params: dict) -> HeldoutSplit:
+    gt = load_ground_truth(require_roxford() / "gnd_roxford5k_subset.pkl")
+    return heldout_split(gt, _image_size, **params)
+
+
+def make_set(args: argparse.Namespace) -> None:
+    params = {"min_positives": args.min_positives, "fraction": args.fraction, "max_per_landmark": args.max_per_landmark,
+              "min_easy": args.min_easy}
+    split = _split(params)
+    out = args.out
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "gnd.json"), "w") as f:
         json.dump(to_json(split.gt), f)
     with open(os.path.join(out, "split.json"), "w") as f:
-        json.dump({"known": split.known, "heldout": split.heldout, "landmark": split.landmark}, f, indent=1)
+        json.dump({"known": split.known, "heldout": split.heldout, "landmark": split.landmark, "params": params}, f, indent=1)
     print(f"database {len(split.gt.imlist)} images (held out {len(split.heldout)}), "
           f"{len(split.known)} known + {len(split.heldout)} held-out queries -> {out}/gnd.json, {out}/split.json")
+
+
+def _quartiles(values: list[float]) -> str:
+    q = np.percentile(values, [0, 25, 50, 75, 100])
+    return " / ".join(f"{v:.2f}" for v in q)
+
+
+def make_crops(args: argparse.Namespace) -> None:
+
+    from bench.heldout_crops import heldout_boxes
+
+    with open(os.path.join(args.out, "split.json")) as f:
+        split = _split(json.load(f)["params"])
+    gt = split.gt
+    known_shapes = [box_shape(g["bbx"], *_image_size(q)) for q, g in zip(gt.qimlist, gt.gnd) if q in split.known]
+    rule = CropRule(fallback_area=float(np.median([a for a, _ in known_shapes])))
+    boxes = heldout_boxes(split, args.data_dir, require_roxford() / "jpg", rule)
+    cropped = with_boxes(split, {q: b.box for q, b in boxes.items()})
+    with open(os.path.join(args.out, "gnd-crop.json"), "w") as f:
+        json.dump(to_json(cropped.gt), f)
+    rows = {q: {**b.__dict__, "area": box_shape(b.box, b.width, b.height)[0], "aspect": box_shape(b.box, b.width, b.height)[1],
+                "landmark": split.landmark[q]} for q, b in boxes.items()}
+    with open(os.path.join(args.out, "crops.json"), "w") as f:
+        json.dump({"rule": rule.__dict__, "crops": rows}, f, indent=1)
+    print(f"fallback area (median of the known boxes) {rule.fallback_area:.2f}; "
+          f"{sum(not b.from_inliers for b in boxes.values())} of {len(boxes)} boxes by the fallback")
+    print("| query | landmark | verified / pairs | inlier points | box | area | aspect |")
+    print("|---|---|---:|---:|---|---:|---:|")
+    for q, r in rows.items():
+        box = ", ".join(f"{v:.0f}" for v in r["box"])
+        print(f"| {q} | {r['landmark']} | {r['verified']} / {r['pairs']} | {r['points']} | [{box}]{'' if r['from_inliers'] else ' fallback'} "
+              f"| {r['area']:.2f} | {r['aspect']:.2f} |")
+    print("\ncrop shape, min / 25% / median / 75% / max:")
+    print(f"  known queries' bbx ({len(known_shapes)}): area {_quartiles([a for a, _ in known_shapes])}, "
+          f"aspect {_quartiles([s for _, s in known_shapes])}")
+    print(f"  held-out crops ({len(rows)}): area {_quartiles([r['area'] for r in rows.values()])}, "
+          f"aspect {_quartiles([r['aspect'] for r in rows.values()])}")
+    print(f"-> {args.out}/gnd-crop.json, {args.out}/crops.json")
 
 
 def _mean(values: list[float | None]) -> float:
@@ -172,6 +226,13 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     ms = sub.add_parser("make-set")
     ms.add_argument("--out", default="/tmp/loupe-sel")
+    ms.add_argument("--min-positives", type=int, default=10, help="Medium positives a landmark needs to give held-out queries")
+    ms.add_argument("--fraction", type=float, default=1 / 3, help="share of a landmark's easy positives held out")
+    ms.add_argument("--max-per-landmark", type=int, default=8)
+    ms.add_argument("--min-easy", type=int, default=None, help="easy positives from which a landmark gives at least one query")
+    mc = sub.add_parser("make-crops")
+    mc.add_argument("--out", default="/tmp/loupe-sel", help="the make-set directory")
+    mc.add_argument("--data-dir", required=True, help="data directory of the (stopped) cluster that indexed its gnd.json")
     rp = sub.add_parser("report")
     rp.add_argument("--split", required=True)
     rp.add_argument("--baseline", default=None, help="LABEL:rerank the candidates are judged against")
@@ -179,7 +240,7 @@ def main() -> None:
     rp.add_argument("--only", default=None, help="';'-separated LABEL:rerank configurations to report (default: all)")
     rp.add_argument("evals", nargs="+", metavar="LABEL=EVAL.json")
     args = ap.parse_args()
-    make_set(args.out) if args.cmd == "make-set" else report(args)
+    {"make-set": make_set, "make-crops": make_crops, "report": report}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def rows() -> list[tuple[str, list[dict]]]:
         panel("p95 latency per stage", "s",
               [target(_quantile(0.95, "loupe_stage_duration_seconds", "stage"), "{{stage}}")],
               "Seconds per search stage: extract (query descriptors), fanout (shard searches), merge, expand (αQE/DBA), "
-              "verify (local features + RANSAC), diffuse; total = the whole search; extract also counts AddImages batches."),
+              "regional_match (global + best regional score), verify (local features + RANSAC), diffuse; total = the whole search; extract also counts AddImages batches."),
         panel("p99 latency per stage", "s",
               [target(_quantile(0.99, "loupe_stage_duration_seconds", "stage"), "{{stage}}")],
               "As the p95 panel, at the 99th percentile: the stage that dominates the tail."),

@@ -63,6 +63,24 @@ def order_by(hits: Sequence[Hit], scores: np.ndarray) -> list[Hit]:
     return [dataclasses.replace(hits[i], score=float(scores[i])) for i in order]
 
 
+def regional_match_scores(query: np.ndarray, global_scores: np.ndarray, regions: Sequence[tuple[int, np.ndarray]]) -> np.ndarray:
+    """Global score plus the best regional similarity (regional matching).
+
+    ``query``: ``(D',)`` indexed-space global vector; ``global_scores``: ``(n,)`` the hits'
+    global scores; ``regions``: ``(position in the hits, (R_i, D') regional vectors)`` for the
+    hits that have any. Returns ``(n,)`` ``g + max_r q·r`` (``g`` alone for a hit without regions).
+    """
+    scores = np.asarray(global_scores, dtype=np.float32).copy()
+    if regions:
+        nodes = np.concatenate([r for _, r in regions]).astype(np.float32)
+        owner = np.repeat([i for i, _ in regions], [len(r) for _, r in regions])
+        best = np.full(len(scores), -np.inf, dtype=np.float32)
+        np.maximum.at(best, owner, nodes @ np.asarray(query, dtype=np.float32))
+        has = np.isfinite(best)
+        scores[has] += best[has]
+    return scores
+
+
 def union_candidates(diffused: list[Hit], global_order: list[Hit], n: int) -> tuple[list[Hit], int]:
     """Verification candidates from two shortlists: the diffused top-``n``, then the global
     top-``n`` not among them.
@@ -204,6 +222,28 @@ class Expand:
             hits = dba_rescore(q_w, hits[:n], self.n, self.alpha) + hits[n:]
         state.hits = state.global_order = hits
         state.global_scores = {h.image_id: h.score for h in hits} | state.global_scores
+
+
+@dataclass(frozen=True)
+class RegionalMatch:
+    """Rescore the top-``neighbourhood`` by global score + the best similarity of the query's
+    global vector to one of the image's regional vectors (``regional_match_scores``): a query
+    crop showing part of a database photo matches one of its regions. Its ranking becomes the
+    global order the later stages start from; the reported global scores stay the plain ones."""
+
+    name: ClassVar[str] = "regional_match"
+    needs_vectors: ClassVar[bool] = False
+    neighbourhood: int
+
+    def applies(self, state: RerankState) -> bool:
+        return bool(state.hits)
+
+    async def run(self, backend: RerankBackend, state: RerankState) -> None:
+        head, tail = state.hits[: self.neighbourhood], state.hits[self.neighbourhood :]
+        regions = await backend.regional_nodes(head, state.deadline)
+        q = _whitened_query(backend, state.query)
+        scores = regional_match_scores(q, np.array([h.score for h in head], np.float32), regions)
+        state.hits = state.global_order = order_by(head, scores) + tail
 
 
 @dataclass(frozen=True)

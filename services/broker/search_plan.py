@@ -8,7 +8,7 @@ from typing import Any
 
 from loupe.v1 import retrieval_pb2
 from services.broker.config import BrokerConfig
-from services.broker.rerank_stages import Diffuse, Expand, ExpandVerified, Stage, Verify
+from services.broker.rerank_stages import Diffuse, Expand, ExpandVerified, RegionalMatch, Stage, Verify
 from services.common import limits
 from services.common.errors import InvalidArgument
 from services.rerank.diffusion import DiffusionParams
@@ -90,10 +90,11 @@ def build_plan(ro: retrieval_pb2.RerankOptions, config: BrokerConfig) -> SearchP
     stages in the order they run:
 
     1. ``Expand`` (αQE and/or DBA) when asked;
-    2. with verification and ``diffuse_first``: ``Diffuse``, unseeded;
-    3. ``Verify`` (of the union with the global top-V when ``verify_global_too``);
-    4. ``ExpandVerified`` when ``expand_verified``;
-    5. without ``diffuse_first``: ``Diffuse`` seeded by the verified images; with it and
+    2. ``RegionalMatch`` (global + best regional score over the regional neighbourhood) when asked;
+    3. with verification and ``diffuse_first``: ``Diffuse``, unseeded;
+    4. ``Verify`` (of the union with the global top-V when ``verify_global_too``);
+    5. ``ExpandVerified`` when ``expand_verified``;
+    6. without ``diffuse_first``: ``Diffuse`` seeded by the verified images; with it and
        ``reseed_after_verify``: the same, only when verification found a match.
 
     ``diffuse_first`` without verification runs no diffusion (its diffusion waits for a
@@ -134,6 +135,8 @@ def build_plan(ro: retrieval_pb2.RerankOptions, config: BrokerConfig) -> SearchP
     if e.query_expansion or e.database_augmentation:
         stages.append(Expand(qe=e.query_expansion, dba=e.database_augmentation, n=qe_n, alpha=e.alpha or config.qe_alpha,
                              dba_neighbourhood=config.dba_neighbourhood))
+    if ro.regional_match:
+        stages.append(RegionalMatch(config.regional_neighbourhood))
     if verify is not None and diffuse is not None and ro.diffuse_first:
         stages.append(diffuse)
     if verify is not None:
@@ -146,7 +149,7 @@ def build_plan(ro: retrieval_pb2.RerankOptions, config: BrokerConfig) -> SearchP
         stages.append(replace(diffuse, only_after_a_match=True))
 
     depth = max(n_verify, diffuse.neighbourhood if diffuse is not None else 0, qe_n if e.query_expansion else 0,
-                config.dba_neighbourhood if e.database_augmentation else 0)
+                config.dba_neighbourhood if e.database_augmentation else 0, config.regional_neighbourhood if ro.regional_match else 0)
     return SearchPlan(tuple(stages), depth, diffuse)
 
 

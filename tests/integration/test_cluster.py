@@ -206,12 +206,39 @@ def test_unrelated_query_has_low_confidence(client):
 
 @pytest.mark.parametrize("spec", ["qe", "dba", "diffuse", "diffuse-regional", "verify,diffuse", "verify,diffuse-first", "qe,verify,diffuse",
                                   "verify,diffuse-regional,diffuse-first,verify-global", "verify,diffuse-regional,diffuse-first,reseed",
-                                  "verify,qe-verified", "verify,diffuse-regional,diffuse-first,verify-global,reseed,qe-verified"])
+                                  "verify,qe-verified", "verify,diffuse-regional,diffuse-first,verify-global,reseed,qe-verified",
+                                  "regional-match", "regional-match,verify,diffuse-regional,diffuse-first,verify-global", "qe,regional-match"])
 def test_every_rerank_configuration_runs_end_to_end(client, spec):
     resp = client.search(image=query("coffee"), k=5, rerank=parse_rerank(spec))
     assert len(resp.results) == 5
     assert resp.results[0].id.startswith("coffee/"), [(r.id, r.score) for r in resp.results]
     assert [r.score for r in resp.results] == sorted((r.score for r in resp.results), reverse=True)
+
+
+def test_regional_match_scores_global_plus_the_best_region(cluster, client):
+    """Each result scores its global similarity plus the best similarity of the query's global
+    vector to one of its stored regional vectors (read here from the shards, as the broker does
+    before a graph build gives it its regional copy)."""
+    auth = (("authorization", f"Bearer {INTERNAL_TOKEN}"),)
+    with grpc.insecure_channel(ray.get(cluster.extractor_actors[0].address.remote())) as ch:
+        feats = extractor_pb2_grpc.ExtractorStub(ch).Extract(extractor_pb2.ExtractRequest(image=query("coffee")), timeout=60, metadata=auth).features
+    q = from_tensor(getattr(feats, "global"))
+    q = q / np.linalg.norm(q)
+    n = client.stats().images
+    resp = client.search(image=query("coffee"), k=n, rerank=parse_rerank("regional-match"))
+    plain = {r.id: r.score for r in client.search(image=query("coffee"), k=n).results}
+    assert len(resp.results) == n and [r.score for r in resp.results] == sorted((r.score for r in resp.results), reverse=True)
+    for shard_id in {r.shard_id for r in resp.results}:
+        ids = [r.id for r in resp.results if r.shard_id == shard_id]
+        with grpc.insecure_channel(ray.get(cluster.shard_actors[shard_id].address.remote())) as ch:
+            got = shard_pb2_grpc.ShardStub(ch).GetFeatures(shard_pb2.GetFeaturesRequest(shard_id=shard_id, ids=ids, want_regional=True),
+                                                          timeout=30, metadata=auth)
+        best = {i: float(np.max(from_tensor(f.regional).astype(np.float32) @ q)) for i, f in zip(got.ids, got.features)}
+        for r in resp.results:
+            if r.shard_id == shard_id:
+                assert getattr(r.stages, "global") == pytest.approx(plain[r.id], abs=1e-5)  # the reported global score stays the plain one
+                assert r.score == pytest.approx(plain[r.id] + best[r.id], abs=1e-3), r.id
+    assert resp.results[0].id.startswith("coffee/")
 
 
 def test_bad_rerank_options_are_rejected(client):

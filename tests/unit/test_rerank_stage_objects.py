@@ -12,7 +12,7 @@ from loupe.rerank_spec import parse_rerank
 from services.broker.config import BrokerConfig
 from services.broker.metrics import BrokerMetrics
 from services.broker.query import Query
-from services.broker.rerank_stages import Diffuse, Expand, ExpandVerified, RerankState, Verify
+from services.broker.rerank_stages import Diffuse, Expand, ExpandVerified, RegionalMatch, RerankState, Verify, regional_match_scores
 from services.broker.search_plan import build_plan
 from services.broker.topk import Hit
 from services.broker.verification import VerifiedHit, final_score
@@ -101,6 +101,8 @@ def test_plan_lays_the_stages_out_in_order():
     assert kinds("verify,diffuse") == ["Verify", "Diffuse"]
     assert kinds("qe,verify,qe-verified,diffuse,diffuse-first,reseed") == ["Expand", "Diffuse", "Verify", "ExpandVerified", "Diffuse*"]
     assert kinds("dba,diffuse") == ["Expand", "Diffuse"]
+    assert kinds("regional-match,verify,diffuse-regional,diffuse-first,verify-global") == ["RegionalMatch", "Diffuse", "Verify"]
+    assert kinds("qe,regional-match,verify") == ["Expand", "RegionalMatch", "Verify"]
     plan = build_plan(parse_rerank("verify:50,diffuse-regional:300,diffuse-first,verify-global,k=30"), BrokerConfig())
     diffuse, verify = plan.stages
     assert diffuse.regional and diffuse.neighbourhood == 300 and diffuse.params.k == 30 and not diffuse.only_after_a_match
@@ -246,3 +248,32 @@ def test_expand_verified_searches_from_the_verified_images_keeping_them_first():
     assert len(backend.fanouts) == 1 and ids[0] == "i7" and sorted(ids) == sorted(vectors)
     expected = unit(x[0] + x[7])
     np.testing.assert_allclose(backend.fanouts[0], expected, atol=1e-6)
+
+
+# --- regional matching ----------------------------------------------------------------------
+
+
+def test_regional_match_scores_add_the_best_region():
+    q = unit([1, 0, 0])
+    regions = [(0, unit([[0, 1, 0], [1, 1, 0]])), (2, unit([[1, 0, 0]]))]  # hit 1 has no regions
+    scores = regional_match_scores(q, np.array([0.5, 0.4, 0.1]), regions)
+    assert scores == pytest.approx([0.5 + 2**-0.5, 0.4, 0.1 + 1.0])
+
+
+def test_regional_match_reorders_the_neighbourhood_and_becomes_the_global_order():
+    q = unit([1, 0, 0, 0])
+    hits = [Hit(0.9, "a"), Hit(0.8, "b"), Hit(0.7, "c"), Hit(0.1, "tail")]
+    regions = {"a": unit([[0, 1, 0, 0]]), "b": unit([[0, 0, 1, 0]]), "c": unit([[1, 0.1, 0, 0], [0, 0, 0, 1]]),
+               "tail": unit([[1, 0, 0, 0]])}
+    state = state_of(hits, Query(q))
+    assert run(RegionalMatch(neighbourhood=3), FakeBackend(regions=regions), state) == ["c", "a", "b", "tail"]
+    assert state.global_order == state.hits
+    assert state.hits[0].score == pytest.approx(0.7 + float(regions["c"][0] @ q))
+    assert state.hits[-1].score == 0.1  # beyond the neighbourhood: untouched
+    assert state.global_scores == {"a": 0.9, "b": 0.8, "c": 0.7, "tail": 0.1}  # reported global scores stay plain
+
+
+def test_plan_of_regional_match_reaches_the_regional_neighbourhood():
+    cfg = BrokerConfig()
+    plan = build_plan(parse_rerank("regional-match"), cfg)
+    assert plan.depth == cfg.regional_neighbourhood and plan.reranks and not plan.need_vectors and not plan.regional

@@ -24,6 +24,7 @@ STAGES = {
     "verify-global": "with verify,diffuse-first: also verify the global top-V (the union of both shortlists)",
     "reseed": "with verify,diffuse-first: diffuse again after verification, seeded by the verified images",
     "qe-verified": "with verify: alpha-QE from the verified images only (second search), verified stay on top",
+    "regional-match": "rescore the global top-R by global + best regional similarity (query crops match a region); later stages start from it",
 }
 
 
@@ -47,6 +48,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "verify-global": ("verify_global_too",),
     "reseed": ("reseed_after_verify",),
     "qe-verified": ("expand_verified",),
+    "regional-match": ("regional_match",),
 }
 """The boolean ``RerankOptions`` fields each stage name sets (the server orders the stages)."""
 

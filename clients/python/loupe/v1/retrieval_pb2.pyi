@@ -83,7 +83,7 @@ class ExpansionOptions(_message.Message):
     def __init__(self, query_expansion: _Optional[bool] = ..., database_augmentation: _Optional[bool] = ..., n: _Optional[int] = ..., alpha: _Optional[float] = ...) -> None: ...
 
 class RerankOptions(_message.Message):
-    __slots__ = ("verify", "diffuse", "expand", "diffuse_first", "verify_global_too", "reseed_after_verify", "expand_verified")
+    __slots__ = ("verify", "diffuse", "expand", "diffuse_first", "verify_global_too", "reseed_after_verify", "expand_verified", "regional_match")
     VERIFY_FIELD_NUMBER: _ClassVar[int]
     DIFFUSE_FIELD_NUMBER: _ClassVar[int]
     EXPAND_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class RerankOptions(_message.Message):
     VERIFY_GLOBAL_TOO_FIELD_NUMBER: _ClassVar[int]
     RESEED_AFTER_VERIFY_FIELD_NUMBER: _ClassVar[int]
     EXPAND_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    REGIONAL_MATCH_FIELD_NUMBER: _ClassVar[int]
     verify: VerifyOptions
     diffuse: DiffusionOptions
     expand: ExpansionOptions
@@ -98,7 +99,8 @@ class RerankOptions(_message.Message):
     verify_global_too: bool
     reseed_after_verify: bool
     expand_verified: bool
-    def __init__(self, verify: _Optional[_Union[VerifyOptions, _Mapping]] = ..., diffuse: _Optional[_Union[DiffusionOptions, _Mapping]] = ..., expand: _Optional[_Union[ExpansionOptions, _Mapping]] = ..., diffuse_first: _Optional[bool] = ..., verify_global_too: _Optional[bool] = ..., reseed_after_verify: _Optional[bool] = ..., expand_verified: _Optional[bool] = ...) -> None: ...
+    regional_match: bool
+    def __init__(self, verify: _Optional[_Union[VerifyOptions, _Mapping]] = ..., diffuse: _Optional[_Union[DiffusionOptions, _Mapping]] = ..., expand: _Optional[_Union[ExpansionOptions, _Mapping]] = ..., diffuse_first: _Optional[bool] = ..., verify_global_too: _Optional[bool] = ..., reseed_after_verify: _Optional[bool] = ..., expand_verified: _Optional[bool] = ..., regional_match: _Optional[bool] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
     __slots__ = ("image", "vector", "id", "k", "offset", "crop", "rerank", "return_matches", "include_query", "filter")
