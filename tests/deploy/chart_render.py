@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import helm_process
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -73,10 +74,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {"default": {}, "minimal": MINIMAL, "pro
 
 def render(values: dict[str, Any], chart_dir: Path = CHART_DIR, release: str = RELEASE) -> list[dict[str, Any]]:
     """Every object the chart renders (templates and test hooks), parsed; NOTES.txt excluded."""
-    import helm_python
-
-    with helm_python.Chart.load(chart_dir) as chart:
-        files = chart.render(values, name=release, namespace=NAMESPACE, is_install=True)
+    files = helm_process.render(chart_dir, values, name=release, namespace=NAMESPACE, is_install=True)
     objs: list[dict[str, Any]] = []
     for path, text in sorted(files.items()):
         if path.endswith("NOTES.txt"):
@@ -86,10 +84,7 @@ def render(values: dict[str, Any], chart_dir: Path = CHART_DIR, release: str = R
 
 
 def notes(values: dict[str, Any]) -> str:
-    import helm_python
-
-    with helm_python.Chart.load(CHART_DIR) as chart:
-        files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    files = helm_process.render(CHART_DIR, values, name=RELEASE, namespace=NAMESPACE, is_install=True)
     return next(text for path, text in files.items() if path.endswith("NOTES.txt"))
 
 

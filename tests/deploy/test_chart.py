@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 import yaml
+import helm_process
 from chart_render import CHART_DIR, NAMESPACE, RAYCLUSTER_CRD, RELEASE, REPO_ROOT, VALUE_SETS, chart_copy, notes, one, render
 
-helm_python = pytest.importorskip("helm_python", reason="helm-python-sdk (test extra) is not installed")
+if not helm_process.available():
+    pytest.skip("helm-python-sdk (test extra) is not installed", allow_module_level=True)
 
 CORE_KINDS = {"Service", "Secret", "PersistentVolumeClaim", "PodDisruptionBudget", "ConfigMap", "Pod", "ServiceAccount", "CronJob"}
 MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
@@ -27,8 +29,7 @@ def rendered(request) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
 
 
 def _merged(values: dict[str, Any]) -> dict[str, Any]:
-    with helm_python.Chart.load(CHART_DIR) as chart:
-        return chart.merge_values(copy.deepcopy(values))
+    return helm_process.merge_values(CHART_DIR, copy.deepcopy(values))
 
 
 def _head(rc: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +64,7 @@ def ray_resources(param: str) -> dict[str, float]:
 # --- lint and validation --------------------------------------------------------------------------
 def test_lint_has_no_errors_or_warnings(rendered):
     name, values, _ = rendered
-    report = helm_python.lint(str(CHART_DIR), copy.deepcopy(values), strict=True, namespace=NAMESPACE, kube_version=f"v{K8S_VERSION}")
+    report = helm_process.lint(CHART_DIR, copy.deepcopy(values), strict=True, namespace=NAMESPACE, kube_version=f"v{K8S_VERSION}")
     assert report["errors"] == [], (name, report)
     bad = [m for m in report["messages"] if m["severity"] > 1]  # 1 = INFO (e.g. "icon is recommended")
     assert bad == [], (name, bad)
@@ -656,10 +657,9 @@ def test_the_projects_dashboard_and_rules_render_when_present():
     ],
 )
 def test_schema_rejects_bad_values_with_a_message_naming_the_key(values, message):
-    with helm_python.Chart.load(CHART_DIR) as chart:
-        chart.validate_schema({})
-        with pytest.raises(helm_python.HelmValuesError) as err:
-            chart.validate_schema(values)
+    helm_process.validate_schema(CHART_DIR, {})
+    with pytest.raises(helm_process.HelmValuesError) as err:
+        helm_process.validate_schema(CHART_DIR, values)
     assert message in str(err.value)
 
 
@@ -676,7 +676,7 @@ def test_schema_rejects_bad_values_with_a_message_naming_the_key(values, message
     ],
 )
 def test_render_fails_on_inconsistent_values(values, message):
-    with pytest.raises(helm_python.HelmError, match=message.replace(".", r"\.")):
+    with pytest.raises(helm_process.HelmError, match=message.replace(".", r"\.")):
         render(values)
 
 
@@ -719,8 +719,7 @@ def test_no_pod_mounts_a_service_account_token(rendered):
 
 
 def test_global_values_are_accepted_so_the_chart_can_be_a_subchart():
-    with helm_python.Chart.load(CHART_DIR) as chart:
-        chart.validate_schema({"global": {"imageRegistry": "r.invalid", "anything": {"nested": 1}}})
+    helm_process.validate_schema(CHART_DIR, {"global": {"imageRegistry": "r.invalid", "anything": {"nested": 1}}})
     assert one(render({"global": {"imageRegistry": "r.invalid"}}), "RayCluster")
 
 
