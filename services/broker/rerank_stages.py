@@ -63,6 +63,14 @@ def order_by(hits: Sequence[Hit], scores: np.ndarray) -> list[Hit]:
     return [dataclasses.replace(hits[i], score=float(scores[i])) for i in order]
 
 
+def stacked_regions(regions: Sequence[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """``(position in the hits, (R_i, D') regional vectors)`` pairs as one ``(sum R_i, D')`` node
+    matrix and the ``(sum R_i,)`` position of each node's image."""
+    nodes = np.concatenate([r for _, r in regions])
+    owner = np.repeat([i for i, _ in regions], [len(r) for _, r in regions])
+    return nodes, owner
+
+
 def regional_match_scores(query: np.ndarray, global_scores: np.ndarray, regions: Sequence[tuple[int, np.ndarray]]) -> np.ndarray:
     """Global score plus the best regional similarity (regional matching).
 
@@ -72,8 +80,8 @@ def regional_match_scores(query: np.ndarray, global_scores: np.ndarray, regions:
     """
     scores = np.asarray(global_scores, dtype=np.float32).copy()
     if regions:
-        nodes = np.concatenate([r for _, r in regions]).astype(np.float32)
-        owner = np.repeat([i for i, _ in regions], [len(r) for _, r in regions])
+        nodes, owner = stacked_regions(regions)
+        nodes = nodes.astype(np.float32)
         best = np.full(len(scores), -np.inf, dtype=np.float32)
         np.maximum.at(best, owner, nodes @ np.asarray(query, dtype=np.float32))
         has = np.isfinite(best)
@@ -282,8 +290,7 @@ class Diffuse:
             query_regions = state.query.regions
 
             def run() -> DiffusionOutcome:
-                nodes = np.concatenate([r for _, r in regions])
-                owner = np.repeat([i for i, _ in regions], [len(r) for _, r in regions])
+                nodes, owner = stacked_regions(regions)
                 edges = None
                 if graph is not None:
                     names = [region_node(head[i].image_id, j) for i, r in regions for j in range(len(r))]
