@@ -68,20 +68,24 @@ class RegionalCopy:
         for image_id in ids:
             self._rows.pop(image_id, None)
 
-    def get(self, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
-        """``(R_i, D)`` float32 regional vectors of the ``image_ids`` the copy holds (images without
-        regions map to an empty array); ids absent from the copy are absent from the answer."""
-        out: dict[str, np.ndarray] = {}
-        found = [(i, self._rows[i]) for i in image_ids if i in self._rows]
-        if not found:
-            return out
+    def gather(self, image_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The regional vectors of the ``image_ids`` the copy holds, stacked in one block.
+
+        Returns
+        -------
+        (positions (n,) int64, counts (n,) int64, block (sum counts, D) float32)
+            ``positions``: where in ``image_ids`` each held image is (ascending; ids absent from
+            the copy are skipped); ``counts``: its number of regional vectors (0 for an image
+            without regions); ``block``: their vectors in that order, read with one gather from
+            the mapped file.
+        """
+        found = [(p, self._rows[i]) for p, i in enumerate(image_ids) if i in self._rows]
+        positions = np.array([p for p, _ in found], np.int64)
+        counts = np.array([c for _, (_, c) in found], np.int64)
+        if not found or not counts.sum():
+            return positions, counts, np.zeros((0, self.dim), np.float32)
         rows = np.concatenate([np.arange(s, s + c) for _, (s, c) in found])
-        block = self.vectors[rows]  # one gather from the mapped file (fancy indexing copies)
-        at = 0
-        for image_id, (_, c) in found:
-            out[image_id] = block[at : at + c]
-            at += c
-        return out
+        return positions, counts, self.vectors[rows]  # fancy indexing: one copy out of the mapped file
 
     @classmethod
     def load(cls, directory: str) -> RegionalCopy | None:

@@ -60,30 +60,57 @@ def dba_rescore(query: np.ndarray, hits: Sequence[Hit], k: int, alpha: float) ->
 def order_by(hits: Sequence[Hit], scores: np.ndarray) -> list[Hit]:
     """Hits re-sorted by ``scores`` (stable), with ``score`` replaced."""
     order = np.argsort(-np.asarray(scores), kind="stable")
-    return [dataclasses.replace(hits[i], score=float(scores[i])) for i in order]
+    values = np.asarray(scores, dtype=np.float64)[order].tolist()
+    # the constructor, not dataclasses.replace: ~5x cheaper for the 1,000 hits a diffusion reorders
+    return [Hit(v, hits[i].image_id, hits[i].shard_id, hits[i].payload, hits[i].vector) for i, v in zip(order.tolist(), values)]
 
 
-def stacked_regions(regions: Sequence[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """``(position in the hits, (R_i, D') regional vectors)`` pairs as one ``(sum R_i, D')`` node
-    matrix and the ``(sum R_i,)`` position of each node's image."""
-    nodes = np.concatenate([r for _, r in regions])
-    owner = np.repeat([i for i, _ in regions], [len(r) for _, r in regions])
-    return nodes, owner
+@dataclass(frozen=True)
+class RegionalNodes:
+    """The regional vectors of a list of hits as graph nodes.
+
+    Attributes
+    ----------
+    vectors : ndarray ``(N, D')`` float32
+        Every node's whitened regional vector, the nodes of one image together, images in hit order.
+    owner : ndarray ``(N,)`` int64
+        The position in the hits of each node's image (non-decreasing).
+    """
+
+    vectors: np.ndarray
+    owner: np.ndarray
+
+    @classmethod
+    def stacked(cls, regions: Sequence[tuple[int, np.ndarray]], dim: int = 0) -> RegionalNodes:
+        """From ``(position in the hits, (R_i, D') regional vectors)`` pairs in hit order (one copy)."""
+        regions = [(i, r) for i, r in regions if len(r)]
+        if not regions:
+            return cls(np.zeros((0, dim), np.float32), np.zeros(0, np.int64))
+        return cls(np.concatenate([np.asarray(r, np.float32) for _, r in regions]),
+                   np.repeat(np.array([i for i, _ in regions], np.int64), [len(r) for _, r in regions]))
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def rank_in_image(self) -> np.ndarray:
+        """``(N,)`` each node's index among its image's nodes (``j`` of ``region_node(id, j)``)."""
+        if not len(self.owner):
+            return np.zeros(0, np.int64)
+        first = np.flatnonzero(np.r_[True, self.owner[1:] != self.owner[:-1]])
+        return np.arange(len(self.owner)) - np.repeat(first, np.diff(np.r_[first, len(self.owner)]))
 
 
-def regional_match_scores(query: np.ndarray, global_scores: np.ndarray, regions: Sequence[tuple[int, np.ndarray]]) -> np.ndarray:
+def regional_match_scores(query: np.ndarray, global_scores: np.ndarray, nodes: RegionalNodes) -> np.ndarray:
     """Global score plus the best regional similarity (regional matching).
 
     ``query``: ``(D',)`` indexed-space global vector; ``global_scores``: ``(n,)`` the hits'
-    global scores; ``regions``: ``(position in the hits, (R_i, D') regional vectors)`` for the
-    hits that have any. Returns ``(n,)`` ``g + max_r q·r`` (``g`` alone for a hit without regions).
+    global scores; ``nodes``: the hits' regional vectors. Returns ``(n,)`` ``g + max_r q·r``
+    (``g`` alone for a hit without regions).
     """
     scores = np.asarray(global_scores, dtype=np.float32).copy()
-    if regions:
-        nodes, owner = stacked_regions(regions)
-        nodes = nodes.astype(np.float32)
+    if len(nodes):
         best = np.full(len(scores), -np.inf, dtype=np.float32)
-        np.maximum.at(best, owner, nodes @ np.asarray(query, dtype=np.float32))
+        np.maximum.at(best, nodes.owner, nodes.vectors @ np.asarray(query, dtype=np.float32))
         has = np.isfinite(best)
         scores[has] += best[has]
     return scores
@@ -178,7 +205,7 @@ class RerankBackend(Protocol):
     async def fanout(self, query: np.ndarray, depth: int, deadline: "Budget", return_vectors: bool = False, transformed: bool = False,
                      flt=None) -> tuple[list[list[Hit]], list[int]]: ...
 
-    async def regional_nodes(self, hits: list[Hit], deadline: "Budget") -> list[tuple[int, np.ndarray]]: ...
+    async def regional_nodes(self, hits: list[Hit], deadline: "Budget") -> RegionalNodes: ...
 
     async def verify(self, query_local: tuple[np.ndarray, np.ndarray], hits: list[Hit], params: VerifyParams,
                      deadline: "Budget") -> list["VerifiedHit"]: ...
@@ -248,9 +275,9 @@ class RegionalMatch:
 
     async def run(self, backend: RerankBackend, state: RerankState) -> None:
         head, tail = state.hits[: self.neighbourhood], state.hits[self.neighbourhood :]
-        regions = await backend.regional_nodes(head, state.deadline)
+        nodes = await backend.regional_nodes(head, state.deadline)
         q = _whitened_query(backend, state.query)
-        scores = regional_match_scores(q, np.array([h.score for h in head], np.float32), regions)
+        scores = regional_match_scores(q, np.array([h.score for h in head], np.float32), nodes)
         state.hits = state.global_order = order_by(head, scores) + tail
 
 
@@ -283,20 +310,19 @@ class Diffuse:
         seeds = {i: 1.0 for i, v in enumerate(is_verified) if v}
         loop = asyncio.get_running_loop()
         if self.regional:
-            regions = await backend.regional_nodes(head, state.deadline)
-            if state.query.regions is None or not regions:
+            nodes = await backend.regional_nodes(head, state.deadline)
+            if state.query.regions is None or not len(nodes):
                 return
             graph = None if self.online_graph else backend.collection.regional_graph
             query_regions = state.query.regions
 
             def run() -> DiffusionOutcome:
-                nodes, owner = stacked_regions(regions)
                 edges = None
                 if graph is not None:
-                    names = [region_node(head[i].image_id, j) for i, r in regions for j in range(len(r))]
-                    edges = graph.neighbourhood_lists(names, nodes, self.params.k)
+                    names = [region_node(head[i].image_id, j) for i, j in zip(nodes.owner.tolist(), nodes.rank_in_image().tolist())]
+                    edges = graph.neighbourhood_lists(names, nodes.vectors, self.params.k)
                 # the query's (k-means-reduced) regions seed it jointly: one solve
-                return diffusion_rerank(query_regions, nodes, owner, len(head), self.params, seeds=seeds, edges=edges)
+                return diffusion_rerank(query_regions, nodes.vectors, nodes.owner, len(head), self.params, seeds=seeds, edges=edges)
         else:
             q = _whitened_query(backend, state.query)
             vectors = hit_vectors(head)

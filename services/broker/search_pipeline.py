@@ -30,7 +30,7 @@ from services.broker.config import BrokerConfig
 from services.broker.deadlines import Deadline, PerCallBudget, shard_timeout
 from services.broker.metrics import BrokerMetrics
 from services.broker.query import Query, unit_vector
-from services.broker.rerank_stages import RerankState
+from services.broker.rerank_stages import RegionalNodes, RerankState
 from services.broker.routing import ReadView, Routing
 from services.broker.search_plan import SearchPlan
 from services.broker.topk import Hit, ids_by_shard, merge_topk
@@ -375,21 +375,29 @@ class SearchPipeline:
             for image_id, f in zip(resp.ids, resp.features)
         }
 
-    async def regional_nodes(self, hits: list[Hit], deadline: Budget) -> list[tuple[int, np.ndarray]]:
-        """Whitened ``(R_i, D')`` regional vectors of ``hits``, with the position of their image in ``hits``.
+    async def regional_nodes(self, hits: list[Hit], deadline: Budget) -> RegionalNodes:
+        """The whitened regional vectors of ``hits`` as graph nodes (in hit order).
 
         From the broker's regional copy (``services.broker.regional_copy``) where it holds the
         image, else read from its shard (images written since the last graph build): the same
-        float16 values either way."""
+        float16 values either way. When the copy holds every hit, its gathered block is the
+        node matrix as it is (no second copy of ~25 MB per query)."""
         copy = self.collection.regional_copy
-        held = copy.get([h.image_id for h in hits]) if copy is not None else {}
-        rest = [h for h in hits if h.image_id not in held]
-        if rest:
-            features = await self.get_features(rest, deadline, want_regional=True)
-            for image_id, f in features.items():
-                if f.regional.shape:
-                    held[image_id] = from_tensor(f.regional, field="regional").astype(np.float32)
-        return [(i, held[h.image_id]) for i, h in enumerate(hits) if h.image_id in held and len(held[h.image_id])]
+        ids = [h.image_id for h in hits]
+        if copy is not None:
+            positions, counts, block = copy.gather(ids)
+        else:
+            positions, counts, block = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        held = set(positions.tolist())
+        rest = [h for p, h in enumerate(hits) if p not in held]
+        if not rest:
+            return RegionalNodes(block, np.repeat(positions, counts))
+        regions = dict(zip(positions.tolist(), np.split(block, np.cumsum(counts)[:-1]) if len(counts) else []))
+        position = {h.image_id: p for p, h in enumerate(hits)}
+        for image_id, f in (await self.get_features(rest, deadline, want_regional=True)).items():
+            if f.regional.shape:
+                regions[position[image_id]] = from_tensor(f.regional, field="regional").astype(np.float32)
+        return RegionalNodes.stacked(sorted(regions.items()), dim=block.shape[1])
 
     async def verify(self, query_local: tuple[np.ndarray, np.ndarray], hits: list[Hit], params: VerifyParams,
                      deadline: Budget) -> list[VerifiedHit]:

@@ -355,7 +355,7 @@ class ShardIndex:
         """Ids, metadata (and vectors when asked) of ranked labels; call under the read lock."""
         if return_vectors and vectors is None:
             vectors = self._faiss.reconstruct(labels) if isinstance(self._faiss, ExactIndex) else self._indexed_vectors(labels)
-        infos = [self._answerable(i) for i in self.store.infos([int(l) for l in labels])]
+        infos = self._answerable_each(self.store.infos([int(l) for l in labels]))
         return SearchHits(
             [i.image_id for i in infos], scores.astype(np.float32), vectors if return_vectors else None, [i.metadata for i in infos]
         )
@@ -402,7 +402,9 @@ class ShardIndex:
 
     def get_infos(self, ids: list[str], want_vector: bool = False) -> list[tuple[ImageInfo, np.ndarray | None] | None]:
         """Id, size, metadata and (when asked) the raw global vector of each id; None when absent."""
-        found = [None if f is None else (f[0], self._answerable(f[1])) for f in self.store.id_infos(ids)]
+        pairs = self.store.id_infos(ids)
+        answerable = iter(self._answerable_each([f[1] for f in pairs if f is not None]))
+        found = [None if f is None else (f[0], next(answerable)) for f in pairs]
         if not want_vector:
             return [None if f is None else (f[1], None) for f in found]
         out: list[tuple[ImageInfo, np.ndarray | None] | None] = []
@@ -431,7 +433,7 @@ class ShardIndex:
             else:
                 last = pairs[-1][0] if pairs else after
             infos = self.store.infos([l for _, l in picked])
-        return [self._answerable(i) for i in infos if i is not None], done, last
+        return self._answerable_each([i for i in infos if i is not None]), done, last
 
     def get(self, image_id: str, *, regional: bool = True, local: bool = True) -> StoredImage | None:
         """The stored record of an id (only the parts asked for) as answers carry it, or None:
@@ -448,6 +450,14 @@ class ShardIndex:
             self._withhold(image_id, "local features", why)
             img = replace(img, local=None)
         return replace(img, metadata=info.metadata)
+
+    def _answerable_each(self, infos: list[ImageInfo]) -> list[ImageInfo]:
+        """:meth:`_answerable` of each info; nothing to check when the store counts no record above
+        today's limits (its ``oversized`` counter, kept by every write): a search then answers its
+        1,000 hits without re-validating 1,000 metadata maps."""
+        if not infos or not self.store.oversized():
+            return infos
+        return [self._answerable(i) for i in infos]
 
     def _answerable(self, info: ImageInfo) -> ImageInfo:
         """``info`` as answers carry it: metadata above today's limits (a record stored before

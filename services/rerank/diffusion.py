@@ -352,7 +352,7 @@ def query_seed(query: np.ndarray, nodes: np.ndarray, kq: int, gamma: float) -> n
         ``y_i = max(sum_q s(q, x_i), 0) ** gamma`` on the ``kq`` nodes with the largest sums,
         where a query vector contributes only to its own ``kq`` nearest nodes; 0 elsewhere.
     """
-    query, nodes = _as_matrix(query, "query"), _as_matrix(nodes, "nodes")
+    query, nodes = _as_matrix(query, "query"), _as_matrix(nodes, "nodes", finite=False)
     _check_dims(query, nodes)
     if kq < 1:
         raise ValueError(f"kq must be >= 1, got {kq}")
@@ -365,6 +365,10 @@ def _seed(query: np.ndarray, nodes: np.ndarray, kq: int, gamma: float) -> np.nda
     n = nodes.shape[0]
     kq = min(kq, n)
     sims = (nodes @ query.T).T  # (Q, N): one BLAS product over the contiguous nodes
+    # a non-finite entry anywhere in a node row makes its products with every (finite) query row
+    # non-finite (inf * 0 is nan), so this (Q, N) check stands for a scan of the whole (N, D) nodes
+    if not np.isfinite(sims).all():
+        raise ValueError("nodes holds non-finite values")
     nearest = np.argpartition(-sims, kq - 1, axis=1)[:, :kq]
     accumulated = np.bincount(
         nearest.ravel(), weights=np.take_along_axis(sims, nearest, 1).ravel(), minlength=n
@@ -462,13 +466,13 @@ def diffusion_rerank(
     """
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images}")
-    nodes = _as_matrix(nodes, "nodes")
+    nodes = _as_matrix(nodes, "nodes", finite=False)  # the seed's product checks the nodes (``_seed``)
+    y = query_seed(np.atleast_2d(query), nodes, params.kq, params.gamma)
     if edges is not None:
         W = affinity_from_edges(len(nodes), *edges, params.gamma, mutual=params.mutual)
     else:
         W = knn_affinity(nodes, min(params.k, max(1, len(nodes) - 1)), params.gamma, mutual=params.mutual)
     S = normalise_symmetric(W)
-    y = query_seed(np.atleast_2d(query), nodes, params.kq, params.gamma)
     if seeds:
         top = float(y.max()) if y.max() > 0 else 1.0
         owner = np.arange(len(nodes)) if node_owner is None else np.asarray(node_owner)
@@ -487,13 +491,15 @@ def _check_dims(query: np.ndarray, nodes: np.ndarray) -> None:
         raise ValueError(f"query has dimension {query.shape[1]} but nodes have {nodes.shape[1]}")
 
 
-def _as_matrix(X: np.ndarray, name: str) -> np.ndarray:
+def _as_matrix(X: np.ndarray, name: str, *, finite: bool = True) -> np.ndarray:
+    """``X`` as a contiguous float32 ``(N, D)`` matrix; ValueError naming ``name`` when it is not
+    one (or, with ``finite``, holds a non-finite value)."""
     X = np.asarray(X)
     if X.ndim != 2 or X.shape[0] < 1 or X.shape[1] < 1:
         raise ValueError(f"{name} must be a non-empty (N, D) matrix, got shape {X.shape}")
     if not np.issubdtype(X.dtype, np.floating):
         raise ValueError(f"{name} must be floating point, got dtype {X.dtype}")
     X = np.ascontiguousarray(X, dtype=np.float32)
-    if not np.isfinite(X).all():
+    if finite and not np.isfinite(X).all():
         raise ValueError(f"{name} holds non-finite values")
     return X

@@ -244,6 +244,20 @@ def test_rerank_input_validation():
         diffusion_rerank(X[0], X, np.array([0, 1, 2, 5]), 4)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_node_is_refused_even_where_the_query_is_zero(bad):
+    # the nodes are checked through the seed's product, not a scan of every node: a bad value in
+    # a dimension the query does not use must still be found (inf * 0 is nan)
+    X = _unit(np.eye(4, 8) + 0.1)
+    q = np.zeros(8, np.float32)
+    q[0] = 1.0
+    X[2, 7] = bad
+    with pytest.raises(ValueError, match="nodes holds non-finite"):
+        diffusion_rerank(q, X, None, 4)
+    with pytest.raises(ValueError, match="nodes holds non-finite"):
+        diffusion_rerank(q, X, None, 4, edges=(np.array([0, 1]), np.array([1, 0]), np.array([0.5, 0.5], np.float32)))
+
+
 @pytest.mark.parametrize("mutual", [True, False])
 def test_affinity_by_sparse_operations_equals_the_key_sort(mutual: bool) -> None:
     """The fast path gives the very arrays of the sort it replaces, so W, the diffusion and the

@@ -17,6 +17,12 @@ from services.rerank.graph import CollectionGraph
 from test_graph_streaming import FakeShard, clustered
 
 
+
+def held(copy: RegionalCopy, ids: list[str]) -> dict[str, np.ndarray]:
+    """What the copy holds of ``ids``, by id (from one ``gather``)."""
+    positions, counts, block = copy.gather(ids)
+    return {ids[p]: part for p, part in zip(positions.tolist(), np.split(block, np.cumsum(counts)[:-1]))}
+
 def _pages(rng: np.random.Generator, dim: int = 8):
     """Two pages: ids, regional counts (0..3, one image without regions), vectors."""
     out = []
@@ -39,7 +45,7 @@ def test_copy_serves_each_image_s_float16_vectors(tmp_path, on_disk):
         assert isinstance(copy.vectors, np.memmap)
         assert [n for n in os.listdir(tmp_path) if n.startswith(VECTORS_PREFIX)] and (tmp_path / INDEX_FILE).exists()
     every = [i for ids, _, _ in pages for i in ids]
-    got = copy.get(every + ["unknown"])
+    got = held(copy, every + ["unknown"])
     assert list(got) == every  # in the order asked, unknown ids absent
     for ids, counts, vecs in pages:
         at = 0
@@ -49,7 +55,7 @@ def test_copy_serves_each_image_s_float16_vectors(tmp_path, on_disk):
             assert got[image_id].dtype == np.float32
             at += c
     copy.forget(["p0-1"])
-    assert "p0-1" not in copy.get(every) and len(copy) == len(every) - 1
+    assert "p0-1" not in held(copy, every) and len(copy) == len(every) - 1
 
 
 def test_a_new_build_replaces_the_old_files_and_a_failed_one_leaves_them(tmp_path):
@@ -60,12 +66,12 @@ def test_a_new_build_replaces_the_old_files_and_a_failed_one_leaves_them(tmp_pat
             writer.add(ids, counts, vecs)
         writer.finish()
     assert len([n for n in os.listdir(tmp_path) if n.startswith(VECTORS_PREFIX)]) == 1
-    before = RegionalCopy.load(str(tmp_path)).get(["p1-0"])["p1-0"]
+    before = held(RegionalCopy.load(str(tmp_path)), ["p1-0"])["p1-0"]
     failed = RegionalCopyWriter(str(tmp_path))
     failed.add(["p1-0"], [1], rng.normal(size=(1, 8)).astype(np.float32))
     failed.abort()
     assert len([n for n in os.listdir(tmp_path) if n.startswith(VECTORS_PREFIX)]) == 1
-    np.testing.assert_array_equal(RegionalCopy.load(str(tmp_path)).get(["p1-0"])["p1-0"], before)
+    np.testing.assert_array_equal(held(RegionalCopy.load(str(tmp_path)), ["p1-0"])["p1-0"], before)
 
 
 def test_a_copy_of_another_format_is_not_read(tmp_path):
@@ -102,7 +108,7 @@ def test_graph_build_fills_the_copy_from_its_pages():
     asyncio.run(graph_build.build_graphs(shards, lambda v: v, k=8, regional_k=8, page=128, timeout=lambda: 10.0, run=run, copy=writer))
     copy = writer.finish()
     assert len(copy) == 600
-    got = copy.get(["s1-7", "s0-299"])
+    got = held(copy, ["s1-7", "s0-299"])
     np.testing.assert_array_equal(got["s1-7"], x[307:308].astype(np.float16).astype(np.float32))
     np.testing.assert_array_equal(got["s0-299"], x[299:300].astype(np.float16).astype(np.float32))
 
@@ -120,14 +126,14 @@ def test_collection_forgets_writes_in_the_copy_also_during_a_build_and_after_a_r
     model.graph_forget(["img3"])  # written while the build pages: its paged vectors may be old
     graph, regional = _graphs(ids)
     model.set_graph(graph, regional, writer.finish())
-    assert "img3" not in model.regional_copy.get(ids) and len(model.regional_copy) == 9
+    assert "img3" not in held(model.regional_copy, ids) and len(model.regional_copy) == 9
     model.graph_forget(["img4"])  # written after the build
-    assert set(model.regional_copy.get(ids)) == set(ids) - {"img3", "img4"}
+    assert set(held(model.regional_copy, ids)) == set(ids) - {"img3", "img4"}
 
     restarted = CollectionModel(str(tmp_path))
     assert isinstance(restarted.regional_copy.vectors, np.memmap)
-    assert set(restarted.regional_copy.get(ids)) == set(ids) - {"img3", "img4"}
-    np.testing.assert_array_equal(restarted.regional_copy.get(["img0"])["img0"], model.regional_copy.get(["img0"])["img0"])
+    assert set(held(restarted.regional_copy, ids)) == set(ids) - {"img3", "img4"}
+    np.testing.assert_array_equal(held(restarted.regional_copy, ["img0"])["img0"], held(model.regional_copy, ["img0"])["img0"])
 
     restarted.set_graph(None)  # graphs removed (e.g. a new whitening): the copy goes with them
     assert restarted.regional_copy is None and CollectionModel(str(tmp_path)).regional_copy is None

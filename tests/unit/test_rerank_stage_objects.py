@@ -12,7 +12,8 @@ from loupe.rerank_spec import parse_rerank
 from services.broker.config import BrokerConfig
 from services.broker.metrics import BrokerMetrics
 from services.broker.query import Query
-from services.broker.rerank_stages import Diffuse, Expand, ExpandVerified, RegionalMatch, RerankState, Verify, regional_match_scores
+from services.broker.rerank_stages import (Diffuse, Expand, ExpandVerified, RegionalMatch, RegionalNodes, RerankState, Verify,
+                                           regional_match_scores)
 from services.broker.search_plan import build_plan
 from services.broker.topk import Hit
 from services.broker.verification import VerifiedHit, final_score
@@ -64,7 +65,7 @@ class FakeBackend:
         return [[Hit(float(v @ query), i, 0, vector=v) for i, v in ranked]], list(self.missing)
 
     async def regional_nodes(self, hits, deadline):
-        return [(i, self.regions[h.image_id]) for i, h in enumerate(hits) if h.image_id in self.regions]
+        return RegionalNodes.stacked([(i, self.regions[h.image_id]) for i, h in enumerate(hits) if h.image_id in self.regions])
 
     async def verify(self, query_local, hits, params, deadline):
         self.verified_ids.append([h.image_id for h in hits])
@@ -256,8 +257,15 @@ def test_expand_verified_searches_from_the_verified_images_keeping_them_first():
 def test_regional_match_scores_add_the_best_region():
     q = unit([1, 0, 0])
     regions = [(0, unit([[0, 1, 0], [1, 1, 0]])), (2, unit([[1, 0, 0]]))]  # hit 1 has no regions
-    scores = regional_match_scores(q, np.array([0.5, 0.4, 0.1]), regions)
+    scores = regional_match_scores(q, np.array([0.5, 0.4, 0.1]), RegionalNodes.stacked(regions))
     assert scores == pytest.approx([0.5 + 2**-0.5, 0.4, 0.1 + 1.0])
+
+
+def test_regional_nodes_know_each_nodes_rank_in_its_image():
+    nodes = RegionalNodes.stacked([(0, np.ones((2, 3))), (1, np.ones((0, 3))), (3, np.ones((3, 3))), (4, np.ones((1, 3)))])
+    assert nodes.owner.tolist() == [0, 0, 3, 3, 3, 4] and nodes.vectors.shape == (6, 3) and nodes.vectors.dtype == np.float32
+    assert nodes.rank_in_image().tolist() == [0, 1, 0, 1, 2, 0]
+    assert len(RegionalNodes.stacked([], dim=3)) == 0 and RegionalNodes.stacked([], dim=3).vectors.shape == (0, 3)
 
 
 def test_regional_match_reorders_the_neighbourhood_and_becomes_the_global_order():
