@@ -126,6 +126,7 @@ class ShardActor:
     ) -> None:
         import tempfile
 
+        import cv2
         import faiss
 
         from services.common.metrics import ShardMetrics
@@ -136,6 +137,10 @@ class ShardActor:
         _normal_priority()
         self.threads = _threads_here(threads, resource, members)
         faiss.omp_set_num_threads(self.threads)  # Ray starts workers with OMP_NUM_THREADS=1
+        # verification (Shard.Verify) matches with cv2.gemm on OpenCV's pool, which otherwise
+        # takes every core of the node: two shards on two cores ran 4 threads and their matching
+        # products took 2-3x the single-thread time (BENCHMARKS.md, "Fewer verified candidates")
+        cv2.setNumThreads(self.threads)
         self._starts = 1
         metrics = ShardMetrics.create(shard_id, restarts=lambda: self._starts - 1)
         # no data directory: a private temporary one, gone with the cluster (and with a restart)
