@@ -9,21 +9,36 @@ from services.rerank.diffusion import DiffusionParams
 from services.rerank.verify import VerifyParams
 
 
-def quorum_size(quorum: str, replicas: int | None) -> int:
-    """Replicas that must store a write before it is acknowledged: ``all``, ``majority`` (more
-    than half: 2 of 2, 2 of 3), or a number 1..replicas. ``replicas`` None (not known yet, when the
-    configuration is read): only the form is checked, and 0 is returned."""
-    if quorum == "all":
-        return replicas or 0
-    if quorum == "majority":
-        return replicas // 2 + 1 if replicas else 0
+def _parsed_quorum(quorum: str) -> str | int:
+    """``"all"``, ``"majority"`` or a number >= 1 (ValueError naming ``write_quorum`` otherwise)."""
+    if quorum in ("all", "majority"):
+        return quorum
     try:
         n = int(quorum)
     except ValueError:
         raise ValueError(f"write_quorum: 'all', 'majority' or a number of replicas, got {quorum!r}") from None
-    if n < 1 or (replicas is not None and n > replicas):
-        raise ValueError(f"write_quorum: {n} is not in 1..{replicas or 'the replication factor'}")
-    return n if replicas is not None else 0
+    if n < 1:
+        raise ValueError(f"write_quorum: {n} is not in 1..the replication factor")
+    return n
+
+
+def check_quorum_form(quorum: str) -> None:
+    """The form of a write quorum, before the replication factor is known (when the
+    configuration is read): ``all``, ``majority`` or a number >= 1."""
+    _parsed_quorum(quorum)
+
+
+def quorum_size(quorum: str, replicas: int) -> int:
+    """Replicas that must store a write before it is acknowledged: ``all``, ``majority`` (more
+    than half: 2 of 2, 2 of 3), or a number 1..replicas."""
+    q = _parsed_quorum(quorum)
+    if q == "all":
+        return replicas
+    if q == "majority":
+        return replicas // 2 + 1
+    if q > replicas:
+        raise ValueError(f"write_quorum: {q} is not in 1..{replicas}")
+    return int(q)
 
 
 @dataclass(frozen=True)
@@ -164,7 +179,7 @@ class BrokerConfig:
                 raise ValueError(f"broker.{name} must be > 0, got {getattr(self, name)}")
         if self.shard_down_grace_s <= 0:
             raise ValueError(f"broker.shard_down_grace_s must be > 0, got {self.shard_down_grace_s}")
-        quorum_size(self.write_quorum, None)
+        check_quorum_form(self.write_quorum)
         if self.replica_hedge_s < 0:
             raise ValueError(f"broker.replica_hedge_s must be >= 0, got {self.replica_hedge_s}")
         if self.extract_hedge_s < 0:
