@@ -250,10 +250,12 @@ class ShardIndex:
         ``versions`` (one per record, 0 = the store's next): a record older than the id's last
         write here is skipped (replication: last writer wins, ``ShardStore.put``)."""
         with self._lock.write():
+            # an empty shard takes the whitening's input dimension, else its first record's
+            first = records[0].vector.shape[0] if records and records[0].vector.ndim == 1 else 0
+            expected = self.dim or (self.whitening.input_dim if self.whitening is not None else first)
             for rec in records:
                 if rec.vector.ndim != 1:
                     raise ValueError(f"features.global of {rec.image_id!r}: expected a (D,) vector")
-                expected = self.dim or (self.whitening.input_dim if self.whitening is not None else records[0].vector.shape[0])
                 if rec.vector.shape[0] != expected:
                     raise ValueError(
                         f"features.global of {rec.image_id!r}: dimension {rec.vector.shape[0]} != index dimension {expected}"
