@@ -182,6 +182,14 @@ def shortlist_recall(scores: np.ndarray, gt: GroundTruth, queries: list[int], v:
     return 100 * float(np.mean(recalls)), float(np.mean(sizes))
 
 
+def load_sets(set_dir: str) -> tuple[dict, dict[str, GroundTruth]]:
+    """The confirmation set of ``make-set`` / ``make-crops``: ``(split, {"crop": held-out crops,
+    "whole": held-out whole photos})`` (both with the known queries and the same database)."""
+    with open(os.path.join(set_dir, "split.json")) as f:
+        split = json.load(f)
+    return split, {"crop": load_ground_truth(os.path.join(set_dir, "gnd-crop.json")), "whole": load_ground_truth(os.path.join(set_dir, "gnd.json"))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", required=True, help="directory of select_defaults.py make-set / make-crops")
@@ -193,9 +201,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = require_roxford()
-    with open(os.path.join(args.set, "split.json")) as f:
-        split = json.load(f)
-    sets = {"crop": load_ground_truth(os.path.join(args.set, "gnd-crop.json")), "whole": load_ground_truth(os.path.join(args.set, "gnd.json"))}
+    split, sets = load_sets(args.set)
     names = sets["crop"].imlist
     model = load_backbone(fuse_bn=True)
     runner = BackboneRunner(model, ["head"], "onnxruntime", threads=args.threads)

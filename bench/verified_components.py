@@ -51,15 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link-inliers", type=int, default=0,
                    help="inliers a verified pair needs to link two images (0 = the server's threshold); chains of weak "
                         "links merge landmarks into one component")
+    p.add_argument("--pairs", default="", help="also write every verified pair as 'query,result,inliers' CSV here "
+                                               "(what bench/learned_whitening.py learns from)")
     args = p.parse_args(argv)
     client = RetrievalClient(args.address)
     ids = [im.id for im in client.iter_images(page_size=500)]
     rerank = parse_rerank(f"verify:{args.candidates}")
     links: list[tuple[str, str]] = []
+    verified: list[tuple[str, str, int]] = []
     t0 = time.perf_counter()
     for n, image_id in enumerate(ids):
         resp = client.search(image_id=image_id, k=args.candidates, rerank=rerank, timeout_s=120.0)
         links += [(image_id, r.id) for r in resp.results if r.verified and r.stages.inliers >= args.link_inliers]
+        verified += [(image_id, r.id, r.stages.inliers) for r in resp.results if r.verified and r.id != image_id]
         if n % 100 == 0:
             print(f"{n}/{len(ids)} images, {len(links)} verified links, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     comp = components(links, ids)
@@ -70,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         for image_id in ids:
             if comp[image_id] in kept:
                 f.write(f"{image_id},c{comp[image_id]}\n")
+    if args.pairs:
+        with open(args.pairs, "w") as f:
+            f.write("query,result,inliers\n")
+            f.writelines(f"{a},{b},{n}\n" for a, b, n in verified)
     dist = collections.Counter(sizes[c] for c in kept)
     print(f"{len(ids)} images, {len(links)} verified links (directed), {len(kept)} components of >= 2 images covering "
           f"{sum(sizes[c] for c in kept)} images; sizes: {dict(sorted(dist.items()))}; {time.perf_counter() - t0:.0f} s")

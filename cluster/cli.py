@@ -18,6 +18,8 @@ from loupe.rerank_spec import DEFAULT_SEARCH_RERANK, PARAMS, STAGES, parse_reran
 from loupe.cli import search_json, stats_json
 from loupe.client import parse_filter
 
+from cluster.whitening import DEFAULT_CANDIDATES, DEFAULT_PAIR_QUERIES, METHODS, NoVerifiedPairs, whiten
+
 DESCRIPTION = """loupe: instance-level image retrieval on a sharded gRPC cluster (Ray).
 
 Commands talk gRPC to a running broker given by --address; index, search, stats and eval
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     ix = sub.add_parser("index", help="index every image under a directory")
     ix.add_argument("directory")
     ix.add_argument("--batch", type=int, default=16, help="images per AddImages message")
-    ix.add_argument("--whiten", action="store_true", help="learn and install PCA-whitening on the collection afterwards")
+    _add_whiten_flag(ix, "the collection whitening learned after indexing")
     ix.add_argument("--no-graph", action="store_true", help="do not (re)build the collection's kNN graphs (global and regional) for diffusion afterwards")
     _add_common(ix)
 
@@ -127,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--k", type=int, default=0, help="neighbours per image (default: the broker's diffusion k, 50)")
     gr.add_argument("--remove", action="store_true", help="remove the graphs (diffusion builds one per query again)")
     _add_common(gr)
+
+    wh = sub.add_parser("whiten", help="learn and install the collection whitening (PCA, or learned from verified pairs), then rebuild the graphs")
+    wh.add_argument("method", nargs="?", choices=METHODS, default="verified",
+                    help="verified (default): the learned whitening from pairs of indexed images that geometric verification "
+                         "finds; pca: the PCA-whitening of a sample")
+    wh.add_argument("--dim", type=int, default=None,
+                    help="output dimension (default: 512 for verified, every component the sample supports for pca)")
+    wh.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="verified: global neighbours verified per searching image")
+    wh.add_argument("--min-inliers", type=int, default=0, help="verified: inliers a pair needs (default: the server's threshold)")
+    wh.add_argument("--pair-queries", type=int, default=DEFAULT_PAIR_QUERIES,
+                    help="verified: images that search for their verified neighbours (a random sample of larger collections; 0 = all)")
+    wh.add_argument("--remove", action="store_true", help="remove the whitening (back to raw descriptors)")
+    wh.add_argument("--no-graph", action="store_true", help="do not rebuild the collection's kNN graphs afterwards")
+    _add_common(wh)
 
     se = sub.add_parser("search", help="search with an image, or with an indexed image's id (--id)")
     se.add_argument("image", nargs="?", help="query image file (or give --id)")
@@ -139,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--crop", default=None, help="x1,y1,x2,y2 box of the query in pixels")
     se.add_argument(
         "--rerank", default=DEFAULT_SEARCH_RERANK,
-        help=f"rerank stages, comma-joined (default {DEFAULT_SEARCH_RERANK}: regional diffusion, then verification of the "
-        f"diffused top-100 and the global top-100 — chosen on held-out queries, BENCHMARKS.md): {', '.join(STAGES)}; "
+        help=f"rerank stages, comma-joined (default {DEFAULT_SEARCH_RERANK}: the global top-1000 rescored by global + best "
+        f"regional similarity, then geometric verification of its top-50 — chosen on held-out cropped queries of a collection "
+        f"whitened from its verified pairs, BENCHMARKS.md): {', '.join(STAGES)}; "
         f"parameters as key=value items: {', '.join(PARAMS)} (e.g. diffuse-regional,k=30,alpha=0.95)",
     )
     se.add_argument("--show", default=None, metavar="OUT.png", help="draw the query beside the top results with inlier lines (implies --rerank verify)")
@@ -166,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--gnd", required=True, help="ground truth: gnd_*.pkl or the same dict as JSON")
     ev.add_argument("--rerank", action="append", default=None, help="a rerank configuration (repeatable; default none)")
     ev.add_argument("--skip-index", action="store_true", help="the cluster at --address already holds the database")
-    ev.add_argument("--whiten", action="store_true", help="learn PCA-whitening on the indexed database before searching")
+    _add_whiten_flag(ev, "the collection whitening learned after indexing the database, as `loupe index` does (with --skip-index "
+                         "only when given)")
     ev.add_argument("--no-graph", action="store_true", help="do not build the collection's kNN graphs (diffusion builds one per query)")
     ev.add_argument("--batch", type=int, default=16)
     ev.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -206,6 +224,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parsers(sub)
     return parser
+
+
+def _add_whiten_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--whiten", nargs="?", const="pca", default=None, choices=("none", *METHODS),
+                   help=f"{what}: verified (the default: learned from pairs that geometric verification finds, see `loupe "
+                        "whiten`; skipped with a message when no pair verifies), pca (also the flag alone) or none")
+
+
+def _whiten_after_index(client, method: str | None) -> dict[str, Any] | None:
+    """The whitening step of ``loupe index`` / ``loupe eval`` (``method`` None = the default,
+    verified, which leaves the collection raw when nothing verifies); None when none was fitted."""
+    if method == "none":
+        return None
+    try:
+        w = whiten(client, method or "verified")
+    except NoVerifiedPairs as exc:
+        if method:
+            raise
+        print(f"loupe: {exc}; the collection stays unwhitened", file=sys.stderr)
+        return None
+    return {"method": method or "verified", "sample_size": w.sample_size, "dim": w.dim, "pairs": w.pairs}
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -353,9 +392,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         with tqdm(total=len(items), unit="img", disable=args.json, desc="indexing") as bar:
             rep = index_paths(client, items, args.batch, on_progress=bar.update)
         out: dict[str, Any] = {"indexed": rep.images, "seconds": round(rep.seconds, 3), "images_per_s": round(rep.images_per_s, 2)}
-        if args.whiten:
-            w = client.fit_whitening()
-            out["whitening"] = {"sample_size": w.sample_size, "dim": w.dim}
+        out["whitening"] = _whiten_after_index(client, args.whiten)
         if not args.no_graph:
             out["graph"] = _graph_summary(client.build_graph())
     if args.json:
@@ -380,6 +417,33 @@ def cmd_build_graph(args: argparse.Namespace) -> int:
         print("collection graph removed")
     else:
         print(f"collection graphs: {g.images} images, {g.regions} regional nodes, k={g.k}, {g.bytes / 2**20:.1f} MiB, built in {g.seconds:.1f} s")
+    return 0
+
+
+def cmd_whiten(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    with _connect(args) as client:
+        if args.remove:
+            w = client.fit_whitening(remove=True)
+        else:
+            with tqdm(unit="img", disable=args.json or args.method != "verified", desc="verified pairs") as bar:
+                def progress(searched: int, pairs: int) -> None:
+                    bar.update(searched - bar.n)
+                    bar.set_postfix(pairs=pairs)
+
+                w = whiten(client, args.method, dim=args.dim, candidates=args.candidates, min_inliers=args.min_inliers,
+                           max_queries=args.pair_queries, on_progress=progress)
+        out: dict[str, Any] = {"method": None if args.remove else args.method, "sample_size": w.sample_size, "dim": w.dim, "pairs": w.pairs}
+        if not args.no_graph:
+            out["graph"] = _graph_summary(client.build_graph())
+    if args.json:
+        print(json.dumps(out))
+    elif args.remove:
+        print("whitening removed" + ("; graphs rebuilt" if "graph" in out else ""))
+    else:
+        print(f"whitening ({args.method}): {w.dim}-D, fitted on {w.sample_size} vectors" + (f" and {w.pairs} verified pairs" if w.pairs else "")
+              + ("; graphs rebuilt" if "graph" in out else ""))
     return 0
 
 
@@ -512,8 +576,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     progress = None if args.no_progress else _progress_bars()
 
     with _connect(args) as client:
-        if args.whiten and args.skip_index:
-            client.fit_whitening()
+        if args.whiten and args.whiten != "none" and args.skip_index:
+            whiten(client, args.whiten)
         result = _run_eval_with_whitening(client, args, reranks, progress, run_eval)
     if args.json:
         print(json.dumps(result))
@@ -571,14 +635,14 @@ def _print_per_query(runs: list[dict]) -> None:
 
 
 def _run_eval_with_whitening(client, args, reranks, progress, run_eval) -> dict:
-    if not args.whiten or args.skip_index:
+    if args.skip_index or args.whiten == "none":
         return run_eval(client, args.images, args.gnd, reranks, batch_size=args.batch, skip_index=args.skip_index,
                         graph=not args.no_graph, progress=progress)
     first = run_eval(client, args.images, args.gnd, [], batch_size=args.batch, graph=False, progress=progress)
-    client.fit_whitening()
+    fitted = _whiten_after_index(client, args.whiten)
     result = run_eval(client, args.images, args.gnd, reranks, skip_index=True, graph=not args.no_graph, progress=progress)
     result["settings"]["index_seconds"] = first["settings"]["index_seconds"]
-    result["settings"]["whitened"] = True
+    result["settings"]["whitening"] = fitted
     return result
 
 
@@ -697,7 +761,7 @@ def cmd_train_attention(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "up": cmd_up, "index": cmd_index, "search": cmd_search, "get": cmd_get, "ls": cmd_ls, "stats": cmd_stats, "eval": cmd_eval, "demo": cmd_demo,
-    "build-graph": cmd_build_graph, "backup": cmd_backup, "restore": cmd_restore, "reshard": cmd_reshard, "train": cmd_train, "train-attention": cmd_train_attention,
+    "build-graph": cmd_build_graph, "whiten": cmd_whiten, "backup": cmd_backup, "restore": cmd_restore, "reshard": cmd_reshard, "train": cmd_train, "train-attention": cmd_train_attention,
 }
 
 

@@ -18,21 +18,34 @@ from services.broker.config import BrokerConfig
 from services.broker.deadlines import Deadline
 from services.broker.graph_build import build_graphs, one_dimension
 from services.broker.metrics import BrokerMetrics
+from services.broker.reads import Reader
 from services.broker.replicas import ReplicatedShard
 from services.broker.routing import Routing
 from services.common import limits
-from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.space.whitening import PCAWhitening
 
 log = logging.getLogger(__name__)
+
+
+def check_pairs(pairs: Sequence[retrieval_pb2.ImagePair]) -> None:
+    """InvalidArgument naming the field: too many pairs, a malformed id, a pair of one image."""
+    if len(pairs) > limits.MAX_WHITENING_PAIRS:
+        raise InvalidArgument(f"pairs: at most {limits.MAX_WHITENING_PAIRS} pairs, got {len(pairs)}")
+    for i, p in enumerate(pairs):
+        limits.check_id(p.a, f"pairs[{i}].a")
+        limits.check_id(p.b, f"pairs[{i}].b")
+        if p.a == p.b:
+            raise InvalidArgument(f"pairs[{i}]: a pair needs two different images, got {p.a!r} twice")
 
 
 class Admin:
     """GetStats, FitWhitening and BuildGraph over every shard."""
 
     def __init__(self, extractors: ExtractorPool, shards: Sequence[ReplicatedShard], collection: CollectionModel,
-                 metrics: BrokerMetrics, config: BrokerConfig, routing: Routing | None = None) -> None:
+                 metrics: BrokerMetrics, config: BrokerConfig, reader: Reader, routing: Routing | None = None) -> None:
         self.routing = routing  # None: no reshard can run
+        self.reader = reader
         self.extractors = extractors
         self.shards = shards
         self.collection = collection
@@ -82,10 +95,12 @@ class Admin:
             raise FailedPrecondition(f"broker: a reshard is running; run {what} when it has finished")
 
     async def fit_whitening(self, request: retrieval_pb2.FitWhiteningRequest, deadline: Deadline) -> retrieval_pb2.FitWhiteningResponse:
-        """Learn the PCA-whitening on a sample of every shard and install it everywhere (or remove it)."""
+        """Learn the whitening on a sample of every shard (PCA-whitening, or the learned whitening
+        of ``request.pairs``) and install it everywhere (or remove it)."""
         self._not_resharding("FitWhitening")
         limits.check_int_range(request.max_vectors, "max_vectors", 0, limits.MAX_WHITENING_SAMPLE)
         limits.check_int_range(request.dim, "dim", 0, limits.MAX_VECTOR_DIM)
+        check_pairs(request.pairs)
         payload = b""
         sample = 0
         dim = 0
@@ -103,13 +118,38 @@ class Admin:
             if request.dim > x.shape[1]:
                 raise InvalidArgument(f"dim: must be <= the indexed dimension {x.shape[1]}, got {request.dim}")
             w = PCAWhitening()
-            w.fit(x, dim=request.dim or None)
+            if request.pairs:
+                a, b = await self._pair_vectors(request.pairs, x.shape[1], deadline)
+                w.fit_pairs(x, a, b, dim=request.dim or None)
+            else:
+                w.fit(x, dim=request.dim or None)
             payload, sample, dim = w.to_bytes(), len(x), w.output_dim
         await asyncio.gather(
             *(s.set_whitening(shard_pb2.SetWhiteningRequest(shard_id=s.shard_id, whitening=payload), deadline.remaining()) for s in self.shards)
         )
         self.collection.set_whitening(PCAWhitening.from_bytes(payload) if payload else None)
-        return retrieval_pb2.FitWhiteningResponse(sample_size=sample, dim=dim)
+        return retrieval_pb2.FitWhiteningResponse(sample_size=sample, dim=dim, pairs=len(request.pairs) if payload else 0)
+
+    async def _pair_vectors(self, pairs: Sequence[retrieval_pb2.ImagePair], dim: int, deadline: Deadline) -> tuple[np.ndarray, np.ndarray]:
+        """``(P, D)`` raw stored global vectors of every pair's ``a`` and of its ``b``."""
+        ids = list(dict.fromkeys(i for p in pairs for i in (p.a, p.b)))
+        vectors: dict[str, np.ndarray] = {}
+        missing: list[str] = []
+        unavailable: list[str] = []
+        for start in range(0, len(ids), limits.MAX_GET_IDS):
+            chunk = retrieval_pb2.GetImagesRequest(ids=ids[start : start + limits.MAX_GET_IDS], with_vector=True)
+            resp = await self.reader.get(chunk, deadline)
+            vectors.update((img.id, from_tensor(img.vector, field="vector")) for img in resp.images)
+            missing += resp.missing
+            unavailable += resp.unavailable
+        if unavailable:
+            raise Unavailable(f"pairs: the shards holding {len(unavailable)} of the pairs' images did not answer (e.g. {unavailable[0]!r})")
+        if missing:
+            raise NotFound(f"pairs: {len(missing)} of the pairs' images are not indexed (e.g. {', '.join(map(repr, missing[:3]))})")
+        stray = {v.shape[0] for v in vectors.values()} - {dim}
+        if stray:
+            raise FailedPrecondition(f"pairs: images of dimension {sorted(stray)} in a collection of dimension {dim}")
+        return np.stack([vectors[p.a] for p in pairs]), np.stack([vectors[p.b] for p in pairs])
 
     async def build_graph(self, request: retrieval_pb2.BuildGraphRequest, deadline: Deadline) -> retrieval_pb2.BuildGraphResponse:
         """Build (or remove) the collection's global and regional kNN graphs."""

@@ -106,8 +106,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         metrics.observe_slots("extract", extractors.slots)
         self.clock = clock or VersionClock()
         self.writer = Writer(extractors, self.shards, self.collection, metrics, config, self.clock, self.routing)
-        self.admin = Admin(extractors, self.shards, self.collection, metrics, config, self.routing)
         self.reader = Reader(self.shards, config, self.routing)
+        self.admin = Admin(extractors, self.shards, self.collection, metrics, config, self.reader, self.routing)
         self.batch = BatchSearcher(self.pipeline, config, self.rerank)
         self.backups = Backups(extractors, self.shards, self.collection, self.clock, budget.max_message_bytes, routing=self.routing)
         self.resharder = Resharder(self.shards, self.routing, self.clock, self.collection, self.backups.exclusive,

@@ -44,6 +44,7 @@ MAX_VERIFY_IDS = 2048  # candidates in one shard Verify call (the broker verifie
 # batches
 MAX_DELETE_IDS = 1000
 MAX_WHITENING_SAMPLE = 1_000_000
+MAX_WHITENING_PAIRS = 100_000
 # rerank parameters
 MAX_DIFFUSION_GAMMA = 100.0
 MAX_EXPANSION_ALPHA = 100.0

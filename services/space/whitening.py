@@ -1,9 +1,16 @@
-"""Learned PCA projections: PCA-whitening of global descriptors and PCA of local descriptors.
+"""Learned PCA projections: whitening of global descriptors and PCA of local descriptors.
 
-``PCAWhitening`` is the unsupervised learned whitening of Radenović et al. / Tolias et al.
-(cirtorch's ``pcawhitenlearn``): centre, project on the covariance eigenvectors scaled by
-``eigval^-1/2``, keep the top ``dim`` components, L2-normalise. ``LocalPCA`` is the DELF
-dimensionality reduction (to 40-D by default): the same projection without the whitening.
+``PCAWhitening`` is a linear projection ``y = l2n((x - mean) @ components.T * scale)`` fitted
+one of two ways:
+
+- ``fit``: the unsupervised PCA-whitening of Radenović et al. / Tolias et al. (cirtorch's
+  ``pcawhitenlearn``): centre, project on the covariance eigenvectors scaled by
+  ``eigval^-1/2``, keep the top ``dim`` components;
+- ``fit_pairs``: the *learned* whitening of Radenović et al. (TPAMI 2019, cirtorch's
+  ``whitenlearn``) from pairs of matching images: whiten the within-pair differences, then
+  rotate onto the principal directions of the whitened collection.
+
+``LocalPCA`` is the DELF dimensionality reduction (to 40-D by default): PCA without whitening.
 
 Both serialise to ``.npz`` bytes (``to_bytes`` / ``from_bytes``), no pickle.
 """
@@ -18,6 +25,9 @@ import numpy as np
 L2_EPS = 1e-6
 EIG_FLOOR = 1e-6  # eigenvalues below EIG_FLOOR * largest are clamped to it before ^-1/2
 _CHUNK_ROWS = 65536
+PAIR_SHRINKAGE = 0.3
+"""Default shrinkage of the pairs' covariance in :meth:`PCAWhitening.fit_pairs` (0.1 and 0.3
+measured within a point of each other on the held-out protocol; BENCHMARKS.md "Learned whitening")."""
 
 _P = TypeVar("_P", bound="_PCAProjection")
 
@@ -175,6 +185,70 @@ class PCAWhitening(_PCAProjection):
             ``self``.
         """
         self._fit(X, dim, whiten=True, shrinkage=shrinkage)
+        return self
+
+    def fit_pairs(self, X: np.ndarray, A: np.ndarray, B: np.ndarray, dim: int | None = None,
+                  shrinkage: float = PAIR_SHRINKAGE) -> PCAWhitening:
+        """Learned whitening from matching pairs (Radenović et al., TPAMI 2019).
+
+        ``S = mean((a - b)(a - b)^T)`` over the pairs, shrunk towards its mean eigenvalue;
+        ``P1 = S^-1/2`` whitens what varies between two photos of the same object; the rows of
+        ``P1`` are then rotated onto the principal directions of the whitened collection ``X``
+        and the top ``dim`` kept (``components = V^T P1``, ``scale`` = 1): directions in which
+        matching photos differ are damped, directions that separate the collection kept. The
+        centre is the collection's mean (cirtorch centres on the pairs' query images; on the
+        held-out protocol the collection's mean scored 7 Medium points more on cropped queries
+        than the pairs' mean, which the most-photographed landmarks dominate).
+
+        Parameters
+        ----------
+        X : ndarray ``(N, D)``
+            Collection descriptors (N >= 2) for the rotation.
+        A, B : ndarray ``(P, D)``
+            Descriptors of the pairs' two images, row ``i`` of each showing the same object
+            (P >= 1).
+        dim : int or None
+            Output dimension (default all; capped at ``min(N - 1, D)`` like :meth:`fit`).
+        shrinkage : float in [0, 1)
+            ``S`` becomes ``(1 - s) S + s * mean_eigval * I`` before ``^-1/2``: with few pairs
+            (fewer than ``D``) ``S`` is singular and must be shrunk.
+
+        Returns
+        -------
+        PCAWhitening
+            ``self``.
+        """
+        X, A, B = _check_matrix(X), _check_matrix(A, "A"), _check_matrix(B, "B")
+        n, d = X.shape
+        if A.shape != B.shape or A.shape[1] != d:
+            raise ValueError(f"A and B must both be (P, {d}), got {A.shape} and {B.shape}")
+        if n < 2:
+            raise ValueError(f"X needs at least 2 rows to fit a whitening, got {n}")
+        if not (np.isfinite(X).all() and np.isfinite(A).all() and np.isfinite(B).all()):
+            raise ValueError("X, A or B contains NaN or infinite values")
+        if not 0.0 <= shrinkage < 1.0:
+            raise ValueError(f"shrinkage must be in [0, 1), got {shrinkage!r}")
+        rank = min(n - 1, d)
+        if dim is not None and not 1 <= dim <= d:
+            raise ValueError(f"dim must be in [1, {d}] (input dimension), got {dim!r}")
+        dim = rank if dim is None else min(dim, rank)
+        mean = X.mean(axis=0, dtype=np.float64)
+        diff = A.astype(np.float64) - B.astype(np.float64)
+        s = diff.T @ diff / len(diff)
+        s = (1.0 - shrinkage) * s + shrinkage * (np.trace(s) / d) * np.eye(d)
+        vals, vecs = np.linalg.eigh(s)
+        vals = np.maximum(vals, EIG_FLOOR * max(float(vals[-1]), np.finfo(np.float64).tiny))
+        p1 = (vecs / np.sqrt(vals)) @ vecs.T  # S^-1/2, symmetric
+        cov = np.zeros((d, d), dtype=np.float64)
+        for start in range(0, n, _CHUNK_ROWS):
+            w = (X[start : start + _CHUNK_ROWS].astype(np.float64) - mean) @ p1
+            cov += w.T @ w
+        rvals, rvecs = np.linalg.eigh(cov / n)
+        order = np.argsort(rvals)[::-1][:dim]
+        self.mean = mean.astype(np.float32)
+        self.components = np.ascontiguousarray(rvecs[:, order].T @ p1, dtype=np.float32)
+        self.eigvals = rvals[order].clip(min=0.0).astype(np.float32)
+        self.scale = np.ones(dim, dtype=np.float32)
         return self
 
 

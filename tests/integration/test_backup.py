@@ -234,4 +234,7 @@ def test_the_s3_backup_restores_into_one_shard(source, tmp_path_factory):
 def _same_answers(want: dict, got: dict) -> None:
     for q in want:
         assert [i for i, _ in got[q]] == [i for i, _ in want[q]], q
-        assert all(abs(a - b) <= 1e-5 for (_, a), (_, b) in zip(got[q], want[q])), (q, got[q], want[q])
+        # same order; scores to float32 rounding of the re-indexed whitened vectors (a restored shard
+        # whitens its records in other batch shapes: ~1e-5 apart on unverified global scores)
+        bad = [(i, a, b) for (i, a), (_, b) in zip(got[q], want[q]) if abs(a - b) > 1e-4 * max(1.0, abs(b))]
+        assert not bad, (q, bad)

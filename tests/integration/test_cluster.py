@@ -304,6 +304,27 @@ def test_whitening_fit_and_remove(client):
     assert [r.id for r in client.search(image=query("chelsea"), k=3).results] == before
 
 
+def test_learned_whitening_from_verified_pairs(client):
+    """`loupe whiten verified`: pairs found by verification on the collection itself, fitted and installed by the broker."""
+    from cluster.whitening import verified_pairs, whiten
+
+    pairs = verified_pairs(client, candidates=4)
+    assert pairs and all(a.split("/")[0] == b.split("/")[0] and n >= 16 for a, b, n in pairs)  # two views of one photo
+    fit = whiten(client, "verified", dim=8, candidates=4)
+    assert fit.pairs == len(pairs) and fit.dim == 8 and fit.sample_size == len(PHOTO_SUBSET) * len(INDEXED)
+    assert client.stats().whitened
+    assert client.search(image=query("chelsea"), k=3).results[0].id.startswith("chelsea/")
+    for bad, code, field in (([("chelsea/x", "chelsea/x")], grpc.StatusCode.INVALID_ARGUMENT, "pairs[0]"),
+                             ([(pairs[0][0], "a\x01")], grpc.StatusCode.INVALID_ARGUMENT, "pairs[0].b"),
+                             ([(pairs[0][0], "no-such-image")], grpc.StatusCode.NOT_FOUND, "pairs")):
+        with pytest.raises(grpc.RpcError) as err:
+            client.fit_whitening(pairs=bad)
+        assert err.value.code() == code and err.value.details().startswith(field), err.value.details()
+    assert client.stats().whitened  # a refused request leaves the installed whitening alone
+    client.fit_whitening(remove=True)
+    assert not client.stats().whitened
+
+
 # --- shard failures: these change the cluster, so they run last ---------------------------
 def test_restarted_shard_reloads_its_store(cluster, client):
     before = client.stats().images

@@ -456,6 +456,8 @@ def test_raw_garbage_is_invalid_argument_naming_the_request(env):
             diffuse=retrieval_pb2.DiffusionOptions(enabled=True, gamma=math.inf))), "rerank.diffuse.gamma"),
         (retrieval_pb2.FitWhiteningRequest(dim=10**9), "dim"),
         (retrieval_pb2.FitWhiteningRequest(dim=100_000 // 25), "dim"),  # above the indexed D
+        (retrieval_pb2.FitWhiteningRequest(pairs=[retrieval_pb2.ImagePair(a="x", b="x")]), "pairs[0]"),
+        (retrieval_pb2.FitWhiteningRequest(pairs=[retrieval_pb2.ImagePair(a="x", b="")]), "pairs[0].b"),
     ],
 )
 def test_issue_12_inputs_are_invalid_argument(env, req, field):

@@ -106,3 +106,19 @@ def test_shards_of_different_dimensions_fail_the_collection_build_naming_each():
     assert one_dimension({0: 0, 1: 0}, "indexed") == 0
     with pytest.raises(FailedPrecondition, match=r"shard 0: 2, shard 1: 1280"):
         one_dimension({1: 1280, 0: 2, 2: 0}, "indexed")
+
+
+def test_whitening_pairs_are_checked_naming_the_field():
+    from services.broker.admin import check_pairs
+    from services.common.limits import MAX_WHITENING_PAIRS
+
+    pair = retrieval_pb2.ImagePair
+    check_pairs([pair(a="a", b="b"), pair(a="b", b="c")])
+    with pytest.raises(InvalidArgument, match=r"^pairs\[1\]: a pair needs two different images"):
+        check_pairs([pair(a="a", b="b"), pair(a="c", b="c")])
+    with pytest.raises(InvalidArgument, match=r"^pairs\[0\]\.a"):
+        check_pairs([pair(a="", b="b")])
+    with pytest.raises(InvalidArgument, match=r"^pairs\[0\]\.b"):
+        check_pairs([pair(a="a", b="x\x00y")])
+    with pytest.raises(InvalidArgument, match=rf"^pairs: at most {MAX_WHITENING_PAIRS}"):
+        check_pairs([pair(a="a", b="b")] * (MAX_WHITENING_PAIRS + 1))

@@ -394,9 +394,10 @@ def test_model_operations_wait_for_a_running_reshard() -> None:
     from services.broker.config import BrokerConfig
     from services.broker.deadlines import Deadline
     from services.broker.metrics import BrokerMetrics
+    from services.broker.reads import Reader
 
     routing = Routing(Placement(2))
-    admin = Admin(None, [], CollectionModel(""), BrokerMetrics.create(), BrokerConfig(), routing)  # type: ignore[arg-type]
+    admin = Admin(None, [], CollectionModel(""), BrokerMetrics.create(), BrokerConfig(), Reader([], BrokerConfig(), routing), routing)  # type: ignore[arg-type]
     routing.resharding = True
     with pytest.raises(FailedPrecondition, match="reshard is running; run FitWhitening"):
         asyncio.run(admin.fit_whitening(retrieval_pb2.FitWhiteningRequest(), Deadline(10.0, 10.0)))

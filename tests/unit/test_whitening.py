@@ -116,3 +116,63 @@ def test_input_validation() -> None:
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         PCAWhitening().fit(bad)
+
+
+def _objects_with_nuisance(n_objects: int, views: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Views of objects: identity in dims 1.., a large per-view nuisance in dim 0. Returns
+    ``(X (n_objects * views, d), object label per row)``."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_objects, d))
+    centres[:, 0] = 0.0
+    X = np.repeat(centres, views, axis=0) + 0.05 * rng.normal(size=(n_objects * views, d))
+    X[:, 0] += 20.0 * rng.normal(size=n_objects * views)  # varies between two photos of one object
+    return X.astype(np.float32), np.repeat(np.arange(n_objects), views)
+
+
+def _pairs_of(labels: np.ndarray) -> np.ndarray:
+    return np.array([(i, j) for i in range(len(labels)) for j in range(i + 1, len(labels)) if labels[i] == labels[j]])
+
+
+def test_learned_whitening_damps_what_varies_between_views_of_one_object() -> None:
+    X, labels = _objects_with_nuisance(40, 3, 8)
+    pairs = _pairs_of(labels)
+    lw = PCAWhitening().fit_pairs(X, X[pairs[:, 0]], X[pairs[:, 1]], shrinkage=0.0)  # 120 pairs > 8 dims: S is invertible
+
+    def top1_is_same_object(Y: np.ndarray) -> float:
+        s = Y @ Y.T
+        np.fill_diagonal(s, -np.inf)
+        return float(np.mean(labels[np.argmax(s, axis=1)] == labels))
+
+    # the nuisance dominates the raw vectors; the pairs teach the projection to ignore it
+    assert top1_is_same_object(X / np.linalg.norm(X, axis=1, keepdims=True)) < 0.5
+    assert top1_is_same_object(lw.apply(X)) == 1.0
+    assert np.abs(lw.components[:, 0]).max() < 0.05 * np.abs(lw.components[:, 1:]).max()
+    # the rotation orders components by the whitened collection's variance; scale stays 1
+    assert np.all(np.diff(lw.eigvals) <= 0) and np.all(lw.scale == 1.0)
+    assert lw.output_dim == 8 and PCAWhitening().fit_pairs(X, X[pairs[:, 0]], X[pairs[:, 1]], dim=3).output_dim == 3
+    q = PCAWhitening.from_bytes(lw.to_bytes())  # the same payload the shards install
+    np.testing.assert_array_equal(q.apply(X), lw.apply(X))
+
+
+def test_learned_whitening_from_a_few_pairs_is_defined() -> None:
+    X = _correlated(50, 16)
+    lw = PCAWhitening().fit_pairs(X, X[:2], X[2:4])  # 2 pairs, rank-2 covariance: shrinkage makes it invertible
+    assert np.isfinite(lw.apply(X)).all() and lw.output_dim == 16
+
+
+def test_learned_whitening_input_validation() -> None:
+    X = _correlated(20, 4)
+    with pytest.raises(ValueError, match="A and B"):
+        PCAWhitening().fit_pairs(X, X[:3], X[:2])
+    with pytest.raises(ValueError, match="A and B"):
+        PCAWhitening().fit_pairs(X, X[:3, :3], X[:3, :3])
+    with pytest.raises(ValueError, match="shrinkage"):
+        PCAWhitening().fit_pairs(X, X[:3], X[3:6], shrinkage=1.0)
+    with pytest.raises(ValueError, match="dim"):
+        PCAWhitening().fit_pairs(X, X[:3], X[3:6], dim=5)
+    with pytest.raises(ValueError, match="non-empty"):
+        PCAWhitening().fit_pairs(X, X[:0], X[:0])
+    bad = X[:3].copy()
+    bad[1, 2] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        PCAWhitening().fit_pairs(X, bad, X[3:6])

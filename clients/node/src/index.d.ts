@@ -94,7 +94,7 @@ export class LoupeClient {
   listBackups(url: string, opts?: { deadlineMs?: number }): Promise<{ backups: Array<{ backup_id: string; complete: boolean; created: string; images: number; shards: number; bytes: number; seconds: number; incremental_from: string; problem: string }> }>;
   restore(url: string, opts?: { backupId?: string; deadlineMs?: number }): Promise<{ backup_id: string; images: number; source_shards: number; target_shards: number; bytes_read: number; seconds: number; verify_seconds: number; resumed: boolean }>;
   reshard(shards: number, opts?: { deadlineMs?: number }): Promise<{ from_shards: number; to_shards: number; from_placement: string; to_placement: string; records_moved: number; copies_removed: number; seconds: number; copy_seconds: number }>;
-  fitWhitening(opts?: { maxVectors?: number; dim?: number; remove?: boolean; deadlineMs?: number }): Promise<{ sample_size: number; dim: number }>;
+  fitWhitening(opts?: { maxVectors?: number; dim?: number; remove?: boolean; pairs?: Array<[string, string]>; deadlineMs?: number }): Promise<{ sample_size: number; dim: number; pairs: number }>;
   health(service?: string, opts?: { deadlineMs?: number }): Promise<'UNKNOWN' | 'SERVING' | 'NOT_SERVING' | 'SERVICE_UNKNOWN'>;
   waitReady(deadlineMs?: number): Promise<void>;
   close(): void;

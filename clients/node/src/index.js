@@ -210,9 +210,13 @@ class LoupeClient {
     return this._unary('BuildGraph', { k: opts.k || 0, remove: !!opts.remove }, opts.deadlineMs === undefined ? 600000 : opts.deadlineMs);
   }
 
-  /** Learn and install (or remove) the collection's PCA-whitening. */
+  /**
+   * Learn and install (or remove) the collection's whitening: PCA-whitening, or with
+   * `opts.pairs` ([[idA, idB], ...] of images that show the same object) the learned whitening.
+   */
   fitWhitening(opts = {}) {
-    return this._unary('FitWhitening', { max_vectors: opts.maxVectors || 0, dim: opts.dim || 0, remove: !!opts.remove },
+    const pairs = (opts.pairs || []).map(([a, b]) => ({ a, b }));
+    return this._unary('FitWhitening', { max_vectors: opts.maxVectors || 0, dim: opts.dim || 0, remove: !!opts.remove, pairs },
       opts.deadlineMs === undefined ? 300000 : opts.deadlineMs);
   }
 

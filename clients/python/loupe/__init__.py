@@ -6,4 +6,4 @@ Versioning (the Node package follows the same rule): MAJOR is the API package th
 fix. The server distribution pins this version exactly (it also uses the internal stubs).
 """
 
-__version__ = "1.2.0"
+__version__ = "1.3.0"

@@ -184,9 +184,13 @@ class RetrievalClient:
         """Build (or remove) the collection's kNN graph used by global diffusion."""
         return self.stub.BuildGraph(retrieval_pb2.BuildGraphRequest(k=k, remove=remove), timeout=timeout_s, metadata=self.metadata)
 
-    def fit_whitening(self, max_vectors: int = 0, dim: int = 0, remove: bool = False, timeout_s: float = 300.0) -> retrieval_pb2.FitWhiteningResponse:
-        """Learn and install the collection's PCA-whitening (or remove it)."""
-        return self.stub.FitWhitening(retrieval_pb2.FitWhiteningRequest(max_vectors=max_vectors, dim=dim, remove=remove), timeout=timeout_s, metadata=self.metadata)
+    def fit_whitening(self, max_vectors: int = 0, dim: int = 0, remove: bool = False, pairs: Sequence[tuple[str, str]] = (),
+                      timeout_s: float = 300.0) -> retrieval_pb2.FitWhiteningResponse:
+        """Learn and install the collection's whitening (or remove it): PCA-whitening, or with
+        ``pairs`` of image ids that show the same object, the learned whitening from them."""
+        req = retrieval_pb2.FitWhiteningRequest(max_vectors=max_vectors, dim=dim, remove=remove,
+                                                pairs=[retrieval_pb2.ImagePair(a=a, b=b) for a, b in pairs])
+        return self.stub.FitWhitening(req, timeout=timeout_s, metadata=self.metadata)
 
     def backup(self, url: str, full: bool = False, timeout_s: float | None = 24 * 3600.0) -> retrieval_pb2.BackupResponse:
         """Back the collection up to ``url`` (an absolute directory path on the broker's machine, or

@@ -28,12 +28,14 @@ STAGES = {
 }
 
 
-DEFAULT_SEARCH_RERANK = "verify,diffuse-regional,diffuse-first,verify-global"
-"""Chosen with the selection protocol of bench/select_defaults.py (BENCHMARKS.md, "Choosing
-defaults"): on 12 held-out queries it gains +4.3 Medium over the previous default
-(verify,diffuse-regional,diffuse-first) with no landmark worse, and equals it on the 9 known
-queries (E/M/H 83.6 / 57.1 / 22.8 on the full subset): verifying the global top-V as well as the
-diffused one rescues queries whose diffusion drifts away from the true matches."""
+DEFAULT_SEARCH_RERANK = "regional-match,verify"
+"""Chosen with the selection protocol of bench/select_defaults.py on cropped held-out queries
+(BENCHMARKS.md, "Learned whitening from verified pairs"), on a collection whitened from its own
+verified pairs (what `loupe index` does by default, `loupe whiten verified`): against the previous
+default (verify,diffuse-regional,diffuse-first,verify-global) +4.1 Medium / +13.0 Hard on 17
+held-out crops, +8.9 / +12.1 on the same photos whole, +6.5 on the 9 known queries, and cheaper
+(no diffusion; E/M/H 85.8 / 63.7 / 40.8 on the full ROxford subset, 347 vs 464 ms p50). The global
+top-1000 is rescored by global + best regional similarity, then its top-V (50) verified."""
 
 
 _FIELDS: dict[str, tuple[str, ...]] = {

@@ -277,14 +277,24 @@ class GetStatsResponse(_message.Message):
     def __init__(self, images: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., extractors: _Optional[_Iterable[str]] = ..., dim: _Optional[int] = ..., whitened: _Optional[bool] = ..., model: _Optional[str] = ..., graph_images: _Optional[int] = ..., graph_regions: _Optional[int] = ...) -> None: ...
 
 class FitWhiteningRequest(_message.Message):
-    __slots__ = ("max_vectors", "dim", "remove")
+    __slots__ = ("max_vectors", "dim", "remove", "pairs")
     MAX_VECTORS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     REMOVE_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
     max_vectors: int
     dim: int
     remove: bool
-    def __init__(self, max_vectors: _Optional[int] = ..., dim: _Optional[int] = ..., remove: _Optional[bool] = ...) -> None: ...
+    pairs: _containers.RepeatedCompositeFieldContainer[ImagePair]
+    def __init__(self, max_vectors: _Optional[int] = ..., dim: _Optional[int] = ..., remove: _Optional[bool] = ..., pairs: _Optional[_Iterable[_Union[ImagePair, _Mapping]]] = ...) -> None: ...
+
+class ImagePair(_message.Message):
+    __slots__ = ("a", "b")
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    a: str
+    b: str
+    def __init__(self, a: _Optional[str] = ..., b: _Optional[str] = ...) -> None: ...
 
 class BuildGraphRequest(_message.Message):
     __slots__ = ("k", "remove")
@@ -309,12 +319,14 @@ class BuildGraphResponse(_message.Message):
     def __init__(self, images: _Optional[int] = ..., k: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., regions: _Optional[int] = ...) -> None: ...
 
 class FitWhiteningResponse(_message.Message):
-    __slots__ = ("sample_size", "dim")
+    __slots__ = ("sample_size", "dim", "pairs")
     SAMPLE_SIZE_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
     sample_size: int
     dim: int
-    def __init__(self, sample_size: _Optional[int] = ..., dim: _Optional[int] = ...) -> None: ...
+    pairs: int
+    def __init__(self, sample_size: _Optional[int] = ..., dim: _Optional[int] = ..., pairs: _Optional[int] = ...) -> None: ...
 
 class GetImagesRequest(_message.Message):
     __slots__ = ("ids", "with_vector")

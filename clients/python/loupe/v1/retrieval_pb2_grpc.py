@@ -192,9 +192,13 @@ class RetrievalServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FitWhitening(self, request, context):
-        """Learns the PCA-whitening of global (and regional) descriptors on a sample of the indexed
-        collection and installs it on every shard. Errors: FAILED_PRECONDITION when the
-        collection has too few images.
+        """Learns the whitening of global (and regional) descriptors and installs it on every shard:
+        the PCA-whitening of a sample of the indexed collection, or, given pairs of matching
+        images, the learned whitening of Radenovic et al. (the pairs' differences whitened, then
+        rotated onto the whitened collection's principal directions). `loupe whiten --verified`
+        finds such pairs itself by geometric verification. Errors: FAILED_PRECONDITION when the
+        collection has too few images; INVALID_ARGUMENT naming the field (a malformed id, a pair
+        of one image, too many pairs); NOT_FOUND when a pair's image is not indexed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
