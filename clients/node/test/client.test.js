@@ -116,6 +116,16 @@ test('index, search, verify, delete', { skip }, async (t) => {
   const batch = await r.searchBatch([{ id: db[0].id, k: 2 }, { image: Buffer.from('not an image'), k: 2 }]);
   assert.deepEqual(batch.results.map((x) => x.status.code), [0, 3]);
 
+  // issue 27: the learned whitening from pairs of images that show the same object
+  const same = db.filter((x) => x.metadata.photo === db[0].metadata.photo).map((x) => x.id);
+  const fit = await w.fitWhitening({ pairs: [[same[0], same[1]]], dim: 3 });
+  assert.equal(fit.pairs, 1);
+  assert.equal(fit.dim, 3);
+  assert.equal((await r.stats()).whitened, true);
+  assert.equal(await codeOf(w.fitWhitening({ pairs: [[same[0], 'no-such-id']] })), 'NOT_FOUND');
+  await w.fitWhitening({ remove: true });
+  assert.equal((await r.stats()).whitened, false);
+
   const del = await w.delete([db[db.length - 1].id, 'no-such-id']);
   assert.deepEqual(del.deleted, [db[db.length - 1].id]);
   assert.deepEqual(del.missing, ['no-such-id']);
