@@ -55,6 +55,8 @@ def _add_cluster_flags(p: argparse.ArgumentParser, *, temporary: bool) -> None:
     g.add_argument("--regional-from", choices=["working", "global"], default=None,
                    help="pool regional vectors from the working image (default) or the global descriptor's largest scale")
     g.add_argument("--regions-per-image", type=int, default=None, help="k-means centroids kept of each image's regions (default 5; 0 = all)")
+    g.add_argument("--query-local-max-side", type=int, default=None,
+                   help="working-image side of a search query's local features (default: --max-side, as indexed)")
     g.add_argument("--local-layer", default=None, help="backbone tap of the local features (must match the indexed collection)")
     g.add_argument("--local-scales", default=None, help="comma-separated pyramid scales of the local features")
     g.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
@@ -280,6 +282,7 @@ def _cluster_config(args: argparse.Namespace, **extra: Any):
         "global_max_side": args.global_max_side,
         "regional_from": args.regional_from,
         "regions_per_image": args.regions_per_image,
+        "query_local_max_side": args.query_local_max_side,
         "local_layer": args.local_layer,
         "local_scales": tuple(float(x) for x in args.local_scales.split(",")) if args.local_scales else None,
         "ray_address": args.ray_address,

@@ -99,6 +99,8 @@ class ClusterConfig:
         largest scale.
     regions_per_image : int
         k-means centroids kept per image's regional vectors (0 = every R-MAC region).
+    query_local_max_side : int
+        Working-image side of a search query's local features (0 = ``max_side``, as indexed).
     ray_address : str
         Join this Ray cluster ("" = start a local one).
     shard_resource, extractor_resource : str
@@ -162,6 +164,7 @@ class ClusterConfig:
     global_max_side: int = 512
     regional_from: str = "working"
     regions_per_image: int = 5
+    query_local_max_side: int = 0
     ray_address: str = ""
     shard_resource: str = ""
     extractor_resource: str = ""
@@ -195,6 +198,7 @@ class ClusterConfig:
             "global_max_side": 32 <= self.global_max_side <= self.max_side,
             "regional_from": self.regional_from in ("working", "global"),
             "regions_per_image": 0 <= self.regions_per_image <= MAX_REGIONS_PER_IMAGE,
+            "query_local_max_side": self.query_local_max_side == 0 or 32 <= self.query_local_max_side <= self.max_side,
             "startup_timeout_s": self.startup_timeout_s > 0,
             "shard_resource": _valid_resource(self.shard_resource, ("shard", "replica")),
             "extractor_resource": _valid_resource(self.extractor_resource),
@@ -237,6 +241,7 @@ class ClusterConfig:
         return ExtractorConfig(
             weights_path=self.weights, global_config=self.global_config(), local_config=self.local_config(), attention_path=self.attention,
             regional_max_side=self.regional_max_side(), regions_per_image=self.regions_per_image, runtime=self.extractor_runtime,
+            query_local_max_side=self.query_local_max_side,
             query_runtime=self.extractor_query_runtime,
             batch_images=self.extractor_batch_images, batch_wait_ms=self.extractor_batch_wait_ms,
         )

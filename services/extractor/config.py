@@ -44,6 +44,10 @@ class ExtractorConfig:
         (``services.space.regions``), for database images and queries alike; 0 keeps every
         R-MAC region (~21). Default 5, as the paper: regional diffusion on the ROxford subset
         went from Medium mAP 44.6 (every region) to 58.0 (5 centroids).
+    query_local_max_side : int
+        Longest side of a search query's working image for its local features; 0 = the
+        ``local_config.max_side`` database images use. Smaller, the query's local pyramid shares
+        the global descriptor's backbone passes instead of running one more at full size.
     runtime : {"torch", "onnxruntime", "openvino"}
         What runs the backbone passes (``services.extractor.runtime``); descriptors match eager
         torch to float rounding. Default from BENCHMARKS.md "Extraction speed (issue 14)".
@@ -71,6 +75,7 @@ class ExtractorConfig:
     attention_path: str = ""
     regional_max_side: int = 1024
     regions_per_image: int = 5
+    query_local_max_side: int = 0
     runtime: str = DEFAULT_RUNTIME
     query_runtime: str = DEFAULT_QUERY_RUNTIME
     runtime_cache_dir: str = ""
@@ -93,5 +98,8 @@ class ExtractorConfig:
             raise ValueError(f"extractor.max_pixels must be > 0, got {self.max_pixels}")
         if not 0 <= self.regions_per_image <= MAX_REGIONS_PER_IMAGE:
             raise ValueError(f"extractor.regions_per_image must be in 0..{MAX_REGIONS_PER_IMAGE}, got {self.regions_per_image}")
+        if self.query_local_max_side != 0 and not 32 <= self.query_local_max_side <= self.local_config.max_side:
+            raise ValueError(f"extractor.query_local_max_side must be 0 or in 32..{self.local_config.max_side} (the local "
+                             f"max side), got {self.query_local_max_side}")
         if self.regional_max_side != 0 and self.regional_max_side < 32:
             raise ValueError(f"extractor.regional_max_side must be 0 or >= 32, got {self.regional_max_side}")

@@ -85,6 +85,8 @@ class Describer:
         else:
             local_config = config.local_config
         self.local_config = local_config
+        self.query_local_config = (dataclasses.replace(local_config, max_side=config.query_local_max_side)
+                                   if config.query_local_max_side else local_config)
         self.taps = [local_config.layer, "head"]
         threads = config.threads or torch.get_num_threads()
         self.backbone = BackboneRunner(self.model, self.taps, config.runtime, threads=threads, cache_dir=config.runtime_cache_dir)
@@ -102,11 +104,11 @@ class Describer:
         self.working_side = max(global_config.max_side, local_config.max_side, config.regional_max_side)
         self.dim = int(self.describe(np.zeros((64, 64, 3), np.uint8), want_local=False, want_regional=False)[0].shape[0])
 
-    def levels(self, image: np.ndarray, want_local: bool, want_regional: bool) -> list[tuple[np.ndarray, list[str]]]:
+    def levels(self, image: np.ndarray, want_local: bool, want_regional: bool, query: bool = False) -> list[tuple[np.ndarray, list[str]]]:
         """The backbone inputs ``describe`` will ask for, with their taps: the same resizes,
         in the same order (a level this plan misses is simply computed on demand)."""
         levels: list[tuple[np.ndarray, list[str]]] = []
-        gc, lc = self.global_config, self.local_config
+        gc, lc = self.global_config, (self.query_local_config if query else self.local_config)
         base = resize_max_side(image, gc.max_side)
         side = max(base.shape[:2])
         for s in gc.scales:
@@ -172,7 +174,7 @@ class Describer:
                     try:
                         want_local = any(jobs[i].want_local for i in idx)
                         want_regional = any(jobs[i].want_regional for i in idx)
-                        plans = [self.levels(jobs[i].image, want_local, want_regional) for i in idx]
+                        plans = [self.levels(jobs[i].image, want_local, want_regional, query) for i in idx]
                         passes = list(self._prefilled_passes([jobs[i].image for i in idx], plans, query))
                     except Exception:  # noqa: BLE001 - each image then runs (and fails) on its own
                         passes = [None] * len(idx)
@@ -200,7 +202,8 @@ class Describer:
             with torch.inference_mode():
                 fmap = passes.forward_features(preprocess(level))
                 regional = regional_vectors(fmap, self.global_config.rmac_levels)[0].numpy()
-        loc = LocalExtractor(passes, self.local_config, self.attention_head).extract(image) if want_local else None  # type: ignore[arg-type]
+        local_config = self.query_local_config if query else self.local_config
+        loc = LocalExtractor(passes, local_config, self.attention_head).extract(image) if want_local else None  # type: ignore[arg-type]
         if self.trained_head is not None:
             vector = self.trained_head.apply(vector[None, :])[0]
             regional = self.trained_head.apply(regional) if regional is not None else None

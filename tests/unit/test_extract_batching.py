@@ -142,3 +142,24 @@ def test_an_image_that_fails_fails_alone(svc: Describer) -> None:
     for i in (0, 2):
         assert not isinstance(out[i], BaseException)
         np.testing.assert_allclose(out[i][0], svc.describe(photos[i], want_local=False)[0], atol=1e-5)
+
+
+def test_a_query_local_working_side_shares_the_global_passes() -> None:
+    with pytest.raises(ValueError, match="query_local_max_side"):
+        ExtractorConfig(local_config=LocalConfig(max_side=384), query_local_max_side=512)
+    cfg = ExtractorConfig(
+        global_config=GlobalConfig(pooling="rmac", max_side=256), local_config=LocalConfig(max_side=384, max_keypoints=300),
+        regional_max_side=384, runtime="torch", query_local_max_side=256,
+    )
+    svc = Describer(cfg)
+    photo = data.astronaut()[:384, :320]
+    indexed = svc.levels(photo, want_local=True, want_regional=False)
+    query = svc.levels(photo, want_local=True, want_regional=False, query=True)
+    # the database image runs its local pyramid up to 384 px; the query's tops out at the global 256-px pass
+    assert max(max(lv.shape[:2]) for lv, _ in indexed) == 384
+    assert max(max(lv.shape[:2]) for lv, _ in query) == 256 and len(query) < len(indexed)
+    counting = _Counting(svc.query_backbone)
+    svc._query_backbone = counting  # type: ignore[assignment]
+    _, _, loc = svc.describe(photo, want_local=True, want_regional=False, query=True)
+    assert counting.calls == len(query)  # exactly the planned passes, none at the indexed local side
+    assert loc is not None and len(loc.keypoints) > 0 and loc.keypoints[:, 0].max() < photo.shape[1]
