@@ -118,11 +118,12 @@ class Admin:
             if request.dim > x.shape[1]:
                 raise InvalidArgument(f"dim: must be <= the indexed dimension {x.shape[1]}, got {request.dim}")
             w = PCAWhitening()
+            loop = asyncio.get_running_loop()  # eigendecompositions of (D, D): seconds, off the event loop
             if request.pairs:
                 a, b = await self._pair_vectors(request.pairs, x.shape[1], deadline)
-                w.fit_pairs(x, a, b, dim=request.dim or None)
+                await loop.run_in_executor(None, lambda: w.fit_pairs(x, a, b, dim=request.dim or None))
             else:
-                w.fit(x, dim=request.dim or None)
+                await loop.run_in_executor(None, lambda: w.fit(x, dim=request.dim or None))
             payload, sample, dim = w.to_bytes(), len(x), w.output_dim
         await asyncio.gather(
             *(s.set_whitening(shard_pb2.SetWhiteningRequest(shard_id=s.shard_id, whitening=payload), deadline.remaining()) for s in self.shards)
