@@ -18,7 +18,7 @@ from loupe.rerank_spec import DEFAULT_SEARCH_RERANK, PARAMS, STAGES, parse_reran
 from loupe.cli import search_json, stats_json
 from loupe.client import parse_filter
 
-from cluster.whitening import DEFAULT_CANDIDATES, DEFAULT_PAIR_QUERIES, METHODS, NoVerifiedPairs, whiten
+from cluster.whitening import DEFAULT_CANDIDATES, DEFAULT_PAIR_QUERIES, METHODS, after_index, whiten
 
 DESCRIPTION = """loupe: instance-level image retrieval on a sharded gRPC cluster (Ray).
 
@@ -231,22 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_whiten_flag(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--whiten", nargs="?", const="pca", default=None, choices=("none", *METHODS),
                    help=f"{what}: verified (the default: learned from pairs that geometric verification finds, see `loupe "
-                        "whiten`; skipped with a message when no pair verifies), pca (also the flag alone) or none")
+                        "whiten`; by default only from 512 indexed images on, and skipped with a message when no pair "
+                        "verifies), pca (also the flag alone) or none")
 
 
 def _whiten_after_index(client, method: str | None) -> dict[str, Any] | None:
-    """The whitening step of ``loupe index`` / ``loupe eval`` (``method`` None = the default,
-    verified, which leaves the collection raw when nothing verifies); None when none was fitted."""
-    if method == "none":
-        return None
-    try:
-        w = whiten(client, method or "verified")
-    except NoVerifiedPairs as exc:
-        if method:
-            raise
-        print(f"loupe: {exc}; the collection stays unwhitened", file=sys.stderr)
-        return None
-    return {"method": method or "verified", "sample_size": w.sample_size, "dim": w.dim, "pairs": w.pairs}
+    """``cluster.whitening.after_index``, its reason printed on stderr; the JSON summary or None."""
+    w, why = after_index(client, method)
+    if why:
+        print(f"loupe: {why}", file=sys.stderr)
+    return {"method": method or "verified", "sample_size": w.sample_size, "dim": w.dim, "pairs": w.pairs} if w is not None else None
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -25,6 +25,10 @@ DEFAULT_PAIR_QUERIES = 2000
 DEFAULT_VERIFIED_DIM = 512
 """Output dimension of the learned whitening unless asked otherwise: on the held-out protocol 512
 components scored within a point of all of them (BENCHMARKS.md), at 40 % of the index size."""
+MIN_IMAGES_BY_DEFAULT = DEFAULT_VERIFIED_DIM
+"""``loupe index`` whitens by default only a collection of at least this many images: a smaller
+sample cannot give the default's 512 components, and on the 58-image demo collection the learned
+whitening (57-D from 85 pairs) lowered global-only mAP from 100.0 to 96.6."""
 
 
 class NoVerifiedPairs(ValueError):
@@ -88,3 +92,24 @@ def whiten(
         raw = client.get_images([pairs[0][0]], with_vector=True).images[0].vector
         dim = min(DEFAULT_VERIFIED_DIM, int(raw.shape[0]))
     return client.fit_whitening(dim=dim, pairs=[(a, b) for a, b, _ in pairs])
+
+
+def after_index(client: RetrievalClient, method: str | None) -> tuple[retrieval_pb2.FitWhiteningResponse | None, str]:
+    """The whitening step of ``loupe index`` / ``loupe eval`` / ``loupe demo``.
+
+    ``method`` None is the default: ``verified`` on a collection of at least
+    ``MIN_IMAGES_BY_DEFAULT`` images, nothing below that or when nothing verifies; ``"none"``
+    skips; ``"pca"`` / ``"verified"`` are done as asked (errors propagate). Returns the broker's
+    answer (None when nothing was fitted) and, when the default fitted nothing, why ("" otherwise)."""
+    if method == "none":
+        return None, ""
+    if method is None:
+        images = client.stats().images
+        if images < MIN_IMAGES_BY_DEFAULT:
+            return None, (f"whiten: {images} images indexed, the learned whitening needs at least {MIN_IMAGES_BY_DEFAULT} "
+                          "(`loupe whiten verified` forces it); the collection stays unwhitened")
+        try:
+            return whiten(client, "verified"), ""
+        except NoVerifiedPairs as exc:
+            return None, f"{exc}; the collection stays unwhitened"
+    return whiten(client, method), ""

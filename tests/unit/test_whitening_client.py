@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cluster.whitening import DEFAULT_VERIFIED_DIM, NoVerifiedPairs, verified_pairs, whiten
+from cluster.whitening import DEFAULT_VERIFIED_DIM, MIN_IMAGES_BY_DEFAULT, NoVerifiedPairs, after_index, verified_pairs, whiten
 
 
 class FakeClient:
@@ -29,6 +29,9 @@ class FakeClient:
             n = self.links.get((image_id, i))
             results.append(SimpleNamespace(id=i, verified=n is not None, stages=SimpleNamespace(inliers=n or 0)))
         return SimpleNamespace(results=results[:k + 1])
+
+    def stats(self):
+        return SimpleNamespace(images=len(self.ids))
 
     def get_images(self, ids, with_vector: bool = False):
         return SimpleNamespace(images=[SimpleNamespace(vector=np.zeros(self.raw_dim, np.float32)) for _ in ids])
@@ -77,3 +80,20 @@ def test_nothing_verified_is_its_own_error_and_pca_needs_no_pairs():
     assert c.fitted == {"dim": 0, "pairs": []}
     with pytest.raises(ValueError, match="method"):
         whiten(c, "zca")
+
+
+def test_the_index_default_whitens_only_a_large_enough_collection():
+    small = FakeClient(["a", "b", "c"], {("a", "b"): 40})
+    w, why = after_index(small, None)
+    assert w is None and small.fitted is None and f"at least {MIN_IMAGES_BY_DEFAULT}" in why
+    assert after_index(small, "verified")[0].pairs == 1  # asked for: done at any size
+    ids = [f"img{i:04d}" for i in range(MIN_IMAGES_BY_DEFAULT)]
+    large = FakeClient(ids, {(ids[0], ids[1]): 40})
+    w, why = after_index(large, None)
+    assert w is not None and w.pairs == 1 and why == "" and large.fitted["dim"] == DEFAULT_VERIFIED_DIM
+    unmatched = FakeClient(ids, {})
+    w, why = after_index(unmatched, None)
+    assert w is None and "no two indexed images verify" in why  # the default never fails the indexing
+    with pytest.raises(NoVerifiedPairs):
+        after_index(unmatched, "verified")
+    assert after_index(large, "none") == (None, "")
