@@ -229,10 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_whiten_flag(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--whiten", nargs="?", const="pca", default=None, choices=("none", *METHODS),
+    p.add_argument("--whitening", choices=("none", *METHODS), default=None,
                    help=f"{what}: verified (the default: learned from pairs that geometric verification finds, see `loupe "
                         "whiten`; by default only from 512 indexed images on, and skipped with a message when no pair "
-                        "verifies), pca (also the flag alone) or none")
+                        "verifies), pca or none")
+    p.add_argument("--whiten", dest="whitening", action="store_const", const="pca", help="the same as --whitening pca")
 
 
 def _whiten_after_index(client, method: str | None) -> dict[str, Any] | None:
@@ -389,7 +390,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         with tqdm(total=len(items), unit="img", disable=args.json, desc="indexing") as bar:
             rep = index_paths(client, items, args.batch, on_progress=bar.update)
         out: dict[str, Any] = {"indexed": rep.images, "seconds": round(rep.seconds, 3), "images_per_s": round(rep.images_per_s, 2)}
-        out["whitening"] = _whiten_after_index(client, args.whiten)
+        out["whitening"] = _whiten_after_index(client, args.whitening)
         if not args.no_graph:
             out["graph"] = _graph_summary(client.build_graph())
     if args.json:
@@ -573,8 +574,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     progress = None if args.no_progress else _progress_bars()
 
     with _connect(args) as client:
-        if args.whiten and args.whiten != "none" and args.skip_index:
-            whiten(client, args.whiten)
+        if args.whitening and args.whitening != "none" and args.skip_index:
+            whiten(client, args.whitening)
         result = _run_eval_with_whitening(client, args, reranks, progress, run_eval)
     if args.json:
         print(json.dumps(result))
@@ -632,11 +633,11 @@ def _print_per_query(runs: list[dict]) -> None:
 
 
 def _run_eval_with_whitening(client, args, reranks, progress, run_eval) -> dict:
-    if args.skip_index or args.whiten == "none":
+    if args.skip_index or args.whitening == "none":
         return run_eval(client, args.images, args.gnd, reranks, batch_size=args.batch, skip_index=args.skip_index,
                         graph=not args.no_graph, progress=progress)
     first = run_eval(client, args.images, args.gnd, [], batch_size=args.batch, graph=False, progress=progress)
-    fitted = _whiten_after_index(client, args.whiten)
+    fitted = _whiten_after_index(client, args.whitening)
     result = run_eval(client, args.images, args.gnd, reranks, skip_index=True, graph=not args.no_graph, progress=progress)
     result["settings"]["index_seconds"] = first["settings"]["index_seconds"]
     result["settings"]["whitening"] = fitted
