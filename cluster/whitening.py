@@ -15,6 +15,8 @@ from __future__ import annotations
 import random
 from typing import Callable
 
+import grpc
+
 from loupe.client import RetrievalClient
 from loupe.rerank_spec import parse_rerank
 from loupe.v1 import retrieval_pb2
@@ -98,7 +100,8 @@ def after_index(client: RetrievalClient, method: str | None) -> tuple[retrieval_
     """The whitening step of ``loupe index`` / ``loupe eval`` / ``loupe demo``.
 
     ``method`` None is the default: ``verified`` on a collection of at least
-    ``MIN_IMAGES_BY_DEFAULT`` images, nothing below that or when nothing verifies; ``"none"``
+    ``MIN_IMAGES_BY_DEFAULT`` images, nothing below that, when nothing verifies or when a call
+    fails (the images are indexed by then: the reason is returned, not raised); ``"none"``
     skips; ``"pca"`` / ``"verified"`` are done as asked (errors propagate). Returns the broker's
     answer (None when nothing was fitted) and, when the default fitted nothing, why ("" otherwise)."""
     if method == "none":
@@ -112,4 +115,7 @@ def after_index(client: RetrievalClient, method: str | None) -> tuple[retrieval_
             return whiten(client, "verified"), ""
         except NoVerifiedPairs as exc:
             return None, f"{exc}; the collection stays unwhitened"
+        except grpc.RpcError as exc:  # the images are indexed; a failed default step must not fail the indexing
+            return None, (f"whiten: {exc.code().name}: {exc.details()}; the collection stays unwhitened "
+                          "(`loupe whiten verified` retries)")
     return whiten(client, method), ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import grpc
 import numpy as np
 import pytest
 
@@ -97,3 +98,25 @@ def test_the_index_default_whitens_only_a_large_enough_collection():
     with pytest.raises(NoVerifiedPairs):
         after_index(unmatched, "verified")
     assert after_index(large, "none") == (None, "")
+
+
+class _Unavailable(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "broker restarting"
+
+
+def test_a_failed_default_whitening_does_not_fail_the_indexing():
+    ids = [f"img{i:04d}" for i in range(MIN_IMAGES_BY_DEFAULT)]
+    c = FakeClient(ids, {(ids[0], ids[1]): 40})
+
+    def fail(**_kw):
+        raise _Unavailable()
+
+    c.fit_whitening = fail  # type: ignore[method-assign]
+    w, why = after_index(c, None)
+    assert w is None and why.startswith("whiten: UNAVAILABLE: broker restarting")
+    with pytest.raises(grpc.RpcError):
+        after_index(c, "verified")  # asked for explicitly: the error is the caller's
