@@ -574,8 +574,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     progress = None if args.no_progress else _progress_bars()
 
     with _connect(args) as client:
-        if args.whitening and args.whitening != "none" and args.skip_index:
-            whiten(client, args.whitening)
+        if args.whitening and args.skip_index:  # a stored collection is whitened only when asked
+            _whiten_after_index(client, args.whitening)
         result = _run_eval_with_whitening(client, args, reranks, progress, run_eval)
     if args.json:
         print(json.dumps(result))

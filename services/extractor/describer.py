@@ -18,7 +18,7 @@ from services.common.limits import check_crop
 from services.extractor.backbone import load_backbone, preprocess
 from services.extractor.config import ExtractorConfig
 from services.extractor.global_descriptor import GlobalExtractor, resize_max_side
-from services.extractor.local_features import LocalExtractor, LocalFeatures
+from services.extractor.local_features import LocalConfig, LocalExtractor, LocalFeatures
 from services.extractor.local_features import _resize as _local_resize
 from services.extractor.model_file import read_trained_head
 from services.extractor.pooling import regional_vectors
@@ -108,7 +108,7 @@ class Describer:
         """The backbone inputs ``describe`` will ask for, with their taps: the same resizes,
         in the same order (a level this plan misses is simply computed on demand)."""
         levels: list[tuple[np.ndarray, list[str]]] = []
-        gc, lc = self.global_config, (self.query_local_config if query else self.local_config)
+        gc, lc = self.global_config, self._local_config(query)
         base = resize_max_side(image, gc.max_side)
         side = max(base.shape[:2])
         for s in gc.scales:
@@ -140,6 +140,9 @@ class Describer:
 
     def _runner(self, query: bool) -> BackboneRunner:
         return self.query_backbone if query else self.backbone
+
+    def _local_config(self, query: bool) -> LocalConfig:
+        return self.query_local_config if query else self.local_config
 
     def _prefilled_passes(self, images: list[np.ndarray], plans: list[list[tuple[np.ndarray, list[str]]]],
                           query: bool = False) -> list[SharedPasses]:
@@ -202,8 +205,7 @@ class Describer:
             with torch.inference_mode():
                 fmap = passes.forward_features(preprocess(level))
                 regional = regional_vectors(fmap, self.global_config.rmac_levels)[0].numpy()
-        local_config = self.query_local_config if query else self.local_config
-        loc = LocalExtractor(passes, local_config, self.attention_head).extract(image) if want_local else None  # type: ignore[arg-type]
+        loc = LocalExtractor(passes, self._local_config(query), self.attention_head).extract(image) if want_local else None  # type: ignore[arg-type]
         if self.trained_head is not None:
             vector = self.trained_head.apply(vector[None, :])[0]
             regional = self.trained_head.apply(regional) if regional is not None else None

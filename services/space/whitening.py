@@ -43,6 +43,21 @@ def _l2n(X: np.ndarray) -> np.ndarray:
     return X / (np.linalg.norm(X, axis=1, keepdims=True) + L2_EPS)
 
 
+def _fit_input(X: np.ndarray, dim: int | None) -> tuple[np.ndarray, int]:
+    """``X`` checked for fitting (at least 2 finite rows) and the output dimension: ``dim``
+    (1..D; None = all) capped at the rank of the centred data, ``min(N - 1, D)``."""
+    X = _check_matrix(X)
+    n, d = X.shape
+    if n < 2:
+        raise ValueError(f"X needs at least 2 rows to fit a projection, got {n}")
+    if not np.isfinite(X).all():
+        raise ValueError("X contains NaN or infinite values")
+    if dim is not None and not 1 <= dim <= d:
+        raise ValueError(f"dim must be in [1, {d}] (input dimension), got {dim!r}")
+    rank = min(n - 1, d)
+    return X, rank if dim is None else min(dim, rank)
+
+
 def _covariance(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean ``(D,)`` and covariance ``(D, D)`` in float64, accumulated in row chunks."""
     n, d = X.shape
@@ -81,21 +96,10 @@ class _PCAProjection:
         return self._state()[1].shape[0]
 
     def _fit(self, X: np.ndarray, dim: int | None, whiten: bool, shrinkage: float) -> None:
-        X = _check_matrix(X)
-        n, d = X.shape
-        if n < 2:
-            raise ValueError(f"X needs at least 2 rows to fit a PCA, got {n}")
-        if not np.isfinite(X).all():
-            raise ValueError("X contains NaN or infinite values")
         if not 0.0 <= shrinkage <= 1.0:
             raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage!r}")
-        rank = min(n - 1, d)
-        if dim is None:
-            dim = rank
-        elif not 1 <= dim <= d:
-            raise ValueError(f"dim must be in [1, {d}] (input dimension), got {dim!r}")
-        dim = min(dim, rank)
-
+        X, dim = _fit_input(X, dim)
+        d = X.shape[1]
         mean, cov = _covariance(X)
         eigvals, eigvecs = np.linalg.eigh(cov)  # ascending
         total_var = float(eigvals.clip(min=0.0).sum())
@@ -218,32 +222,23 @@ class PCAWhitening(_PCAProjection):
         PCAWhitening
             ``self``.
         """
-        X, A, B = _check_matrix(X), _check_matrix(A, "A"), _check_matrix(B, "B")
-        n, d = X.shape
+        A, B = _check_matrix(A, "A"), _check_matrix(B, "B")
+        d = _check_matrix(X).shape[1]
         if A.shape != B.shape or A.shape[1] != d:
             raise ValueError(f"A and B must both be (P, {d}), got {A.shape} and {B.shape}")
-        if n < 2:
-            raise ValueError(f"X needs at least 2 rows to fit a whitening, got {n}")
-        if not (np.isfinite(X).all() and np.isfinite(A).all() and np.isfinite(B).all()):
-            raise ValueError("X, A or B contains NaN or infinite values")
+        if not (np.isfinite(A).all() and np.isfinite(B).all()):
+            raise ValueError("A or B contains NaN or infinite values")
         if not 0.0 <= shrinkage < 1.0:
             raise ValueError(f"shrinkage must be in [0, 1), got {shrinkage!r}")
-        rank = min(n - 1, d)
-        if dim is not None and not 1 <= dim <= d:
-            raise ValueError(f"dim must be in [1, {d}] (input dimension), got {dim!r}")
-        dim = rank if dim is None else min(dim, rank)
-        mean = X.mean(axis=0, dtype=np.float64)
+        X, dim = _fit_input(X, dim)
         diff = A.astype(np.float64) - B.astype(np.float64)
         s = diff.T @ diff / len(diff)
         s = (1.0 - shrinkage) * s + shrinkage * (np.trace(s) / d) * np.eye(d)
         vals, vecs = np.linalg.eigh(s)
         vals = np.maximum(vals, EIG_FLOOR * max(float(vals[-1]), np.finfo(np.float64).tiny))
         p1 = (vecs / np.sqrt(vals)) @ vecs.T  # S^-1/2, symmetric
-        cov = np.zeros((d, d), dtype=np.float64)
-        for start in range(0, n, _CHUNK_ROWS):
-            w = (X[start : start + _CHUNK_ROWS].astype(np.float64) - mean) @ p1
-            cov += w.T @ w
-        rvals, rvecs = np.linalg.eigh(cov / n)
+        mean, cov = _covariance(X)
+        rvals, rvecs = np.linalg.eigh(p1 @ cov @ p1)  # the covariance of the whitened collection (X - mean) @ P1
         order = np.argsort(rvals)[::-1][:dim]
         self.mean = mean.astype(np.float32)
         self.components = np.ascontiguousarray(rvecs[:, order].T @ p1, dtype=np.float32)
