@@ -50,18 +50,14 @@ VARIANTS = {  # name: (query keypoints, candidate keypoints (the stored top by s
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, required=True, help="the cluster's data directory (shard-*/ stores, local_pca.npz)")
-    parser.add_argument("--positives", type=int, default=30)
-    parser.add_argument("--random", type=int, default=60)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
+def roxford_pairs(data_dir: Path, positives: int = 30, random: int = 60) -> list[tuple]:
+    """Each known ROxford query's local features (extracted as the extractor serves queries:
+    cropped to its box) paired with up to ``positives`` of its positives and ``random`` random
+    database images as a shard stores them: ``(query kp, query desc, candidate, side, positive)``."""
     root = require_roxford()
     gnd = pickle.load(open(root / "gnd_roxford5k_subset.pkl", "rb"))
-    stores = [ShardStore(str(p)) for p in sorted(args.data_dir.glob("shard-*")) if (p / "data.mdb").exists()]
-    pca = LocalPCA.from_bytes((args.data_dir / "local_pca.npz").read_bytes())
+    stores = [ShardStore(str(p)) for p in sorted(data_dir.glob("shard-*")) if (p / "data.mdb").exists()]
+    pca = LocalPCA.from_bytes((data_dir / "local_pca.npz").read_bytes())
     describer = Describer(ExtractorConfig(runtime="openvino", threads=1))
     rng = np.random.default_rng(0)
 
@@ -72,17 +68,29 @@ def main() -> None:
                 return stored_candidate(img), side_of(img.width, img.height)
         raise KeyError(image_id)
 
-    pairs = []  # (query kp, query desc, candidate, side, positive)
+    pairs = []
     for name, g in zip(gnd["qimlist"], gnd["gnd"]):
         image = decode_image((root / "jpg" / f"{name}.jpg").read_bytes())
         x1, y1, x2, y2 = g["bbx"]
         image = crop_and_resize(image, types_pb2.Box(x1=x1, y1=y1, x2=x2, y2=y2), describer.working_side)
         loc = describer.describe(image, want_local=True, want_regional=False)[2]
         q_kp, q_desc = loc.keypoints.astype(np.float32), pca.apply(loc.descriptors.astype(np.float32)).astype(np.float32)
-        positives = sorted(set(g["easy"]) | set(g["hard"]))
-        for c in positives[: args.positives] + [int(i) for i in rng.choice(len(gnd["imlist"]), args.random, replace=False)]:
+        pos = sorted(set(g["easy"]) | set(g["hard"]))
+        for c in pos[:positives] + [int(i) for i in rng.choice(len(gnd["imlist"]), random, replace=False)]:
             cand, side = stored(gnd["imlist"][c])
-            pairs.append((q_kp, q_desc, cand, side, c in positives))
+            pairs.append((q_kp, q_desc, cand, side, c in pos))
+    return pairs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, required=True, help="the cluster's data directory (shard-*/ stores, local_pca.npz)")
+    parser.add_argument("--positives", type=int, default=30)
+    parser.add_argument("--random", type=int, default=60)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    pairs = roxford_pairs(args.data_dir, args.positives, args.random)
     positive = np.array([p[4] for p in pairs])
     print(f"{machine()}; load average {os.getloadavg()[0]:.2f}; {len(pairs)} pairs ({int(positive.sum())} with a positive), "
           f"query keypoints {min(len(p[0]) for p in pairs)}..{max(len(p[0]) for p in pairs)}")

@@ -126,21 +126,17 @@ class ShardActor:
     ) -> None:
         import tempfile
 
-        import cv2
-        import faiss
-
         from services.common.metrics import ShardMetrics
+        from services.common.threads import limit_numeric_threads
         from services.index.servicer import create_server
         from services.space.layout import Layout, check_layout
         from services.space.placement import PLACEMENT_VERSION, shard_member
 
         _normal_priority()
         self.threads = _threads_here(threads, resource, members)
-        faiss.omp_set_num_threads(self.threads)  # Ray starts workers with OMP_NUM_THREADS=1
-        # verification (Shard.Verify) matches with cv2.gemm on OpenCV's pool, which otherwise
-        # takes every core of the node: two shards on two cores ran 4 threads and their matching
-        # products took 2-3x the single-thread time (BENCHMARKS.md, "Fewer verified candidates")
-        cv2.setNumThreads(self.threads)
+        # faiss, OpenCV and BLAS (verification's matching) from one budget: Ray starts workers
+        # with OMP_NUM_THREADS=1, and an unsized pool takes every core of the node
+        limit_numeric_threads(self.threads)
         self._starts = 1
         metrics = ShardMetrics.create(shard_id, restarts=lambda: self._starts - 1)
         # no data directory: a private temporary one, gone with the cluster (and with a restart)

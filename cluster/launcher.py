@@ -19,7 +19,6 @@ import threading
 import time
 from typing import Any, Iterator
 
-import cv2
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -30,6 +29,7 @@ from cluster.shard_fleet import RayShardFleet
 from services.broker.servicer import BrokerConfig, RunningBroker, create_server
 from services.common.auth import AuthPolicy, new_internal_token, read_token_file, read_tokens_file
 from services.common.grpc_server import ServerOptions
+from services.common.threads import limit_numeric_threads
 from services.common.tls import InternalTls
 from services.space.layout import Layout, check_layout
 from services.space.placement import PLACEMENT_VERSION, shard_member
@@ -300,9 +300,10 @@ class Cluster:
 
     def _start_broker(self) -> None:
         cfg = self.config
-        # The broker verifies candidates on its own thread pool: one OpenCV thread per call
-        # avoids oversubscription (multi-threaded cv2.gemm measured 1.7 → 5.9 ms median under load).
-        cv2.setNumThreads(1)
+        # The broker verifies candidates on its own thread pool (verify_on=broker): one OpenCV and
+        # one BLAS thread per call avoid oversubscription (multi-threaded matching products
+        # measured 1.7 → 5.9 ms median under load)
+        limit_numeric_threads(1, openmp_too=False)
         snap = ray.get(self._registry.snapshot.remote())
         shard_addrs = [[snap["shard"][shard_member(i, j)] for j in range(cfg.replication_factor)] for i in range(cfg.shards)]
         ext_addrs = [snap["extractor"][i] for i in range(cfg.replicas)]
