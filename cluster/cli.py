@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument(
         "--rerank", default=DEFAULT_SEARCH_RERANK,
         help=f"rerank stages, comma-joined (default {DEFAULT_SEARCH_RERANK}: the global top-1000 rescored by global + best "
-        f"regional similarity, then geometric verification of its top-50 — chosen on held-out cropped queries of a collection "
+        f"regional similarity, then geometric verification of its top-40 — chosen on held-out cropped queries of a collection "
         f"whitened from its verified pairs, BENCHMARKS.md): {', '.join(STAGES)}; "
         f"parameters as key=value items: {', '.join(PARAMS)} (e.g. diffuse-regional,k=30,alpha=0.95)",
     )

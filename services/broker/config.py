@@ -59,10 +59,12 @@ class BrokerConfig:
         Extract and store local features of every added image (needed by verification).
     verify_candidates : int
         Default number V of top candidates geometrically verified (of each shortlist with
-        ``verify-global``). 50: against 100 it halves the verify stage (370 → 203 ms p50 on the
-        held-out crops) and passes the selection protocol without a loss beyond its margin
-        (held-out Medium −0.8 crops / −0.6 whole, worst landmark −1.3; the 9 known queries
-        +0.7 Medium; BENCHMARKS.md, "Fewer verified candidates").
+        ``verify-global``). 40 under the default ``regional-match,verify`` on a whitened
+        collection: against 50 it cuts the verify stage by a fifth (101 → 74 ms p50 on the
+        ROxford subset, 362 → 291 ms per query) and passes the selection protocol without a loss
+        beyond its margin (held-out crops equal, whole photos −0.4 Medium, worst landmark −1.2;
+        the 9 known queries +2.6 Medium, all of it one query's false verification left out;
+        BENCHMARKS.md, "Fewer verified candidates, again"). 30 lost beyond the margin.
     max_verify_candidates : int
         Upper bound of a request's V.
     verify_threads : int
@@ -132,7 +134,7 @@ class BrokerConfig:
     max_batch_images: int = 256
     whitening_sample: int = 20_000
     index_local: bool = True
-    verify_candidates: int = 50
+    verify_candidates: int = 40
     max_verify_candidates: int = 1000
     verify_threads: int = 2
     verify_on: str = "shards"
