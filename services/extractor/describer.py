@@ -6,6 +6,7 @@ that share stacked passes). No gRPC here: ``services.extractor.servicer`` is the
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from services.common.errors import InvalidArgument
 from services.common.limits import check_crop
 from services.extractor.backbone import load_backbone, preprocess
 from services.extractor.config import ExtractorConfig
-from services.extractor.global_descriptor import GlobalExtractor, resize_max_side
+from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor, resize_max_side
 from services.extractor.local_features import LocalConfig, LocalExtractor, LocalFeatures
 from services.extractor.local_features import _resize as _local_resize
 from services.extractor.model_file import read_trained_head
@@ -58,6 +59,39 @@ def crop_and_resize(image: np.ndarray, crop: types_pb2.Box | None, max_side: int
     if scale < 1.0:
         image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     return image
+
+
+SNAP_FACTOR = 2.0 ** 0.25
+"""A query's local level moves onto a global pass whose side is within this factor of its own."""
+
+
+def snapped_scales(shape: tuple[int, ...], local: LocalConfig, global_config: GlobalConfig) -> tuple[float, ...]:
+    """The local pyramid's scales for an image of ``shape`` ``(H, W, ...)``, each level below
+    full size moved onto the global descriptor's pass of the nearest side when that side is
+    within ``SNAP_FACTOR`` (a quarter octave) of the level's own: the level then *is* that pass
+    (the same resize of the same image), so it costs no backbone pass of its own.
+
+    The global passes are half an octave apart, so every level between them snaps; one below
+    the smallest (a small crop's quarter-size level) keeps its own, cheap pass. On a 1024-px
+    photo the levels (512, 256 px) are global passes already and nothing changes. Returns
+    ``local.scales`` unchanged when the image is larger than the local working side (its
+    levels are resizes of the working image, not of the image the global passes resize).
+    """
+    side = max(shape[:2])
+    if side > local.max_side:
+        return local.scales
+    base = min(side, global_config.max_side)
+    passes = sorted({max(1, round(base * s)) for s in global_config.scales})
+    out: list[float] = []
+    for s in local.scales:
+        target = s * side
+        nearest = min(passes, key=lambda p: abs(math.log(p / target)))
+        snapped = nearest / side  # exactly resize_max_side(image, nearest)'s factor
+        if s < 1.0 and abs(math.log(nearest / target)) <= math.log(SNAP_FACTOR) and snapped < 1.0 and snapped not in out:
+            out.append(snapped)
+        else:
+            out.append(s)
+    return tuple(out) if len(set(out)) == len(out) else local.scales
 
 
 class Describer:
@@ -108,7 +142,7 @@ class Describer:
         """The backbone inputs ``describe`` will ask for, with their taps: the same resizes,
         in the same order (a level this plan misses is simply computed on demand)."""
         levels: list[tuple[np.ndarray, list[str]]] = []
-        gc, lc = self.global_config, self._local_config(query)
+        gc, lc = self.global_config, self._local_config(query, image.shape)
         base = resize_max_side(image, gc.max_side)
         side = max(base.shape[:2])
         for s in gc.scales:
@@ -141,8 +175,17 @@ class Describer:
     def _runner(self, query: bool) -> BackboneRunner:
         return self.query_backbone if query else self.backbone
 
-    def _local_config(self, query: bool) -> LocalConfig:
-        return self.query_local_config if query else self.local_config
+    def _local_config(self, query: bool, shape: tuple[int, ...] | None = None) -> LocalConfig:
+        """The local features' settings for an image of ``shape``: a query's pyramid snaps its
+        levels onto the global passes (``snapped_scales``); indexed images keep the configured
+        scales."""
+        if not query:
+            return self.local_config
+        lc = self.query_local_config
+        if shape is None:
+            return lc
+        scales = snapped_scales(shape, lc, self.global_config)
+        return lc if scales == lc.scales else dataclasses.replace(lc, scales=scales)
 
     def _prefilled_passes(self, images: list[np.ndarray], plans: list[list[tuple[np.ndarray, list[str]]]],
                           query: bool = False) -> list[SharedPasses]:
@@ -205,7 +248,7 @@ class Describer:
             with torch.inference_mode():
                 fmap = passes.forward_features(preprocess(level))
                 regional = regional_vectors(fmap, self.global_config.rmac_levels)[0].numpy()
-        loc = LocalExtractor(passes, self._local_config(query), self.attention_head).extract(image) if want_local else None  # type: ignore[arg-type]
+        loc = LocalExtractor(passes, self._local_config(query, image.shape), self.attention_head).extract(image) if want_local else None  # type: ignore[arg-type]
         if self.trained_head is not None:
             vector = self.trained_head.apply(vector[None, :])[0]
             regional = self.trained_head.apply(regional) if regional is not None else None

@@ -9,6 +9,8 @@ memory. On a 1024-px image the local pyramid's 512- and 256-px levels come from 
 descriptor's passes, and the regions' 1024-px pass gives the local features their full-size
 level. Measured (bench/extract_speed.py): the first saving is within noise — the 1024-px level
 dominates — while the second makes 1024-px regions cost +25 % instead of a whole extra pass.
+A query of another size (a crop) gets the same sharing by moving its local levels onto the
+global passes (``describer.snapped_scales``).
 """
 
 from __future__ import annotations

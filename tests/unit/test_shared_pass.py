@@ -11,7 +11,7 @@ from services.extractor.global_descriptor import GlobalConfig, GlobalExtractor
 from services.extractor.local_features import LocalConfig, LocalExtractor
 from services.extractor.pooling import regional_vectors
 from services.extractor.config import ExtractorConfig
-from services.extractor.describer import Describer
+from services.extractor.describer import Describer, snapped_scales
 from services.extractor.shared_pass import SharedPasses
 
 
@@ -96,3 +96,37 @@ def test_a_query_without_regions_runs_only_the_global_passes(backbone) -> None:
     vector, regional, loc = svc.describe(_image(), want_local=False, want_regional=False)
     assert regional is None and loc is None and vector.shape == (1280,)
     assert counting.calls == 3  # 128/91/64 px: no 256-px pass for regions nobody asked for
+
+
+def test_query_local_levels_snap_onto_the_global_passes() -> None:
+    g_cfg, l_cfg = GlobalConfig(pooling="rmac", max_side=512), LocalConfig(max_side=1024)
+    # a 1024-px photo: its 512/256-px local levels are global passes already; nothing moves
+    assert snapped_scales((768, 1024), l_cfg, g_cfg) == l_cfg.scales
+    # a 696-px crop: the half-size level (348 px) becomes the 362-px global pass; the
+    # quarter-size one (174 px) is more than a quarter octave below the smallest (256) and stays
+    got = snapped_scales((403, 696), l_cfg, g_cfg)
+    assert got[1:] == (362 / 696, 1.0) and got[0] == 0.25
+    # a 990-px crop: both lower levels land on global passes (512 and 256 px)
+    assert snapped_scales((990, 768), l_cfg, g_cfg) == (256 / 990, 512 / 990, 1.0)
+    # small crops: the global passes are the crop's own halvings (the same 166-px level)
+    assert snapped_scales((222, 333), l_cfg, g_cfg) == (0.25, 166 / 333, 1.0)
+    # larger than the local working side: levels come from the working image, left alone
+    assert snapped_scales((1500, 1200), l_cfg, g_cfg) == l_cfg.scales
+
+
+def test_a_snapped_query_level_is_served_by_the_global_pass(backbone) -> None:
+    g_cfg = GlobalConfig(pooling="rmac", max_side=128)
+    svc = Describer(ExtractorConfig(global_config=g_cfg, local_config=LocalConfig(max_side=256, max_keypoints=200), regional_max_side=256,
+                                    regions_per_image=0, runtime="torch", query_runtime="torch"))
+    counting = _Counting(svc.backbone)
+    svc.backbone = svc._query_backbone = counting  # type: ignore[assignment]
+    image = _image(176, 240)  # global 128/91/64 px; local 240/120/60 px: 120 → the 128-px pass, 60 → 64
+    _, _, as_index = svc.describe(image, want_local=True)
+    index_calls, counting.calls = counting.calls, 0
+    _, _, as_query = svc.describe(image, want_local=True, query=True)
+    assert index_calls == 6 and counting.calls == 4  # the query's two lower levels ride on global passes
+    # the query's keypoints come from the snapped levels: same full-size level, other lower ones
+    expect = LocalExtractor(backbone, LocalConfig(max_side=256, max_keypoints=200, scales=(64 / 240, 128 / 240, 1.0))).extract(image)
+    np.testing.assert_allclose(as_query.keypoints, expect.keypoints, atol=1e-4)
+    np.testing.assert_allclose(as_query.descriptors, expect.descriptors, atol=1e-5)
+    assert not np.array_equal(as_query.keypoints, as_index.keypoints)
