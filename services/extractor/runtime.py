@@ -14,7 +14,9 @@ the config:
 
 The ONNX file is cached under ``cache_dir`` by a digest of the weights, taps and versions, so a
 restarted replica only pays the runtime's own compilation. Requests for taps outside the
-exported set fall back to eager torch (same numbers, eager speed).
+exported set fall back to eager torch (same numbers, eager speed). A second graph that stops at
+the first tap (the local-feature layer) serves passes that need nothing else — a query's local
+pyramid levels —: it skips the last blocks and the head, ~20 % of a pass (BENCHMARKS.md).
 
 Descriptors match eager torch to float rounding (tests/unit/test_extract_runtime.py states the
 tolerance); BENCHMARKS.md "Extraction speed (issue 14)" has the measured speeds.
@@ -123,7 +125,7 @@ class BackboneRunner:
     Attributes
     ----------
     export_s, compile_s : float
-        Seconds spent exporting (0 when the cached file was used) and loading/compiling.
+        Seconds spent exporting (0 when the cached files were used) and loading/compiling.
     """
 
     def __init__(self, model: EfficientNetLite0, taps: Sequence[str], runtime: str = "torch", threads: int = 1, cache_dir: str = "") -> None:
@@ -138,24 +140,29 @@ class BackboneRunner:
         self.export_s = 0.0
         self.compile_s = 0.0
         self._lock = threading.Lock()
-        self._run = None
+        # tap set -> compiled graph returning exactly those taps (in ``self.taps`` order): all of
+        # them, and the first alone when there are more
+        self._runs: dict[tuple[str, ...], object] = {}
         if runtime != "torch":
-            path = self._onnx_file(cache_dir)
-            t0 = time.perf_counter()
-            self._run = _load_onnxruntime(path, threads) if runtime == "onnxruntime" else _load_openvino(path, threads)
-            self.compile_s = time.perf_counter() - t0
-            log.info("backbone runtime %s: export %.1f s, compile %.1f s (%s)", runtime, self.export_s, self.compile_s, path)
+            load = _load_onnxruntime if runtime == "onnxruntime" else _load_openvino
+            for outputs in [tuple(self.taps)] + ([tuple(self.taps[:1])] if len(self.taps) > 1 else []):
+                path = self._onnx_file(cache_dir, outputs)
+                t0 = time.perf_counter()
+                self._runs[outputs] = load(path, threads)
+                dt = time.perf_counter() - t0
+                self.compile_s += dt
+                log.info("backbone runtime %s, taps %s: compile %.1f s (%s)", runtime, ",".join(outputs), dt, path)
 
-    def _onnx_file(self, cache_dir: str) -> str:
-        name = f"efficientnet-lite0-{_digest(self.model, self.taps)}.onnx"
+    def _onnx_file(self, cache_dir: str, taps: Sequence[str]) -> str:
+        name = f"efficientnet-lite0-{_digest(self.model, taps)}.onnx"
         for directory in (cache_dir or default_cache_dir(), os.path.join(tempfile.gettempdir(), "loupe-backbones")):
             path = os.path.join(directory, name)
             if os.path.exists(path):
                 return path
             try:
                 t0 = time.perf_counter()
-                export_onnx(self.model, self.taps, path)
-                self.export_s = time.perf_counter() - t0
+                export_onnx(self.model, taps, path)
+                self.export_s += time.perf_counter() - t0
                 return path
             except OSError as exc:
                 log.warning("runtime cache %s not writable (%s); trying a temporary directory", directory, exc)
@@ -166,13 +173,16 @@ class BackboneRunner:
 
     def forward_taps(self, x: torch.Tensor, taps: Sequence[str]) -> dict[str, torch.Tensor]:
         """``(B, 3, H, W)`` preprocessed images → ``{tap: (B, C, h, w)}``, as the model's."""
-        if self._run is None or not set(taps) <= set(self.taps):
+        if not self._runs or not set(taps) <= set(self.taps):
             with torch.inference_mode():
                 return self.model.forward_taps(x, taps)
+        outputs = tuple(t for t in self.taps if t in taps)
+        if outputs not in self._runs:
+            outputs = tuple(self.taps)
         arr = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)  # NCHW, as exported
         with self._lock:
-            outs = self._run(arr)
-        maps = {t: torch.from_numpy(o) for t, o in zip(self.taps, outs)}
+            outs = self._runs[outputs](arr)  # type: ignore[operator]
+        maps = {t: torch.from_numpy(o) for t, o in zip(outputs, outs)}
         return {t: maps[t] for t in taps}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,22 @@ def test_tap_maps_match_eager_at_odd_and_even_sizes_and_batches(runtime: str, ca
             assert err < TAP_REL_TOL, f"{runtime} {tap} at {h}x{w}x{b}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("runtime", ACCELERATED)
+def test_the_first_tap_alone_runs_on_the_graph_that_stops_there(runtime: str, cache_dir: str) -> None:
+    model = load_backbone(None, fuse_bn=True)
+    runner = BackboneRunner(model, ["block10", "head"], runtime, threads=2, cache_dir=cache_dir)
+    calls: list[tuple[str, ...]] = []
+    for outputs, run in list(runner._runs.items()):
+        runner._runs[outputs] = lambda arr, run=run, outputs=outputs: calls.append(outputs) or run(arr)
+    x = preprocess(np.random.default_rng(1).integers(0, 256, (181, 256, 3), dtype=np.uint8))
+    local = runner.forward_taps(x, ["block10"])
+    both = runner.forward_taps(x, ["head", "block10"])
+    assert calls == [("block10",), ("block10", "head")] and set(local) == {"block10"} and set(both) == {"block10", "head"}
+    # the same layer either way: the truncated graph computes exactly what the full one does up to it
+    err = float((local["block10"] - both["block10"]).abs().max() / both["block10"].abs().max())
+    assert err < TAP_REL_TOL
+
+
 def test_a_tap_outside_the_exported_ones_falls_back_to_eager(cache_dir: str) -> None:
     model = load_backbone(None, fuse_bn=True)
     runner = BackboneRunner(model, ["block10", "head"], "openvino", threads=1, cache_dir=cache_dir)
