@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import cv2
@@ -34,7 +33,6 @@ __all__ = [
     "verify_many",
     "verify_pair",
     "fit_matches",
-    "verify_candidates",
     "rerank_by_inliers",
     "inlier_confidence",
 ]
@@ -369,54 +367,6 @@ def verify_many(
         pairs = match_descriptors(q_desc, c_desc, matcher=params.matcher, ratio=params.ratio, max_matches=params.max_matches)
         out.append(fit_matches(q_kp, c_kp, pairs, params, side))
     return out
-
-
-def verify_candidates(
-    query: tuple[np.ndarray, np.ndarray],
-    candidates: Sequence[tuple[np.ndarray, np.ndarray]],
-    params: VerifyParams = VerifyParams(),
-    executor: Executor | None = None,
-    *,
-    candidate_sides: Sequence[float] | None = None,
-) -> list[VerifyResult]:
-    """Verify one query against many candidates, optionally in parallel threads.
-
-    OpenCV and numpy release the GIL, so a ``ThreadPoolExecutor`` gives real parallelism;
-    the caller owns the executor (and so the worker count).
-
-    Parameters
-    ----------
-    query : (np.ndarray, np.ndarray)
-        ``(keypoints (Nq, >=2), descriptors (Nq, D))``; any object unpacking to that pair
-        (e.g. a ``LocalFeatures``) works.
-    candidates : sequence of (np.ndarray, np.ndarray)
-        Per candidate ``(keypoints (Nc, >=2), descriptors (Nc, D))``.
-    params : VerifyParams
-        Shared parameters.
-    executor : concurrent.futures.Executor, optional
-        Thread pool to run pairs on; None runs them sequentially in the calling thread.
-    candidate_sides : sequence of float, optional
-        Longest side of each candidate image (see ``verify_pair``).
-
-    Returns
-    -------
-    list of VerifyResult
-        One per candidate, in input order.
-    """
-    q_kp, q_desc = query
-    if candidate_sides is not None and len(candidate_sides) != len(candidates):
-        raise ValueError(
-            f"candidate_sides has {len(candidate_sides)} entries for {len(candidates)} candidates"
-        )
-    sides = [None] * len(candidates) if candidate_sides is None else list(candidate_sides)
-
-    def run(i: int) -> VerifyResult:
-        c_kp, c_desc = candidates[i]
-        return verify_pair(q_kp, q_desc, c_kp, c_desc, params, candidate_side=sides[i])
-
-    if executor is None:
-        return [run(i) for i in range(len(candidates))]
-    return list(executor.map(run, range(len(candidates))))
 
 
 def rerank_by_inliers(

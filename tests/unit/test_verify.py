@@ -14,7 +14,6 @@ from services.rerank.verify import (
     inlier_confidence,
     match_descriptors,
     rerank_by_inliers,
-    verify_candidates,
     verify_many,
     verify_pair,
 )
@@ -213,19 +212,19 @@ def test_keypoint_shape_is_checked() -> None:
         verify_pair(np.ones((5, 2)), desc, np.ones((4, 2)), desc)
 
 
-def test_verify_candidates_threaded_matches_sequential() -> None:
+def test_pairs_verified_on_threads_match_one_thread() -> None:
+    # the broker's verify pool runs pairs on threads (matching products on BLAS, fits on OpenCV)
     rng = np.random.default_rng(8)
     q_kp, q_desc, c_kp, c_desc = _scene(rng, AFFINE)
     noise = (rng.uniform(0, 1024, (1000, 2)).astype(np.float32), _unit(rng.standard_normal((1000, 40))))
-    candidates = [noise, (c_kp, c_desc), noise, (c_kp[:500], c_desc[:500])]
-    sequential = verify_candidates((q_kp, q_desc), candidates)
+    candidates = [noise, (c_kp, c_desc), noise, (c_kp[:500], c_desc[:500])] * 2
+    sequential = verify_many((q_kp, q_desc), [(kp, d, None) for kp, d in candidates])
     with ThreadPoolExecutor(max_workers=2) as pool:
-        threaded = verify_candidates((q_kp, q_desc), candidates, executor=pool)
+        threaded = list(pool.map(lambda c: verify_pair(q_kp, q_desc, c[0], c[1]), candidates))
     counts = [r.inliers for r in sequential]
     assert counts == [r.inliers for r in threaded]
+    assert all(np.array_equal(a.inlier_pairs, b.inlier_pairs) for a, b in zip(sequential, threaded))
     assert counts[1] >= 180 and counts[3] >= 90 and counts[0] < 10 and counts[2] < 10
-    with pytest.raises(ValueError, match="candidate_sides"):
-        verify_candidates((q_kp, q_desc), candidates, candidate_sides=[1024.0])
 
 
 # -- many candidates, fewer matches ----------------------------------------------------------
