@@ -15,6 +15,7 @@ many positives, negatives, and pairs verified both ways.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pickle
 import sys
@@ -31,7 +32,7 @@ from bench._common import machine, require_roxford  # noqa: E402
 from loupe.v1 import types_pb2  # noqa: E402
 from services.common.images import decode_image  # noqa: E402
 from services.common.local_candidates import side_of  # noqa: E402
-from services.extractor.config import ExtractorConfig  # noqa: E402
+from cluster.config import ClusterConfig  # noqa: E402
 from services.extractor.describer import Describer, crop_and_resize  # noqa: E402
 from services.index.servicer import stored_candidate  # noqa: E402
 from services.index.store import ShardStore  # noqa: E402
@@ -58,7 +59,7 @@ def roxford_pairs(data_dir: Path, positives: int = 30, random: int = 60) -> list
     gnd = pickle.load(open(root / "gnd_roxford5k_subset.pkl", "rb"))
     stores = [ShardStore(str(p)) for p in sorted(data_dir.glob("shard-*")) if (p / "data.mdb").exists()]
     pca = LocalPCA.from_bytes((data_dir / "local_pca.npz").read_bytes())
-    describer = Describer(ExtractorConfig(runtime="openvino", threads=1))
+    describer = Describer(dataclasses.replace(ClusterConfig().extractor_config(), runtime="openvino", threads=1))  # the served settings
     rng = np.random.default_rng(0)
 
     def stored(image_id: str):
@@ -73,7 +74,7 @@ def roxford_pairs(data_dir: Path, positives: int = 30, random: int = 60) -> list
         image = decode_image((root / "jpg" / f"{name}.jpg").read_bytes())
         x1, y1, x2, y2 = g["bbx"]
         image = crop_and_resize(image, types_pb2.Box(x1=x1, y1=y1, x2=x2, y2=y2), describer.working_side)
-        loc = describer.describe(image, want_local=True, want_regional=False)[2]
+        loc = describer.describe(image, want_local=True, want_regional=False, query=True)[2]
         q_kp, q_desc = loc.keypoints.astype(np.float32), pca.apply(loc.descriptors.astype(np.float32)).astype(np.float32)
         pos = sorted(set(g["easy"]) | set(g["hard"]))
         for c in pos[:positives] + [int(i) for i in rng.choice(len(gnd["imlist"]), random, replace=False)]:
