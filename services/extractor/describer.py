@@ -175,15 +175,13 @@ class Describer:
     def _runner(self, query: bool) -> BackboneRunner:
         return self.query_backbone if query else self.backbone
 
-    def _local_config(self, query: bool, shape: tuple[int, ...] | None = None) -> LocalConfig:
-        """The local features' settings for an image of ``shape``: a query's pyramid snaps its
-        levels onto the global passes (``snapped_scales``); indexed images keep the configured
-        scales."""
+    def _local_config(self, query: bool, shape: tuple[int, ...]) -> LocalConfig:
+        """The local features' settings for an image of ``shape`` ``(H, W, 3)``: a query's pyramid
+        snaps its levels onto the global passes (``snapped_scales``); indexed images keep the
+        configured scales."""
         if not query:
             return self.local_config
         lc = self.query_local_config
-        if shape is None:
-            return lc
         scales = snapped_scales(shape, lc, self.global_config)
         return lc if scales == lc.scales else dataclasses.replace(lc, scales=scales)
 

@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -142,7 +142,7 @@ class BackboneRunner:
         self._lock = threading.Lock()
         # tap set -> compiled graph returning exactly those taps (in ``self.taps`` order): all of
         # them, and the first alone when there are more
-        self._runs: dict[tuple[str, ...], object] = {}
+        self._runs: dict[tuple[str, ...], Callable[[np.ndarray], list[np.ndarray]]] = {}
         if runtime != "torch":
             load = _load_onnxruntime if runtime == "onnxruntime" else _load_openvino
             for outputs in [tuple(self.taps)] + ([tuple(self.taps[:1])] if len(self.taps) > 1 else []):
@@ -181,7 +181,7 @@ class BackboneRunner:
             outputs = tuple(self.taps)
         arr = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)  # NCHW, as exported
         with self._lock:
-            outs = self._runs[outputs](arr)  # type: ignore[operator]
+            outs = self._runs[outputs](arr)
         maps = {t: torch.from_numpy(o) for t, o in zip(outputs, outs)}
         return {t: maps[t] for t in taps}
 
