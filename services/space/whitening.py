@@ -222,15 +222,15 @@ class PCAWhitening(_PCAProjection):
         PCAWhitening
             ``self``.
         """
+        X, dim = _fit_input(X, dim)
+        d = X.shape[1]
         A, B = _check_matrix(A, "A"), _check_matrix(B, "B")
-        d = _check_matrix(X).shape[1]
         if A.shape != B.shape or A.shape[1] != d:
             raise ValueError(f"A and B must both be (P, {d}), got {A.shape} and {B.shape}")
         if not (np.isfinite(A).all() and np.isfinite(B).all()):
             raise ValueError("A or B contains NaN or infinite values")
         if not 0.0 <= shrinkage < 1.0:
             raise ValueError(f"shrinkage must be in [0, 1), got {shrinkage!r}")
-        X, dim = _fit_input(X, dim)
         diff = A.astype(np.float64) - B.astype(np.float64)
         s = diff.T @ diff / len(diff)
         s = (1.0 - shrinkage) * s + shrinkage * (np.trace(s) / d) * np.eye(d)
